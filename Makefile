@@ -1,0 +1,44 @@
+# One command to set up and run the demo, one to set up and pass the tests.
+PY      ?= python3
+VENV    ?= .venv
+UV_VER  := 0.13.8
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-slow bench lock clean
+
+setup: $(STAMP)
+
+# The venv is rebuilt whenever the lock file changes; `uv pip sync` installs exactly the locked set.
+$(STAMP): requirements.lock pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VER)
+	$(BIN)/uv pip sync --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/deltaedit demo
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow" tests
+
+bench: setup
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# Re-resolve the pinned set after editing pyproject.toml's dependencies.
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
