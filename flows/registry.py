@@ -1,0 +1,31 @@
+"""The user-facing flows by name: what `deltaedit run <flow>` and prefect.yaml point at."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FlowEntry:
+    name: str
+    entrypoint: str       # module:function, as in prefect.yaml
+    summary: str
+
+
+FLOWS: dict[str, FlowEntry] = {e.name: e for e in [
+    FlowEntry("ingest", "flows/ingest.py:ingest_flow",
+              "decode, validate and shard a catalog of images into the images store"),
+]}
+
+# Stages of the end-to-end pipeline that do not exist yet (see the open issues).
+PLANNED = ["preprocess (sample, invert, embed)", "relevance", "train-mapper", "bulk-edit", "evaluate",
+           "train-diffusion"]
+
+
+def load_flow(name: str):
+    if name not in FLOWS:
+        known = ", ".join(sorted(FLOWS))
+        raise KeyError(f"unknown flow '{name}'; known flows: {known} (planned: {', '.join(PLANNED)})")
+    path, func = FLOWS[name].entrypoint.split(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, func)

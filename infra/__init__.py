@@ -1,0 +1,1 @@
+"""Infrastructure: config, stores, Ray pools, Prefect runtime glue and the CLI."""

@@ -1,0 +1,110 @@
+"""Run configuration: YAML files validated by typed models.
+
+A config is data passed down explicitly. ``load_config`` reads a YAML file, applies ``key.path=value``
+overrides, and validates it; a bad field raises ConfigError naming the file, the field and what was
+expected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayConfig(Strict):
+    address: str | None = None        # None: start a local cluster; "auto", "ray://host:10001" or host:port: attach
+    num_cpus: int | None = None       # CPUs of a local cluster (None: all)
+    actors: int = Field(2, ge=1)      # actors in a stage's pool
+    cpus_per_actor: float = Field(0.5, gt=0)   # fractional, so readers are never starved
+    gpus_per_actor: float = Field(0, ge=0)     # 0 on CPU machines; 1 (or a fraction) on GPU nodes
+    use_gpu_if_available: bool = True
+
+
+class PrefectConfig(Strict):
+    retries: int = Field(1, ge=0)         # per-shard task retries
+    retry_delay_seconds: float = Field(2, ge=0)
+    cache: bool = True                    # cross-run caching of per-shard results (INPUTS + TASK_SOURCE)
+    concurrency: int = Field(4, ge=1)     # shard tasks in flight
+
+
+class IngestConfig(Strict):
+    source: str | None = None             # dir, glob, s3:// prefix, *.tar (WebDataset) or *.parquet list
+    shard_size: int = Field(1000, ge=1)   # samples per shard
+    image_size: int = Field(256, ge=8)    # output side length
+    resize: Literal["fit", "center_crop", "none"] = "fit"  # fit: keep aspect, pad; center_crop; none
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    max_pixels: int = Field(178_956_970, ge=1)   # decompression-bomb guard (PIL's default limit)
+    min_side: int = Field(8, ge=1)        # smaller images are rejected
+
+
+class RunConfig(Strict):
+    """Everything a run needs; sections grow with the stages."""
+    name: str = "default"
+    root: str = "runs/default"            # run root: a local path or any fsspec URI (s3://bucket/prefix)
+    storage_options: dict[str, Any] = Field(default_factory=dict)   # fsspec options (endpoint_url, key, ...)
+    seed: int = 0
+    ray: RayConfig = RayConfig()
+    prefect: PrefectConfig = PrefectConfig()
+    ingest: IngestConfig = IngestConfig()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (YAML; None = defaults), apply ``a.b=value`` overrides (values parsed as YAML), validate."""
+    data: dict[str, Any] = {}
+    where = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for item in overrides or []:
+        _apply_override(data, item, where)
+    return validate(data, where)
+
+
+def validate(data: dict[str, Any], where: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, where)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _apply_override(data: dict[str, Any], item: str, where: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' for {where}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}' for {where}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _describe(exc: ValidationError, where: str) -> str:
+    lines = [f"invalid config {where}:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        got = err.get("input")
+        got_text = "" if err["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  field '{field}': {err['msg']}{got_text}")
+    return "\n".join(lines)

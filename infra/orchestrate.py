@@ -1,0 +1,119 @@
+"""Run one stage over many shards: skip finished shards, drive the rest through per-shard Prefect tasks
+on a Ray actor pool, show progress, and sum up (seen = ok + failed, per shard outcome)."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect.futures import as_completed
+from tqdm.auto import tqdm
+
+from infra.config import RunConfig
+from infra.fsio import Location
+from infra.prefect_runtime import configured_shard_task
+from infra.ray_pool import ActorPool, init_ray
+from infra.shards import ShardSpec
+from infra.stage import StageBuilder
+from infra.store import StageStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    shards: int = 0
+    ran: int = 0
+    redone: int = 0
+    skipped: int = 0
+    failed_shards: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    seen: int = 0
+    ok: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.seen / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "samples_per_s": round(self.samples_per_s, 3)}
+
+    def line(self) -> str:
+        return (f"{self.stage}: {self.shards} shards (ran {self.ran}, redone {self.redone}, skipped "
+                f"{self.skipped}, failed {len(self.failed_shards)}); samples seen {self.seen} = ok {self.ok}"
+                f" + failed {self.failed}; {self.samples_per_s:.1f} samples/s")
+
+
+def run_stage(builder: StageBuilder, shards: Sequence[ShardSpec], cfg: RunConfig, *,
+              redo_failed: bool = False, overwrite: bool = False, progress: bool = True) -> StageSummary:
+    """Process every shard of ``shards`` that is not finished (or has failed samples, with redo_failed)."""
+    start = time.perf_counter()
+    store = StageStore(Location(cfg.root, cfg.storage_options), builder.stage)
+    if overwrite:
+        store.overwrite()
+    store.loc.clean_stale_temporaries()
+    code_fp = builder.fingerprint()
+    todo = [s for s in shards if redo_failed or not store.is_done(s, code_fp)]
+    summary = StageSummary(builder.stage, shards=len(shards), skipped=len(shards) - len(todo))
+    if todo:
+        _run_todo(builder, todo, cfg, store, code_fp, redo_failed, overwrite, summary, progress)
+    _add_counts(summary, store, shards)
+    summary.seconds = round(time.perf_counter() - start, 3)
+    log.info(summary.line())
+    return summary
+
+
+def _run_todo(builder: StageBuilder, todo: list[ShardSpec], cfg: RunConfig, store: StageStore,
+              code_fp: str, redo_failed: bool, overwrite: bool, summary: StageSummary,
+              progress: bool) -> None:
+    init_ray(cfg.ray)
+    task = configured_shard_task(cfg.prefect, store.loc, refresh=overwrite or redo_failed)
+    bar = tqdm(total=len(todo), desc=builder.stage, unit="shard", disable=not progress)
+    with ActorPool(builder, cfg.root, cfg.storage_options, cfg.ray) as pool:
+        futures = {task.submit(pool, builder.stage, cfg.root, spec, code_fp, redo_failed): spec
+                   for spec in todo}
+        for fut in as_completed(futures):
+            spec = futures[fut]
+            try:
+                report = fut.result()
+            except Exception as exc:     # the shard failed after its retries; the others go on
+                summary.failed_shards.append(spec.shard_id)
+                summary.errors[spec.shard_id] = f"{type(exc).__name__}: {exc}"
+                log.error("%s shard %s failed: %s", builder.stage, spec.shard_id, exc)
+            else:
+                if not store.is_done(spec, code_fp):   # a cached report for outputs that are gone
+                    log.warning("%s shard %s: cached result but no outputs; running it again",
+                                builder.stage, spec.shard_id)
+                    report = task.with_options(refresh_cache=True)(
+                        pool, builder.stage, cfg.root, spec, code_fp, redo_failed)
+                _count_outcome(summary, report)
+                rate = report["counts"]["seen"] / report["seconds"] if report["seconds"] else 0
+                log.info("%s shard %s %s: %s in %.2fs (%.1f samples/s)", builder.stage, spec.shard_id,
+                         report["outcome"], report["counts"], report["seconds"], rate)
+            bar.update(1)
+    bar.close()
+
+
+def _count_outcome(summary: StageSummary, report: dict[str, Any]) -> None:
+    outcome = report["outcome"]
+    if outcome == "ran":
+        summary.ran += 1
+    elif outcome == "redone":
+        summary.redone += 1
+    else:
+        summary.skipped += 1
+
+
+def _add_counts(summary: StageSummary, store: StageStore, shards: Sequence[ShardSpec]) -> None:
+    """Sample counts over every finished shard of this run, from the done-markers."""
+    for spec in shards:
+        marker = store.marker(spec.shard_id)
+        if marker:
+            for k in ("seen", "ok", "failed"):
+                setattr(summary, k, getattr(summary, k) + marker["counts"][k])

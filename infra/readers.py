@@ -1,0 +1,68 @@
+"""Reading stores back: image shards as torch batches (through webdataset), vector tables as Arrow/torch.
+
+webdataset has no s3:// opener of its own, so shards are opened with fsspec and handed to its tar
+iterators; only finished shards (done-marker present) are read.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import webdataset as wds
+from PIL import Image
+
+from infra.store import StageStore
+from infra.tables import column_to_numpy
+
+
+def _open_shards(store: StageStore, shard_ids: Sequence[str]) -> Iterator[dict[str, Any]]:
+    for shard_id in shard_ids:
+        with store.loc.open(f"{shard_id}.tar") as stream:
+            yield {"url": store.tar_url(shard_id), "stream": stream}
+
+
+def iter_image_samples(store: StageStore, shard_ids: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "png"|"jpg"|..., "json"}`` of the finished shards, in shard order."""
+    ids = sorted(shard_ids if shard_ids is not None else store.finished())
+    files = wds.tariterators.tar_file_expander(_open_shards(store, ids))
+    yield from wds.tariterators.group_by_keys(files)
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image → (3, H, W) float tensor in [-1, 1] (the generator's convention)."""
+    arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def image_batches(store: StageStore, batch_size: int, shard_ids: Sequence[str] | None = None
+                  ) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(keys, images (B, 3, H, W) in [-1, 1]) batches over the finished shards."""
+    keys: list[str] = []
+    images: list[torch.Tensor] = []
+    for sample in iter_image_samples(store, shard_ids):
+        ext = next(k for k in sample if k in ("png", "jpg", "jpeg", "webp"))
+        keys.append(sample["__key__"])
+        images.append(decode_image(sample[ext]))
+        if len(keys) == batch_size:
+            yield keys, torch.stack(images)
+            keys, images = [], []
+    if keys:
+        yield keys, torch.stack(images)
+
+
+def read_vectors(store: StageStore, shard_ids: Iterable[str] | None = None) -> pa.Table:
+    """All finished vector shards of a stage as one Arrow table (metadata of the first kept)."""
+    ids = sorted(shard_ids if shard_ids is not None else store.finished())
+    tables = [store.vectors(i) for i in ids if store.loc.exists(f"{i}.parquet")]
+    if not tables:
+        raise FileNotFoundError(f"no finished vector shards under {store.loc.uri}")
+    return pa.concat_tables(tables).replace_schema_metadata(tables[0].schema.metadata)
+
+
+def vectors_tensor(table: pa.Table, column: str) -> torch.Tensor:
+    """A fixed_size_list column as an (N, D) float32 tensor."""
+    return torch.from_numpy(column_to_numpy(table, column).copy())

@@ -1,0 +1,121 @@
+"""Ingest stage: read each catalog file, validate and normalise it to RGB at a fixed size, store as PNG.
+
+Every failure is caught per sample and recorded with a readable reason; the shard always completes.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from PIL import Image, ImageOps
+
+from infra.config import IngestConfig
+from infra.records import Sink
+from infra.shards import Item, ShardSpec
+from infra.stage import code_fingerprint
+
+
+class BadImage(ValueError):
+    """An input that cannot become a training image; the message says why."""
+
+
+def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
+    with fsspec.open(source, "rb", **storage_options) as f:
+        return f.read()
+
+
+def decode(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, dict[str, Any]]:
+    """Decode and validate: size guards before pixels are decoded, EXIF orientation, any mode → RGB."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"declared size too large: {exc}") from None
+    except Exception as exc:
+        raise BadImage(f"not a decodable image ({type(exc).__name__}: {exc})") from None
+    w, h = img.size
+    info = {"orig_width": w, "orig_height": h, "orig_mode": img.mode, "orig_format": img.format}
+    if w * h > cfg.max_pixels:
+        raise BadImage(f"declared size {w}x{h} exceeds the {cfg.max_pixels}-pixel limit (decompression bomb guard)")
+    if min(w, h) < cfg.min_side:
+        raise BadImage(f"image too small: {w}x{h} (minimum side {cfg.min_side})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:
+        raise BadImage(f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from None
+    return to_rgb(img), info
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode: alpha composited on white, 16-bit and float scaled to 8 bits, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    elif img.mode == "F":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, size: int, policy: str) -> Image.Image:
+    """``fit``: keep aspect, pad to a square (DeltaEdit keeps aspect); ``center_crop``; ``none``."""
+    if policy == "none":
+        return img
+    if policy == "center_crop":
+        return ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
+    fitted = ImageOps.contain(img, (size, size), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
+    return canvas
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format={"jpg": "JPEG"}.get(fmt, fmt.upper()), **({"quality": 95} if fmt != "png" else {}))
+    return buf.getvalue()
+
+
+@dataclass
+class IngestProcessor:
+    cfg: IngestConfig
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    output_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, spec: ShardSpec, sink: Sink) -> None:
+        for item in spec.items:
+            self.one(item, sink)
+
+    def one(self, item: Item, sink: Sink) -> None:
+        try:
+            img, info = decode(read_source(item.source, self.storage_options), self.cfg)
+            out = resize(img, self.cfg.image_size, self.cfg.resize)
+            data = encode(out, self.cfg.image_format)
+        except BadImage as exc:
+            sink.add_failure(item.key, item.source, str(exc))
+        except Exception as exc:   # unreadable object, permission error, ...: recorded, never fatal
+            sink.add_failure(item.key, item.source, f"cannot read input ({type(exc).__name__}: {exc})")
+        else:
+            sink.add(item.key, item.source, image=data, image_ext=self.cfg.image_format,
+                     sample_meta=info, width=out.width, height=out.height, **info)
+
+
+@dataclass(frozen=True)
+class IngestBuilder:
+    cfg: IngestConfig
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    stage: str = "images"
+
+    def build(self) -> IngestProcessor:
+        return IngestProcessor(self.cfg, self.storage_options)
+
+    def fingerprint(self) -> str:
+        return code_fingerprint(IngestProcessor, config=self.cfg.model_dump(exclude={"source"}))
