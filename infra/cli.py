@@ -1,0 +1,135 @@
+"""`deltaedit`: the command line. Every flow runs as `deltaedit run <flow> --config FILE [key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from infra.config import ConfigError, dump_config, load_config
+
+OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+                    "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+EPILOG = """examples:
+  deltaedit flows
+  deltaedit run ingest --config configs/toy.yaml ingest.source=/data/photos root=s3://bucket/run1
+  deltaedit run ingest --config configs/toy.yaml --redo-failed
+  deltaedit config show configs/toy.yaml ray.actors=4
+  deltaedit store ls runs/toy
+  deltaedit demo
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltaedit", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Text-guided image editing with DeltaEdit, as a batch pipeline: Prefect flows "
+                    "over Ray actor pools, with resumable sharded stores on disk or S3.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a flow (see `deltaedit flows`)",
+                         description="Run one flow on a config. Finished shards are skipped; "
+                                     "the summary counts every sample (seen = ok + failed).")
+    run.add_argument("flow", help="flow name, e.g. ingest")
+    run.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value",
+                     help="override config fields, values parsed as YAML (e.g. ray.actors=4)")
+    run.add_argument("--redo-failed", action="store_true",
+                     help="retry only the failed samples of finished shards")
+    run.add_argument("--overwrite", action="store_true", help="delete the stage's outputs and start clean")
+    run.add_argument("--shards", help="comma-separated shard ids to run (default: all)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    sub.add_parser("flows", help="list the flows", description="List the flows `run` accepts.")
+
+    cfg = sub.add_parser("config", help="validate or show a config",
+                         description="Validate a config file, or print it with defaults filled in.")
+    cfg.add_argument("action", choices=["validate", "show"])
+    cfg.add_argument("file")
+    cfg.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+    store = sub.add_parser("store", help="inspect a run's stores",
+                           description="List the stages of a run root and their finished shards.")
+    store.add_argument("action", choices=["ls"])
+    store.add_argument("root", help="run root (local path or URI such as s3://bucket/run)")
+
+    sub.add_parser("demo", help="run the end-to-end demo on the embedded default",
+                   description="Set up a small catalog and run every pipeline stage that exists.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.registry import load_flow
+    from infra.prefect_runtime import ensure_prefect_api
+
+    load_config(args.config, args.overrides)          # fail fast, before any server starts
+    try:
+        flow = load_flow(args.flow)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    ensure_prefect_api()
+    shards = args.shards.split(",") if args.shards else None
+    result = flow(args.config, args.overrides, redo_failed=args.redo_failed, overwrite=args.overwrite,
+                  shards=shards)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    failed = [s for stage in result.values() if isinstance(stage, dict) for s in stage.get("failed_shards", [])]
+    return 1 if failed else 0
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    from flows.registry import FLOWS, PLANNED
+
+    for entry in FLOWS.values():
+        print(f"{entry.name:16s} {entry.summary}")
+    print("not built yet: " + ", ".join(PLANNED))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file, args.overrides)
+    print(dump_config(cfg) if args.action == "show" else f"{args.file}: valid")
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from infra.fsio import Location
+    from infra.store import StageStore
+
+    root = Location(args.root)
+    for stage in root.listdir():
+        store = StageStore(root, stage)
+        markers = [store.marker(s) for s in store.finished()]
+        totals = {k: sum(m["counts"][k] for m in markers) for k in ("seen", "ok", "failed")}
+        print(f"{stage:12s} {len(markers)} finished shards; {totals}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from infra.demo import run_demo
+
+    return run_demo()
+
+
+COMMANDS = {"run": cmd_run, "flows": cmd_flows, "config": cmd_config, "store": cmd_store, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

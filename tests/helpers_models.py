@@ -1,0 +1,74 @@
+"""Helpers for the StyleGAN2 / e4e tests: public format listings, synthetic checkpoints, tiny seeded models."""
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.e4e import Encoder
+from models.stylegan2 import Generator
+
+FORMATS = Path(__file__).resolve().parent / "formats"
+
+# A 32 px generator with custom widths: 7 conv + 4 toRGB layers, 8 W+ rows of 64; milliseconds on CPU.
+TINY_G = dict(size=32, style_dim=64, n_mlp=2, channels={4: 64, 8: 48, 16: 32, 32: 16})
+# A 32 px-input encoder paired with TINY_G (8 styles of 64).
+TINY_E = dict(n_styles=8, style_dim=64, input_size=32, backbone_blocks=(1, 1, 2, 1), widths=(16, 24, 32, 48))
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                   reason="CUDA not available"))]
+
+
+@cache
+def load_format(name: str) -> dict[str, Any]:
+    """A public checkpoint listing from tests/formats (names, shapes, dtypes in checkpoint order)."""
+    return json.loads((FORMATS / f"{name}.json").read_text())
+
+
+def synthetic_state(fmt: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors with exactly the listed names, shapes and dtypes; tensor i is filled with the value i
+    (cheap, and every parameter carries a tag that shows where it landed)."""
+    out = {}
+    for i, (name, shape) in enumerate(fmt["state_dict"].items()):
+        if name.startswith(prefix):
+            dtype = getattr(torch, fmt["dtypes"].get(name, "float32"))
+            out[name] = torch.full(shape, i, dtype=dtype)
+    return out
+
+
+def meta_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def tiny_generator(seed: int = 0, **overrides: Any) -> Generator:
+    """Seeded TINY_G with non-zero noise strengths and biases, so every path of the network matters."""
+    torch.manual_seed(seed)
+    gen = Generator(**{**TINY_G, **overrides})
+    with torch.no_grad():
+        for name, p in gen.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.3)
+            elif name.endswith("activate.bias") or (name.startswith("to_rgb") and name.count(".") <= 2
+                                                     and name.endswith(".bias")):
+                p.normal_(0, 0.1)
+    gen.latent_avg = torch.randn(gen.style_dim)
+    return gen.eval()
+
+
+def tiny_encoder(seed: int = 0, generator: Generator | None = None, **overrides: Any) -> Encoder:
+    """Seeded TINY_E in eval mode with non-trivial BatchNorm statistics and a random latent_avg."""
+    torch.manual_seed(seed)
+    enc = Encoder(**{**TINY_E, **overrides}, generator=generator)
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+    enc.latent_avg = torch.randn(enc.n_styles, enc.style_dim)
+    return enc.eval()

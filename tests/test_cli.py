@@ -1,0 +1,40 @@
+"""The `deltaedit` command: every subcommand explains itself; errors are clear and exit non-zero."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+CLI = str(Path(sys.executable).with_name("deltaedit"))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("sub", [[], ["run"], ["flows"], ["config"], ["store"], ["demo"]])
+def test_help_explains(sub):
+    out = _run(*sub, "--help")
+    assert out.returncode == 0 and "usage: deltaedit" in out.stdout and len(out.stdout) > 80
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ray: {actors: -1}\n")
+    out = _run("run", "ingest", "--config", str(bad))
+    assert out.returncode == 2
+    assert str(bad) in out.stderr and "'ray.actors'" in out.stderr and "greater than or equal to 1" in out.stderr
+
+
+def test_unknown_flow_lists_known_ones():
+    out = _run("run", "nope")
+    assert out.returncode == 2 and "unknown flow 'nope'" in out.stderr and "ingest" in out.stderr
+
+
+def test_config_show_applies_overrides():
+    out = _run("config", "show", "configs/toy.yaml", "ray.actors=5")
+    assert out.returncode == 0 and "actors: 5" in out.stdout
