@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models import zoo
+from models.zoo import ModelSpec
 
 
 class ConfigError(ValueError):
@@ -47,6 +50,21 @@ class IngestConfig(Strict):
     min_side: int = Field(8, ge=1)        # smaller images are rejected
 
 
+class ModelsConfig(Strict):
+    """Which models a run uses: zoo specs such as ``{name: stylegan2, checkpoint: s3://b/ffhq.pt, size: 1024}``."""
+    generator: ModelSpec | None = None
+    encoder: ModelSpec | None = None
+    clip: ModelSpec | None = None
+    mapper: ModelSpec | None = None
+
+    @field_validator("generator", "encoder", "clip", "mapper")
+    @classmethod
+    def _known_to_the_zoo(cls, spec: ModelSpec | None) -> ModelSpec | None:
+        if spec is not None:
+            zoo.validate(spec)      # unknown names/options fail here, with the field's path
+        return spec
+
+
 class RunConfig(Strict):
     """Everything a run needs; sections grow with the stages."""
     name: str = "default"
@@ -55,6 +73,7 @@ class RunConfig(Strict):
     seed: int = 0
     ray: RayConfig = RayConfig()
     prefect: PrefectConfig = PrefectConfig()
+    models: ModelsConfig = ModelsConfig()
     ingest: IngestConfig = IngestConfig()
 
 

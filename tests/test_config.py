@@ -39,3 +39,14 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_model_specs_are_checked_against_the_zoo(tmp_path):
+    cfg = load_config(None, ["models.generator={name: stylegan2, checkpoint: g.pt, size: 256}"])
+    assert cfg.models.generator.options == {"size": 256}
+    bad = tmp_path / "m.yaml"
+    bad.write_text("models:\n  generator: {name: stylegan3, checkpoint: g.pt}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(bad) in str(err.value) and "'models.generator'" in str(err.value)
+    assert "stylegan2" in str(err.value)          # the known names are listed
