@@ -5,7 +5,7 @@ from typing import Any
 
 from prefect import flow
 
-from infra.catalog import list_images
+from infra.catalog import list_catalog
 from infra.config import ConfigError
 from infra.orchestrate import run_stage
 from infra.shards import plan_shards, select
@@ -21,7 +21,7 @@ def ingest_flow(config_path: str | None = None, overrides: list[str] | None = No
     cfg = flow_config(config_path, overrides)
     if not cfg.ingest.source:
         raise ConfigError(f"{config_path or '<defaults>'}: field 'ingest.source' is required for ingest")
-    specs = select(plan_shards(list_images(cfg.ingest.source, cfg.storage_options),
+    specs = select(plan_shards(list_catalog(cfg.ingest.source, cfg.storage_options),
                                cfg.ingest.shard_size), shards)
     summary = run_stage(IngestBuilder(cfg.ingest, cfg.storage_options), specs, cfg,
                         redo_failed=redo_failed, overwrite=overwrite)

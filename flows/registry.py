@@ -15,10 +15,12 @@ class FlowEntry:
 FLOWS: dict[str, FlowEntry] = {e.name: e for e in [
     FlowEntry("ingest", "flows/ingest.py:ingest_flow",
               "decode, validate and shard a catalog of images into the images store"),
+    FlowEntry("preprocess", "flows/preprocess.py:preprocess_flow",
+              "ingest + invert (e4e) + sample (generator) + embed (CLIP) into the run's stores"),
 ]}
 
 # Stages of the end-to-end pipeline that do not exist yet (see the open issues).
-PLANNED = ["preprocess (sample, invert, embed)", "relevance", "train-mapper", "bulk-edit", "evaluate",
+PLANNED = ["relevance", "train-mapper", "bulk-edit", "evaluate",
            "train-diffusion"]
 
 

@@ -50,6 +50,23 @@ class IngestConfig(Strict):
     min_side: int = Field(8, ge=1)        # smaller images are rejected
 
 
+class SampleConfig(Strict):
+    n: int = Field(0, ge=0)                # generator samples z → w → s (0: none)
+    shard_size: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    truncation_psi: float = Field(1.0, gt=0, le=1)   # 1: no truncation (the paper samples without)
+    image_format: Literal["png", "jpg", "webp"] = "png"
+
+
+class InvertConfig(Strict):
+    batch_size: int = Field(16, ge=1)
+    keep_wplus: bool = False               # also store W+ (the mapper needs only S)
+
+
+class EmbedConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+
+
 class ModelsConfig(Strict):
     """Which models a run uses: zoo specs such as ``{name: stylegan2, checkpoint: s3://b/ffhq.pt, size: 1024}``."""
     generator: ModelSpec | None = None
@@ -71,10 +88,14 @@ class RunConfig(Strict):
     root: str = "runs/default"            # run root: a local path or any fsspec URI (s3://bucket/prefix)
     storage_options: dict[str, Any] = Field(default_factory=dict)   # fsspec options (endpoint_url, key, ...)
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when present
     ray: RayConfig = RayConfig()
     prefect: PrefectConfig = PrefectConfig()
     models: ModelsConfig = ModelsConfig()
     ingest: IngestConfig = IngestConfig()
+    sample: SampleConfig = SampleConfig()
+    invert: InvertConfig = InvertConfig()
+    embed: EmbedConfig = EmbedConfig()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

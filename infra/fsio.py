@@ -41,7 +41,10 @@ class Location:
         return f"{self.uri}/{name}"
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.full(name))
+        """Asks the store itself: listing caches (s3fs keeps one) may predate another writer's commit."""
+        path = self.full(name)
+        self.fs.invalidate_cache(path)
+        return self.fs.exists(path)
 
     def listdir(self) -> list[str]:
         """Names in this folder, without temporary files; empty if the folder does not exist."""

@@ -5,6 +5,7 @@ Every failure is caught per sample and recorded with a readable reason; the shar
 from __future__ import annotations
 
 import io
+import tarfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,11 @@ class BadImage(ValueError):
 
 
 def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
+    """Bytes of a file/URI, or of one member of a tar (``<tar>#<member>``)."""
+    if "#" in source and source.split("#", 1)[0].endswith(".tar"):
+        tar_uri, member = source.split("#", 1)
+        with fsspec.open(tar_uri, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            return tar.extractfile(member).read()
     with fsspec.open(source, "rb", **storage_options) as f:
         return f.read()
 

@@ -1,0 +1,83 @@
+"""Invert stage speed (issue: preprocessing), with a toy-sized e4e-style encoder and generator:
+
+1. stage vs bare forward (encoder → style space → reconstruction, on pre-decoded tensors)  → ≥ 0.85
+2. stage vs a naive one-image-at-a-time loop                                               → ≥ 2
+3. a pool of 2 actors vs 1 actor (1 CPU each) over 4 shards                                 → ≥ 1.6
+
+Run: .venv/bin/python bench/invert_bench.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from actor_scaling import actor_scaling  # noqa: E402
+from common import best_of, image_store, report  # noqa: E402
+
+from infra.fsio import Location  # noqa: E402
+from infra.readers import decode_image, iter_image_samples  # noqa: E402
+from infra.stage import execute_shard  # noqa: E402
+from infra.store import StageStore  # noqa: E402
+from infra.upstream import plan_downstream  # noqa: E402
+from models.e4e import Encoder  # noqa: E402
+from models.stylegan2 import Generator  # noqa: E402
+from tasks.invert import InvertProcessor  # noqa: E402
+
+
+def toy_models() -> Encoder:
+    torch.manual_seed(0)
+    gen = Generator(64, style_dim=64, n_mlp=4, channels={4: 128, 8: 128, 16: 64, 32: 64, 64: 32})
+    return Encoder(n_styles=gen.n_latent, style_dim=64, input_size=64, backbone_blocks=(1, 1, 1, 1),
+                   widths=(16, 32, 32, 64), generator=gen).eval()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    n, bs = (64, 16) if args.quick else (256, 32)
+    enc = toy_models()
+    gen = enc.generator
+    with tempfile.TemporaryDirectory() as tmp_dir, torch.no_grad():
+        tmp = Path(tmp_dir)
+        store = image_store(tmp / "src", n, 64, shard_size=n // 4)
+        specs = plan_downstream(store)
+        processor = InvertProcessor(enc, gen, store, bs, keep_wplus=False, device="cpu")
+        runs = iter(range(1000))
+
+        def stage() -> None:
+            out = StageStore(Location(str(tmp / f"out{next(runs)}")), "codes")
+            for spec in specs:
+                execute_shard(processor, spec, out, "bench")
+
+        pngs = [s["png"] for s in iter_image_samples(store)]
+        batches = torch.stack([decode_image(p) for p in pngs]).split(bs)
+
+        def forward(x: torch.Tensor) -> None:
+            gen.synthesize(gen.style_space(enc(x)))
+
+        def bare() -> None:
+            for b in batches:
+                forward(b)
+
+        def naive() -> None:
+            for p in pngs:
+                forward(decode_image(p)[None])
+
+        t_stage, t_bare, t_naive = best_of(stage), best_of(bare), best_of(naive, repeat=2)
+        ckpt = str(tmp / "e.safetensors")
+        enc.save(ckpt)
+        rows = [("stage vs bare forward on decoded tensors", t_bare / t_stage, 0.85),
+                ("stage vs naive one-image-at-a-time loop", t_naive / t_stage, 2.0),
+                ("2 actors vs 1 actor over 4 shards", actor_scaling("invert", ckpt, str(tmp / "src"), bs), 1.6)]
+    return 0 if report(f"invert: toy encoder + generator (64 px), batch {bs}, {n} images", rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shards of a stage that reads another stage's shards: one downstream shard per finished upstream shard.
+
+A downstream shard keeps its upstream shard's id and lists its ok samples; its input fingerprint
+covers the upstream shard's fingerprints, so redoing an upstream shard re-runs the downstream one.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from infra.readers import image_batches
+from infra.shards import Item, ShardSpec
+from infra.store import StageStore
+from infra.tables import STATUS_OK
+
+
+def plan_downstream(upstream: StageStore, shard_ids: Sequence[str] | None = None) -> list[ShardSpec]:
+    specs = []
+    for shard_id in sorted(shard_ids if shard_ids is not None else upstream.finished()):
+        marker = upstream.marker(shard_id)
+        if marker is None:
+            continue
+        lineage = {"upstream": f"{upstream.stage}/{marker['input_fingerprint']}/{marker['code_fingerprint']}"}
+        rows = upstream.manifest(shard_id).select(["key", "status"]).to_pylist()
+        items = tuple(Item(r["key"], f"{upstream.stage}/{shard_id}", lineage)
+                      for r in rows if r["status"] == STATUS_OK)
+        specs.append(ShardSpec(shard_id, items))
+    return specs
+
+
+def spec_batches(upstream: StageStore, spec: ShardSpec, batch_size: int
+                 ) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(keys, images in [-1, 1]) batches of the spec's samples, read from the upstream image shard.
+
+    Only the keys the spec lists are returned (a redo lists only the failed ones).
+    """
+    wanted = {i.key for i in spec.items}
+    keys: list[str] = []
+    images: list[torch.Tensor] = []
+    for batch_keys, batch in image_batches(upstream, batch_size, [spec.shard_id]):
+        for key, image in zip(batch_keys, batch):
+            if key in wanted:
+                keys.append(key)
+                images.append(image)
+            if len(keys) == batch_size:
+                yield keys, torch.stack(images)
+                keys, images = [], []
+    if keys:
+        yield keys, torch.stack(images)

@@ -1,0 +1,67 @@
+"""Embed stage: CLIP image embeddings (L2-normalised) of every image of an upstream image shard."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from infra.records import Sink
+from infra.shards import ShardSpec
+from infra.stage import code_fingerprint
+from infra.store import StageStore
+from infra.upstream import spec_batches
+from models import zoo
+from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.zoo import ModelSpec
+
+
+@dataclass
+class EmbedProcessor:
+    clip: Any                      # models.clip.ClipEncoder
+    upstream: StageStore
+    batch_size: int
+    output_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, spec: ShardSpec, sink: Sink) -> None:
+        sources = {i.key: i.source for i in spec.items}
+        for keys, images in spec_batches(self.upstream, spec, self.batch_size):
+            try:
+                emb = self.clip.encode_images(images, batch_size=self.batch_size).float().cpu()   # (B, D)
+            except Exception as exc:          # a batch that cannot be embedded: record every sample
+                for key in keys:
+                    sink.add_failure(key, sources[key], f"embedding failed ({type(exc).__name__}: {exc})")
+                continue
+            for key, vec in zip(keys, emb):
+                if torch.isfinite(vec).all():
+                    sink.add(key, sources[key], vectors={"embedding": vec.numpy()})
+                else:
+                    sink.add_failure(key, sources[key], "embedding is not finite")
+
+
+@dataclass(frozen=True)
+class EmbedBuilder:
+    clip: ModelSpec
+    upstream_root: str
+    upstream_stage: str
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    batch_size: int = 64
+    device: DeviceChoice = "auto"
+    cpus: float = 1.0
+
+    @property
+    def stage(self) -> str:
+        return f"clip_{self.upstream_stage}"
+
+    def build(self) -> EmbedProcessor:
+        from infra.fsio import Location
+
+        set_cpu_threads(self.cpus)
+        clip = zoo.build(self.clip, device=pick_device(self.device), storage_options=self.storage_options)
+        meta = {**clip.describe(), "normalised": True, "column": "embedding", "source_stage": self.upstream_stage}
+        upstream = StageStore(Location(self.upstream_root, self.storage_options), self.upstream_stage)
+        return EmbedProcessor(clip, upstream, self.batch_size, meta)
+
+    def fingerprint(self) -> str:
+        return code_fingerprint(EmbedProcessor, config={"clip": self.clip.model_dump(mode="json"),
+                                                        "upstream": self.upstream_stage})

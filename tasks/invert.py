@@ -1,0 +1,84 @@
+"""Invert stage: e4e over an image shard → W+ → style code S (conv and toRGB parts), with each sample's
+reconstruction PSNR (G(s) against the input at the generator's resolution)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from infra.records import Sink
+from infra.shards import ShardSpec
+from infra.stage import code_fingerprint
+from infra.store import StageStore
+from infra.upstream import spec_batches
+from models import zoo
+from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.zoo import ModelSpec
+from tasks.imaging import psnr, resize_to
+
+
+@dataclass
+class InvertProcessor:
+    encoder: Any                   # models.e4e.Encoder
+    generator: Any                 # models.stylegan2.Generator
+    upstream: StageStore
+    batch_size: int
+    keep_wplus: bool
+    device: str
+    output_metadata: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def __call__(self, spec: ShardSpec, sink: Sink) -> None:
+        sources = {i.key: i.source for i in spec.items}
+        for keys, images in spec_batches(self.upstream, spec, self.batch_size):
+            images = images.to(self.device)
+            w_plus = self.encoder(resize_to(images, self.encoder.input_size))     # (B, n_styles, D)
+            code = self.generator.style_space(w_plus)
+            recon = self.generator.synthesize(code)
+            scores = psnr(recon, resize_to(images, recon.shape[-1])).cpu()
+            for n, key in enumerate(keys):
+                vectors = {"s": code.conv[n].cpu().numpy(), "s_rgb": code.rgb[n].cpu().numpy()}
+                if self.keep_wplus:
+                    vectors["w_plus"] = w_plus[n].flatten().cpu().numpy()
+                if not all(torch.isfinite(torch.from_numpy(v)).all() for v in vectors.values()):
+                    sink.add_failure(key, sources[key], "inversion produced non-finite codes")
+                    continue
+                sink.add(key, sources[key], vectors=vectors, psnr=round(float(scores[n]), 4))
+
+
+@dataclass(frozen=True)
+class InvertBuilder:
+    encoder: ModelSpec
+    generator: ModelSpec | None      # None: the encoder checkpoint's paired decoder
+    upstream_root: str
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    batch_size: int = 16
+    keep_wplus: bool = False
+    device: DeviceChoice = "auto"
+    cpus: float = 1.0
+    upstream_stage: str = "images"
+    stage: str = "codes"
+
+    def build(self) -> InvertProcessor:
+        from infra.fsio import Location
+
+        set_cpu_threads(self.cpus)
+        device = pick_device(self.device)
+        encoder = zoo.build(self.encoder, device=device, storage_options=self.storage_options).eval()
+        generator = (zoo.build(self.generator, device=device, storage_options=self.storage_options)
+                     if self.generator is not None else encoder.generator)
+        if generator is None:
+            raise ValueError("invert needs a generator: set models.generator, or use an encoder "
+                             "checkpoint that carries its decoder")
+        generator.eval()
+        meta = {"encoder": self.encoder.model_dump(mode="json"), "layout": generator.layout.to_dict(),
+                "columns": {"s": "conv styles", "s_rgb": "toRGB styles", "w_plus": "W+ (flattened)"}}
+        upstream = StageStore(Location(self.upstream_root, self.storage_options), self.upstream_stage)
+        return InvertProcessor(encoder, generator, upstream, self.batch_size, self.keep_wplus, device, meta)
+
+    def fingerprint(self) -> str:
+        generator = self.generator.model_dump(mode="json") if self.generator is not None else None
+        return code_fingerprint(InvertProcessor, config={"encoder": self.encoder.model_dump(mode="json"),
+                                                         "generator": generator,
+                                                         "keep_wplus": self.keep_wplus})
