@@ -32,8 +32,8 @@ def actor_scaling(kind: str, ckpt: str, root: str, batch_size: int) -> float:
     for n in (1, 2):
         builder = _builder(kind, ckpt, root, batch_size)
         out = f"{root}-out{n}"
-        with ActorPool(builder, out, {}, RayConfig(actors=n, cpus_per_actor=1), actors=n) as pool:
-            ray.get([a.__ray_ready__.remote() for a in pool.actors])     # models loaded
+        with ActorPool(out, {}, RayConfig(actors=n, cpus_per_actor=1), actors=n) as pool:
+            pool.load(builder)                                           # models loaded
             start = time.perf_counter()
             reports = list(pool.map(specs))
             times[n] = time.perf_counter() - start

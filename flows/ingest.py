@@ -9,7 +9,7 @@ from infra.catalog import list_catalog
 from infra.config import ConfigError
 from infra.orchestrate import run_stage
 from infra.shards import plan_shards, select
-from flows.common import flow_config
+from flows.common import flow_config, worker_pool
 from tasks.ingest import IngestBuilder
 
 
@@ -23,7 +23,8 @@ def ingest_flow(config_path: str | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{config_path or '<defaults>'}: field 'ingest.source' is required for ingest")
     specs = select(plan_shards(list_catalog(cfg.ingest.source, cfg.storage_options),
                                cfg.ingest.shard_size), shards)
-    summary = run_stage(IngestBuilder(cfg.ingest, cfg.storage_options), specs, cfg,
-                        redo_failed=redo_failed, overwrite=overwrite)
+    with worker_pool(cfg) as pool:
+        summary = run_stage(IngestBuilder(cfg.ingest, cfg.storage_options), specs, cfg,
+                            redo_failed=redo_failed, overwrite=overwrite, pool=pool)
     print(summary.line())
     return {"images": summary.to_dict()}

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import flow_config
+from flows.common import flow_config, worker_pool
 from infra.catalog import list_catalog
 from infra.config import ConfigError, RunConfig
 from infra.fsio import Location
@@ -31,7 +31,15 @@ def preprocess_flow(config_path: str | None = None, overrides: list[str] | None 
     """Run every preprocessing stage the config asks for; finished shards are skipped."""
     cfg = flow_config(config_path, overrides)
     _require_models(cfg, config_path)
-    opts = {"redo_failed": redo_failed, "overwrite": overwrite}
+    with worker_pool(cfg) as pool:
+        summaries = _run_stages(cfg, shards, {"redo_failed": redo_failed, "overwrite": overwrite,
+                                              "pool": pool})
+    for s in summaries:
+        print(s.line())
+    return {s.stage: s.to_dict() for s in summaries}
+
+
+def _run_stages(cfg: RunConfig, shards: list[str] | None, opts: dict[str, Any]) -> list[StageSummary]:
     summaries: list[StageSummary] = []
     if cfg.ingest.source:
         items = list_catalog(cfg.ingest.source, cfg.storage_options)
@@ -44,13 +52,11 @@ def preprocess_flow(config_path: str | None = None, overrides: list[str] | None 
         specs = select(plan_shards(sample_items(cfg.sample.n, cfg.seed), cfg.sample.shard_size), shards)
         summaries.append(run_stage(sample, specs, cfg, **opts))
         summaries.append(_downstream(_embed_builder(cfg, "samples"), "samples", cfg, shards, opts))
-    for s in summaries:
-        print(s.line())
-    return {s.stage: s.to_dict() for s in summaries}
+    return summaries
 
 
 def _downstream(builder: Any, upstream: str, cfg: RunConfig, shards: list[str] | None,
-                opts: dict[str, bool]) -> StageSummary:
+                opts: dict[str, Any]) -> StageSummary:
     store = StageStore(Location(cfg.root, cfg.storage_options), upstream)
     return run_stage(builder, plan_downstream(store, shards), cfg, **opts)
 

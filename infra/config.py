@@ -37,7 +37,6 @@ class PrefectConfig(Strict):
     retries: int = Field(1, ge=0)         # per-shard task retries
     retry_delay_seconds: float = Field(2, ge=0)
     cache: bool = True                    # cross-run caching of per-shard results (INPUTS + TASK_SOURCE)
-    concurrency: int = Field(4, ge=1)     # shard tasks in flight
 
 
 class IngestConfig(Strict):

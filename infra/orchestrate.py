@@ -2,6 +2,7 @@
 on a Ray actor pool, show progress, and sum up (seen = ok + failed, per shard outcome)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -51,8 +52,12 @@ class StageSummary:
 
 
 def run_stage(builder: StageBuilder, shards: Sequence[ShardSpec], cfg: RunConfig, *,
-              redo_failed: bool = False, overwrite: bool = False, progress: bool = True) -> StageSummary:
-    """Process every shard of ``shards`` that is not finished (or has failed samples, with redo_failed)."""
+              redo_failed: bool = False, overwrite: bool = False, progress: bool = True,
+              pool: ActorPool | None = None) -> StageSummary:
+    """Process every shard of ``shards`` that is not finished (or has failed samples, with redo_failed).
+
+    ``pool``: actors to reuse (a flow running several stages passes one); else one is made here.
+    """
     start = time.perf_counter()
     store = StageStore(Location(cfg.root, cfg.storage_options), builder.stage)
     if overwrite:
@@ -62,7 +67,12 @@ def run_stage(builder: StageBuilder, shards: Sequence[ShardSpec], cfg: RunConfig
     todo = [s for s in shards if redo_failed or not store.is_done(s, code_fp)]
     summary = StageSummary(builder.stage, shards=len(shards), skipped=len(shards) - len(todo))
     if todo:
-        _run_todo(builder, todo, cfg, store, code_fp, redo_failed, overwrite, summary, progress)
+        with contextlib.ExitStack() as stack:
+            if pool is None:
+                init_ray(cfg.ray)
+                pool = stack.enter_context(ActorPool(cfg.root, cfg.storage_options, cfg.ray))
+            _run_todo(builder, todo, cfg, store, code_fp, redo_failed, overwrite, summary, progress,
+                      pool.load(builder))
     _add_counts(summary, store, shards)
     summary.seconds = round(time.perf_counter() - start, 3)
     log.info(summary.line())
@@ -71,33 +81,33 @@ def run_stage(builder: StageBuilder, shards: Sequence[ShardSpec], cfg: RunConfig
 
 def _run_todo(builder: StageBuilder, todo: list[ShardSpec], cfg: RunConfig, store: StageStore,
               code_fp: str, redo_failed: bool, overwrite: bool, summary: StageSummary,
-              progress: bool) -> None:
-    init_ray(cfg.ray)
+              progress: bool, pool: ActorPool) -> None:
     task = configured_shard_task(cfg.prefect, store.loc, refresh=overwrite or redo_failed)
-    bar = tqdm(total=len(todo), desc=builder.stage, unit="shard", disable=not progress)
-    with ActorPool(builder, cfg.root, cfg.storage_options, cfg.ray) as pool:
-        futures = {task.submit(pool, builder.stage, cfg.root, spec, code_fp, redo_failed): spec
-                   for spec in todo}
+    args = (builder.stage, cfg.root)
+    futures = {task.submit(pool, *args, spec, code_fp, redo_failed): spec for spec in todo}
+    with tqdm(total=len(todo), desc=builder.stage, unit="shard", disable=not progress) as bar:
         for fut in as_completed(futures):
             spec = futures[fut]
             try:
                 report = fut.result()
+                if not store.is_done(spec, code_fp):   # a cached report for outputs that are gone
+                    log.warning("%s shard %s: cached result but no outputs; running it again",
+                                builder.stage, spec.shard_id)
+                    report = task.with_options(refresh_cache=True)(pool, *args, spec, code_fp, redo_failed)
             except Exception as exc:     # the shard failed after its retries; the others go on
                 summary.failed_shards.append(spec.shard_id)
                 summary.errors[spec.shard_id] = f"{type(exc).__name__}: {exc}"
                 log.error("%s shard %s failed: %s", builder.stage, spec.shard_id, exc)
             else:
-                if not store.is_done(spec, code_fp):   # a cached report for outputs that are gone
-                    log.warning("%s shard %s: cached result but no outputs; running it again",
-                                builder.stage, spec.shard_id)
-                    report = task.with_options(refresh_cache=True)(
-                        pool, builder.stage, cfg.root, spec, code_fp, redo_failed)
                 _count_outcome(summary, report)
-                rate = report["counts"]["seen"] / report["seconds"] if report["seconds"] else 0
-                log.info("%s shard %s %s: %s in %.2fs (%.1f samples/s)", builder.stage, spec.shard_id,
-                         report["outcome"], report["counts"], report["seconds"], rate)
+                _log_shard(builder.stage, spec.shard_id, report)
             bar.update(1)
-    bar.close()
+
+
+def _log_shard(stage: str, shard_id: str, report: dict[str, Any]) -> None:
+    rate = report["counts"]["seen"] / report["seconds"] if report["seconds"] else 0
+    log.info("%s shard %s %s: %s in %.2fs (%.1f samples/s)", stage, shard_id, report["outcome"],
+             report["counts"], report["seconds"], rate)
 
 
 def _count_outcome(summary: StageSummary, report: dict[str, Any]) -> None:

@@ -44,28 +44,40 @@ def gpus_per_actor(cfg: RayConfig) -> float:
 
 @ray.remote(max_restarts=1, max_task_retries=0)
 class ShardActor:
-    """Builds its processor once (models load here), then runs shards."""
+    """A worker process that hosts one stage processor at a time; ``load`` builds it (models load
+    there, once), ``run`` processes a shard. Reusing actors across stages skips process start-up."""
 
-    def __init__(self, builder: StageBuilder, root_uri: str, storage_options: dict[str, Any]):
-        self.builder = builder
-        self.store = open_store(root_uri, storage_options, builder.stage)
-        self.processor = builder.build()
-        self.code_fp = builder.fingerprint()
+    def __init__(self, root_uri: str, storage_options: dict[str, Any]):
+        self.root_uri, self.storage_options = root_uri, storage_options
+        self.builder: StageBuilder | None = None
+
+    def load(self, builder: StageBuilder) -> None:
+        if builder != self.builder:
+            self.processor = builder.build()
+            self.store = open_store(self.root_uri, self.storage_options, builder.stage)
+            self.code_fp = builder.fingerprint()
+            self.builder = builder
 
     def run(self, spec: ShardSpec, redo_failed: bool = False) -> dict[str, Any]:
+        if self.builder is None:
+            raise RuntimeError("ShardActor has no stage loaded (restarted?); call load() first")
         return execute_shard(self.processor, spec, self.store, self.code_fp, redo_failed).to_dict()
 
 
 class ActorPool:
-    """N ShardActors for one stage; ``submit`` returns an ObjectRef, ``map`` yields reports as they finish."""
+    """N ShardActors for one run root. ``load(builder)`` readies a stage on every actor; ``submit``
+    returns an ObjectRef, ``map`` yields reports as shards finish."""
 
-    def __init__(self, builder: StageBuilder, root_uri: str, storage_options: dict[str, Any],
-                 cfg: RayConfig, actors: int | None = None):
+    def __init__(self, root_uri: str, storage_options: dict[str, Any], cfg: RayConfig,
+                 actors: int | None = None):
         n = actors or cfg.actors
         opts = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor(cfg)}
-        self.actors = [ShardActor.options(**opts).remote(builder, root_uri, storage_options)
-                       for _ in range(n)]
+        self.actors = [ShardActor.options(**opts).remote(root_uri, storage_options) for _ in range(n)]
         self._next = 0
+
+    def load(self, builder: StageBuilder) -> "ActorPool":
+        ray.get([a.load.remote(builder) for a in self.actors])
+        return self
 
     def submit(self, spec: ShardSpec, redo_failed: bool = False) -> ray.ObjectRef:
         """Round-robin; Ray queues calls on a busy actor."""

@@ -68,20 +68,22 @@ class Encoder(nn.Module):
 
     # --- checkpoints -------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path_or_uri: str, **arch: Any) -> "Encoder":
+    def from_checkpoint(cls, path_or_uri: str, *, storage_options: Mapping[str, Any] | None = None,
+                        **arch: Any) -> "Encoder":
         """Load an official e4e checkpoint (``{'state_dict', 'latent_avg', 'opts'}``) or one of ours.
 
         Official checkpoints get the official architecture (``arch`` overrides constructor arguments for
         e4e-format files of other widths) with n_styles from ``opts['stylegan_size']``, else from the
         number of style blocks. ``encoder.*`` is loaded strictly; ``decoder.*``, when present, becomes
         `generator` (architecture inferred from its weights, also strict). The result is in eval mode.
+        ``storage_options`` go to fsspec (e.g. an S3 endpoint).
         """
-        uri = str(path_or_uri)
+        uri, opts = str(path_or_uri), dict(storage_options or {})
         if is_safetensors(uri):
             if arch:
                 raise TypeError("architecture overrides apply to e4e .pt files; ours carry their config")
-            return cls._from_ours(uri)
-        ckpt = load_public(uri)
+            return cls._from_ours(uri, opts)
+        ckpt = load_public(uri, **opts)
         if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
             found = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
             raise CheckpointError(f"{uri}: expected an e4e checkpoint with 'state_dict', got {found}")
@@ -111,8 +113,8 @@ class Encoder(nn.Module):
         save_safetensors(str(path_or_uri), tensors, config=config, lineage=lineage, kind=KIND)
 
     @classmethod
-    def _from_ours(cls, uri: str) -> "Encoder":
-        tensors, header = load_safetensors(uri)
+    def _from_ours(cls, uri: str, storage_options: Mapping[str, Any]) -> "Encoder":
+        tensors, header = load_safetensors(uri, **storage_options)
         if header["kind"] != KIND:
             raise CheckpointError(f"{uri}: checkpoint kind is {header['kind']!r}, expected {KIND!r}")
         config = dict(header["config"])

@@ -169,22 +169,24 @@ class Generator(nn.Module):
     # --- checkpoints -------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path_or_uri: str, size: int | None = None, style_dim: int = 512, n_mlp: int = 8,
-                        channel_multiplier: int = 2) -> "Generator":
+                        channel_multiplier: int = 2, *,
+                        storage_options: Mapping[str, Any] | None = None) -> "Generator":
         """Load a rosinality checkpoint (``{'g_ema', 'latent_avg', ...}`` or a bare state dict) or ours.
 
         With ``size=None`` the architecture is inferred from the state dict; otherwise the given
         arguments are used and any disagreement is reported by the strict check. Our safetensors
         files carry their own config (the arguments are then ignored). The result is in eval mode.
+        ``storage_options`` go to fsspec (e.g. an S3 endpoint).
         """
-        uri = str(path_or_uri)
+        uri, opts = str(path_or_uri), dict(storage_options or {})
         if is_safetensors(uri):
-            tensors, header = load_safetensors(uri)
+            tensors, header = load_safetensors(uri, **opts)
             if header["kind"] != KIND:
                 raise CheckpointError(f"{uri}: checkpoint kind is {header['kind']!r}, expected {KIND!r}")
             latent_avg = tensors.pop("latent_avg", None)
             return cls.from_state_dict(tensors, latent_avg, config=config_from_json(header["config"]),
                                        source=uri, copy=False)
-        state_dict, latent_avg = split_rosinality(load_public(uri), uri)
+        state_dict, latent_avg = split_rosinality(load_public(uri, **opts), uri)
         config = None if size is None else dict(size=size, style_dim=style_dim, n_mlp=n_mlp,
                                                  channel_multiplier=channel_multiplier)
         return cls.from_state_dict(state_dict, latent_avg, config=config, source=uri, copy=False)
@@ -255,10 +257,10 @@ def config_from_json(config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def load_public(uri: str) -> Any:
+def load_public(uri: str, **storage_options: Any) -> Any:
     """``torch.load(weights_only=True)``, also allowing the argparse.Namespace of training checkpoints."""
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return load_torch(uri)
+        return load_torch(uri, **storage_options)
 
 
 def split_rosinality(ckpt: Any, source: str) -> tuple[dict[str, Tensor], Tensor | None]:

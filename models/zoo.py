@@ -162,12 +162,6 @@ def _check_options(entry: Entry, options: Mapping[str, Any]) -> None:
         raise ValueError(f"model {entry.name!r} does not take option(s) {unknown}; it accepts {accepted}")
 
 
-def _no_storage_options(name: str, storage_options: Mapping[str, Any] | None) -> None:
-    if storage_options:
-        raise ValueError(f"{name} loads through its own reader, which takes no storage options; "
-                         f"configure fsspec through the environment (e.g. AWS_* variables)")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------
@@ -182,12 +176,11 @@ def _stylegan2(checkpoint: str | None, *, device: str = "cpu", storage_options: 
     """rosinality StyleGAN2 generator: a rosinality/our checkpoint, or a fresh one (size required)."""
     from models.stylegan2 import Generator
 
-    _no_storage_options("stylegan2", storage_options)
     if checkpoint is not None:
         if channels is not None:
             raise ValueError("stylegan2: 'channels' applies to fresh generators; checkpoints carry theirs")
         gen = Generator.from_checkpoint(checkpoint, size=size, style_dim=style_dim, n_mlp=n_mlp,
-                                        channel_multiplier=channel_multiplier)
+                                        channel_multiplier=channel_multiplier, storage_options=storage_options)
     elif size is None:
         raise ValueError("stylegan2 without a checkpoint needs 'size'")
     else:
@@ -200,10 +193,9 @@ def _e4e(checkpoint: str | None, *, device: str = "cpu", storage_options: Storag
     """e4e encoder (images → W+), from an official or our checkpoint."""
     from models.e4e import Encoder
 
-    _no_storage_options("e4e", storage_options)
     if checkpoint is None:
         raise ValueError("e4e needs a checkpoint")
-    return Encoder.from_checkpoint(checkpoint).to(device)
+    return Encoder.from_checkpoint(checkpoint, storage_options=storage_options).to(device)
 
 
 @register("open_clip", role="clip")

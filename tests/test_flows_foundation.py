@@ -74,8 +74,8 @@ def test_two_actor_pool_on_two_cores_finishes_four_shards(tmp_path):
     assert len(specs) == 4
     builder = IngestBuilder(IngestConfig(image_size=16))
     cfg = RayConfig(actors=2, cpus_per_actor=0.5)
-    with ActorPool(builder, str(tmp_path / "run"), {}, cfg) as pool:
-        reports = list(pool.map(specs))
+    with ActorPool(str(tmp_path / "run"), {}, cfg) as pool:
+        reports = list(pool.load(builder).map(specs))
     assert sorted(r.shard_id for r in reports) == ["00000", "00001", "00002", "00003"]
     assert all(r.outcome == "ran" and r.counts["ok"] == 2 for r in reports)
     assert StageStore(Location(str(tmp_path / "run")), "images").finished() == [s.shard_id for s in specs]

@@ -107,3 +107,24 @@ def test_stylegan2_entry_builds_a_fresh_generator():
     gen = zoo.build({"name": "stylegan2", "size": 16, "channels": {4: 32, 8: 32, 16: 16}, "n_mlp": 2,
                      "style_dim": 32})
     assert gen.layout.conv_total == 32 * 3 + 32 + 16
+
+
+def test_generator_and_encoder_load_from_s3_with_storage_options(tmp_path, s3_bucket):
+    import fsspec
+
+    from helpers_models import TINY_E, TINY_G
+    from models.e4e import Encoder
+    from models.stylegan2 import Generator
+
+    bucket, options = s3_bucket
+    torch.manual_seed(0)
+    gen = Generator(**TINY_G)
+    Encoder(**TINY_E, generator=gen).save(str(tmp_path / "e.safetensors"))
+    gen.save(str(tmp_path / "g.safetensors"))
+    fs, path = fsspec.core.url_to_fs(bucket, **options)
+    for name in ("e.safetensors", "g.safetensors"):
+        fs.put(str(tmp_path / name), f"{path}/{name}")
+    loaded = zoo.build({"name": "stylegan2", "checkpoint": f"{bucket}/g.safetensors"}, storage_options=options)
+    enc = zoo.build({"name": "e4e", "checkpoint": f"{bucket}/e.safetensors"}, storage_options=options)
+    w = torch.randn(1, gen.n_latent, TINY_G["style_dim"])
+    assert torch.equal(loaded(w), gen(w)) and enc.generator is not None
