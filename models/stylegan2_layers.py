@@ -41,10 +41,9 @@ def upfirdn2d(x: Tensor, kernel: Tensor, up: int = 1, down: int = 1, pad: tuple[
     p0, p1 = pad
     x = F.pad(x, [p0, p1, p0, p1])
     # conv2d is a correlation: flip the kernel to convolve (a no-op for symmetric kernels).
-    k = torch.flip(kernel, [0, 1]).to(dtype=x.dtype, device=x.device)[None, None]  # (1, 1, kh, kw)
-    hh, ww = x.shape[-2:]
-    x = F.conv2d(x.reshape(b * c, 1, hh, ww), k)
-    x = x.reshape(b, c, x.shape[-2], x.shape[-1])
+    # A depthwise conv (one group per channel) — far faster on CPUs than folding channels into the batch.
+    k = torch.flip(kernel, [0, 1]).to(dtype=x.dtype, device=x.device)
+    x = F.conv2d(x, k.expand(c, 1, *k.shape), groups=c)                            # (B, C, H', W')
     return x[:, :, ::down, ::down] if down > 1 else x
 
 
@@ -120,7 +119,7 @@ class Blur(nn.Module):
 
 
 class ModulatedConv2d(nn.Module):
-    """Conv whose weight is scaled per input channel by a style s (and demodulated), as a grouped conv.
+    """Conv whose weight is scaled per input channel by a style s (and demodulated).
 
     `modulation` maps w → s (bias init 1); `forward` takes s itself so S-space edits decode directly.
     """
@@ -139,21 +138,23 @@ class ModulatedConv2d(nn.Module):
         self.modulation = EqualLinear(style_dim, in_channels, bias_init=1.0)
 
     def forward(self, x: Tensor, style: Tensor) -> Tensor:
-        """x: (B, in, H, W), style: (B, in) → (B, out, H', W')."""
-        b, cin, h, w = x.shape
-        k = self.kernel_size
-        weight = self.scale * self.weight * style.view(b, 1, cin, 1, 1)  # (B, out, in, k, k)
-        if self.demodulate:
-            demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + 1e-8)  # (B, out)
-            weight = weight * demod.view(b, self.out_channels, 1, 1, 1)
-        x = x.reshape(1, b * cin, h, w)  # one sample per group
+        """x: (B, in, H, W), style: (B, in) → (B, out, H', W').
+
+        Computed as StyleGAN2's non-fused form: scale the *activations* by s, convolve with the shared
+        weight, then demodulate the outputs — the same numbers as modulating each sample's weight
+        (up to float rounding), but one dense conv for the whole batch instead of a grouped conv with
+        a weight per sample, which is several times faster on CPUs at batch > 1.
+        """
+        weight = self.scale * self.weight[0]                                   # (out, in, k, k)
+        x = x * style[:, :, None, None]
         if self.upsample:
-            weight = weight.transpose(1, 2).reshape(b * cin, self.out_channels, k, k)
-            out = F.conv_transpose2d(x, weight, stride=2, groups=b)
-            out = self.blur(out.view(b, self.out_channels, out.shape[-2], out.shape[-1]))
-            return out
-        out = F.conv2d(x, weight.reshape(b * self.out_channels, cin, k, k), padding=self.padding, groups=b)
-        return out.view(b, self.out_channels, out.shape[-2], out.shape[-1])
+            out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+        else:
+            out = F.conv2d(x, weight, padding=self.padding)
+        if self.demodulate:   # 1/‖W·s‖ per output channel: (B, in) @ (in, out)
+            demod = torch.rsqrt(style.pow(2) @ weight.pow(2).sum([2, 3]).t() + 1e-8)
+            out = out * demod[:, :, None, None]
+        return self.blur(out) if self.upsample else out
 
 
 class NoiseInjection(nn.Module):

@@ -69,8 +69,8 @@ def test_preprocess_flow_with_bad_input_counts_add_up(tmp_path, zoo_overrides, s
     uris = [str(catalog / name) for name in expected] + [f"{bucket}/missing/photo.png"]
     parquet_list(tmp_path / "list.parquet", uris)
     root = tmp_path / "run"
-    result = preprocess_flow(None, _cfg_overrides(str(root), str(tmp_path / "list.parquet"),
-                                                  zoo_overrides, options))
+    overrides = _cfg_overrides(str(root), str(tmp_path / "list.parquet"), zoo_overrides, options)
+    result = preprocess_flow(None, overrides)
     images = result["images"]
     n_ok = sum(v == "ok" for v in expected.values())
     assert images["seen"] == len(uris) and images["ok"] == n_ok and images["failed"] == len(uris) - n_ok
@@ -95,6 +95,13 @@ def test_preprocess_flow_with_bad_input_counts_add_up(tmp_path, zoo_overrides, s
     assert all(r["psnr"] > 0 for s in StageStore(Location(str(root)), "codes").finished()
                for r in StageStore(Location(str(root)), "codes").manifest(s).to_pylist())
     assert codes.num_rows == n_ok
+
+    redo = preprocess_flow(None, overrides, redo_failed=True)      # only shards with failures rerun
+    with_failures = sum(any(r["status"] == "failed" for r in store.manifest(s).to_pylist())
+                        for s in store.finished())
+    assert redo["images"]["redone"] == with_failures and redo["images"]["ran"] == 0
+    assert (redo["images"]["ok"], redo["images"]["failed"]) == (images["ok"], images["failed"])
+    assert redo["codes"]["ran"] == redo["codes"]["redone"] == 0
 
 
 @pytest.mark.usefixtures("prefect_harness", "ray_cluster")
@@ -121,7 +128,10 @@ def _start(config: Path, cwd: Path) -> subprocess.Popen:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.usefixtures("prefect_harness", "ray_cluster")
 def test_killed_run_resumes_to_the_same_stores(tmp_path, zoo_overrides):
+    from flows.preprocess import preprocess_flow
+
     make_catalog(tmp_path / "catalog", 16)
     configs = {}
     for name in ("killed", "clean"):
@@ -147,15 +157,9 @@ def test_killed_run_resumes_to_the_same_stores(tmp_path, zoo_overrides):
     partial = store_snapshot(tmp_path / "killed")
     assert 0 < sum(k.endswith(".done.json") for k in partial) < 8 + 8 + 8 + 2 + 2
 
-    for name in ("killed", "clean"):
-        done = subprocess.run([str(Path(sys.executable).with_name("deltaedit")), "run", "preprocess",
-                               "--config", str(configs[name]), "--json"], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600, env={k: v for k, v in os.environ.items()
-                                                           if k != "PREFECT_API_URL"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        if name == "killed":
-            resumed = json.loads(done.stdout[done.stdout.index("{"):])
+    resumed = preprocess_flow(str(configs["killed"]))
     assert sum(s["skipped"] for s in resumed.values()) >= 1           # finished shards were not redone
+    preprocess_flow(str(configs["clean"]))                             # an uninterrupted run
     killed, clean = store_snapshot(tmp_path / "killed"), store_snapshot(tmp_path / "clean")
     assert killed.keys() == clean.keys()
     assert [k for k in killed if killed[k] != clean[k]] == []
