@@ -21,6 +21,8 @@ EPILOG = """examples:
   deltaedit run ingest --config configs/toy.yaml --redo-failed
   deltaedit config show configs/toy.yaml ray.actors=4
   deltaedit store ls runs/toy
+  deltaedit toy render 1000 --out runs/toy/catalog
+  deltaedit zoo list
   deltaedit demo
 """
 
@@ -57,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
                            description="List the stages of a run root and their finished shards.")
     store.add_argument("action", choices=["ls"])
     store.add_argument("root", help="run root (local path or URI such as s3://bucket/run)")
+
+    zoo = sub.add_parser("zoo", help="list the model zoo or train the embedded toy models",
+                         description="`zoo list`: the registered models. `zoo train toy`: retrain the "
+                                     "toy generator, encoder and CLIP (the committed weights in zoo/toy).")
+    zoo.add_argument("action", choices=["list", "train"])
+    zoo.add_argument("target", nargs="?", choices=["toy"], help="what to train (train only)")
+    zoo.add_argument("--out", default="zoo/toy", help="output folder (default: zoo/toy)")
+    zoo.add_argument("--seed", type=int, default=0)
+
+    toy = sub.add_parser("toy", help="render a catalog of the procedural toy domain",
+                         description="Write N rendered toy images (PNG) and attributes.jsonl into a folder "
+                                     "or URI, as a user's own image catalog would be; ingest it with "
+                                     "`deltaedit run preprocess`.")
+    toy.add_argument("action", choices=["render"])
+    toy.add_argument("n", type=int, help="number of images")
+    toy.add_argument("--out", required=True, help="folder or URI for the catalog")
+    toy.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("demo", help="run the end-to-end demo on the embedded default",
                    description="Set up a small catalog and run every pipeline stage that exists.")
@@ -123,13 +142,39 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from models import zoo
+
+    if args.action == "list":
+        for name in zoo.list_models():
+            entry = zoo.get(name)
+            print(f"{name:24s} {entry.role:10s} {entry.description}")
+        return 0
+    if args.target != "toy":
+        print("error: `zoo train` needs a target: toy", file=sys.stderr)
+        return 2
+    from models.toy.bootstrap import bootstrap
+
+    print(json.dumps(bootstrap(args.out, seed=args.seed), indent=1, default=str))
+    return 0
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    from models.toy.domain import render_catalog
+
+    rows = render_catalog(args.out, args.n, seed=args.seed)
+    print(f"wrote {len(rows)} images and attributes.jsonl to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from infra.demo import run_demo
 
     return run_demo()
 
 
-COMMANDS = {"run": cmd_run, "flows": cmd_flows, "config": cmd_config, "store": cmd_store, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "flows": cmd_flows, "config": cmd_config, "store": cmd_store, "zoo": cmd_zoo,
+            "toy": cmd_toy, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """`deltaedit demo` / `make demo`: the pipeline on the embedded toy domain, offline, in minutes.
 
-It renders a small toy catalog (as a user's own image folder would be), then runs every flow that
-exists so far and says which stages are still to come.
+It renders a small toy catalog (as a user's own image folder would be), runs the preprocessing flow
+(ingest, invert, sample, embed) with the committed toy models, and says which stages are still to come.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ CATALOG_SIZE = 256
 
 
 def run_demo(config: Path = CONFIG) -> int:
-    from flows.ingest import ingest_flow
+    from flows.preprocess import preprocess_flow
     from models.toy.domain import render_catalog
 
     cfg = load_config(config)
@@ -25,9 +25,10 @@ def run_demo(config: Path = CONFIG) -> int:
         print(f"rendering {CATALOG_SIZE} toy images into {catalog}")
         render_catalog(str(catalog), CATALOG_SIZE, seed=cfg.seed)
     ensure_prefect_api()
-    summary = ingest_flow(str(config))["images"]
-    print(f"\ningest: {summary['seen']} images seen = {summary['ok']} ok + {summary['failed']} failed, "
-          f"{summary['shards']} shards (ran {summary['ran']}, skipped {summary['skipped']}) "
-          f"under {cfg.root}/images")
+    summaries = preprocess_flow(str(config))
+    print()
+    for stage, s in summaries.items():
+        print(f"{stage:13s} {s['seen']:5d} seen = {s['ok']} ok + {s['failed']} failed; {s['shards']} shards "
+              f"(ran {s['ran']}, skipped {s['skipped']}) under {cfg.root}/{stage}")
     print("still to come in the demo: " + ", ".join(PLANNED))
-    return 1 if summary["failed_shards"] else 0
+    return 1 if any(s["failed_shards"] for s in summaries.values()) else 0

@@ -16,9 +16,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model it is loaded into."""
+from models.errors import CheckpointError
 
 
 def read_bytes(uri: str, **storage_options: Any) -> bytes:

@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.checkpoint import CheckpointError
+from models.errors import CheckpointError
 
 Builder = Callable[..., Any]   # builder(checkpoint: str | None, *, device, storage_options, **options)
 _FIELDS = ("name", "checkpoint", "options", "sha256")

@@ -16,7 +16,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
-@pytest.mark.parametrize("sub", [[], ["run"], ["flows"], ["config"], ["store"], ["demo"]])
+@pytest.mark.parametrize("sub", [[], ["run"], ["flows"], ["config"], ["store"], ["zoo"], ["toy"], ["demo"]])
 def test_help_explains(sub):
     out = _run(*sub, "--help")
     assert out.returncode == 0 and "usage: deltaedit" in out.stdout and len(out.stdout) > 80
@@ -38,3 +38,14 @@ def test_unknown_flow_lists_known_ones():
 def test_config_show_applies_overrides():
     out = _run("config", "show", "configs/toy.yaml", "ray.actors=5")
     assert out.returncode == 0 and "actors: 5" in out.stdout
+
+
+def test_toy_render_writes_a_catalog(tmp_path):
+    out = _run("toy", "render", "5", "--out", str(tmp_path / "cat"))
+    assert out.returncode == 0, out.stderr
+    assert len(list((tmp_path / "cat").glob("*.png"))) == 5 and (tmp_path / "cat" / "attributes.jsonl").exists()
+
+
+def test_zoo_list_names_the_models():
+    out = _run("zoo", "list")
+    assert out.returncode == 0 and "stylegan2" in out.stdout and "delta_mapper" in out.stdout
