@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/deltaedit demo
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow" tests
+	$(BIN)/python -m pytest -m "not slow" --durations=15 tests
 
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow" tests

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import io
 import time
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from infra.fsio import Location
-from infra.shards import Item, plan_shards
-from infra.stage import execute_shard
-from infra.store import StageStore
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from infra.fsio import Location  # noqa: E402
+from infra.shards import Item, plan_shards  # noqa: E402
+from infra.stage import execute_shard  # noqa: E402
+from infra.store import StageStore  # noqa: E402
 
 
 class PngWriter:
@@ -43,6 +47,31 @@ def image_store(root: Path, n: int, size: int, shard_size: int, seed: int = 0) -
     for spec in plan_shards([Item(k, k) for k in pngs], shard_size):
         execute_shard(PngWriter(pngs), spec, store, "bench")
     return store
+
+
+def stage_runner(processor, upstream: StageStore, tmp: Path, stage: str) -> Callable[[], None]:
+    """A callable that runs ``processor`` over every shard of ``upstream`` into a fresh store each call
+    (a fresh store, so no shard is skipped as done)."""
+    from infra.upstream import plan_downstream
+
+    specs = plan_downstream(upstream)
+    runs = iter(range(10_000))
+
+    def run() -> None:
+        out = StageStore(Location(str(tmp / f"{stage}-{next(runs)}")), stage)
+        for spec in specs:
+            execute_shard(processor, spec, out, "bench")
+    return run
+
+
+def decoded_images(store: StageStore) -> tuple[list[bytes], "torch.Tensor"]:
+    """The stored PNGs and the same images decoded to one (N, 3, H, W) tensor in [-1, 1]."""
+    import torch
+
+    from infra.readers import decode_image, iter_image_samples
+
+    pngs = [s["png"] for s in iter_image_samples(store)]
+    return pngs, torch.stack([decode_image(p) for p in pngs])
 
 
 def best_of(fn: Callable[[], object], repeat: int = 3) -> float:

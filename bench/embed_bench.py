@@ -18,13 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, image_store, report  # noqa: E402
+from common import best_of, decoded_images, image_store, report, stage_runner  # noqa: E402
 
-from infra.fsio import Location  # noqa: E402
-from infra.readers import decode_image, iter_image_samples  # noqa: E402
-from infra.stage import execute_shard  # noqa: E402
+from infra.readers import decode_image  # noqa: E402
 from infra.store import StageStore  # noqa: E402
-from infra.upstream import plan_downstream  # noqa: E402
 from models.clip import ClipEncoder  # noqa: E402
 from tasks.embed import EmbedProcessor  # noqa: E402
 from actor_scaling import actor_scaling  # noqa: E402
@@ -35,17 +32,8 @@ TOY_CLIP = {"embed_dim": 64,
 
 
 def stage_ratios(clip: ClipEncoder, store: StageStore, batch_size: int, tmp: Path) -> list[tuple]:
-    specs = plan_downstream(store)
-    processor = EmbedProcessor(clip, store, batch_size)
-    runs = iter(range(1000))
-
-    def stage() -> None:
-        out = StageStore(Location(str(tmp / f"out{next(runs)}")), "clip_images")
-        for spec in specs:
-            execute_shard(processor, spec, out, "bench")
-
-    pngs = [s["png"] for s in iter_image_samples(store)]
-    tensors = torch.stack([decode_image(p) for p in pngs])
+    stage = stage_runner(EmbedProcessor(clip, store, batch_size), store, tmp, "clip_images")
+    pngs, tensors = decoded_images(store)
     batches = tensors.split(batch_size)
 
     def bare() -> None:

@@ -17,13 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from actor_scaling import actor_scaling  # noqa: E402
-from common import best_of, image_store, report  # noqa: E402
+from common import best_of, decoded_images, image_store, report, stage_runner  # noqa: E402
 
-from infra.fsio import Location  # noqa: E402
-from infra.readers import decode_image, iter_image_samples  # noqa: E402
-from infra.stage import execute_shard  # noqa: E402
-from infra.store import StageStore  # noqa: E402
-from infra.upstream import plan_downstream  # noqa: E402
+from infra.readers import decode_image  # noqa: E402
 from models.e4e import Encoder  # noqa: E402
 from models.stylegan2 import Generator  # noqa: E402
 from tasks.invert import InvertProcessor  # noqa: E402
@@ -47,17 +43,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_dir, torch.no_grad():
         tmp = Path(tmp_dir)
         store = image_store(tmp / "src", n, 64, shard_size=n // 4)
-        specs = plan_downstream(store)
         processor = InvertProcessor(enc, gen, store, bs, keep_wplus=False, device="cpu")
-        runs = iter(range(1000))
-
-        def stage() -> None:
-            out = StageStore(Location(str(tmp / f"out{next(runs)}")), "codes")
-            for spec in specs:
-                execute_shard(processor, spec, out, "bench")
-
-        pngs = [s["png"] for s in iter_image_samples(store)]
-        batches = torch.stack([decode_image(p) for p in pngs]).split(bs)
+        stage = stage_runner(processor, store, tmp, "codes")
+        pngs, tensors = decoded_images(store)
+        batches = tensors.split(bs)
 
         def forward(x: torch.Tensor) -> None:
             gen.synthesize(gen.style_space(enc(x)))

@@ -60,6 +60,6 @@ def test_prefect_deploy_all_against_a_local_server(prefect_server):
     _prefect(prefect_server, "work-pool", "create", "deltaedit-process", "--type", "process")
     _prefect(prefect_server, "deploy", "--all")
     listing = _prefect(prefect_server, "deployment", "ls")
-    inspected = _prefect(prefect_server, "deployment", "inspect", "ingest/ingest-nightly")
-    assert "ingest-nightly" in listing
+    inspected = _prefect(prefect_server, "deployment", "inspect", "preprocess/preprocess-nightly")
+    assert "preprocess-nightly" in listing and "ingest" in listing
     assert "0 2 * * *" in inspected and "configs/toy.yaml" in inspected
