@@ -5,7 +5,7 @@
 2. stage vs a naive loop: one image at a time, as the official scripts do                 → ≥ 2
 3. a pool of 2 actors vs 1 actor (1 CPU each) over 4 shards on a 2-core machine           → ≥ 1.6
 
-Models: a toy-sized CLIP and open_clip ViT-B-32 with random weights (no download).
+Models: the toy CLIP (zoo/toy) and open_clip ViT-B-32 with random weights (no download).
 Run: .venv/bin/python bench/embed_bench.py [--quick]
 """
 from __future__ import annotations
@@ -26,9 +26,7 @@ from models.clip import ClipEncoder  # noqa: E402
 from tasks.embed import EmbedProcessor  # noqa: E402
 from actor_scaling import actor_scaling  # noqa: E402
 
-TOY_CLIP = {"embed_dim": 64,
-            "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+TOY_CLIP = str(Path(__file__).resolve().parents[1] / "zoo" / "toy" / "clip.safetensors")   # the embedded default
 
 
 def stage_ratios(clip: ClipEncoder, store: StageStore, batch_size: int, tmp: Path) -> list[tuple]:
@@ -55,7 +53,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)                 # one CPU, as one actor gets
     ok = True
-    models = [("toy CLIP (64 px)", {"name": "toy", "model_config": TOY_CLIP}, 64, 256, 64),
+    models = [("toy CLIP (zoo/toy, 64 px)", {"checkpoint": TOY_CLIP}, 64, 256, 64),
               ("ViT-B-32, random weights (224 px)", {"name": "ViT-B-32"}, 224, 64, 16)]
     with tempfile.TemporaryDirectory() as tmp_dir:
         for title, kwargs, size, n, bs in models:

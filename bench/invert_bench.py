@@ -1,4 +1,4 @@
-"""Invert stage speed (issue: preprocessing), with a toy-sized e4e-style encoder and generator:
+"""Invert stage speed (issue: preprocessing), with the toy e4e-style encoder and generator (zoo/toy):
 
 1. stage vs bare forward (encoder → style space → reconstruction, on pre-decoded tensors)  → ≥ 0.85
 2. stage vs a naive one-image-at-a-time loop                                               → ≥ 2
@@ -21,15 +21,15 @@ from common import best_of, decoded_images, image_store, report, stage_runner  #
 
 from infra.readers import decode_image  # noqa: E402
 from models.e4e import Encoder  # noqa: E402
-from models.stylegan2 import Generator  # noqa: E402
 from tasks.invert import InvertProcessor  # noqa: E402
 
 
+TOY_ENCODER = Path(__file__).resolve().parents[1] / "zoo" / "toy" / "encoder.safetensors"
+
+
 def toy_models() -> Encoder:
-    torch.manual_seed(0)
-    gen = Generator(64, style_dim=64, n_mlp=4, channels={4: 128, 8: 128, 16: 64, 32: 64, 64: 32})
-    return Encoder(n_styles=gen.n_latent, style_dim=64, input_size=64, backbone_blocks=(1, 1, 1, 1),
-                   widths=(16, 32, 32, 64), generator=gen).eval()
+    """The embedded default's encoder with its paired generator (zoo/toy)."""
+    return Encoder.from_checkpoint(str(TOY_ENCODER)).eval()
 
 
 def main() -> int:

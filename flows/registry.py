@@ -17,10 +17,14 @@ FLOWS: dict[str, FlowEntry] = {e.name: e for e in [
               "decode, validate and shard a catalog of images into the images store"),
     FlowEntry("preprocess", "flows/preprocess.py:preprocess_flow",
               "ingest + invert (e4e) + sample (generator) + embed (CLIP) into the run's stores"),
+    FlowEntry("train-mapper", "flows/train_mapper.py:train_mapper_flow",
+              "train (or resume) the Delta Mapper on pairs from the codes + CLIP stores into <root>/mapper"),
+    FlowEntry("relevance", "flows/relevance.py:relevance_flow",
+              "relevance matrix Rs (conv channels x CLIP dim), by resumable blocks of channels"),
 ]}
 
 # Stages of the end-to-end pipeline that do not exist yet (see the open issues).
-PLANNED = ["relevance", "train-mapper", "bulk-edit", "evaluate",
+PLANNED = ["bulk-edit", "evaluate",
            "train-diffusion"]
 
 

@@ -23,6 +23,7 @@ EPILOG = """examples:
   deltaedit store ls runs/toy
   deltaedit toy render 1000 --out runs/toy/catalog
   deltaedit zoo list
+  deltaedit relevance compare --config configs/toy.yaml relevance.n_images=16
   deltaedit demo
 """
 
@@ -77,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", required=True, help="folder or URI for the catalog")
     toy.add_argument("--seed", type=int, default=0)
 
+    rel = sub.add_parser("relevance", help="check the fast relevance matrix against the exact one",
+                         description="`relevance compare`: compute Rs rows both ways (StyleCLIP's exact "
+                                     "definition and the fast Jacobian) on a subset of channels, in this "
+                                     "process, and print the mean row cosine, the top-k channel overlap per "
+                                     "prompt and the speed ratio. Compute the whole matrix with "
+                                     "`deltaedit run relevance`.")
+    rel.add_argument("action", choices=["compare"])
+    rel.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    rel.add_argument("overrides", nargs="*", metavar="key.path=value")
+    rel.add_argument("--channels", type=int, help="channels to compare (default: relevance.compare_channels)")
+    rel.add_argument("--top-k", type=int, help="top-k of the overlap (default: relevance.compare_top_k)")
+    rel.add_argument("--prompt", action="append", help="'source -> target' (repeatable; default: config)")
+    rel.add_argument("--json", action="store_true", help="print the result as JSON")
+
     sub.add_parser("demo", help="run the end-to-end demo on the embedded default",
                    description="Set up a small catalog and run every pipeline stage that exists.")
     return parser
@@ -86,12 +101,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)      # one line per Prefect API call otherwise
+    args = parse(build_parser(), argv)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides stand anywhere (argparse stops taking positionals
+    after an option such as ``--config``)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides or []) + overrides
+    return args
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -167,6 +196,15 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relevance(args: argparse.Namespace) -> int:
+    from flows.relevance import compare_relevance, format_comparison
+
+    cfg = load_config(args.config, args.overrides)
+    result = compare_relevance(cfg, args.channels, args.top_k, args.prompt)
+    print(json.dumps(result, indent=1) if args.json else format_comparison(result))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from infra.demo import run_demo
 
@@ -174,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "flows": cmd_flows, "config": cmd_config, "store": cmd_store, "zoo": cmd_zoo,
-            "toy": cmd_toy, "demo": cmd_demo}
+            "toy": cmd_toy, "demo": cmd_demo, "relevance": cmd_relevance}
 
 if __name__ == "__main__":
     sys.exit(main())

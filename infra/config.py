@@ -66,6 +66,43 @@ class EmbedConfig(Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class TrainMapperConfig(Strict):
+    """Delta Mapper training (official recipe by default: Adam lr 0.5 × lr_mul 0.01, batch 64, MSE + cosine)."""
+    model: Literal["delta", "straightforward"] = "delta"   # straightforward: the paper's (s₁, i₁, i₂) baseline
+    pools: list[Literal["codes", "samples"]] = ["codes", "samples"]   # inverted images and/or generator samples
+    steps: int = Field(201_562, ge=1)          # optimiser steps (the paper: one pass, 201,562 iterations)
+    batch_size: int = Field(64, ge=1)          # per worker
+    lr: float = Field(0.5, gt=0)               # Adam; EqualLinear's lr_mul 0.01 makes it 0.005 in effect
+    betas: tuple[float, float] = (0.9, 0.999)
+    mse_weight: float = Field(1.0, ge=0)       # loss = mse_weight·MSE(Δŝ, Δs) + cos_weight·(1 − cos(Δŝ, Δs))
+    cos_weight: float = Field(1.0, ge=0)
+    val_fraction: float = Field(0.01, ge=0, lt=1)   # held out by key hash
+    val_every: int = Field(1000, ge=1)         # steps between validation passes
+    val_pairs: int = Field(512, ge=1)          # fixed validation pairs
+    checkpoint_every: int = Field(5000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)     # older step checkpoints are deleted
+    workers: int = Field(1, ge=1)              # > 1: Ray Train data-parallel (gloo on CPU, nccl on GPU)
+    threads: int | None = Field(None, ge=1)    # torch CPU threads per worker (None: torch's default)
+    cache_dir: str | None = None               # local row cache (None: <root>/mapper_cache, or a temp dir)
+
+
+class RelevanceConfig(Strict):
+    """Rₛ (StyleCLIP's fs3) for the run's generator and CLIP; stage `relevance_<mode>`, sharded by channel blocks."""
+    mode: Literal["exact", "fast"] = "exact"  # exact: StyleCLIP's ±kσ renders; fast: Jacobian, check it first
+                                              # with `deltaedit relevance compare` (see tasks/relevance_fast.py)
+    n_images: int = Field(100, ge=1)          # base images averaged over (StyleCLIP: 100)
+    n_stat_samples: int = Field(100_000, ge=2)  # codes for the per-channel mean/std (StyleCLIP: 100k)
+    sigma_scale: float = Field(5.0, gt=0)     # k in mean ± kσ
+    block_size: int = Field(256, ge=1)        # channels per shard (the unit of resume)
+    batch_size: int = Field(32, ge=1)         # exact: renders per forward
+    jacobian_batch: int = Field(8, ge=1)      # fast: images per Jacobian pass (its graph is kept for D backwards)
+    fast_rank: int = Field(0, ge=0)           # fast: 0 = full Jacobian; k = only k leading CLIP directions after batch 1
+    compare_channels: int = Field(64, ge=1)   # `deltaedit relevance compare`: channels computed both ways
+    compare_top_k: int = Field(10, ge=1)      # ... and the top-k overlap per prompt
+    compare_prompts: list[str] = ["face -> face with smile", "a circle -> a square",   # "source -> target"
+                                  "a shape -> a red shape", "a shape -> a large shape"]
+
+
 class ModelsConfig(Strict):
     """Which models a run uses: zoo specs such as ``{name: stylegan2, checkpoint: s3://b/ffhq.pt, size: 1024}``."""
     generator: ModelSpec | None = None
@@ -95,6 +132,8 @@ class RunConfig(Strict):
     sample: SampleConfig = SampleConfig()
     invert: InvertConfig = InvertConfig()
     embed: EmbedConfig = EmbedConfig()
+    relevance: RelevanceConfig = RelevanceConfig()
+    train_mapper: TrainMapperConfig = TrainMapperConfig()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -6,6 +6,7 @@ overwriting a stage also forgets its cache, and a cache hit can never claim a sh
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -21,7 +22,6 @@ from infra.fsio import Location
 from infra.shards import ShardSpec
 
 log = logging.getLogger(__name__)
-_server = None   # the temporary API server this process started, if any
 
 
 def ensure_prefect_api() -> str | None:
@@ -30,16 +30,16 @@ def ensure_prefect_api() -> str | None:
     Without this, the driver would use Prefect's in-process ephemeral API and each Ray worker that
     touches Prefect would start its own. Call it before ``init_ray`` so workers inherit the URL.
     """
-    global _server
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     from prefect.server.api.server import SubprocessASGIServer
 
-    _server = SubprocessASGIServer()
-    _server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
-    os.environ["PREFECT_API_URL"] = _server.api_url
-    log.info("started a local Prefect API at %s", _server.api_url)
-    return _server.api_url
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+    atexit.register(server.stop)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    log.info("started a local Prefect API at %s", server.api_url)
+    return server.api_url
 
 
 def result_storage(stage_location: Location) -> WritableFileSystem:

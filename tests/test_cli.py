@@ -40,6 +40,15 @@ def test_config_show_applies_overrides():
     assert out.returncode == 0 and "actors: 5" in out.stdout
 
 
+def test_overrides_may_follow_options(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("name: x\n")
+    out = _run("run", "ingest", "--config", str(bad), "ray.actors=0")
+    assert out.returncode == 2 and "'ray.actors'" in out.stderr         # the override was applied
+    out = _run("flows", "bogus")
+    assert out.returncode == 2 and "unrecognized arguments" in out.stderr
+
+
 def test_toy_render_writes_a_catalog(tmp_path):
     out = _run("toy", "render", "5", "--out", str(tmp_path / "cat"))
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,95 @@
+"""Relevance flow: Rₛ (conv channels × CLIP dim) for the run's generator and CLIP, by blocks of channels.
+
+    generator + CLIP ──relevance──► relevance_<mode> (one `direction` vector per channel)
+
+Each block of ``relevance.block_size`` channels is a shard with a done-marker, run on the Ray actor pool
+through per-shard Prefect tasks, so a crashed run resumes block by block. ``load_relevance`` assembles
+the matrix; ``compare_relevance`` (``deltaedit relevance compare``) checks the fast mode against exact.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from prefect import flow
+
+from flows.common import flow_config, worker_pool
+from infra.config import ConfigError, RunConfig
+from infra.orchestrate import run_stage
+from infra.shards import ShardSpec, plan_shards, select
+from models import zoo
+from tasks.relevance import Mode, RelevanceBuilder, channel_items, freeze, style_statistics
+
+
+@flow(name="relevance", log_prints=True)
+def relevance_flow(config_path: str | None = None, overrides: list[str] | None = None,
+                   redo_failed: bool = False, overwrite: bool = False,
+                   shards: list[str] | None = None) -> dict[str, Any]:
+    """Compute the missing blocks of Rₛ (``relevance.mode``); finished blocks are skipped."""
+    cfg = flow_config(config_path, overrides)
+    _require_models(cfg, config_path)
+    builder = relevance_builder(cfg)
+    specs = select(relevance_shards(cfg), shards)
+    with worker_pool(cfg) as pool:
+        summary = run_stage(builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool)
+    print(summary.line())
+    return {summary.stage: summary.to_dict()}
+
+
+def relevance_builder(cfg: RunConfig, mode: Mode | None = None) -> RelevanceBuilder:
+    r = cfg.relevance
+    return RelevanceBuilder(cfg.models.generator, cfg.models.clip, cfg.storage_options, mode or r.mode,
+                            r.n_images, r.n_stat_samples, r.sigma_scale, r.batch_size, r.jacobian_batch,
+                            r.fast_rank, cfg.seed, cfg.device, cfg.ray.cpus_per_actor)
+
+
+def relevance_shards(cfg: RunConfig) -> list[ShardSpec]:
+    """Blocks of channels of the generator's conv layout (its checkpoint is read on the driver)."""
+    gen = zoo.build(cfg.models.generator, device="cpu", storage_options=cfg.storage_options)
+    return plan_shards(channel_items(gen.layout.conv_total), cfg.relevance.block_size)
+
+
+def compare_relevance(cfg: RunConfig, channels: int | None = None, top_k: int | None = None,
+                      prompts: list[str] | None = None) -> dict[str, Any]:
+    """Exact vs fast on ``channels`` channels (seeded, across all layers), in this process: mean row
+    cosine, top-k overlap of |Rₛ·Δt| per "source -> target" prompt, and the estimated speed ratio."""
+    from models.device import pick_device
+    from tasks.relevance_fast import compare_rows, subset_channels
+
+    _require_models(cfg, None)
+    r, device = cfg.relevance, pick_device(cfg.device)
+    gen = zoo.build(cfg.models.generator, device=device, storage_options=cfg.storage_options)
+    clip = zoo.build(cfg.models.clip, device=device, storage_options=cfg.storage_options)
+    freeze(gen, clip.model)
+    stats = style_statistics(gen, r.n_stat_samples, r.n_images, cfg.seed)
+    subset = subset_channels(gen.layout.conv_total, channels or r.compare_channels, cfg.seed)
+    deltas = {p: _delta(clip, p) for p in (prompts or r.compare_prompts)}
+    return compare_rows(gen, clip, stats, subset, r.sigma_scale, (r.batch_size, r.jacobian_batch), deltas,
+                        top_k or r.compare_top_k, r.fast_rank)
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    rank = f", rank {result['rank']}" if result["rank"] else ""
+    lines = [f"relevance exact vs fast{rank} on {result['channels']} of {result['n_channels']} channels:",
+             f"  mean row cosine {result['mean_row_cosine']:.4f} (min {result['min_row_cosine']:.4f}); "
+             f"noise floor: exact on one half of the images vs the other {result['exact_split_half_cosine']:.4f}",
+             f"  speed ratio {result['speed_ratio']:.1f}x (exact, all channels est. "
+             f"{result['seconds_exact_all_est']:.1f}s; fast {result['seconds_fast_all']:.1f}s)"]
+    for prompt, overlap in result["top_k_overlap"].items():
+        lines.append(f"  top-{result['top_k']} overlap {overlap:.2f}  {prompt}")
+    return "\n".join(lines)
+
+
+def _delta(clip: Any, prompt: str) -> torch.Tensor:
+    """Δt of a "source -> target" prompt (unnormalised, as the relevance threshold uses it)."""
+    if "->" not in prompt:
+        raise ConfigError(f"prompt {prompt!r}: expected 'source -> target'")
+    source, target = (p.strip() for p in prompt.split("->", 1))
+    return clip.delta_text(source, target)
+
+
+def _require_models(cfg: RunConfig, where: str | None) -> None:
+    missing = [name for name in ("generator", "clip") if getattr(cfg.models, name) is None]
+    if missing:
+        raise ConfigError(f"{where or '<defaults>'}: relevance needs " +
+                          ", ".join(f"models.{m}" for m in missing))
