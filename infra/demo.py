@@ -41,5 +41,7 @@ def _line(summary: dict[str, Any]) -> str:
     if "seen" in summary:
         return (f"{summary['seen']:5d} seen = {summary['ok']} ok + {summary['failed']} failed; "
                 f"{summary['shards']} shards (ran {summary['ran']}, skipped {summary['skipped']})")
-    return (f"steps {summary.get('start_step')} -> {summary.get('step')}, val loss {summary.get('val')}, "
+    val = summary.get("val") or {}
+    return (f"steps {summary.get('start_step')} -> {summary.get('step')}, validation loss "
+            f"{val.get('val_loss', float('nan')):.3f} cos {val.get('val_cos', float('nan')):.3f}, "
             f"checkpoint {summary.get('checkpoint')}")
