@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from models.e4e import Encoder
 from models.stylegan2 import Generator
 from models.toy.domain import render_random, to_tensor
-from models.toy.train_generator import STREAM, ZEncoder
+from models.toy.train_generator import STREAM, ZEncoder, track_losses
 
 @dataclass(frozen=True)
 class ToyEncoderConfig:
@@ -78,11 +78,7 @@ def train_encoder(G: Generator, zenc: ZEncoder, config: ToyEncoderConfig = ToyEn
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        for k, v in (("pix", pix), ("lat", lat), ("delta", delta)):
-            avg[k] = 0.9 * avg.get(k, v.item()) + 0.1 * v.item()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"[encoder] step {step + 1} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-                  + f" {time.perf_counter() - start:.0f}s", flush=True)
+        track_losses(avg, {"pix": pix, "lat": lat, "delta": delta}, step, log_every, "encoder", start)
     enc.eval()
     for p in G.parameters():
         p.requires_grad_(True)

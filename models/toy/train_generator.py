@@ -96,11 +96,7 @@ def train_generator(config: ToyGeneratorConfig = ToyGeneratorConfig(), seed: int
         opt.zero_grad(set_to_none=True)
         (l1 + l2 + beta * kl).backward()
         opt.step()
-        for k, v in (("l1", l1), ("mse", l2), ("kl", kl)):
-            avg[k] = 0.9 * avg.get(k, v.item()) + 0.1 * v.item()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"[generator] step {step + 1} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-                  + f" {time.perf_counter() - start:.0f}s", flush=True)
+        track_losses(avg, {"l1": l1, "mse": l2, "kl": kl}, step, log_every, "generator", start)
     G.eval(), zenc.eval()
     G.latent_avg = G.mean_latent(4096, seed=seed)
     lineage = {"method": "vae_decoder", "seed": seed, "steps": step + 1 if steps else 0,
@@ -153,3 +149,13 @@ def evaluate_vae(G: Generator, zenc: ZEncoder, oracle: Oracle, n: int = 500) -> 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+def track_losses(avg: dict[str, float], losses: dict[str, torch.Tensor], step: int, log_every: int,
+                 tag: str, start: float) -> None:
+    """Update exponential moving averages of the losses in ``avg``; print them every ``log_every`` steps."""
+    for k, v in losses.items():
+        avg[k] = 0.9 * avg.get(k, v.item()) + 0.1 * v.item()
+    if log_every and (step + 1) % log_every == 0:
+        print(f"[{tag}] step {step + 1} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
+              + f" {time.perf_counter() - start:.0f}s", flush=True)
