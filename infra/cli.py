@@ -24,6 +24,7 @@ EPILOG = """examples:
   deltaedit toy render 1000 --out runs/toy/catalog
   deltaedit zoo list
   deltaedit relevance compare --config configs/toy.yaml relevance.n_images=16
+  deltaedit analyze deltaspace --images i.npy --texts t.npy --out runs/deltaspace
   deltaedit demo
 """
 
@@ -91,6 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--top-k", type=int, help="top-k of the overlap (default: relevance.compare_top_k)")
     rel.add_argument("--prompt", action="append", help="'source -> target' (repeatable; default: config)")
     rel.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    ana = sub.add_parser(
+        "analyze", help="analyses of CLIP features (deltaspace: are image/text deltas aligned?)",
+        description="`analyze deltaspace`: DeltaEdit's premise, measured on paired CLIP features. CLIP image "
+                    "and text embeddings are not aligned across modalities, but their differences (Δi, Δt) "
+                    "are. Reports, in raw space (i, t) and in delta space (Δi, Δt): the mean cosine of paired "
+                    "rows against a seeded shuffled-pairs baseline; image→text retrieval top-1/top-5 with "
+                    "chance level; the modality gap (distance between the centroids of the L2-normalised "
+                    "image and text rows, Liang et al. 2022) and the mean cross-modal cosine. Writes "
+                    "deltaspace.json and a PCA plot (deltaspace.png/.svg, like the paper's Fig. 1) to --out.",
+        epilog="inputs: .npy files of shape (rows, dim), or one Parquet table with vector columns (list or "
+               "fixed_size_list); local paths or fsspec URIs. Row r of the image and text features must "
+               "describe the same pair. Without delta features, Δi = i[a] − i[b] and Δt = t[a] − t[b] are "
+               "formed from --pairs seeded random row pairs (a ≠ b), as DeltaEdit does.")
+    ana.add_argument("action", choices=["deltaspace"])
+    ana.add_argument("--images", metavar="I.npy", help="image features, one row per pair")
+    ana.add_argument("--texts", metavar="T.npy", help="text features, same rows as --images")
+    ana.add_argument("--delta-images", metavar="DI.npy", help="image deltas Δi (optional, with --delta-texts)")
+    ana.add_argument("--delta-texts", metavar="DT.npy", help="text deltas Δt, same rows as --delta-images")
+    ana.add_argument("--parquet", metavar="F.parquet", help="read every feature from this table instead")
+    ana.add_argument("--image-column", default="image", metavar="COL",
+                     help="Parquet column of image vectors (default: image)")
+    ana.add_argument("--text-column", default="text", metavar="COL",
+                     help="Parquet column of text vectors (default: text)")
+    ana.add_argument("--delta-image-column", metavar="COL", help="Parquet column of Δi (optional)")
+    ana.add_argument("--delta-text-column", metavar="COL", help="Parquet column of Δt (optional)")
+    ana.add_argument("--pairs", type=int, metavar="N",
+                     help="random row pairs for the deltas when none are given "
+                          "(default: as many as rows; ignored with given deltas)")
+    ana.add_argument("--seed", type=int, default=0, help="seed of the pairs, the shuffle and the plot sample")
+    ana.add_argument("--out", required=True, metavar="DIR", help="output folder or URI")
+    ana.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sub.add_parser("demo", help="run the end-to-end demo on the embedded default",
                    description="Set up a small catalog and run every pipeline stage that exists.")
@@ -205,6 +238,35 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tasks import deltaspace as ds
+
+    try:
+        feats = ds.load_features(args.images, args.texts, args.delta_images, args.delta_texts, args.parquet,
+                                 args.image_column, args.text_column, args.delta_image_column,
+                                 args.delta_text_column)
+        if args.pairs is not None and args.pairs < 2:
+            raise ds.FeatureError(f"--pairs must be at least 2, got {args.pairs}")
+    except ds.FeatureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    i, t, di, dt = feats
+    given = di is not None
+    if not given:
+        di, dt = ds.make_deltas(i, t, args.pairs or len(i), args.seed)
+    result = ds.analyze(i, t, di, dt, seed=args.seed)
+    result["deltas"] = "given" if given else f"{len(di)} random pairs (seed {args.seed})"
+    paths = ds.write_outputs(args.out, result, ds.plot(i, t, di, dt, seed=args.seed))
+    print(json.dumps(result, indent=1) if args.json else ds.format_result(result))
+    print("deltas: " + result["deltas"])
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from infra.demo import run_demo
 
@@ -212,7 +274,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "flows": cmd_flows, "config": cmd_config, "store": cmd_store, "zoo": cmd_zoo,
-            "toy": cmd_toy, "demo": cmd_demo, "relevance": cmd_relevance}
+            "toy": cmd_toy, "demo": cmd_demo, "relevance": cmd_relevance,
+            "analyze": cmd_analyze}
 
 if __name__ == "__main__":
     sys.exit(main())
