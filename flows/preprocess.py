@@ -42,17 +42,23 @@ def preprocess_flow(config_path: str | None = None, overrides: list[str] | None 
 def _run_stages(cfg: RunConfig, shards: list[str] | None, opts: dict[str, Any]) -> list[StageSummary]:
     summaries: list[StageSummary] = []
     if cfg.ingest.source:
-        items = list_catalog(cfg.ingest.source, cfg.storage_options)
-        summaries.append(run_stage(IngestBuilder(cfg.ingest, cfg.storage_options),
-                                   select(plan_shards(items, cfg.ingest.shard_size), shards), cfg, **opts))
-        summaries.append(_downstream(_invert_builder(cfg), "images", cfg, shards, opts))
-        summaries.append(_downstream(_embed_builder(cfg, "images"), "images", cfg, shards, opts))
+        summaries += catalog_stages(cfg, cfg.ingest.source, shards, opts)
     if cfg.sample.n:
         sample = _sample_builder(cfg)
         specs = select(plan_shards(sample_items(cfg.sample.n, cfg.seed), cfg.sample.shard_size), shards)
         summaries.append(run_stage(sample, specs, cfg, **opts))
         summaries.append(_downstream(_embed_builder(cfg, "samples"), "samples", cfg, shards, opts))
     return summaries
+
+
+def catalog_stages(cfg: RunConfig, source: str, shards: list[str] | None, opts: dict[str, Any],
+                   images: str = "images", codes: str = "codes") -> list[StageSummary]:
+    """Ingest ``source`` into ``images``, invert it into ``codes`` and CLIP-embed it into ``clip_<images>``."""
+    items = list_catalog(source, cfg.storage_options)
+    ingest = run_stage(IngestBuilder(cfg.ingest, cfg.storage_options, stage=images),
+                       select(plan_shards(items, cfg.ingest.shard_size), shards), cfg, **opts)
+    return [ingest, _downstream(_invert_builder(cfg, images, codes), images, cfg, shards, opts),
+            _downstream(_embed_builder(cfg, images), images, cfg, shards, opts)]
 
 
 def _downstream(builder: Any, upstream: str, cfg: RunConfig, shards: list[str] | None,
@@ -79,9 +85,10 @@ def _sample_builder(cfg: RunConfig) -> SampleBuilder:
                          s.image_format, cfg.device, cfg.ray.cpus_per_actor)
 
 
-def _invert_builder(cfg: RunConfig) -> InvertBuilder:
+def _invert_builder(cfg: RunConfig, images: str = "images", codes: str = "codes") -> InvertBuilder:
     return InvertBuilder(cfg.models.encoder, cfg.models.generator, cfg.root, cfg.storage_options,
-                         cfg.invert.batch_size, cfg.invert.keep_wplus, cfg.device, cfg.ray.cpus_per_actor)
+                         cfg.invert.batch_size, cfg.invert.keep_wplus, cfg.device, cfg.ray.cpus_per_actor,
+                         upstream_stage=images, stage=codes)
 
 
 def _embed_builder(cfg: RunConfig, upstream: str) -> EmbedBuilder:

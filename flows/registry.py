@@ -21,11 +21,12 @@ FLOWS: dict[str, FlowEntry] = {e.name: e for e in [
               "train (or resume) the Delta Mapper on pairs from the codes + CLIP stores into <root>/mapper"),
     FlowEntry("relevance", "flows/relevance.py:relevance_flow",
               "relevance matrix Rs (conv channels x CLIP dim), by resumable blocks of channels"),
+    FlowEntry("bulk-edit", "flows/bulk_edit.py:bulk_edit_flow",
+              "edit every image with every prompt (DeltaEdit, baselines, sweeps) into the edits store"),
 ]}
 
 # Stages of the end-to-end pipeline that do not exist yet (see the open issues).
-PLANNED = ["bulk-edit", "evaluate",
-           "train-diffusion"]
+PLANNED = ["evaluate", "train-diffusion"]
 
 
 def load_flow(name: str):

@@ -2,7 +2,7 @@
 
     codes + clip_images ┐
                         ├─ row cache (one pass, shard by shard) ─ pairs ─ fit ─► <root>/mapper/
-    samples + clip_samples ┘
+    samples + clip_samples ┘                          (the straightforward baseline: <root>/mapper_straightforward/)
 
 A rerun continues from the last checkpoint; ``overwrite`` starts over. With ``train_mapper.workers > 1``
 the same ``fit`` runs on Ray Train (torch DDP; gloo on CPU), each worker on its own slice of the data.
@@ -25,7 +25,6 @@ from models.device import pick_device
 from tasks.mapper_data import RowCache, build_row_cache
 from tasks.train_mapper import fit
 
-MAPPER_DIR = "mapper"
 SUMMARY = "distributed_summary.json"
 
 
@@ -35,7 +34,7 @@ def train_mapper_flow(config_path: str | None = None, overrides: list[str] | Non
                       shards: list[str] | None = None) -> dict[str, Any]:
     """Train (or resume) the mapper; ``shards`` limits the codes/CLIP shards used (``redo_failed``: no-op)."""
     cfg = flow_config(config_path, overrides)
-    out = Location(cfg.root, cfg.storage_options).child(MAPPER_DIR)
+    out = Location(cfg.root, cfg.storage_options).child(mapper_dir(cfg.train_mapper.model))
     if overwrite:
         out.remove_all()
     cache_dir = prepare_rows(cfg, shards)
@@ -46,6 +45,11 @@ def train_mapper_flow(config_path: str | None = None, overrides: list[str] | Non
     print(f"train-mapper: steps {summary['start_step']}→{summary['step']} ({summary['ran']} run), "
           f"loss {summary.get('loss')}, val {summary.get('val')}, {summary['rows']} rows")
     return {"train_mapper": summary}
+
+
+def mapper_dir(model: str) -> str:
+    """Where train-mapper writes a model under the run root: ``mapper`` (Delta Mapper) or ``mapper_<model>``."""
+    return "mapper" if model == "delta" else f"mapper_{model}"
 
 
 def cache_folder(cfg: RunConfig) -> Path:

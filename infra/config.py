@@ -103,6 +103,24 @@ class RelevanceConfig(Strict):
                                   "a shape -> a red shape", "a shape -> a large shape"]
 
 
+class BulkEditConfig(Strict):
+    """Bulk text-guided edits (DeltaEdit-G): every image of the codes store × every prompt × every method."""
+    prompts: str | None = None             # YAML or CSV file/URI (see tasks/prompts.py)
+    catalog: str | None = None             # new images: ingested, inverted and embedded first (else: the run's)
+    methods: list[Literal["deltaedit", "straightforward", "styleclip_gd"]] = ["deltaedit"]
+    tau: float = Field(0.03, ge=0)         # relevance threshold: zero channels with |Rs·Δt| < tau (paper: 0.03)
+    gd_alpha: float = 4.0                  # StyleCLIP global direction: step α (its demo: 4)
+    gd_beta: float = Field(0.15, ge=0, lt=1)   # ... and disentanglement threshold β (its demo: 0.15)
+    templates: Literal["imagenet", "none"] = "imagenet"   # prompt templates averaged (79 ImageNet ones)
+    long_prompts: Literal["fail", "truncate"] = "fail"     # past the text context: fail those edits, or cut
+    reconstruction: bool = True            # also store G(s) of every image (the report's baseline column)
+    images_per_shard: int = Field(16, ge=1)   # images per edits shard (the unit of resume)
+    max_images: int | None = Field(None, ge=1)   # edit only the first N images of the codes store
+    batch_size: int = Field(32, ge=1)      # codes per mapper / generator forward
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    straightforward_mapper: ModelSpec | None = None   # default: <root>/mapper_straightforward/mapper.safetensors
+
+
 class ModelsConfig(Strict):
     """Which models a run uses: zoo specs such as ``{name: stylegan2, checkpoint: s3://b/ffhq.pt, size: 1024}``."""
     generator: ModelSpec | None = None
@@ -134,6 +152,7 @@ class RunConfig(Strict):
     embed: EmbedConfig = EmbedConfig()
     relevance: RelevanceConfig = RelevanceConfig()
     train_mapper: TrainMapperConfig = TrainMapperConfig()
+    bulk_edit: BulkEditConfig = BulkEditConfig()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

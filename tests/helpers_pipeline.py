@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import yaml
 from PIL import Image
 
 from helpers_models import TINY_E, TINY_G
@@ -103,3 +107,24 @@ def store_snapshot(root: Path) -> dict[str, bytes]:
         elif path.suffix in (".tar", ".parquet"):
             snap[rel] = path.read_bytes()
     return snap
+
+
+def write_config(path: Path, overrides: list[str]) -> Path:
+    """A YAML config file equal to ``key.path=value`` overrides (for runs in a subprocess)."""
+    data: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node = data
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[key.split(".")[-1]] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`deltaedit <args>` in its own process group (so a test can kill it with its Ray and Prefect children)."""
+    cli = str(Path(sys.executable).with_name("deltaedit"))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return subprocess.Popen([cli, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)

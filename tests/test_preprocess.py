@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from helpers_models import TINY_G
-from helpers_pipeline import bad_catalog, parquet_list, store_snapshot, tiny_zoo
+from helpers_pipeline import bad_catalog, parquet_list, start_cli, store_snapshot, tiny_zoo, write_config
 from helpers_store import make_catalog
 from infra.config import load_config
 from infra.fsio import Location
@@ -120,13 +117,6 @@ def test_preprocess_on_s3_input_and_output(tmp_path, zoo_overrides, s3_bucket):
     assert all(s["ran"] == 0 and s["skipped"] == s["shards"] for s in again.values())
 
 
-def _start(config: Path, cwd: Path) -> subprocess.Popen:
-    cli = str(Path(sys.executable).with_name("deltaedit"))
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return subprocess.Popen([cli, "run", "preprocess", "--config", str(config)], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("prefect_harness", "ray_cluster")
 def test_killed_run_resumes_to_the_same_stores(tmp_path, zoo_overrides):
@@ -137,17 +127,9 @@ def test_killed_run_resumes_to_the_same_stores(tmp_path, zoo_overrides):
     for name in ("killed", "clean"):
         overrides = _cfg_overrides(str(tmp_path / name), str(tmp_path / "catalog"), zoo_overrides)
         overrides = [o.replace("ingest.shard_size=4", "ingest.shard_size=2") for o in overrides]
-        data: dict = {}
-        for item in overrides:
-            key, value = item.split("=", 1)
-            node = data
-            for part in key.split(".")[:-1]:
-                node = node.setdefault(part, {})
-            node[key.split(".")[-1]] = yaml.safe_load(value)
-        configs[name] = tmp_path / f"{name}.yaml"
-        configs[name].write_text(yaml.safe_dump(data))
+        configs[name] = write_config(tmp_path / f"{name}.yaml", overrides)
 
-    proc = _start(configs["killed"], tmp_path)
+    proc = start_cli(["run", "preprocess", "--config", str(configs["killed"])], tmp_path)
     images = tmp_path / "killed" / "images"
     deadline = time.time() + 300
     while time.time() < deadline and not list(images.glob("*.done.json")):

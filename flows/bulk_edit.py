@@ -1,0 +1,98 @@
+"""Bulk edit flow: `deltaedit run bulk-edit --config FILE bulk_edit.prompts=prompts.yaml`.
+
+    codes + clip_images (the run's, or a new catalog's: ingest → invert → embed first)
+        × prompt variants (tasks/prompts.py) × methods (deltaedit | straightforward | styleclip_gd)
+        ──edit (Δt → Δŝ → Rₛ threshold τ → strength → G)──► edits (WebDataset + Parquet manifest)
+
+Needs the mapper(s) of train-mapper and, for the threshold and StyleCLIP-GD, the relevance matrix.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.common import flow_config, worker_pool
+from flows.preprocess import catalog_stages
+from flows.train_mapper import mapper_dir
+from infra.config import ConfigError, RunConfig
+from infra.fsio import Location
+from infra.orchestrate import run_stage
+from infra.shards import select
+from infra.store import StageStore
+from models.zoo import ModelSpec
+from tasks.edit import EditBuilder, plan_edits
+from tasks.prompts import load_prompts
+
+CATALOG_IMAGES, CATALOG_CODES = "edit_images", "edit_codes"
+MAPPER_FILE = "mapper.safetensors"
+
+
+@flow(name="bulk-edit", log_prints=True)
+def bulk_edit_flow(config_path: str | None = None, overrides: list[str] | None = None,
+                   redo_failed: bool = False, overwrite: bool = False,
+                   shards: list[str] | None = None) -> dict[str, Any]:
+    """Edit every image with every prompt and method; finished image groups are skipped."""
+    cfg = flow_config(config_path, overrides)
+    where = config_path or "<defaults>"
+    if not cfg.bulk_edit.prompts:
+        raise ConfigError(f"{where}: bulk-edit needs bulk_edit.prompts (a YAML or CSV prompts file)")
+    variants = load_prompts(cfg.bulk_edit.prompts, cfg.storage_options)
+    builder = edit_builder(cfg, where)
+    opts = {"redo_failed": redo_failed, "overwrite": overwrite}
+    with worker_pool(cfg) as pool:
+        summaries = []
+        if cfg.bulk_edit.catalog:
+            summaries += catalog_stages(cfg, cfg.bulk_edit.catalog, None, {**opts, "pool": pool},
+                                        CATALOG_IMAGES, CATALOG_CODES)
+        codes = StageStore(Location(cfg.root, cfg.storage_options), builder.codes_stage)
+        specs = select(plan_edits(codes, variants, cfg.bulk_edit.methods, cfg.bulk_edit), shards)
+        print(f"bulk-edit: {len(variants)} prompt variants × {len(cfg.bulk_edit.methods)} methods, "
+              f"{len(specs)} shards")
+        summaries.append(run_stage(builder, specs, cfg, pool=pool, **opts))
+    for s in summaries:
+        print(s.line())
+    return {s.stage: s.to_dict() for s in summaries}
+
+
+def edit_builder(cfg: RunConfig, where: str) -> EditBuilder:
+    """The edit stage for this config; missing models, mappers or Rₛ are reported before any work."""
+    be = cfg.bulk_edit
+    missing = [f"models.{m}" for m in ("generator", "clip") if getattr(cfg.models, m) is None]
+    if missing:
+        raise ConfigError(f"{where}: bulk-edit needs {', '.join(missing)}")
+    mappers = tuple((m, _mapper_spec(cfg, m, where)) for m in be.methods if m != "styleclip_gd")
+    relevance = f"relevance_{cfg.relevance.mode}"
+    needs_relevance = be.tau > 0 or "styleclip_gd" in be.methods
+    if needs_relevance:
+        _require_relevance(cfg, relevance, where)
+    stages = (CATALOG_CODES, f"clip_{CATALOG_IMAGES}") if be.catalog else ("codes", "clip_images")
+    return EditBuilder(cfg.models.generator, cfg.models.clip, mappers, cfg.root, be,
+                       relevance if needs_relevance else None, cfg.relevance.n_stat_samples, cfg.seed,
+                       cfg.storage_options, cfg.device, cfg.ray.cpus_per_actor, *stages)
+
+
+def _mapper_spec(cfg: RunConfig, method: str, where: str) -> ModelSpec:
+    """The configured mapper, else the one train-mapper wrote into this run."""
+    if method == "deltaedit" and cfg.models.mapper is not None:
+        return cfg.models.mapper
+    if method == "straightforward" and cfg.bulk_edit.straightforward_mapper is not None:
+        return cfg.bulk_edit.straightforward_mapper
+    model = "delta" if method == "deltaedit" else "straightforward"
+    folder = Location(cfg.root, cfg.storage_options).child(mapper_dir(model))
+    if not folder.exists(MAPPER_FILE):
+        raise ConfigError(f"{where}: method '{method}' needs a trained mapper: {folder.url(MAPPER_FILE)} does "
+                          f"not exist (run `deltaedit run train-mapper train_mapper.model={model}` to "
+                          f"finish training, or set {'models.mapper' if model == 'delta' else 'bulk_edit.straightforward_mapper'})")
+    name = "delta_mapper" if model == "delta" else "straightforward_mapper"
+    return ModelSpec(name=name, checkpoint=folder.url(MAPPER_FILE))
+
+
+def _require_relevance(cfg: RunConfig, stage: str, where: str) -> None:
+    from tasks.relevance import load_relevance
+
+    try:
+        load_relevance(cfg.root, stage, cfg.storage_options)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"{where}: bulk-edit with tau > 0 or styleclip_gd needs the relevance matrix "
+                          f"({exc}); run `deltaedit run relevance` first, or set bulk_edit.tau=0") from None

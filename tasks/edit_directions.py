@@ -1,0 +1,78 @@
+"""Edit directions in style space S from text: DeltaEdit, the straightforward baseline, StyleCLIP-GD.
+
+All three start from the prompt's text direction Δt = Σ wₖ·(t(targetₖ) − t(sourceₖ)), each t the
+unit-norm mean over prompt templates (FACTS.md, "Text"):
+
+- **DeltaEdit**: Δŝ = mapper(s, i, Δt) (the mapper normalises i and Δt), then channels whose relevance
+  |Rₛ·Δt| < τ are zeroed (Δt unnormalised, as the paper's threshold τ = 0.03 assumes); ŝ = s + strength·Δŝ.
+- **straightforward**: the paper's naïve baseline, mapper(s, i, t_target) with the *target text* embedding
+  where training used the second image's; the same relevance threshold, so only the mapper differs.
+- **StyleCLIP global direction**: r = Rₛ·Δt/‖Δt‖, zero |r| < β, divide by max|r|, scale by each channel's
+  σ; ŝ = s + α·strength·r. No mapper, the same direction for every image.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.clip_templates import IMAGENET_TEMPLATES
+from tasks.prompts import Term
+
+Method = Literal["deltaedit", "straightforward", "styleclip_gd"]
+METHODS: tuple[Method, ...] = ("deltaedit", "straightforward", "styleclip_gd")
+TEMPLATES: dict[str, tuple[str, ...]] = {"imagenet": tuple(IMAGENET_TEMPLATES), "none": ("{}",)}
+
+
+class PromptError(ValueError):
+    """A prompt's text cannot be encoded (empty, or longer than the text encoder's context)."""
+
+
+def check_terms(clip: Any, terms: Sequence[Term], templates: Sequence[str], allow_truncation: bool) -> None:
+    """Raise PromptError for an empty prompt, or one that the longest template makes exceed the context."""
+    longest = max(templates, key=len)
+    for source, target, _ in terms:
+        for text in (source, target):
+            if not text.strip():
+                raise PromptError(f"empty prompt (source {source!r}, target {target!r})")
+            check = clip.check_prompt(longest.format(text))
+            if check.truncated and not allow_truncation:
+                raise PromptError(
+                    f"prompt {text[:60]!r}{'…' if len(text) > 60 else ''} is {check.n_tokens} tokens with "
+                    f"the template {longest!r}; the text encoder's context is {check.context_length} "
+                    "(shorten it, or set bulk_edit.long_prompts=truncate to let the tokenizer cut it)")
+
+
+@torch.no_grad()
+def text_direction(clip: Any, terms: Sequence[Term], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """(Δt unnormalised (D,), unit-norm target embedding (D,)) of a prompt's weighted terms."""
+    dt, target = 0, 0
+    for source, text, weight in terms:
+        t_target = clip.encode_prompt(text, templates)
+        dt = dt + weight * (t_target - clip.encode_prompt(source, templates))
+        target = target + weight * t_target
+    return torch.as_tensor(dt).float(), F.normalize(torch.as_tensor(target).float(), dim=-1)
+
+
+def relevance_mask(relevance: Tensor, dt: Tensor, tau: float) -> Tensor:
+    """(C,) bool: the channels DeltaEdit keeps, |Rₛ·Δt| ≥ τ (all of them when τ = 0)."""
+    return (relevance @ dt).abs() >= tau
+
+
+@torch.no_grad()
+def mapper_delta(mapper: torch.nn.Module, method: Method, s: Tensor, i: Tensor, dt: Tensor,
+                 t_target: Tensor) -> Tensor:
+    """Δŝ (B, C) of DeltaEdit (condition Δt) or of the straightforward baseline (condition t_target)."""
+    cond = dt if method == "deltaedit" else t_target
+    return mapper(s, i, cond.expand(s.shape[0], -1))
+
+
+def global_direction(relevance: Tensor, dt: Tensor, sigma: Tensor, beta: float) -> Tensor:
+    """StyleCLIP-GD's per-channel step (C,) before α: thresholded, max-normalised, σ-scaled."""
+    r = relevance @ F.normalize(dt, dim=-1)
+    r = torch.where(r.abs() < beta, torch.zeros_like(r), r)
+    peak = r.abs().max()
+    return (r / peak if peak > 0 else r) * sigma

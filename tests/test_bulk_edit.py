@@ -1,0 +1,209 @@
+"""Bulk edit: the prompts file, the edit directions, and the flow (Prefect + Ray) on a tiny prepared run —
+counts, bad prompts, sweeps, a new catalog, missing inputs, and a real kill followed by a resume."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from helpers_models import TINY_G
+from helpers_pipeline import start_cli, store_snapshot, tiny_zoo, write_config
+from helpers_store import make_catalog
+from infra.config import ConfigError
+from infra.fsio import Location
+from infra.readers import iter_image_samples
+from infra.store import StageStore
+from models.layout import StyleLayout
+from tasks import edit_directions as ed
+from tasks.prompts import PromptFileError, expand, load_prompts
+
+N_IMAGES = 8
+LAYOUT = StyleLayout.for_generator(TINY_G["size"], channels=TINY_G["channels"])
+PROMPTS = """
+- {id: red, source: a shape, target: a red shape}
+- {id: big, source: a shape, target: a large shape, strengths: [0, 1, 2]}
+- {id: both, combine: [red, big]}
+- {id: mix, interpolate: [red, big], omegas: [0, 0.5, 1]}
+- {id: empty, source: a shape, target: "  "}
+- {id: long, source: a shape, target: "%s"}
+- {id: accents, source: forme, target: "forme rouge ✓"}
+""" % ("very " * 40 + "red shape")
+METHODS = ["deltaedit", "straightforward", "styleclip_gd"]
+VARIANTS = 1 + 3 + 1 + 3 + 1 + 1 + 1
+
+
+def _overrides(root: Path, zoo: list[str], prompts: Path) -> list[str]:
+    return [f"root={root}", f"ingest.source={root.parent / 'catalog'}", "ingest.shard_size=4",
+            "ingest.image_size=32", "sample.n=16", "sample.shard_size=8", "ray.actors=2", "prefect.retries=0",
+            "device=cpu", "relevance.n_images=2", "relevance.n_stat_samples=256", "relevance.block_size=128",
+            "train_mapper.steps=4", "train_mapper.batch_size=8", "train_mapper.val_fraction=0.2",
+            "train_mapper.val_every=2", "train_mapper.checkpoint_every=2", "train_mapper.val_pairs=8",
+            f"bulk_edit.prompts={prompts}", f"bulk_edit.methods=[{', '.join(METHODS)}]",
+            "bulk_edit.images_per_shard=3", "bulk_edit.tau=0.01", "bulk_edit.templates=none", *zoo]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, prefect_harness, ray_cluster) -> tuple[Path, list[str]]:
+    """A run with codes, CLIP embeddings, Rₛ and both mappers, made by the real flows."""
+    from flows.preprocess import preprocess_flow
+    from flows.relevance import relevance_flow
+    from flows.train_mapper import train_mapper_flow
+
+    base = tmp_path_factory.mktemp("bulk")
+    make_catalog(base / "catalog", N_IMAGES)
+    (base / "prompts.yaml").write_text(PROMPTS)
+    overrides = _overrides(base / "run", tiny_zoo(base / "zoo"), base / "prompts.yaml")
+    preprocess_flow(None, overrides)
+    relevance_flow(None, overrides)
+    train_mapper_flow(None, overrides)
+    train_mapper_flow(None, overrides + ["train_mapper.model=straightforward"])
+    return base / "run", overrides
+
+
+def _manifest(root: Path) -> list[dict]:
+    store = StageStore(Location(str(root)), "edits")
+    return pa.concat_tables([store.manifest(s) for s in sorted(store.finished())]).to_pylist()
+
+
+def _images(root: Path) -> dict[str, bytes]:
+    return {s["__key__"]: s["png"] for s in iter_image_samples(StageStore(Location(str(root)), "edits"))}
+
+
+# --- the prompts file --------------------------------------------------------------------------------------
+
+def test_prompts_expand_sweeps_combinations_and_interpolations(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(PROMPTS)
+    variants = load_prompts(str(path))
+    assert len(variants) == VARIANTS
+    by_id = {(v.prompt_id, v.suffix): v for v in variants}
+    assert [by_id["big", f"s{k}"].strength for k in range(3)] == [0, 1, 2]
+    assert by_id["both", ""].terms == (("a shape", "a red shape", 1.0), ("a shape", "a large shape", 1.0))
+    half = by_id["mix", "w1"]
+    assert half.omega == 0.5 and [t[2] for t in half.terms] == [0.5, 0.5]
+    csv = tmp_path / "p.csv"
+    csv.write_text("id,source,target,tau\nsmile,face,face with smile,0.05\n,face,old face,\n")
+    rows = load_prompts(str(csv))
+    assert [(v.prompt_id, v.tau) for v in rows] == [("smile", 0.05), ("p001", None)]
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{"id": "a", "source": "x"}], "no target"),
+    ([{"id": "a", "combine": ["b", "c"]}], "refers to 'b'"),
+    ([{"id": "a", "source": "x", "target": "y", "tau": "high"}], "tau must be a number"),
+    ([{"id": "a", "source": "x", "target": "y"}, {"id": "a", "source": "x", "target": "z"}], "appears twice"),
+    (["just text"], "not a mapping"),
+])
+def test_malformed_prompt_files_name_the_problem(entries, message):
+    with pytest.raises(PromptFileError, match=message):
+        expand(entries, "prompts.yaml")
+
+
+def test_csv_without_target_column_is_rejected(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("source,text\nface,smile\n")
+    with pytest.raises(PromptFileError, match="'source' and 'target'"):
+        load_prompts(str(path))
+
+
+# --- edit directions -----------------------------------------------------------------------------------------
+
+def test_relevance_threshold_and_global_direction_follow_their_definitions():
+    relevance = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    dt = torch.tensor([0.1, 0.02])
+    assert ed.relevance_mask(relevance, dt, 0.05).tolist() == [True, False, True]
+    assert ed.relevance_mask(relevance, dt, 0.0).all()
+    sigma = torch.tensor([2.0, 3.0, 4.0])
+    step = ed.global_direction(relevance, dt, sigma, beta=0.3)
+    r = relevance @ (dt / dt.norm())                       # 0.98, 0.196, 0.78
+    assert step[1] == 0                                    # |r| < β
+    assert torch.allclose(step[[0, 2]], (r / r.abs().max() * sigma)[[0, 2]])
+
+
+# --- the flow --------------------------------------------------------------------------------------------------
+
+def test_bulk_edit_writes_every_edit_and_bad_prompts_fail_alone(prepared):
+    from flows.bulk_edit import bulk_edit_flow
+
+    root, overrides = prepared
+    summary = bulk_edit_flow(None, overrides)["edits"]
+    per_image = 1 + VARIANTS * len(METHODS)
+    assert summary["seen"] == N_IMAGES * per_image == summary["ok"] + summary["failed"]
+    rows = _manifest(root)
+    failed = {(r["prompt_id"], r["error"]) for r in rows if r["status"] == "failed"}
+    assert {p for p, _ in failed} == {"empty", "long"}
+    assert all("empty prompt" in e for p, e in failed if p == "empty")
+    assert all("context is 16" in e and "bulk_edit.long_prompts=truncate" in e for p, e in failed if p == "long")
+    assert summary["failed"] == N_IMAGES * 2 * len(METHODS)
+    images = _images(root)
+    assert len(images) == summary["ok"]
+    key = rows[0]["image_key"]
+    recon = images[f"{key}__recon"]
+    assert images[f"{key}__big__s0__deltaedit"] == recon                 # strength 0 = the reconstruction
+    assert all(images[f"{key}__big__s2__{m}"] != recon for m in METHODS)
+    accents = [r for r in rows if r["prompt_id"] == "accents"]
+    assert accents and all(r["status"] == "ok" for r in accents)        # non-ASCII text is encoded as bytes
+    edits = [r for r in rows if r["method"] == "deltaedit" and r["strength"] > 0 and r["status"] == "ok"]
+    assert all(0 < r["channels_changed"] <= LAYOUT.conv_total for r in edits)
+
+    again = bulk_edit_flow(None, overrides)["edits"]
+    assert again["ran"] == 0 and again["skipped"] == again["shards"]
+
+
+@pytest.mark.usefixtures("prefect_harness", "ray_cluster")
+def test_bulk_edit_ingests_and_inverts_a_new_catalog(prepared, tmp_path):
+    from flows.bulk_edit import bulk_edit_flow
+
+    root, overrides = prepared
+    make_catalog(tmp_path / "new", 3, size=40)
+    result = bulk_edit_flow(None, overrides + [f"bulk_edit.catalog={tmp_path / 'new'}",
+                                               "bulk_edit.methods=[deltaedit]"])
+    assert [result[s]["ok"] for s in ("edit_images", "edit_codes", "clip_edit_images")] == [3, 3, 3]
+    assert result["edits"]["seen"] == 3 * (1 + VARIANTS)
+
+
+def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
+    from flows.bulk_edit import edit_builder
+    from infra.config import load_config
+
+    root, overrides = prepared
+    cfg = load_config(None, overrides + [f"root={tmp_path / 'empty'}", "bulk_edit.tau=0"])
+    with pytest.raises(ConfigError, match="train-mapper"):
+        edit_builder(cfg, "test.yaml")
+
+
+@pytest.mark.timeout(900)
+def test_killed_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
+    from flows.bulk_edit import bulk_edit_flow
+
+    root, overrides = prepared
+    configs = {}
+    for name in ("killed", "clean"):
+        shutil.copytree(root, tmp_path / name, ignore=shutil.ignore_patterns("edits", "_prefect", "edit_*",
+                                                                               "clip_edit_*"))
+        run = [o for o in overrides if not o.startswith("root=")] + [f"root={tmp_path / name}",
+                                                                      "bulk_edit.images_per_shard=1"]
+        configs[name] = write_config(tmp_path / f"{name}.yaml", run)
+
+    proc = start_cli(["run", "bulk-edit", "--config", str(configs["killed"])], tmp_path)
+    edits = tmp_path / "killed" / "edits"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(edits.glob("*.done.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = len(list(edits.glob("*.done.json")))
+    assert 0 < done < N_IMAGES
+
+    resumed = bulk_edit_flow(str(configs["killed"]))["edits"]
+    assert resumed["skipped"] >= done and resumed["ran"] + resumed["skipped"] == N_IMAGES
+    bulk_edit_flow(str(configs["clean"]))
+    killed, clean = (store_snapshot(tmp_path / n / "edits") for n in ("killed", "clean"))
+    assert killed.keys() == clean.keys() and len(killed) == 3 * N_IMAGES    # tar, manifest, marker
+    assert [k for k in killed if killed[k] != clean[k]] == []
