@@ -1,0 +1,261 @@
+"""Evaluation metrics for edited images: pure functions over tensors, no Prefect or Ray in here.
+
+Images are float (B, 3, H, W) in [-1, 1]. Nothing here downloads weights: every learned backbone
+(Inception, LPIPS' AlexNet/VGG, a face-ID network, CLIP) comes from a file or object the caller gives.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FeatureExtractor = Callable[[Tensor], Tensor]   # images (B, 3, H, W) in [-1, 1] -> features (B, D)
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric cannot be computed here: its weights or package are missing (the message says which)."""
+
+
+def _match_size(pred: Tensor, ref: Tensor) -> Tensor:
+    if pred.shape[-2:] == ref.shape[-2:]:
+        return pred
+    return F.interpolate(pred, size=tuple(ref.shape[-2:]), mode="bilinear", antialias=True, align_corners=False)
+
+
+def pixel_metrics(pred: Tensor, ref: Tensor) -> dict[str, Tensor]:
+    """Per-image ``psnr`` (dB; inf for identical images), ``ssim`` and ``mse``, each (B,).
+
+    If the sizes differ, ``pred`` is resized to ``ref``'s size (bilinear, antialiased) first, so a
+    generator's output can be compared with an input photo of another resolution.
+    """
+    # torchmetrics is imported here, not at the top: its import pulls torchvision/dynamo (~10 s on 2 cores)
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    if pred.ndim != 4 or ref.ndim != 4 or pred.shape[:2] != ref.shape[:2]:
+        raise ValueError(f"expected two (B, 3, H, W) batches, got {tuple(pred.shape)} and {tuple(ref.shape)}")
+    pred, ref = _match_size(pred.float(), ref), ref.float()
+    mse = (pred - ref).square().mean(dim=(1, 2, 3))
+    psnr = peak_signal_noise_ratio(pred, ref, data_range=2.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(pred, ref, data_range=2.0, reduction="none")
+    return {"psnr": psnr.reshape(-1), "ssim": ssim.reshape(-1), "mse": mse}
+
+
+def _pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+    for name, x in (("real", real), ("fake", fake)):
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"{name}: need a feature matrix (N, D) with N >= 2 rows, got {tuple(x.shape)}")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: {real.shape[1]} vs {fake.shape[1]}")
+    return real.detach().to("cpu", torch.float64), fake.detach().to("cpu", torch.float64)
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """FID formula ||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½) on feature matrices (N, D).
+
+    Tr((S1 S2)^½) = Tr((S1^½ S2 S1^½)^½), whose argument is symmetric PSD, so two float64 ``eigh`` give
+    it stably (no complex eigenvalues, no scipy). Works for N < D (rank-deficient covariances).
+    """
+    a, b = _pair(real, fake)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    middle = root_a @ cov_b @ root_a
+    tr_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_root)
+
+
+def _mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
+    n, m, kernel = len(x), len(y), lambda u, v: (u @ v.T / u.shape[1] + 1.0) ** 3
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+            + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def kernel_distance(real: Tensor, fake: Tensor, subset_size: int | None = None,
+                    subsets: int = 100, seed: int = 0) -> float:
+    """KID: unbiased MMD² with the cubic polynomial kernel (x·y/D + 1)³, on feature matrices (N, D).
+
+    Unbiased, so unlike FID it has no bias that depends on N: the better number for the few dozen
+    samples per prompt we have (≈ 0 for two samples of one distribution, and it can be negative). With
+    ``subset_size`` it is averaged over ``subsets`` random subsets of that size (seeded), as torchmetrics
+    and the KID paper do for large sets; by default all rows are used once.
+    """
+    a, b = _pair(real, fake)
+    if subset_size is None:
+        return float(_mmd2_unbiased(a, b))
+    if not 2 <= subset_size <= min(len(a), len(b)):
+        raise ValueError(f"subset_size must be in [2, {min(len(a), len(b))}], got {subset_size}")
+    gen = torch.Generator().manual_seed(seed)
+    values = [_mmd2_unbiased(a[torch.randperm(len(a), generator=gen)[:subset_size]],
+                             b[torch.randperm(len(b), generator=gen)[:subset_size]]) for _ in range(subsets)]
+    return float(torch.stack(values).mean())
+
+
+def inception_extractor(weights_path: str, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """Inception-v3 pool features (B, 2048) as FID/KID use them, from a local weights file.
+
+    Needs the ``torch-fidelity`` package (not a dependency of this project: ``pip install torch-fidelity``)
+    and its FID Inception weights ``weights-inception-2015-12-05-6726825d.pth`` (the TF-ported network,
+    as in pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``). Without a path torchmetrics would
+    download them, which is never done here.
+    """
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise MetricUnavailable("Inception features need the torch-fidelity package (pip install torch-fidelity) "
+                                "and a local weights file weights-inception-2015-12-05-6726825d.pth; "
+                                "use clip_extractor(...) for FID/KID in CLIP space instead")
+    if not weights_path or not os.path.isfile(weights_path):
+        raise MetricUnavailable(f"Inception weights file not found: {weights_path!r} "
+                                "(expected weights-inception-2015-12-05-6726825d.pth)")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                             feature_extractor_weights_path=weights_path).to(device)
+
+    @torch.no_grad()
+    def extract(images: Tensor) -> Tensor:
+        as_bytes = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)   # what it was trained on
+        return net(as_bytes.to(device)).float().cpu()
+
+    return extract
+
+
+def clip_extractor(clip: object) -> FeatureExtractor:
+    """Features from any object with ``encode_images(images in [-1, 1]) -> (B, D)`` (e.g. ClipEncoder)."""
+    encode = getattr(clip, "encode_images", None)
+    if not callable(encode):
+        raise TypeError(f"{type(clip).__name__} has no encode_images(images) method")
+
+    @torch.no_grad()
+    def extract(images: Tensor) -> Tensor:
+        return encode(images).float().cpu()
+
+    return extract
+
+
+def clip_direction(edited: Tensor, original: Tensor, delta_text: Tensor) -> Tensor:
+    """CLIP directional similarity cos(E(edited) - E(original), Δt) per image, (B,), from embeddings.
+
+    0 when an image did not change at all (its direction is the zero vector).
+    """
+    delta_image = (edited.float() - original.float()).reshape(len(edited), -1)
+    delta_text = delta_text.float().reshape(-1, delta_image.shape[1]).expand_as(delta_image)
+    return F.cosine_similarity(delta_image, delta_text, dim=1, eps=1e-8)
+
+
+def identity_similarity(extractor: FeatureExtractor, a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity of ``extractor`` features per image pair, (B,); e.g. a face-ID network."""
+    with torch.no_grad():
+        fa, fb = extractor(a).float().flatten(1), extractor(b).float().flatten(1)
+    return F.cosine_similarity(fa, fb, dim=1, eps=1e-8)
+
+
+class Lpips:
+    """LPIPS per image pair, (B,): ``Lpips(...)(a, b)``; lower is more similar. Built by ``lpips_metric``."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", batch_size: int = 32):
+        self.model, self.device, self.batch_size = model.to(device).eval(), device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        k, a = self.batch_size, _match_size(a.float(), b).clamp(-1, 1).to(self.device)
+        b = b.float().clamp(-1, 1).to(self.device)
+        return torch.cat([torch.empty(0)] + [self.model(a[i:i + k], b[i:i + k]).reshape(-1).cpu()
+                                             for i in range(0, len(a), k)])
+
+
+def lpips_metric(weights_path: str | None, net: str = "alex", device: str | torch.device = "cpu") -> Lpips:
+    """LPIPS (torchmetrics' implementation) from a local backbone file; nothing is downloaded.
+
+    ``weights_path``: a ``torch.save``'d state dict of either the torchvision backbone (``alexnet``,
+    ``vgg16`` or ``squeezenet1_1``; keys ``features.N...``, e.g. torchvision's ``alexnet-owt-7be5be79.pth``)
+    or a whole LPIPS model (keys ``net.sliceK.N...`` and ``linK.model.1.weight``). The LPIPS v0.1 linear
+    layers ship inside torchmetrics (``lpips_models/<net>.pth``) and are used when the file has none.
+    Raises ``MetricUnavailable`` without a path or when the file lacks backbone weights.
+    """
+    if not weights_path:
+        raise MetricUnavailable(f"LPIPS needs the ImageNet {net} backbone weights as a local file (torchvision's "
+                                "state dict); none given, and they are never downloaded")
+    if net not in ("alex", "vgg", "squeeze"):
+        raise ValueError(f"net must be alex, vgg or squeeze, got {net!r}")
+    from torchmetrics.functional.image import lpips as tm_lpips
+    # pnet_rand: backbone built with weights=None (no download); pretrained=False: we load the linears.
+    model = tm_lpips._NoTrainLpips(net=net, pretrained=False, pnet_rand=True)  # type: ignore[arg-type]
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    state, wanted, loaded = {k.removeprefix("module."): v for k, v in state.items()}, model.state_dict(), {}
+    if not any(k.startswith("lin") for k in state):
+        shipped = os.path.join(os.path.dirname(tm_lpips.__file__), "lpips_models", f"{net}.pth")
+        state.update(torch.load(shipped, map_location="cpu", weights_only=True))
+    for key in wanted:   # net.sliceK.N.x <- features.N.x (torchvision); lins.K.x <- linK.x (same module)
+        alias = ("features." + key.split(".", 2)[2] if key.startswith("net.")
+                 else "lin" + key[len("lins."):] if key.startswith("lins.") else key)
+        if key in state or alias in state:
+            loaded[key] = state.get(key, state.get(alias))
+    missing = sorted(set(wanted) - set(loaded))
+    if missing:
+        raise MetricUnavailable(f"{weights_path}: no LPIPS/{net} weights for {missing[:4]}"
+                                f"{' ...' if len(missing) > 4 else ''} ({len(missing)} missing)")
+    try:
+        model.load_state_dict(loaded, strict=True)
+    except RuntimeError as e:   # shape mismatch: a different network's file
+        raise MetricUnavailable(f"{weights_path}: not {net} weights: {e}") from e
+    return Lpips(model, device)
+
+
+def _indices(x: Tensor) -> Tensor:
+    return x.argmax(-1) if x.ndim == 2 else x.reshape(-1)   # accept logits (B, C) or indices (B,)
+
+
+def oracle_scores(before: dict[str, Tensor], after: dict[str, Tensor],
+                  expected: dict[str, int]) -> dict[str, Tensor]:
+    """Per-image ``edit_accuracy`` and ``preservation`` from attribute-oracle readings (B,) per attribute.
+
+    ``edit_accuracy``: 1.0 where every attribute in ``expected`` is read as its expected index, else 0.0.
+    ``preservation``: fraction of the other attributes read the same after as before. Either is NaN when
+    it has nothing to measure (no expected attributes / every attribute expected). Readings are class
+    indices as ``Oracle.predict`` returns them (logits are argmax-ed).
+    """
+    unknown = sorted(set(expected) - set(after))
+    if unknown:
+        raise ValueError(f"expected attributes {unknown} are not among the readings {sorted(after)}")
+    nan = torch.full((len(next(iter(after.values()))) if after else 0,), float("nan"))
+    others = [k for k in after if k in before and k not in expected]
+    hits = [_indices(after[k]) == int(v) for k, v in expected.items()]
+    same = [_indices(after[k]) == _indices(before[k]) for k in others]
+    return {"edit_accuracy": torch.stack(hits).all(0).float() if hits else nan,
+            "preservation": torch.stack(same).float().mean(0) if same else nan}
+
+
+def summarize(rows: pd.DataFrame, by: list[str], overall: str | None = "method") -> pd.DataFrame:
+    """Mean of every numeric (and bool) column per ``by`` group, NaN skipped, with ``n`` = rows per group.
+
+    Adds one "overall" row per ``overall`` value (default: per method) with the other ``by`` columns
+    set to "overall". NaN group keys are kept as their own group.
+    """
+    missing = [c for c in by if c not in rows.columns]
+    if missing:
+        raise KeyError(f"group columns {missing} not in {list(rows.columns)}")
+    metrics = [c for c in rows.columns if c not in by and c != "n" and (pd.api.types.is_numeric_dtype(rows[c])
+                                                                         or pd.api.types.is_bool_dtype(rows[c]))]
+    data = rows[by + metrics].copy()
+    data[metrics] = data[metrics].astype("float64")
+
+    def agg(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+        grouped = df.groupby(keys, dropna=False, sort=True)
+        out = grouped[metrics].mean() if metrics else grouped.size().to_frame()[[]]
+        out.insert(0, "n", grouped.size())
+        return out.reset_index()
+
+    parts = [agg(data, by)]
+    if overall and overall in by and len(by) > 1:
+        total = agg(data, [overall]).assign(**{c: "overall" for c in by if c != overall})
+        parts[0] = parts[0].astype({c: object for c in by if c != overall})
+        parts.append(total[parts[0].columns])
+    return pd.concat(parts, ignore_index=True)
