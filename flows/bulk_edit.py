@@ -8,7 +8,7 @@ Needs the mapper(s) of train-mapper and, for the threshold and StyleCLIP-GD, the
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import flow
 
@@ -18,13 +18,13 @@ from flows.train_mapper import mapper_dir
 from infra.config import ConfigError, RunConfig
 from infra.fsio import Location
 from infra.orchestrate import run_stage
-from infra.shards import select
+from infra.shards import ShardSpec, select
 from infra.store import StageStore
 from models.zoo import ModelSpec
 from tasks.edit import EditBuilder, plan_edits
-from tasks.prompts import load_prompts
+from tasks.prompts import EditVariant, load_prompts
 
-CATALOG_IMAGES, CATALOG_CODES = "edit_images", "edit_codes"
+CATALOG = "catalog_"          # stage prefix of a bulk_edit.catalog's images, codes, edits and metrics
 MAPPER_FILE = "mapper.safetensors"
 
 
@@ -35,18 +35,16 @@ def bulk_edit_flow(config_path: str | None = None, overrides: list[str] | None =
     """Edit every image with every prompt and method; finished image groups are skipped."""
     cfg = flow_config(config_path, overrides)
     where = config_path or "<defaults>"
-    if not cfg.bulk_edit.prompts:
-        raise ConfigError(f"{where}: bulk-edit needs bulk_edit.prompts (a YAML or CSV prompts file)")
-    variants = load_prompts(cfg.bulk_edit.prompts, cfg.storage_options)
+    variants = edit_variants(cfg, where)
     builder = edit_builder(cfg, where)
     opts = {"redo_failed": redo_failed, "overwrite": overwrite}
     with worker_pool(cfg) as pool:
         summaries = []
+        stages = input_stages(cfg)
         if cfg.bulk_edit.catalog:
             summaries += catalog_stages(cfg, cfg.bulk_edit.catalog, None, {**opts, "pool": pool},
-                                        CATALOG_IMAGES, CATALOG_CODES)
-        codes = StageStore(Location(cfg.root, cfg.storage_options), builder.codes_stage)
-        specs = select(plan_edits(codes, variants, cfg.bulk_edit.methods, cfg.bulk_edit), shards)
+                                        stages.images, stages.codes)
+        specs = select(planned_edits(cfg, variants), shards)
         print(f"bulk-edit: {len(variants)} prompt variants × {len(cfg.bulk_edit.methods)} methods, "
               f"{len(specs)} shards")
         summaries.append(run_stage(builder, specs, cfg, pool=pool, **opts))
@@ -66,10 +64,37 @@ def edit_builder(cfg: RunConfig, where: str) -> EditBuilder:
     needs_relevance = be.tau > 0 or "styleclip_gd" in be.methods
     if needs_relevance:
         _require_relevance(cfg, relevance, where)
-    stages = (CATALOG_CODES, f"clip_{CATALOG_IMAGES}") if be.catalog else ("codes", "clip_images")
+    stages = input_stages(cfg)
     return EditBuilder(cfg.models.generator, cfg.models.clip, mappers, cfg.root, be,
                        relevance if needs_relevance else None, cfg.relevance.n_stat_samples, cfg.seed,
-                       cfg.storage_options, cfg.device, cfg.ray.cpus_per_actor, *stages)
+                       cfg.storage_options, cfg.device, cfg.ray.cpus_per_actor, stages.codes, stages.clip,
+                       stages.edits)
+
+
+class Stages(NamedTuple):
+    images: str
+    codes: str
+    clip: str
+    edits: str
+    metrics: str
+
+
+def input_stages(cfg: RunConfig) -> Stages:
+    """The stages of this config's edits: a bulk_edit.catalog's own (prefixed), else the run's."""
+    p = CATALOG if cfg.bulk_edit.catalog else ""
+    return Stages(f"{p}images", f"{p}codes", f"clip_{p}images", f"{p}edits", f"{p}metrics")
+
+
+def edit_variants(cfg: RunConfig, where: str) -> list[EditVariant]:
+    if not cfg.bulk_edit.prompts:
+        raise ConfigError(f"{where}: bulk-edit needs bulk_edit.prompts (a YAML or CSV prompts file)")
+    return load_prompts(cfg.bulk_edit.prompts, cfg.storage_options)
+
+
+def planned_edits(cfg: RunConfig, variants: list[EditVariant]) -> list[ShardSpec]:
+    """The edits shards of this config (prompts × methods × the ok codes); evaluate reads only these."""
+    codes = StageStore(Location(cfg.root, cfg.storage_options), input_stages(cfg).codes)
+    return plan_edits(codes, variants, cfg.bulk_edit.methods, cfg.bulk_edit)
 
 
 def _mapper_spec(cfg: RunConfig, method: str, where: str) -> ModelSpec:

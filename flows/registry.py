@@ -23,10 +23,12 @@ FLOWS: dict[str, FlowEntry] = {e.name: e for e in [
               "relevance matrix Rs (conv channels x CLIP dim), by resumable blocks of channels"),
     FlowEntry("bulk-edit", "flows/bulk_edit.py:bulk_edit_flow",
               "edit every image with every prompt (DeltaEdit, baselines, sweeps) into the edits store"),
+    FlowEntry("evaluate", "flows/evaluate.py:evaluate_flow",
+              "metrics of every edit (oracle, CLIP direction, PSNR/SSIM, FID/KID, ...) and the HTML report"),
 ]}
 
 # Stages of the end-to-end pipeline that do not exist yet (see the open issues).
-PLANNED = ["evaluate", "train-diffusion"]
+PLANNED = ["train-diffusion"]
 
 
 def load_flow(name: str):

@@ -121,6 +121,20 @@ class BulkEditConfig(Strict):
     straightforward_mapper: ModelSpec | None = None   # default: <root>/mapper_straightforward/mapper.safetensors
 
 
+class EvaluateConfig(Strict):
+    """Metrics of the edits store and the HTML report. Learned metrics run only on weights the user gives."""
+    features: Literal["clip", "inception"] = "clip"   # FID/KID feature extractor: the run's CLIP, or Inception
+    inception_weights: str | None = None   # FID Inception weights file (needs torch-fidelity installed)
+    lpips_weights: str | None = None       # torchvision backbone state dict (e.g. alexnet-owt-7be5be79.pth)
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    identity_model: str | None = None      # TorchScript face-ID network: images in [-1, 1] -> embeddings
+    identity_input_size: int = Field(112, ge=8)
+    oracle: str | None = None              # toy attribute oracle (edit accuracy, preservation)
+    batch_size: int = Field(64, ge=1)
+    grid_images: int = Field(8, ge=1)      # rows of the report's image grids
+    report_dir: str = "report"             # under the run root
+
+
 class ModelsConfig(Strict):
     """Which models a run uses: zoo specs such as ``{name: stylegan2, checkpoint: s3://b/ffhq.pt, size: 1024}``."""
     generator: ModelSpec | None = None
@@ -153,6 +167,7 @@ class RunConfig(Strict):
     relevance: RelevanceConfig = RelevanceConfig()
     train_mapper: TrainMapperConfig = TrainMapperConfig()
     bulk_edit: BulkEditConfig = BulkEditConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

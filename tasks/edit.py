@@ -6,8 +6,8 @@ One item per (image, variant, method), keyed ``<image>__<prompt id>[__<sweep poi
 Within a shard, items that share a (variant, method) go through the mapper and the generator in
 batches; records are written in the shard's item order, so a rerun writes identical bytes.
 
-Manifest columns: image_key, prompt_id, method, source_text, target_text, tau, strength, omega,
-channels_changed. Timings are per shard, in the done-marker (they differ between runs; the data must not).
+Manifest columns: image_key, prompt_id, method, source_text, target_text, terms (JSON), tau, strength,
+omega, channels_changed. Timings are per shard, in the done-marker (they differ between runs; the data must not).
 """
 from __future__ import annotations
 
@@ -185,11 +185,12 @@ def _groups(spec: ShardSpec) -> dict[tuple[str, EditVariant | None], list[Item]]
 def _fields(method: str, variant: EditVariant | None, default_tau: float) -> dict[str, Any]:
     """The manifest columns of an edit (the same columns, types and order for every record)."""
     if variant is None:
-        return {"prompt_id": "", "method": method, "source_text": "", "target_text": "",
+        return {"prompt_id": "", "method": method, "source_text": "", "target_text": "", "terms": "[]",
                 "tau": NAN, "strength": 0.0, "omega": NAN, "channels_changed": 0}
     tau = default_tau if variant.tau is None else variant.tau
     return {"prompt_id": variant.prompt_id, "method": method,
             "source_text": variant.source_text, "target_text": variant.target_text,
+            "terms": json.dumps(variant.terms),          # [[source, target, weight], ...]: Δt exactly
             "tau": NAN if method == "styleclip_gd" else float(tau), "strength": float(variant.strength),
             "omega": NAN if variant.omega is None else float(variant.omega), "channels_changed": 0}
 

@@ -16,6 +16,9 @@ from torch import Tensor
 FeatureExtractor = Callable[[Tensor], Tensor]   # images (B, 3, H, W) in [-1, 1] -> features (B, D)
 
 
+PSNR_CAP = 100.0   # dB; 8-bit images that differ at all stay below ~60 dB
+
+
 class MetricUnavailable(RuntimeError):
     """A metric cannot be computed here: its weights or package are missing (the message says which)."""
 
@@ -27,7 +30,9 @@ def _match_size(pred: Tensor, ref: Tensor) -> Tensor:
 
 
 def pixel_metrics(pred: Tensor, ref: Tensor) -> dict[str, Tensor]:
-    """Per-image ``psnr`` (dB; inf for identical images), ``ssim`` and ``mse``, each (B,).
+    """Per-image ``psnr`` (dB, capped at ``PSNR_CAP``), ``ssim`` and ``mse``, each (B,).
+
+    The cap keeps means finite: identical images (a strength-0 edit) would otherwise give inf.
 
     If the sizes differ, ``pred`` is resized to ``ref``'s size (bilinear, antialiased) first, so a
     generator's output can be compared with an input photo of another resolution.
@@ -41,7 +46,7 @@ def pixel_metrics(pred: Tensor, ref: Tensor) -> dict[str, Tensor]:
     mse = (pred - ref).square().mean(dim=(1, 2, 3))
     psnr = peak_signal_noise_ratio(pred, ref, data_range=2.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(pred, ref, data_range=2.0, reduction="none")
-    return {"psnr": psnr.reshape(-1), "ssim": ssim.reshape(-1), "mse": mse}
+    return {"psnr": psnr.reshape(-1).clamp(max=PSNR_CAP), "ssim": ssim.reshape(-1), "mse": mse}
 
 
 def _pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,6 +159,29 @@ def identity_similarity(extractor: FeatureExtractor, a: Tensor, b: Tensor) -> Te
     with torch.no_grad():
         fa, fb = extractor(a).float().flatten(1), extractor(b).float().flatten(1)
     return F.cosine_similarity(fa, fb, dim=1, eps=1e-8)
+
+
+def torchscript_extractor(uri: str, input_size: int, device: str | torch.device = "cpu",
+                          **storage_options: object) -> FeatureExtractor:
+    """Features from a user's TorchScript network (e.g. a face-ID model such as ArcFace exported with
+    ``torch.jit.save``): images are resized to ``input_size`` and kept in [-1, 1]."""
+    import io
+
+    import fsspec
+
+    from tasks.imaging import resize_to
+
+    try:
+        with fsspec.open(uri, "rb", **storage_options) as f:
+            model = torch.jit.load(io.BytesIO(f.read()), map_location=device).eval()
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise MetricUnavailable(f"{uri}: not a loadable TorchScript network ({exc})") from exc
+
+    @torch.no_grad()
+    def extract(images: Tensor) -> Tensor:
+        return model(resize_to(images.to(device), input_size)).float().flatten(1).cpu()
+
+    return extract
 
 
 class Lpips:

@@ -24,6 +24,7 @@ from tasks import edit_directions as ed
 from tasks.prompts import PromptFileError, expand, load_prompts
 
 N_IMAGES = 8
+ORACLE = Path(__file__).resolve().parents[1] / "zoo" / "toy" / "oracle.safetensors"
 LAYOUT = StyleLayout.for_generator(TINY_G["size"], channels=TINY_G["channels"])
 PROMPTS = """
 - {id: red, source: a shape, target: a red shape}
@@ -40,9 +41,9 @@ VARIANTS = 1 + 3 + 1 + 3 + 1 + 1 + 1
 
 def _overrides(root: Path, zoo: list[str], prompts: Path) -> list[str]:
     return [f"root={root}", f"ingest.source={root.parent / 'catalog'}", "ingest.shard_size=4",
-            "ingest.image_size=32", "sample.n=16", "sample.shard_size=8", "ray.actors=2", "prefect.retries=0",
-            "device=cpu", "relevance.n_images=2", "relevance.n_stat_samples=256", "relevance.block_size=128",
-            "train_mapper.steps=4", "train_mapper.batch_size=8", "train_mapper.val_fraction=0.2",
+            "ingest.image_size=32", "sample.n=0", "train_mapper.pools=[codes]", "ray.actors=2", "prefect.retries=0",
+            "device=cpu", "relevance.n_images=1", "relevance.n_stat_samples=128", "relevance.block_size=128",
+            "train_mapper.steps=4", "train_mapper.batch_size=4", "train_mapper.val_fraction=0.2",
             "train_mapper.val_every=2", "train_mapper.checkpoint_every=2", "train_mapper.val_pairs=8",
             f"bulk_edit.prompts={prompts}", f"bulk_edit.methods=[{', '.join(METHODS)}]",
             "bulk_edit.images_per_shard=3", "bulk_edit.tau=0.01", "bulk_edit.templates=none", *zoo]
@@ -162,10 +163,13 @@ def test_bulk_edit_ingests_and_inverts_a_new_catalog(prepared, tmp_path):
 
     root, overrides = prepared
     make_catalog(tmp_path / "new", 3, size=40)
+    before = store_snapshot(root / "edits")
     result = bulk_edit_flow(None, overrides + [f"bulk_edit.catalog={tmp_path / 'new'}",
                                                "bulk_edit.methods=[deltaedit]"])
-    assert [result[s]["ok"] for s in ("edit_images", "edit_codes", "clip_edit_images")] == [3, 3, 3]
-    assert result["edits"]["seen"] == 3 * (1 + VARIANTS)
+    stages = ("catalog_images", "catalog_codes", "clip_catalog_images", "catalog_edits")
+    assert [result[s]["ok"] for s in stages[:3]] == [3, 3, 3]
+    assert result["catalog_edits"]["seen"] == 3 * (1 + VARIANTS)
+    assert store_snapshot(root / "edits") == before                     # the run's own edits are untouched
 
 
 def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
@@ -185,8 +189,8 @@ def test_killed_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
     root, overrides = prepared
     configs = {}
     for name in ("killed", "clean"):
-        shutil.copytree(root, tmp_path / name, ignore=shutil.ignore_patterns("edits", "_prefect", "edit_*",
-                                                                               "clip_edit_*"))
+        shutil.copytree(root, tmp_path / name, ignore=shutil.ignore_patterns("edits", "metrics", "_prefect",
+                                                                               "*catalog_*", "report"))
         run = [o for o in overrides if not o.startswith("root=")] + [f"root={tmp_path / name}",
                                                                       "bulk_edit.images_per_shard=1"]
         configs[name] = write_config(tmp_path / f"{name}.yaml", run)
@@ -207,3 +211,32 @@ def test_killed_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
     killed, clean = (store_snapshot(tmp_path / n / "edits") for n in ("killed", "clean"))
     assert killed.keys() == clean.keys() and len(killed) == 3 * N_IMAGES    # tar, manifest, marker
     assert [k for k in killed if killed[k] != clean[k]] == []
+
+
+def test_evaluate_measures_every_edit_and_writes_the_report(prepared):
+    from flows.bulk_edit import bulk_edit_flow
+    from flows.evaluate import evaluate_flow
+    from tasks.evaluation_report import load_metrics
+    from tasks.metrics import PSNR_CAP
+
+    root, overrides = prepared
+    overrides = overrides + [f"evaluate.oracle={ORACLE}", "evaluate.grid_images=3"]
+    edits = bulk_edit_flow(None, overrides)["edits"]
+    result = evaluate_flow(None, overrides)
+    assert result["metrics"]["seen"] == edits["ok"] == result["metrics"]["ok"]
+    rows, feats, feats_in = load_metrics(StageStore(Location(str(root)), "metrics"))
+    assert len(rows) == len(feats) == len(feats_in) == edits["ok"]
+    unchanged = rows[(rows["variant"] == "big__s0") & (rows["method"] == "deltaedit")]
+    assert (unchanged["psnr"] == PSNR_CAP).all() and (unchanged["clip_direction"] == 0).all()
+    assert (unchanged["preservation"] == 1).all()
+    recon = rows[rows["method"] == "reconstruction"]
+    assert len(recon) == N_IMAGES and recon["psnr"].between(0, 60).all()      # G(E(x)) against x
+    assert rows.loc[rows["method"] != "reconstruction", "clip_direction"].abs().gt(0).any()
+
+    report = root / "report"
+    html = (report / "index.html").read_text()
+    assert all(m in html for m in METHODS) and "forme rouge ✓" in html and "data:image/png;base64" in html
+    assert {p.name for p in report.glob("grid_*.png")} == {f"grid_{m}.png" for m in METHODS}
+    import pandas as pd
+    assert sorted(pd.read_parquet(report / "by_method.parquet")["method"]) == sorted(METHODS)
+    assert evaluate_flow(None, overrides)["metrics"]["ran"] == 0

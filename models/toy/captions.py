@@ -98,3 +98,10 @@ def edit_prompt(attr_name: str, target: str, source: str | None = None) -> tuple
 def all_edits() -> list[tuple[str, str, str]]:
     """Every (attribute, source value, target value) with source ≠ target: the edits evaluation can run."""
     return [(a, s, t) for a, values in ATTRIBUTES.items() for s in values for t in values if s != t]
+
+
+def expected_values(source: str, target: str) -> dict[str, int]:
+    """What an edit from ``source`` to ``target`` text should make the oracle read (class indices): each
+    attribute the target names with exactly one value that the source does not name the same way."""
+    src, tgt = mentioned(source), mentioned(target)
+    return {a: ATTRIBUTES[a].index(next(iter(v))) for a, v in tgt.items() if len(v) == 1 and v != src[a]}

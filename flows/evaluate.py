@@ -1,0 +1,97 @@
+"""Evaluate flow: `deltaedit run evaluate --config FILE` after bulk-edit.
+
+    edits + images ──metrics (per edit, on the actor pool)──► metrics
+    metrics ──tables, FID/KID per prompt, grids, plots──► <root>/<evaluate.report_dir>/index.html
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.bulk_edit import edit_variants, input_stages, planned_edits
+from flows.common import flow_config, worker_pool
+from infra.config import ConfigError, RunConfig
+from infra.fsio import Location
+from infra.orchestrate import StageSummary, run_stage
+from infra.shards import select
+from infra.store import StageStore
+from infra.upstream import plan_downstream
+from tasks import evaluation_report as ER
+from tasks.evaluate import MetricsBuilder
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None,
+                  redo_failed: bool = False, overwrite: bool = False,
+                  shards: list[str] | None = None) -> dict[str, Any]:
+    """Measure every edit (finished metric shards are skipped), then write the report."""
+    cfg = flow_config(config_path, overrides)
+    where = config_path or "<defaults>"
+    stages = input_stages(cfg)
+    edits = StageStore(Location(cfg.root, cfg.storage_options), stages.edits)
+    planned = [s.shard_id for s in planned_edits(cfg, edit_variants(cfg, where))]
+    specs = select(plan_downstream(edits, planned), shards)
+    if not specs:
+        raise ConfigError(f"{where}: none of the {len(planned)} edits shards of this config is finished under "
+                          f"{edits.loc.uri}; run `deltaedit run bulk-edit` first")
+    builder = metrics_builder(cfg, where)
+    with worker_pool(cfg) as pool:
+        summary = run_stage(builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool)
+    print(summary.line())
+    uri = write_report(cfg, summary, [s.shard_id for s in specs])
+    print(f"report: {uri}")
+    return {summary.stage: summary.to_dict(), "report": {"uri": uri}}
+
+
+def metrics_builder(cfg: RunConfig, where: str) -> MetricsBuilder:
+    ev = cfg.evaluate
+    if cfg.models.clip is None:
+        raise ConfigError(f"{where}: evaluate needs models.clip (CLIP direction, and FID features by default)")
+    if ev.features == "inception" and not ev.inception_weights:
+        raise ConfigError(f"{where}: evaluate.features=inception needs evaluate.inception_weights (a local "
+                          "file: nothing is downloaded); or use features: clip")
+    stages = input_stages(cfg)
+    return MetricsBuilder(cfg.models.clip, cfg.root, ev, cfg.bulk_edit.templates, stages.images, stages.edits,
+                          cfg.storage_options, cfg.device, cfg.ray.cpus_per_actor, stages.metrics)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def write_report(cfg: RunConfig, metrics: StageSummary, shards: list[str]) -> str:
+    root, stages = Location(cfg.root, cfg.storage_options), input_stages(cfg)
+    rows, feats, feats_in = ER.load_metrics(StageStore(root, stages.metrics), shards)
+    tabs = ER.tables(rows, feats, feats_in)
+    grid = ER.grids(rows, StageStore(root, stages.edits), StageStore(root, stages.images),
+                    cfg.evaluate.grid_images)
+    summary = _summary(cfg, StageStore(root, stages.edits), shards, metrics)
+    return ER.write(root.child(cfg.evaluate.report_dir), tabs, grid, summary, _notes(cfg))
+
+
+def _summary(cfg: RunConfig, edits: StageStore, shards: list[str], metrics: StageSummary) -> dict[str, str]:
+    markers = [m for m in map(edits.marker, shards) if m]
+    seen, ok, failed = (sum(m["counts"][k] for m in markers) for k in ("seen", "ok", "failed"))
+    seconds = sum(m["timings"]["seconds"] for m in markers)
+    ev = cfg.evaluate
+    return {"run": cfg.root, "edits": f"{seen} seen = {ok} ok + {failed} failed",
+            "edit time": f"{seconds:.1f} s in shards ({seen / seconds:.1f} edits/s per actor)" if seconds else "-",
+            "methods": ", ".join(cfg.bulk_edit.methods), "tau": str(cfg.bulk_edit.tau),
+            "StyleCLIP-GD": f"alpha {cfg.bulk_edit.gd_alpha}, beta {cfg.bulk_edit.gd_beta}",
+            "FID/KID features": ev.features, "metrics": metrics.line()}
+
+
+def _notes(cfg: RunConfig) -> list[str]:
+    ev = cfg.evaluate
+    notes = ["preservation and edit accuracy compare the edit with the reconstruction G(s), so inversion "
+             "errors are not charged to the edit; the reconstruction table shows those."]
+    if not ev.oracle:
+        notes.append("edit accuracy / preservation: no attribute oracle configured (evaluate.oracle).")
+    if not ev.lpips_weights:
+        notes.append("LPIPS: not computed (set evaluate.lpips_weights to a local backbone file).")
+    if not ev.identity_model:
+        notes.append("identity similarity: not computed (set evaluate.identity_model to a TorchScript face-ID "
+                     "network).")
+    if ev.features == "clip":
+        notes.append("FID/KID are computed on the run's CLIP image features, not Inception: compare them "
+                     "only within this report.")
+    return notes

@@ -1,0 +1,190 @@
+"""Metrics stage: per-edit measurements of one edits shard → the ``metrics`` store.
+
+For every ok edit (and every reconstruction) of the shard it reads the edited image, the image's
+reconstruction G(s) (same edits shard) and its input (images store), and records:
+
+- psnr / ssim / mse of the edit against the reconstruction (how much the edit changed; for the
+  reconstruction row: against the input, i.e. the inversion's fidelity);
+- clip_direction: cos(E(edit) − E(recon), Δt) with the run's CLIP and prompt templates;
+- edit_accuracy / preservation from the attribute oracle when one is configured (the toy domain):
+  the attributes the target text names (minus the source's) must be read from the edit, the others must
+  read as on the reconstruction, so inversion errors are not charged to the edit; for the reconstruction
+  row, preservation = agreement with the input;
+- lpips (edit vs recon) and identity (edit vs input) when their networks are supplied;
+- vectors ``features`` (the FID-family extractor on this image) and ``input_features`` (on its input),
+  from which the flow computes FID and KID per prompt.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infra.config import EvaluateConfig
+from infra.readers import decode_image, iter_image_samples
+from infra.records import Sink
+from infra.shards import ShardSpec
+from infra.stage import code_fingerprint
+from infra.store import StageStore
+from models import zoo
+from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.zoo import ModelSpec
+from tasks import metrics as M
+from tasks.edit import RECON
+from tasks.edit_directions import TEMPLATES, text_direction
+
+NAN = float("nan")
+COPIED = ("image_key", "prompt_id", "method", "source_text", "target_text", "strength", "omega", "channels_changed")
+
+
+@dataclass
+class MetricsModels:
+    clip: Any                                   # models.clip.ClipEncoder (clip_direction)
+    features: M.FeatureExtractor                # FID-family features (Inception or the domain's CLIP)
+    oracle: Any | None = None                   # models.toy.oracle.Oracle
+    lpips: Callable[[Tensor, Tensor], Tensor] | None = None
+    identity: M.FeatureExtractor | None = None
+
+
+@dataclass
+class MetricsProcessor:
+    models: MetricsModels
+    edits: StageStore
+    images: StageStore
+    templates: str = "imagenet"
+    batch_size: int = 64
+    output_metadata: dict[str, Any] = field(default_factory=dict)
+    _directions: dict[str, Tensor] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def __call__(self, spec: ShardSpec, sink: Sink) -> None:
+        rows = {r["key"]: r for r in self.edits.manifest(spec.shard_id).to_pylist()}
+        edited = {s["__key__"]: _image(s) for s in iter_image_samples(self.edits, [spec.shard_id])}
+        wanted = {r["image_key"] for r in rows.values()}
+        inputs = {s["__key__"]: _image(s) for s in iter_image_samples(self.images, [_images_shard(spec)])
+                  if s["__key__"] in wanted}
+        items = list(spec.items)
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            meta = [rows[i.key] for i in chunk]
+            edit = torch.stack([edited[i.key] for i in chunk])
+            recon = torch.stack([edited[f"{m['image_key']}__recon"] for m in meta])
+            source = torch.stack([inputs[m["image_key"]] for m in meta])
+            for n, (item, values, vectors) in enumerate(self._measure(chunk, meta, edit, recon, source)):
+                sink.add(item.key, item.source, vectors=vectors, **{k: meta[n][k] for k in COPIED},
+                         variant=_variant(item.key), **values)
+
+    def _measure(self, chunk: list, meta: list[dict[str, Any]], edit: Tensor, recon: Tensor, source: Tensor
+                 ) -> list[tuple[Any, dict[str, float], dict[str, Tensor]]]:
+        is_recon = torch.tensor([m["method"] == RECON for m in meta])
+        ref = torch.where(is_recon[:, None, None, None], _resize(source, edit), recon)   # recon: vs input
+        values = {k: v.tolist() for k, v in M.pixel_metrics(edit, ref).items()}
+        e_edit, e_recon = self.models.clip.encode_images(edit), self.models.clip.encode_images(recon)
+        values["clip_direction"] = [NAN if m["method"] == RECON else
+                                    float(M.clip_direction(e_edit[n:n + 1], e_recon[n:n + 1], self._dt(m)))
+                                    for n, m in enumerate(meta)]
+        values.update(self._oracle(meta, edit, recon, source))
+        values["lpips"] = self.models.lpips(edit, recon).tolist() if self.models.lpips else [NAN] * len(meta)
+        values["identity"] = (M.identity_similarity(self.models.identity, edit, source).tolist()
+                              if self.models.identity else [NAN] * len(meta))
+        feats, feats_in = self.models.features(edit), self.models.features(source)
+        return [(item, {k: float(v[n]) for k, v in values.items()},
+                 {"features": feats[n], "input_features": feats_in[n]}) for n, item in enumerate(chunk)]
+
+    def _oracle(self, meta: list[dict[str, Any]], edit: Tensor, recon: Tensor, source: Tensor
+                ) -> dict[str, list[float]]:
+        """edit_accuracy and preservation per row (NaN without an oracle)."""
+        if self.models.oracle is None:
+            return {"edit_accuracy": [NAN] * len(meta), "preservation": [NAN] * len(meta)}
+        from models.toy.captions import expected_values
+
+        after, before, truth = (self.models.oracle.predict(x) for x in (edit, recon, source))
+        acc, keep = [], []
+        for n, m in enumerate(meta):
+            pick = lambda readings: {k: v[n:n + 1] for k, v in readings.items()}   # noqa: E731
+            if m["method"] == RECON:
+                scores = M.oracle_scores(pick(truth), pick(after), {})
+            else:
+                expected = {} if m["omega"] == m["omega"] else expected_values(m["source_text"], m["target_text"])
+                scores = M.oracle_scores(pick(before), pick(after), expected)
+            acc.append(float(scores["edit_accuracy"][0]))
+            keep.append(float(scores["preservation"][0]))
+        return {"edit_accuracy": acc, "preservation": keep}
+
+    def _dt(self, meta: dict[str, Any]) -> Tensor:
+        """Δt of the row's prompt, from the terms the edit stage recorded."""
+        key = meta["terms"]
+        if key not in self._directions:
+            terms = tuple(tuple(t) for t in json.loads(key))
+            self._directions[key] = text_direction(self.models.clip, terms, TEMPLATES[self.templates])[0]
+        return self._directions[key]
+
+
+def _image(sample: dict[str, Any]) -> Tensor:
+    ext = next(k for k in sample if k in ("png", "jpg", "jpeg", "webp"))
+    return decode_image(sample[ext])
+
+
+def _images_shard(spec: ShardSpec) -> str:
+    """Edits shard ``<codes shard>-<k>`` → its images shard (codes keep their images shard's id)."""
+    return spec.shard_id.rsplit("-", 1)[0]
+
+
+def _variant(key: str) -> str:
+    """``<image>__<prompt>[__<sweep>]__<method>`` → ``<prompt>[__<sweep>]`` ("" for the reconstruction)."""
+    parts = key.split("__")
+    return "__".join(parts[1:-1])
+
+
+def _resize(images: Tensor, like: Tensor) -> Tensor:
+    from tasks.imaging import resize_to
+
+    return resize_to(images, like.shape[-1])
+
+
+@dataclass(frozen=True)
+class MetricsBuilder:
+    """Loads CLIP, the feature extractor and the optional networks once per actor."""
+    clip: ModelSpec
+    root: str
+    cfg: EvaluateConfig
+    templates: str = "imagenet"
+    images_stage: str = "images"
+    edits_stage: str = "edits"
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    device: DeviceChoice = "auto"
+    cpus: float = 1.0
+    stage: str = "metrics"
+
+    def build(self) -> MetricsProcessor:
+        from infra.fsio import Location
+
+        set_cpu_threads(self.cpus)
+        device, opts, c = pick_device(self.device), self.storage_options, self.cfg
+        clip = zoo.build(self.clip, device=device, storage_options=opts)
+        features = (M.inception_extractor(c.inception_weights, device) if c.features == "inception"
+                    else M.clip_extractor(clip))
+        oracle = None
+        if c.oracle:
+            from models.toy.oracle import Oracle
+            oracle = Oracle.load(c.oracle, device=device)
+        lpips = M.lpips_metric(c.lpips_weights, c.lpips_net, device) if c.lpips_weights else None
+        identity = (M.torchscript_extractor(c.identity_model, c.identity_input_size, device, **opts)
+                    if c.identity_model else None)
+        root = Location(self.root, opts)
+        meta = {"clip": clip.describe(), "features": c.features, "templates": self.templates}
+        return MetricsProcessor(MetricsModels(clip, features, oracle, lpips, identity), StageStore(root, self.edits_stage),
+                                StageStore(root, self.images_stage), self.templates, c.batch_size, meta)
+
+    def fingerprint(self) -> str:
+        files = [self.clip.checkpoint.uri if self.clip.checkpoint else None, self.cfg.oracle,
+                 self.cfg.inception_weights, self.cfg.lpips_weights, self.cfg.identity_model]
+        digests = [zoo.sha256_of(f, **self.storage_options) if f else None for f in files]
+        return code_fingerprint(MetricsProcessor, M.pixel_metrics, M.oracle_scores, config={
+            "settings": self.cfg.model_dump(mode="json", exclude={"grid_images", "report_dir", "batch_size"}),
+            "clip": self.clip.model_dump(mode="json", exclude={"checkpoint"}), "files": digests,
+            "templates": self.templates, "inputs": [self.images_stage, self.edits_stage]})

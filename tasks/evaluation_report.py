@@ -1,0 +1,135 @@
+"""From the metrics store to tables, FID/KID per prompt, image grids and the HTML report.
+
+Tables (also written as Parquet next to the report):
+- ``by_method``: every metric averaged per method over all its edits, with FID/KID of all its edits
+  against the inputs — the report's headline, DeltaEdit next to its baselines at fixed settings;
+- ``by_prompt``: the same per (method, prompt variant);
+- ``reconstruction``: the inversion's fidelity, G(E(x)) against x.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from infra.fsio import Location
+from infra.readers import iter_image_samples
+from infra.store import StageStore
+from infra.tables import column_to_numpy
+from tasks import metrics as M
+from tasks import report as R
+from tasks.edit import RECON
+
+HEADLINE = ["n", "edit_accuracy", "preservation", "clip_direction", "psnr", "ssim", "lpips", "identity",
+            "fid", "kid", "channels_changed"]
+
+
+def load_metrics(store: StageStore, shards: Sequence[str] | None = None
+                 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Manifest rows of the finished metrics shards (all, or ``shards``; ok rows only) and their two feature
+    matrices, aligned."""
+    done = set(store.finished())
+    shards = sorted(done if shards is None else done & set(shards))
+    if not shards:
+        raise FileNotFoundError(f"no finished shards under {store.loc.uri}")
+    manifest = pa.concat_tables([store.manifest(s) for s in shards], promote_options="default").to_pandas()
+    vectors = pa.concat_tables([store.vectors(s) for s in shards if store.loc.exists(f"{s}.parquet")])
+    order = {k: n for n, k in enumerate(vectors.column("key").to_pylist())}
+    rows = manifest[manifest["status"] == "ok"].reset_index(drop=True)
+    index = [order[k] for k in rows["key"]]
+    return rows, column_to_numpy(vectors, "features")[index], column_to_numpy(vectors, "input_features")[index]
+
+
+def distances(rows: pd.DataFrame, feats: np.ndarray, feats_in: np.ndarray, by: Sequence[str]) -> pd.DataFrame:
+    """FID and KID of each group's edits against the inputs of the same images (NaN under 2 rows)."""
+    out = []
+    for keys, group in rows.groupby(list(by), sort=True):
+        idx = group.index.to_numpy()
+        _, first = np.unique(group["image_key"].to_numpy(), return_index=True)
+        real, fake = feats_in[idx[first]], feats[idx]
+        fid = kid = float("nan")
+        if len(real) >= 2 and len(fake) >= 2:
+            import torch
+            fid = M.frechet_distance(torch.from_numpy(real), torch.from_numpy(fake))
+            kid = M.kernel_distance(torch.from_numpy(real), torch.from_numpy(fake))
+        out.append({**dict(zip(by, keys if isinstance(keys, tuple) else (keys,))), "fid": fid, "kid": kid})
+    return pd.DataFrame(out)
+
+
+def tables(rows: pd.DataFrame, feats: np.ndarray, feats_in: np.ndarray) -> dict[str, pd.DataFrame]:
+    edits = rows[rows["method"] != RECON]
+    recon = rows[rows["method"] == RECON]
+    numeric = [c for c in HEADLINE if c in edits.columns and c not in ("n", "fid", "kid")]
+    by_method = M.summarize(edits[["method", *numeric]], ["method"], overall=None)
+    by_method = by_method.merge(distances(edits, feats, feats_in, ["method"]), on="method")
+    by_prompt = M.summarize(edits[["method", "variant", *numeric]], ["method", "variant"], overall=None)
+    by_prompt = by_prompt.merge(distances(edits, feats, feats_in, ["method", "variant"]), on=["method", "variant"])
+    texts = edits.groupby("variant").first()
+    by_prompt.insert(2, "prompt", by_prompt["variant"].map(texts["source_text"] + " → " + texts["target_text"]))
+    reconstruction = recon[["psnr", "ssim", "mse", "preservation"]].rename(
+        columns={"preservation": "oracle_agreement"}).agg(["mean", "count"]).reset_index(names="stat")
+    return {"by_method": _columns(by_method), "by_prompt": _columns(by_prompt), "reconstruction": reconstruction}
+
+
+def _columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Key columns first, then the headline metrics that have any value."""
+    keys = [c for c in ("method", "variant", "prompt") if c in df.columns]
+    metrics = [c for c in HEADLINE if c in df.columns and df[c].notna().any()]
+    return df[keys + metrics]
+
+
+def grids(rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: int) -> dict[str, R.Grid]:
+    """One grid per method: input | reconstruction | one column per prompt variant, for ``n_images`` images."""
+    keys = sorted(rows["image_key"].unique())[:n_images]
+    chosen = rows[rows["image_key"].isin(keys)]
+    shards = sorted(set(chosen["source"].str.split("/").str[-1]))
+    pictures = _pngs(edits, shards, set(chosen["key"]))
+    inputs = _pngs(images, sorted({s.rsplit("-", 1)[0] for s in shards}), set(keys))
+    out = {}
+    for method in [m for m in chosen["method"].unique() if m != RECON]:
+        variants = list(dict.fromkeys(chosen.loc[chosen["method"] == method, "variant"]))
+        grid_rows = []
+        for key in keys:
+            cells = [R.GridCell(inputs.get(key)), R.GridCell(pictures.get(f"{key}__recon"))]
+            cells += [R.GridCell(pictures.get(f"{key}__{v}__{method}"), error=None if f"{key}__{v}__{method}"
+                                 in pictures else "failed") for v in variants]
+            grid_rows.append((key[:18], cells))
+        out[method] = R.Grid(["input", "reconstruction", *variants], grid_rows)
+    return out
+
+
+def _pngs(store: StageStore, shards: list[str], wanted: set[str]) -> dict[str, bytes]:
+    return {s["__key__"]: s.get("png") for s in iter_image_samples(store, shards) if s["__key__"] in wanted}
+
+
+def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
+    by_method, by_prompt = tabs["by_method"], tabs["by_prompt"]
+    out = {}
+    for metric in ("edit_accuracy", "preservation", "clip_direction"):
+        if metric in by_method.columns:
+            out[f"{metric} per method"] = R.bar_plot_svg(by_method, "method", metric, title=metric)
+            out[f"{metric} per prompt"] = R.bar_plot_svg(by_prompt, "variant", metric, hue="method",
+                                                         title=f"{metric} per prompt")
+    if {"edit_accuracy", "preservation"} <= set(by_prompt.columns):
+        out["accuracy vs preservation"] = R.scatter_plot_svg(by_prompt, "preservation", "edit_accuracy",
+                                                             hue="method", title="per prompt")
+    return out
+
+
+def write(out: Location, tabs: dict[str, pd.DataFrame], grid: dict[str, R.Grid], summary: dict[str, str],
+          notes: list[str]) -> str:
+    """Parquet tables + index.html + grid PNGs under ``out``; returns the report's URI."""
+    for name, df in tabs.items():
+        out.write_bytes(f"{name}.parquet", _parquet(df))
+    return R.write_report(out, title="DeltaEdit evaluation", summary=summary, tables=tabs, grids=grid,
+                          plots=plots(tabs), notes=notes)
+
+
+def _parquet(df: pd.DataFrame) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    df.astype({c: str for c in df.columns if df[c].dtype == object}).to_parquet(buf, index=False)
+    return buf.getvalue()
