@@ -84,6 +84,18 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
+def best_of_each(fns: dict[str, Callable[[], object]], repeat: int = 3) -> dict[str, float]:
+    """Fastest wall time of each callable over ``repeat`` rounds that run them in turn, so a change in
+    the machine's other load hits every side alike."""
+    times = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name] = min(times[name], time.perf_counter() - start)
+    return times
+
+
 def report(title: str, rows: list[tuple[str, float, float]]) -> bool:
     """Print ``name: ratio (target)`` lines; returns whether every ratio met its target."""
     print(f"\n== {title}")
