@@ -13,6 +13,7 @@ listing or validating specs stays cheap. Presets are entries with default option
 from __future__ import annotations
 
 import hashlib
+import json
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -142,6 +143,34 @@ def sha256_of(uri: str, **storage_options: Any) -> str:
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint not found: {uri}") from exc
     return digest.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, str], str] = {}
+
+
+def identity(spec: ModelSpec | None, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """What a model *is*, for stage fingerprints: name, options and the checkpoint's sha256 — not its path,
+    so retrained weights at the same path redo the stages that used them, and a moved run stays done.
+    Digests are memoised per file version (size + mtime/ETag), so a stage pays for hashing once."""
+    if spec is None:
+        return None
+    out = spec.model_dump(mode="json", exclude={"checkpoint"})
+    if spec.checkpoint is not None:
+        out["sha256"] = _digest(spec.checkpoint.uri, dict(storage_options or {}))
+    return out
+
+
+def _digest(uri: str, storage_options: dict[str, Any]) -> str:
+    fs, path = fsspec.core.url_to_fs(str(uri), **storage_options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint not found: {uri}") from exc
+    version = json.dumps([info.get(k) for k in ("size", "mtime", "ETag", "LastModified")], default=str)
+    key = (str(uri), version)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_of(uri, **storage_options)
+    return _DIGESTS[key]
 
 
 def verify_sha256(uri: str, expected: str, **storage_options: Any) -> None:

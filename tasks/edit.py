@@ -240,15 +240,13 @@ class EditBuilder:
 
         settings = self.cfg.model_dump(mode="json", exclude={"prompts", "catalog", "max_images",
                                                              "images_per_shard", "batch_size"})
-        specs = {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}
-        files = {name: zoo.sha256_of(spec.checkpoint.uri, **self.storage_options) if spec.checkpoint else None
-                 for name, spec in specs.items()}
+        models = {name: zoo.identity(spec, self.storage_options) for name, spec in
+                  {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}.items()}
         relevance = None
         if self.relevance_stage is not None:
             store = StageStore(Location(self.root, self.storage_options), self.relevance_stage)
             relevance = sorted((m["shard_id"], m["input_fingerprint"], m["code_fingerprint"])
                                for m in map(store.marker, store.finished()) if m)
         return code_fingerprint(EditProcessor, ed.global_direction, config={
-            "settings": settings,           # models by content: a run root moved elsewhere stays done
-            "specs": {k: v.model_dump(mode="json", exclude={"checkpoint"}) for k, v in specs.items()},
-            "files": files, "relevance": relevance, "inputs": [self.codes_stage, self.clip_stage], "n_stat_samples": self.n_stat_samples, "seed": self.seed})
+            "settings": settings, "models": models, "relevance": relevance,
+            "inputs": [self.codes_stage, self.clip_stage], "n_stat_samples": self.n_stat_samples, "seed": self.seed})

@@ -63,5 +63,5 @@ class EmbedBuilder:
         return EmbedProcessor(clip, upstream, self.batch_size, meta)
 
     def fingerprint(self) -> str:
-        return code_fingerprint(EmbedProcessor, config={"clip": self.clip.model_dump(mode="json"),
+        return code_fingerprint(EmbedProcessor, config={"clip": zoo.identity(self.clip, self.storage_options),
                                                         "upstream": self.upstream_stage})

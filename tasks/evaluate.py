@@ -38,6 +38,7 @@ from tasks.edit import RECON
 from tasks.edit_directions import TEMPLATES, text_direction
 
 NAN = float("nan")
+_FILES = ("oracle", "inception_weights", "lpips_weights", "identity_model")   # fingerprinted by content
 COPIED = ("image_key", "prompt_id", "method", "source_text", "target_text", "strength", "omega", "channels_changed")
 
 
@@ -181,10 +182,10 @@ class MetricsBuilder:
                                 StageStore(root, self.images_stage), self.templates, c.batch_size, meta)
 
     def fingerprint(self) -> str:
-        files = [self.clip.checkpoint.uri if self.clip.checkpoint else None, self.cfg.oracle,
-                 self.cfg.inception_weights, self.cfg.lpips_weights, self.cfg.identity_model]
-        digests = [zoo.sha256_of(f, **self.storage_options) if f else None for f in files]
+        files = [self.cfg.oracle, self.cfg.inception_weights, self.cfg.lpips_weights, self.cfg.identity_model]
         return code_fingerprint(MetricsProcessor, M.pixel_metrics, M.oracle_scores, config={
-            "settings": self.cfg.model_dump(mode="json", exclude={"grid_images", "report_dir", "batch_size"}),
-            "clip": self.clip.model_dump(mode="json", exclude={"checkpoint"}), "files": digests,
+            "settings": self.cfg.model_dump(mode="json", exclude={"grid_images", "report_dir", "batch_size",
+                                                                  *_FILES}),
+            "clip": zoo.identity(self.clip, self.storage_options),
+            "files": [zoo.sha256_of(f, **self.storage_options) if f else None for f in files],
             "templates": self.templates, "inputs": [self.images_stage, self.edits_stage]})

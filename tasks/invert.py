@@ -78,7 +78,6 @@ class InvertBuilder:
         return InvertProcessor(encoder, generator, upstream, self.batch_size, self.keep_wplus, device, meta)
 
     def fingerprint(self) -> str:
-        generator = self.generator.model_dump(mode="json") if self.generator is not None else None
-        return code_fingerprint(InvertProcessor, config={"encoder": self.encoder.model_dump(mode="json"),
-                                                         "generator": generator,
+        return code_fingerprint(InvertProcessor, config={"encoder": zoo.identity(self.encoder, self.storage_options),
+                                                         "generator": zoo.identity(self.generator, self.storage_options),
                                                          "keep_wplus": self.keep_wplus})

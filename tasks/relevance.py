@@ -189,7 +189,8 @@ class RelevanceBuilder:
         return {"mode": self.mode, "n_images": self.n_images, "n_stat_samples": self.n_stat_samples,
                 "sigma_scale": self.sigma_scale, "seed": self.seed,
                 "fast_rank": self.fast_rank if self.mode == "fast" else None,
-                "generator": self.generator.model_dump(mode="json"), "clip": self.clip.model_dump(mode="json")}
+                "generator": zoo.identity(self.generator, self.storage_options),
+                "clip": zoo.identity(self.clip, self.storage_options)}
 
     def build(self) -> RelevanceProcessor:
         set_cpu_threads(self.cpus)

@@ -128,3 +128,22 @@ def test_generator_and_encoder_load_from_s3_with_storage_options(tmp_path, s3_bu
     enc = zoo.build({"name": "e4e", "checkpoint": f"{bucket}/e.safetensors"}, storage_options=options)
     w = torch.randn(1, gen.n_latent, TINY_G["style_dim"])
     assert torch.equal(loaded(w), gen(w)) and enc.generator is not None
+
+
+def test_identity_follows_the_weights_not_the_path(tmp_path):
+    import os
+    import shutil
+
+    first, moved = tmp_path / "a" / "m.safetensors", tmp_path / "b" / "m.safetensors"
+    for path in (first, moved):
+        path.parent.mkdir()
+    torch.manual_seed(0)
+    DeltaMapper(MapperConfig.for_generator(32, clip_dim=8)).save(str(first))
+    shutil.copy(first, moved)
+    spec = lambda p: zoo.ModelSpec(name="delta_mapper", checkpoint=str(p))   # noqa: E731
+    before = zoo.identity(spec(first))
+    assert before == zoo.identity(spec(moved)) and "sha256" in before and "checkpoint" not in before
+    DeltaMapper(MapperConfig.for_generator(32, clip_dim=8)).save(str(first))   # retrained, same path
+    os.utime(first, (1, 1))                                                  # even with an old mtime
+    assert zoo.identity(spec(first)) != before
+    assert zoo.identity(None) is None
