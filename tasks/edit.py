@@ -137,7 +137,8 @@ class EditProcessor:
             i = torch.stack([r[2] for r in rows])
             delta = ed.mapper_delta(self.models.mappers[method], method, s, i, dt, t_target)
             if self.models.relevance is not None:
-                delta = delta * ed.relevance_mask(self.models.relevance, dt, tau)
+                normalized = self.cfg.threshold == "normalized"
+                delta = delta * ed.relevance_mask(self.models.relevance, dt, tau, normalized)
         delta = variant.strength * delta
         return s + delta, (delta != 0).sum(dim=1)
 

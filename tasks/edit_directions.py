@@ -57,8 +57,15 @@ def text_direction(clip: Any, terms: Sequence[Term], templates: Sequence[str]) -
     return torch.as_tensor(dt).float(), F.normalize(torch.as_tensor(target).float(), dim=-1)
 
 
-def relevance_mask(relevance: Tensor, dt: Tensor, tau: float) -> Tensor:
-    """(C,) bool: the channels DeltaEdit keeps, |Rₛ·Δt| ≥ τ (all of them when τ = 0)."""
+def relevance_mask(relevance: Tensor, dt: Tensor, tau: float, normalized: bool = False) -> Tensor:
+    """(C,) bool: the channels DeltaEdit keeps, |Rₛ·Δt| ≥ τ (all of them when τ = 0).
+
+    ``normalized``: |Rₛ·Δt/‖Δt‖| ≥ τ, the cosine between Δt and each channel's direction (Rₛ rows are unit
+    vectors). The paper's τ = 0.03 is tied to ViT-B/32's typical ‖Δt‖; another CLIP (the toy one: ‖Δt‖ from
+    0.01 for shape words to 1.0 for colours) needs a scale-free threshold.
+    """
+    if normalized:
+        dt = F.normalize(dt, dim=-1)
     return (relevance @ dt).abs() >= tau
 
 

@@ -120,6 +120,8 @@ def test_relevance_threshold_and_global_direction_follow_their_definitions():
     dt = torch.tensor([0.1, 0.02])
     assert ed.relevance_mask(relevance, dt, 0.05).tolist() == [True, False, True]
     assert ed.relevance_mask(relevance, dt, 0.0).all()
+    assert ed.relevance_mask(relevance, dt, 0.5, normalized=True).tolist() == [True, False, True]   # 0.98, 0.2, 0.75
+    assert ed.relevance_mask(relevance, dt * 100, 0.5, normalized=True).tolist() == [True, False, True]
     sigma = torch.tensor([2.0, 3.0, 4.0])
     step = ed.global_direction(relevance, dt, sigma, beta=0.3)
     r = relevance @ (dt / dt.norm())                       # 0.98, 0.196, 0.78
