@@ -9,7 +9,8 @@ reconstruction G(s) (same edits shard) and its input (images store), and records
 - edit_accuracy / preservation from the attribute oracle when one is configured (the toy domain):
   the attributes the target text names (minus the source's) must be read from the edit, the others must
   read as on the reconstruction, so inversion errors are not charged to the edit; for the reconstruction
-  row, preservation = agreement with the input;
+  row, preservation = agreement with the input; unedited_accuracy = how often the reconstruction already
+  shows the target (the chance level an edit must beat);
 - lpips (edit vs recon) and identity (edit vs input) when their networks are supplied;
 - vectors ``features`` (the FID-family extractor on this image) and ``input_features`` (on its input),
   from which the flow computes FID and KID per prompt.
@@ -100,21 +101,23 @@ class MetricsProcessor:
                 ) -> dict[str, list[float]]:
         """edit_accuracy and preservation per row (NaN without an oracle)."""
         if self.models.oracle is None:
-            return {"edit_accuracy": [NAN] * len(meta), "preservation": [NAN] * len(meta)}
+            return {k: [NAN] * len(meta) for k in ("edit_accuracy", "unedited_accuracy", "preservation")}
         from models.toy.captions import expected_values
 
         after, before, truth = (self.models.oracle.predict(x) for x in (edit, recon, source))
-        acc, keep = [], []
+        acc, unedited, keep = [], [], []
         for n, m in enumerate(meta):
             pick = lambda readings: {k: v[n:n + 1] for k, v in readings.items()}   # noqa: E731
             if m["method"] == RECON:
-                scores = M.oracle_scores(pick(truth), pick(after), {})
+                expected, scores = {}, M.oracle_scores(pick(truth), pick(after), {})
             else:
                 expected = {} if m["omega"] == m["omega"] else expected_values(m["source_text"], m["target_text"])
                 scores = M.oracle_scores(pick(before), pick(after), expected)
             acc.append(float(scores["edit_accuracy"][0]))
             keep.append(float(scores["preservation"][0]))
-        return {"edit_accuracy": acc, "preservation": keep}
+            # how often the target is read without any edit: the chance level edit_accuracy must beat
+            unedited.append(float(M.oracle_scores(pick(before), pick(before), expected)["edit_accuracy"][0]))
+        return {"edit_accuracy": acc, "unedited_accuracy": unedited, "preservation": keep}
 
     def _dt(self, meta: dict[str, Any]) -> Tensor:
         """Δt of the row's prompt, from the terms the edit stage recorded."""

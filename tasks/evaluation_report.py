@@ -22,8 +22,8 @@ from tasks import metrics as M
 from tasks import report as R
 from tasks.edit import RECON
 
-HEADLINE = ["n", "edit_accuracy", "preservation", "clip_direction", "psnr", "ssim", "lpips", "identity",
-            "fid", "kid", "channels_changed"]
+HEADLINE = ["n", "edit_accuracy", "unedited_accuracy", "preservation", "clip_direction", "psnr", "ssim",
+            "lpips", "identity", "fid", "kid", "channels_changed"]
 
 
 def load_metrics(store: StageStore, shards: Sequence[str] | None = None

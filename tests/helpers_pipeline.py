@@ -4,9 +4,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -122,9 +124,15 @@ def write_config(path: Path, overrides: list[str]) -> Path:
     return path
 
 
-def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    """`deltaedit <args>` in its own process group (so a test can kill it with its Ray and Prefect children)."""
+def kill_after_first_shard(args: list[str], cwd: Path, stage_dir: Path, poll_s: float = 0.05) -> None:
+    """Run `deltaedit <args>` in its own process group and SIGKILL the whole group (driver, Ray cluster,
+    Prefect server) as soon as ``stage_dir`` holds a done-marker (or after 5 minutes)."""
     cli = str(Path(sys.executable).with_name("deltaedit"))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return subprocess.Popen([cli, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([cli, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(stage_dir.glob("*.done.json")):
+        time.sleep(poll_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)

@@ -2,10 +2,7 @@
 counts, bad prompts, sweeps, a new catalog, missing inputs, and a real kill followed by a resume."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +10,7 @@ import pytest
 import torch
 
 from helpers_models import TINY_G
-from helpers_pipeline import start_cli, store_snapshot, tiny_zoo, write_config
+from helpers_pipeline import kill_after_first_shard, store_snapshot, tiny_zoo, write_config
 from helpers_store import make_catalog
 from infra.config import ConfigError
 from infra.fsio import Location
@@ -197,13 +194,8 @@ def test_killed_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
                                                                       "bulk_edit.images_per_shard=1"]
         configs[name] = write_config(tmp_path / f"{name}.yaml", run)
 
-    proc = start_cli(["run", "bulk-edit", "--config", str(configs["killed"])], tmp_path)
     edits = tmp_path / "killed" / "edits"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(edits.glob("*.done.json")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_after_first_shard(["run", "bulk-edit", "--config", str(configs["killed"])], tmp_path, edits)
     done = len(list(edits.glob("*.done.json")))
     assert 0 < done < N_IMAGES
 
@@ -231,6 +223,7 @@ def test_evaluate_measures_every_edit_and_writes_the_report(prepared):
     unchanged = rows[(rows["variant"] == "big__s0") & (rows["method"] == "deltaedit")]
     assert (unchanged["psnr"] == PSNR_CAP).all() and (unchanged["clip_direction"] == 0).all()
     assert (unchanged["preservation"] == 1).all()
+    assert (unchanged["edit_accuracy"] == unchanged["unedited_accuracy"]).all()
     recon = rows[rows["method"] == "reconstruction"]
     assert len(recon) == N_IMAGES and recon["psnr"].between(0, 60).all()      # G(E(x)) against x
     assert rows.loc[rows["method"] != "reconstruction", "clip_direction"].abs().gt(0).any()

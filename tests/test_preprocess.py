@@ -3,16 +3,14 @@ real kill of a running `deltaedit run preprocess` followed by a resume."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers_models import TINY_G
-from helpers_pipeline import bad_catalog, parquet_list, start_cli, store_snapshot, tiny_zoo, write_config
+from helpers_pipeline import (bad_catalog, kill_after_first_shard, parquet_list, store_snapshot, tiny_zoo,
+                              write_config)
 from helpers_store import make_catalog
 from infra.config import load_config
 from infra.fsio import Location
@@ -129,13 +127,8 @@ def test_killed_run_resumes_to_the_same_stores(tmp_path, zoo_overrides):
         overrides = [o.replace("ingest.shard_size=4", "ingest.shard_size=2") for o in overrides]
         configs[name] = write_config(tmp_path / f"{name}.yaml", overrides)
 
-    proc = start_cli(["run", "preprocess", "--config", str(configs["killed"])], tmp_path)
-    images = tmp_path / "killed" / "images"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(images.glob("*.done.json")):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)           # the driver, its Ray cluster and its Prefect server
-    proc.wait(timeout=60)
+    kill_after_first_shard(["run", "preprocess", "--config", str(configs["killed"])], tmp_path,
+                           tmp_path / "killed" / "images", poll_s=0.2)
     partial = store_snapshot(tmp_path / "killed")
     assert 0 < sum(k.endswith(".done.json") for k in partial) < 8 + 8 + 8 + 2 + 2
 
