@@ -1,0 +1,192 @@
+"""DeltaEdit-D: the style-conditioned U-Net and DDIM encode / decode / mask-guided decode (tiny, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from models.checkpoint import CheckpointError, load_safetensors, save_safetensors
+from models.diffusion import (DiffusionConfig, NoiseSchedule, StyleUNet, ddim_decode, ddim_encode,
+                              ddim_timesteps, level_groups, mask_guided_decode, q_sample, simple_loss)
+from models.layout import StyleLayout
+from tests.helpers_models import TINY_G
+
+torch.set_num_threads(1)
+TINY = dict(image_size=16, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4)
+TINY_LAYOUT = StyleLayout.for_generator(32, channels=TINY_G["channels"])   # coarse + medium, no fine
+
+
+def tiny_unet(layout: StyleLayout = TINY_LAYOUT, seed: int = 0, perturb: bool = True, **overrides) -> StyleUNet:
+    """Seeded tiny U-Net; ``perturb`` adds noise to every parameter so the zero-initialised layers act."""
+    torch.manual_seed(seed)
+    model = StyleUNet(DiffusionConfig(layout=layout.to_dict(), **{**TINY, **overrides})).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(model: StyleUNet, batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    return (torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g),
+            5 * torch.randn(batch, model.style_dim, generator=g))
+
+
+class GaussianEps(nn.Module):
+    """The exact ε-predictor for data x₀ ~ N(μ(s), σ²I): E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ μ)/(ᾱσ² + 1 − ᾱ).
+
+    σ = 0 is a single image x* = μ(s): ε = (x_t − √ᾱ x*)/√(1−ᾱ). ``mean`` maps s (B, D) to μ (B, 3, H, W).
+    """
+
+    def __init__(self, mean, sigma: float = 0.0, schedule: NoiseSchedule | None = None) -> None:
+        super().__init__()
+        self.mean, self.sigma, self.schedule = mean, sigma, schedule or NoiseSchedule("linear", 1000)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        a = self.schedule.alpha_bar_like(t, x)
+        return (1 - a).sqrt() * (x - a.sqrt() * self.mean(s)) / (a * self.sigma ** 2 + 1 - a)
+
+
+def test_level_groups_put_coarse_low_and_fine_high():
+    full = ("coarse", "medium", "fine")
+    assert level_groups(3, full) == ["fine", "medium", "coarse"]
+    assert level_groups(4, full) == ["fine", "fine", "medium", "coarse"]
+    assert level_groups(3, ("coarse", "medium")) == ["medium", "medium", "coarse"]
+
+
+def test_shapes_and_zero_init():
+    model = tiny_unet(perturb=False)
+    x, t, s = inputs(model)
+    out = model(x, t, s)
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0      # zero-initialised output layer
+    assert tiny_unet()(x, t, s).abs().amax() > 0
+    with pytest.raises(ValueError, match="s must be"):
+        model(x, t, s[:, :-1])
+
+
+def test_toy_generator_layout_64px():
+    # the committed toy generator's layout, as ``Generator.layout`` derives it, read from the checkpoint
+    # header (building the generator takes seconds on a loaded CI machine)
+    cfg = load_safetensors("zoo/toy/generator.safetensors")[1]["config"]
+    layout = StyleLayout.for_generator(cfg["size"], cfg["channel_multiplier"],
+                                       channels={int(k): v for k, v in cfg["channels"].items()})
+    assert layout.conv_total == 720 and len(layout.conv) == 9
+    model = tiny_unet(layout, image_size=64, channel_mult=(1, 1, 2, 2))
+    assert [g.name for g in model.groups] == ["coarse", "medium", "fine"]
+    assert model.level_group == ["fine", "fine", "medium", "coarse"]
+    x, t, s = inputs(model, batch=1)
+    assert model(x, t, s).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("layout", [TINY_LAYOUT, StyleLayout.for_generator(
+    64, channels={4: 16, 8: 16, 16: 8, 32: 8, 64: 4})], ids=["tiny32", "with_fine"])
+def test_every_style_group_reaches_the_output(layout):
+    model = tiny_unet(layout)
+    x, t, s = inputs(model)
+    base = model(x, t, s)
+    for g in model.groups:                                            # change one group's styles only
+        s2 = s.clone()
+        s2[:, g.start:g.stop] += 3.0
+        assert (model(x, t, s2) - base).abs().amax() > 1e-3, g.name
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = tiny_unet(schedule="cosine")
+    model.set_style_stats(torch.linspace(-1, 1, model.style_dim), torch.linspace(1, 3, model.style_dim))
+    path = str(tmp_path / "diffusion.safetensors")
+    model.save(path, lineage={"run": "test"})
+    loaded = StyleUNet.from_checkpoint(path).eval()
+    assert loaded.config == model.config and loaded.lineage == {"run": "test"}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    x, t, s = inputs(model)
+    assert torch.equal(model(x, t, s), loaded(x, t, s))
+    assert loaded.schedule.kind == "cosine"
+    save_safetensors(str(tmp_path / "other.safetensors"), {}, config={}, kind="delta_mapper")
+    with pytest.raises(CheckpointError, match="delta_mapper"):
+        StyleUNet.from_checkpoint(str(tmp_path / "other.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_and_timesteps(kind):
+    sched = NoiseSchedule(kind, 1000)
+    a = sched.alphas_cumprod
+    assert a.shape == (1000,) and bool((a[1:] < a[:-1]).all()) and a[0] > 0.99 and a[-1] < 1e-3
+    seq = ddim_timesteps(1000, 10)
+    assert seq[0] == 0 and seq[-1] == 999 and len(seq) == 10 and seq == sorted(seq)
+    x0, noise, t = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.tensor([0, 999])
+    xt = q_sample(x0, t, noise, sched)
+    assert torch.allclose(xt[:, 0, 0, 0], a[[0, 999]].sqrt().float())
+
+
+def test_simple_loss_trains_the_unet_and_is_zero_for_the_exact_model():
+    model = tiny_unet().train()
+    x0, t, s = inputs(model)
+    noise = torch.randn_like(x0)
+    loss = simple_loss(model, x0, s, t, noise)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and model.style_proj["coarse"].weight.grad.abs().sum() > 0
+    exact = GaussianEps(lambda _: x0)
+    assert simple_loss(exact, x0, s, t, noise) < 1e-4
+
+
+@pytest.mark.parametrize("steps", [1, 10, 50])
+def test_ddim_round_trip_reproduces_a_single_image_exactly(steps):
+    x_star = torch.rand(2, 3, 8, 8) * 2 - 1
+    model = GaussianEps(lambda s: x_star * s[:, :1, None, None])
+    s = torch.ones(2, 4)
+    x_T = ddim_encode(model, x_star, s, steps)
+    assert x_T.shape == x_star.shape
+    if steps > 1:                                                      # (one move lands on x* itself)
+        assert (x_T - x_star).abs().amax() > 0.1
+    assert torch.allclose(ddim_decode(model, x_T, s, steps), x_star, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,steps,refine,tol", [("linear", 20, 5, 1e-3), ("cosine", 50, 3, 2e-3)])
+def test_ddim_round_trip_for_a_gaussian_distribution(kind, steps, refine, tol):
+    """Plain DDIM inversion is first order (error ∝ 1/steps); fixed-point refinement makes it exact."""
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.2
+    model = GaussianEps(lambda s: torch.full((s.shape[0], 3, 8, 8), 0.2), 0.5, NoiseSchedule(kind))
+    s = torch.zeros(2, 4)
+
+    def error(n: int, r: int = 0) -> float:
+        return float((ddim_decode(model, ddim_encode(model, x0, s, n, refine=r), s, n) - x0).abs().amax())
+
+    plain = error(steps)
+    assert 0.02 < plain < 1.0 and error(4 * steps) < plain / 2.5      # converges like 1/steps
+    assert error(steps, refine) < tol
+
+def test_ddim_round_trip_with_the_unet_is_finite():
+    model = tiny_unet()
+    x0, _, s = inputs(model)
+    x_T = ddim_encode(model, x0, s, 3, refine=1)
+    rec = ddim_decode(model, x_T, s, 3)
+    assert x_T.shape == rec.shape == x0.shape and torch.isfinite(rec).all()
+
+
+def test_mask_guided_decode_with_the_same_code_is_the_plain_decode():
+    model = tiny_unet()
+    x_T, _, s = inputs(model)
+    image, mask = mask_guided_decode(model, x_T, s, s.clone(), 4, threshold=0.3)
+    assert torch.equal(image, ddim_decode(model, x_T, s, 4))
+    assert mask.shape == (2, 1, 16, 16) and torch.count_nonzero(mask) == 0
+
+
+def test_mask_guided_decode_edits_only_where_the_codes_disagree():
+    base = torch.rand(2, 3, 16, 16) * 2 - 1
+    region = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    region[..., 3:7, 8:13] = True
+    model = GaussianEps(lambda s: base + s[:, :1, None, None] * region)   # s moves the region only
+    s, s_edit = torch.zeros(2, 2), torch.ones(2, 2)
+    x_T = ddim_encode(model, base, s, 20)
+    plain = ddim_decode(model, x_T, s, 20)
+    image, mask = mask_guided_decode(model, x_T, s, s_edit, 20, threshold=0.3, smooth=3)
+    assert mask[region.expand_as(mask)].all()                          # the mask covers the region
+    halo = torch.nn.functional.max_pool2d(region.float(), 5, stride=1, padding=2).bool()
+    assert not mask[~halo.expand_as(mask)].any()                      # and stays near it
+    outside = ~region.expand_as(image)
+    assert (image - plain)[outside].abs().amax() < 1e-5               # untouched pixels: the plain decode
+    edited = (base + region)[region.expand_as(image)]
+    assert torch.allclose(image[region.expand_as(image)], edited, atol=1e-3)   # region decoded under ŝ
