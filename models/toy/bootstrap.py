@@ -3,7 +3,7 @@
 ``python -m models.toy.bootstrap --out zoo/toy [--seed 0] [--minutes 28]`` (the ``deltaedit zoo train toy``
 command). Three steps, each on fresh renders of the procedural domain, all on CPU:
 
-1. generator — a 64 px StyleGAN2 trained as a VAE decoder (``train_generator``);
+1. generator — a 64 px StyleGAN2 fitted to the renderer's own draws, z → render (``train_generator``);
 2. encoder  — the e4e-style image → W+ encoder for that generator (``train_encoder``), saved with G inside;
 3. clip     — a small open_clip model trained contrastively on captions (``train_clip``).
 
@@ -27,10 +27,10 @@ from models.toy.oracle import DEFAULT_PATH as ORACLE_PATH
 from models.toy.oracle import Oracle
 from models.toy.train_clip import ToyClipTraining, evaluate_clip, train_clip
 from models.toy.train_encoder import ToyEncoderConfig, train_encoder
-from models.toy.train_generator import RECON_SEED, ToyGeneratorConfig, attribute_agreement, evaluate_samples, \
-    evaluate_vae, train_generator
+from models.toy.train_generator import RECON_SEED, ToyGeneratorConfig, attribute_agreement, evaluate_prior_fit, \
+    evaluate_samples, evaluate_vae, train_generator
 
-SHARES = {"generator": 0.5, "encoder": 0.15, "clip": 0.27}   # relative training time per phase
+SHARES = {"generator": 0.54, "encoder": 0.22, "clip": 0.24}  # relative training time per phase (shipped run)
 EVAL_SHARE = 0.08                                              # of minutes_budget, kept for evaluation
 
 
@@ -77,23 +77,28 @@ def bootstrap(out_dir: str = "zoo/toy", seed: int = 0, minutes_budget: float | N
 
 def _generator_and_encoder(out: Path, oracle: Oracle, seed: int, budget: dict[str, float | None],
                            generator: ToyGeneratorConfig, encoder: ToyEncoderConfig) -> dict[str, Any]:
-    # 1. generator (VAE decoder) and its sample statistics
+    # 1. generator (fitted prior, or VAE decoder) and its sample statistics
     G, zenc, g_lineage = train_generator(generator, seed, budget["generator"])
     g_lineage["samples"] = evaluate_samples(G, oracle)
-    g_lineage["vae_reconstruction"] = evaluate_vae(G, zenc, oracle)
+    if zenc is None:
+        g_lineage["prior_fit"] = evaluate_prior_fit(G, oracle)
+    else:
+        g_lineage["vae_reconstruction"] = evaluate_vae(G, zenc, oracle)
     G.save(str(out / "generator.safetensors"), lineage=g_lineage)
     # 2. encoder with the generator inside
     E, e_lineage = train_encoder(G, zenc, encoder, seed, budget["encoder"])
     e_lineage["reconstruction"] = evaluate_inversion(E, oracle)
     E.save(str(out / "encoder.safetensors"), lineage=e_lineage)
-    return {"generator": {k: g_lineage[k] for k in ("steps", "seconds", "samples", "vae_reconstruction")},
+    fit = "prior_fit" if zenc is None else "vae_reconstruction"
+    return {"generator": {k: g_lineage[k] for k in ("steps", "seconds", "samples", fit)},
             "encoder": {k: e_lineage[k] for k in ("steps", "seconds", "reconstruction")}}
 
 
 def _clip(out: Path, seed: int, budget: dict[str, float | None], clip: ToyClipTraining) -> dict[str, Any]:
     # 3. CLIP
     C, c_lineage = train_clip(clip, seed, budget["clip"])
-    c_lineage.update(evaluate_clip(C))
+    c_lineage.update(evaluate_clip(C))   # evaluate_clip's "seed" is the held-out render seed: keep both
+    c_lineage["eval_seed"], c_lineage["seed"] = c_lineage["seed"], seed
     C.save(str(out / "clip.safetensors"), lineage=c_lineage)
     return {"clip": {k: c_lineage[k] for k in ("steps", "seconds", "final_loss", "zero_shot",
                                                "zero_shot_templates")}}

@@ -5,11 +5,13 @@ Manipulation", eq. 3–4, with the discriminator dropped):
 
     W+ = E(x) = w₀ + Δᵢ (+ latent_avg)
     L = |G(W+) − x|₁ + MSE(G(W+), x)                   pixels
-      + λ_w · mean‖W+ − w_vae‖²                          stay where the generator was trained: w_vae is
-                                                        mapping(μ) of the VAE's z-encoder (train_generator)
+      + λ_w · mean‖W+ − w‖²                              stay where the generator was trained: for a
+                                                        fitted-prior G the renders come from z ~ N(0, I) and
+                                                        w = mapping(z) exactly; for a VAE G, w = mapping(μ)
+                                                        of its z-encoder (train_generator)
       + λ_Δ · mean‖Δᵢ‖²                                  e4e's delta regularisation: rows stay close to w₀
 
-The w_vae term is a distillation target the e4e recipe cannot have (a GAN has no encoder); here it makes
+The w term is a distillation target the e4e recipe cannot have (a GAN has no encoder); here it makes
 a few minutes of CPU enough and keeps inversions in the well-trained region of W.
 """
 from __future__ import annotations
@@ -25,14 +27,14 @@ import torch.nn.functional as F
 
 from models.e4e import Encoder
 from models.stylegan2 import Generator
-from models.toy.domain import render_random, to_tensor
-from models.toy.train_generator import STREAM, ZEncoder, track_losses
+from models.toy.domain import render_batch, render_random, to_tensor
+from models.toy.train_generator import RECON_SEED, STREAM, ZEncoder, attribute_agreement, render_z, track_losses
 
 @dataclass(frozen=True)
 class ToyEncoderConfig:
     backbone_blocks: tuple[int, ...] = (1, 1, 1, 1)
     widths: tuple[int, ...] = (16, 32, 32, 64)
-    steps: int = 1200
+    steps: int = 1000
     batch_size: int = 48
     lr: float = 1e-3
     lambda_w: float = 1.0          # pull towards the render's known w (per element, squared)
@@ -46,13 +48,21 @@ def build_encoder(G: Generator, config: ToyEncoderConfig) -> Encoder:
     return enc
 
 
-def train_encoder(G: Generator, zenc: ZEncoder, config: ToyEncoderConfig = ToyEncoderConfig(), seed: int = 0,
-                  seconds_budget: float | None = None, log_every: int = 100) -> tuple[Encoder, dict[str, Any]]:
-    """Fit the encoder with G frozen; returns (Encoder with G inside, lineage)."""
+def train_encoder(G: Generator, zenc: ZEncoder | None, config: ToyEncoderConfig = ToyEncoderConfig(), seed: int = 0,
+                  seconds_budget: float | None = None, log_every: int = 100, probe_every: int = 0,
+                  oracle: Any = None) -> tuple[Encoder, dict[str, Any]]:
+    """Fit the encoder with G frozen; returns (Encoder with G inside, lineage).
+
+    zenc None (a fitted-prior generator): the renders are drawn from z ~ N(0, I) through
+    ``render_z`` and the latent target is the exact w = mapping(z); else w = mapping(μ) of the z-encoder.
+    """
     torch.manual_seed(seed)
-    for p in list(G.parameters()) + list(zenc.parameters()):
+    for p in list(G.parameters()) + (list(zenc.parameters()) if zenc is not None else []):
         p.requires_grad_(False)
-    G.eval(), zenc.eval()
+    G.eval()
+    if zenc is not None:
+        zenc.eval()
+    gen = torch.Generator().manual_seed(seed * 7919 + STREAM + 1)
     enc = build_encoder(G, config)
     net = enc.encoder.train()
     rng = np.random.default_rng([seed, STREAM, 1])
@@ -65,9 +75,14 @@ def train_encoder(G: Generator, zenc: ZEncoder, config: ToyEncoderConfig = ToyEn
             break
         for g in opt.param_groups:
             g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * progress))
-        x = to_tensor(render_random(rng, config.batch_size)[0])               # (B, 3, 64, 64)
         with torch.no_grad():
-            w_vae = G.mapping(zenc(x)[0])                                      # (B, style_dim)
+            if zenc is None:
+                z = torch.randn(config.batch_size, G.style_dim, generator=gen)
+                x = render_z(z)[0]                                             # (B, 3, 64, 64)
+                w_vae = G.mapping(z)                                           # (B, style_dim): exact
+            else:
+                x = to_tensor(render_random(rng, config.batch_size)[0])
+                w_vae = G.mapping(zenc(x)[0])
         offsets = net(x)                                                       # (B, n_latent, style_dim)
         w_plus = offsets + enc.latent_avg
         x_hat = G(w_plus, noise_mode="none")
@@ -79,6 +94,13 @@ def train_encoder(G: Generator, zenc: ZEncoder, config: ToyEncoderConfig = ToyEn
         loss.backward()
         opt.step()
         track_losses(avg, {"pix": pix, "lat": lat, "delta": delta}, step, log_every, "encoder", start)
+        if probe_every and oracle is not None and (step + 1) % probe_every == 0:
+            net.eval()
+            with torch.no_grad():
+                xp = to_tensor(render_batch(200, RECON_SEED)[0])
+                agree = attribute_agreement(oracle, xp, G(enc(xp)).clamp(-1, 1))
+            print(f"[encoder] step {step + 1} inversion agree {agree}", flush=True)
+            net.train()
     enc.eval()
     for p in G.parameters():
         p.requires_grad_(True)
