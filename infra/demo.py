@@ -2,7 +2,7 @@
 
 It renders a small toy catalog (as a user's own image folder would be), then runs the pipeline with the
 committed toy models — preprocess (ingest, invert, sample, embed), relevance, train-mapper (the Delta
-Mapper and the straightforward baseline), bulk-edit (configs/toy_prompts.yaml with DeltaEdit and both
+Mapper and the straightforward baseline), bulk-edit (configs/prompts/toy.yaml with DeltaEdit and both
 baselines) and evaluate — and ends with the path of the HTML report.
 """
 from __future__ import annotations

@@ -181,19 +181,43 @@ def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
         edit_builder(cfg, "test.yaml")
 
 
-@pytest.mark.timeout(900)
-def test_killed_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
-    from flows.bulk_edit import bulk_edit_flow
-
-    root, overrides = prepared
+def _copies(root: Path, overrides: list[str], tmp_path: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """Copies of the prepared run without its edits, one config file each (one image per edits shard)."""
     configs = {}
-    for name in ("killed", "clean"):
+    for name in names:
         shutil.copytree(root, tmp_path / name, ignore=shutil.ignore_patterns("edits", "metrics", "_prefect",
                                                                                "*catalog_*", "report"))
         run = [o for o in overrides if not o.startswith("root=")] + [f"root={tmp_path / name}",
                                                                       "bulk_edit.images_per_shard=1"]
         configs[name] = write_config(tmp_path / f"{name}.yaml", run)
+    return configs
 
+
+def _same_edits(tmp_path: Path, a: str, b: str) -> None:
+    first, second = (store_snapshot(tmp_path / n / "edits") for n in (a, b))
+    assert first.keys() == second.keys() and len(first) == 3 * N_IMAGES    # tar, manifest, marker per shard
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+def test_interrupted_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
+    """CI's small version of the kill test below: a run stopped after two shards, then resumed."""
+    from flows.bulk_edit import bulk_edit_flow
+
+    configs = _copies(*prepared, tmp_path, ("partial", "clean"))
+    first = bulk_edit_flow(str(configs["partial"]), shards=["00000-000", "00001-001"])["edits"]
+    assert first["ran"] == 2
+    resumed = bulk_edit_flow(str(configs["partial"]))["edits"]
+    assert (resumed["skipped"], resumed["ran"]) == (2, N_IMAGES - 2)
+    bulk_edit_flow(str(configs["clean"]))
+    _same_edits(tmp_path, "partial", "clean")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
+    from flows.bulk_edit import bulk_edit_flow
+
+    configs = _copies(*prepared, tmp_path, ("killed", "clean"))
     edits = tmp_path / "killed" / "edits"
     kill_after_first_shard(["run", "bulk-edit", "--config", str(configs["killed"])], tmp_path, edits)
     done = len(list(edits.glob("*.done.json")))
@@ -202,9 +226,7 @@ def test_killed_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
     resumed = bulk_edit_flow(str(configs["killed"]))["edits"]
     assert resumed["skipped"] >= done and resumed["ran"] + resumed["skipped"] == N_IMAGES
     bulk_edit_flow(str(configs["clean"]))
-    killed, clean = (store_snapshot(tmp_path / n / "edits") for n in ("killed", "clean"))
-    assert killed.keys() == clean.keys() and len(killed) == 3 * N_IMAGES    # tar, manifest, marker
-    assert [k for k in killed if killed[k] != clean[k]] == []
+    _same_edits(tmp_path, "killed", "clean")
 
 
 def test_evaluate_measures_every_edit_and_writes_the_report(prepared):

@@ -158,9 +158,11 @@ def test_flow_trains_resumes_and_trains_the_baseline(tmp_path):
     assert (fresh["start_step"], fresh["ran"]) == (0, 6)
     overrides = _flow_overrides(tmp_path / "run", model="straightforward", cache_dir=tmp_path / "c2")
     base = train_mapper_flow(None, overrides, overwrite=True)["train_mapper"]
-    assert base["done"]
-    baseline = StraightforwardMapper.from_checkpoint(str(tmp_path / "run" / "mapper" / "mapper.safetensors"))
+    assert base["done"] and base["ran"] == 6                 # its own folder: the Delta Mapper stays
+    baseline = StraightforwardMapper.from_checkpoint(
+        str(tmp_path / "run" / "mapper_straightforward" / "mapper.safetensors"))
     assert isinstance(baseline, StraightforwardMapper)
+    assert DeltaMapper.from_checkpoint(str(tmp_path / "run" / "mapper" / "mapper.safetensors")).KIND == "delta_mapper"
 
 
 @pytest.mark.timeout(300)
