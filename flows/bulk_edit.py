@@ -106,9 +106,10 @@ def _mapper_spec(cfg: RunConfig, method: str, where: str) -> ModelSpec:
     model = "delta" if method == "deltaedit" else "straightforward"
     folder = Location(cfg.root, cfg.storage_options).child(mapper_dir(model))
     if not folder.exists(MAPPER_FILE):
+        setting = "models.mapper" if model == "delta" else "bulk_edit.straightforward_mapper"
         raise ConfigError(f"{where}: method '{method}' needs a trained mapper: {folder.url(MAPPER_FILE)} does "
                           f"not exist (run `deltaedit run train-mapper train_mapper.model={model}` to "
-                          f"finish training, or set {'models.mapper' if model == 'delta' else 'bulk_edit.straightforward_mapper'})")
+                          f"finish training, or set {setting})")
     name = "delta_mapper" if model == "delta" else "straightforward_mapper"
     return ModelSpec(name=name, checkpoint=folder.url(MAPPER_FILE))
 

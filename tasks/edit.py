@@ -163,7 +163,8 @@ class EditProcessor:
         device = next(G.parameters()).device
         for start in range(0, len(pending), self.cfg.batch_size):
             chunk = pending[start:start + self.cfg.batch_size]
-            code = StyleCode(torch.stack([c[1] for c in chunk]).to(device), torch.stack([c[2] for c in chunk]).to(device))
+            conv, rgb = (torch.stack([c[n] for c in chunk]).to(device) for n in (1, 2))
+            code = StyleCode(conv, rgb)
             images = G.synthesize(code)
             finite = torch.isfinite(images).flatten(1).all(dim=1)
             pixels = to_uint8(images)
@@ -250,4 +251,5 @@ class EditBuilder:
                                for m in map(store.marker, store.finished()) if m)
         return code_fingerprint(EditProcessor, ed.global_direction, config={
             "settings": settings, "models": models, "relevance": relevance,
-            "inputs": [self.codes_stage, self.clip_stage], "n_stat_samples": self.n_stat_samples, "seed": self.seed})
+            "inputs": [self.codes_stage, self.clip_stage], "n_stat_samples": self.n_stat_samples,
+            "seed": self.seed})

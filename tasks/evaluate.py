@@ -40,7 +40,8 @@ from tasks.edit_directions import TEMPLATES, text_direction
 
 NAN = float("nan")
 _FILES = ("oracle", "inception_weights", "lpips_weights", "identity_model")   # fingerprinted by content
-COPIED = ("image_key", "prompt_id", "method", "source_text", "target_text", "strength", "omega", "channels_changed")
+COPIED = ("image_key", "prompt_id", "method", "source_text", "target_text", "strength", "omega",
+          "channels_changed")
 
 
 @dataclass
@@ -181,8 +182,9 @@ class MetricsBuilder:
                     if c.identity_model else None)
         root = Location(self.root, opts)
         meta = {"clip": clip.describe(), "features": c.features, "templates": self.templates}
-        return MetricsProcessor(MetricsModels(clip, features, oracle, lpips, identity), StageStore(root, self.edits_stage),
-                                StageStore(root, self.images_stage), self.templates, c.batch_size, meta)
+        models = MetricsModels(clip, features, oracle, lpips, identity)
+        return MetricsProcessor(models, StageStore(root, self.edits_stage), StageStore(root, self.images_stage),
+                                self.templates, c.batch_size, meta)
 
     def fingerprint(self) -> str:
         files = [self.cfg.oracle, self.cfg.inception_weights, self.cfg.lpips_weights, self.cfg.identity_model]

@@ -3,7 +3,6 @@ real kill of a running `deltaedit run preprocess` followed by a resume."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
