@@ -196,11 +196,17 @@ def cmd_store(args: argparse.Namespace) -> int:
     from infra.store import StageStore
 
     root = Location(args.root)
+    others = []
     for stage in root.listdir():
         store = StageStore(root, stage)
         markers = [store.marker(s) for s in store.finished()]
+        if not markers:                      # a model folder, a report, a catalog: not a stage store
+            others.append(stage)
+            continue
         totals = {k: sum(m["counts"][k] for m in markers) for k in ("seen", "ok", "failed")}
-        print(f"{stage:12s} {len(markers)} finished shards; {totals}")
+        print(f"{stage:16s} {len(markers)} finished shards; {totals}")
+    if others:
+        print("other folders: " + ", ".join(others))
     return 0
 
 

@@ -58,3 +58,19 @@ def test_toy_render_writes_a_catalog(tmp_path):
 def test_zoo_list_names_the_models():
     out = _run("zoo", "list")
     assert out.returncode == 0 and "stylegan2" in out.stdout and "delta_mapper" in out.stdout
+
+
+def test_store_ls_counts_stages_and_names_other_folders(tmp_path, capsys):
+    from infra.cli import main
+    from infra.fsio import Location
+    from infra.store import StageStore
+
+    writer = StageStore(Location(str(tmp_path)), "codes").writer("00000")
+    writer.add("a", "a.png")
+    writer.add_failure("b", "b.png", "corrupt")
+    writer.commit(input_fingerprint="x", code_fingerprint="y")
+    (tmp_path / "mapper").mkdir()
+    assert main(["store", "ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["codes", "1"] and "'seen': 2, 'ok': 1, 'failed': 1" in out[0]
+    assert out[1] == "other folders: mapper"
