@@ -16,6 +16,8 @@ import webdataset as wds
 from PIL import Image
 
 from infra.store import StageStore
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 from infra.tables import column_to_numpy
 
 
@@ -32,6 +34,11 @@ def iter_image_samples(store: StageStore, shard_ids: Sequence[str] | None = None
     yield from wds.tariterators.group_by_keys(files)
 
 
+def encoded_image(sample: dict[str, Any]) -> bytes:
+    """The encoded image of a WebDataset sample, whatever its format."""
+    return sample[next(k for k in sample if k in IMAGE_EXTS)]
+
+
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image → (3, H, W) float tensor in [-1, 1] (the generator's convention)."""
     arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
@@ -44,9 +51,8 @@ def image_batches(store: StageStore, batch_size: int, shard_ids: Sequence[str] |
     keys: list[str] = []
     images: list[torch.Tensor] = []
     for sample in iter_image_samples(store, shard_ids):
-        ext = next(k for k in sample if k in ("png", "jpg", "jpeg", "webp"))
         keys.append(sample["__key__"])
-        images.append(decode_image(sample[ext]))
+        images.append(decode_image(encoded_image(sample)))
         if len(keys) == batch_size:
             yield keys, torch.stack(images)
             keys, images = [], []

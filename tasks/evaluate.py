@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from infra.config import EvaluateConfig
-from infra.readers import decode_image, iter_image_samples
+from infra.readers import decode_image, encoded_image, iter_image_samples
 from infra.records import Sink
 from infra.shards import ShardSpec
 from infra.stage import code_fingerprint
@@ -130,8 +130,7 @@ class MetricsProcessor:
 
 
 def _image(sample: dict[str, Any]) -> Tensor:
-    ext = next(k for k in sample if k in ("png", "jpg", "jpeg", "webp"))
-    return decode_image(sample[ext])
+    return decode_image(encoded_image(sample))
 
 
 def _images_shard(spec: ShardSpec) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from infra.fsio import Location
-from infra.readers import iter_image_samples
+from infra.readers import encoded_image, iter_image_samples
 from infra.store import StageStore
 from infra.tables import column_to_numpy
 from tasks import metrics as M
@@ -101,7 +101,8 @@ def grids(rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: i
 
 
 def _pngs(store: StageStore, shards: list[str], wanted: set[str]) -> dict[str, bytes]:
-    return {s["__key__"]: s.get("png") for s in iter_image_samples(store, shards) if s["__key__"] in wanted}
+    """Encoded images by key (any format: the grid decodes them with PIL)."""
+    return {s["__key__"]: encoded_image(s) for s in iter_image_samples(store, shards) if s["__key__"] in wanted}
 
 
 def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:

@@ -203,7 +203,8 @@ def _grid_html(grid: Grid, png_name: str) -> str:
         for j in range(len(grid.columns)):
             cell = cells[j] if j < len(cells) else GridCell(None, error="missing")
             if cell.image is not None and cell.error is None:
-                uri = "data:image/png;base64," + base64.b64encode(cell.image).decode("ascii")
+                mime = Image.MIME.get(Image.open(io.BytesIO(cell.image)).format or "PNG", "image/png")
+                uri = f"data:{mime};base64," + base64.b64encode(cell.image).decode("ascii")
                 inner = f'<img src="{uri}" alt="{e(cell.caption or label)}">'
             else:
                 inner = f'<span class="fail" title="{e(cell.error or "")}">failed<br>{e(cell.error or "")}</span>'
