@@ -19,6 +19,8 @@ FLOWS: dict[str, FlowEntry] = {e.name: e for e in [
               "ingest + invert (e4e) + sample (generator) + embed (CLIP) into the run's stores"),
     FlowEntry("train-mapper", "flows/train_mapper.py:train_mapper_flow",
               "train (or resume) the Delta Mapper on pairs from the codes + CLIP stores into <root>/mapper"),
+    FlowEntry("train-diffusion", "flows/train_diffusion.py:train_diffusion_flow",
+              "train (or resume) the DeltaEdit-D diffusion decoder on the images + codes stores into <root>/diffusion"),
     FlowEntry("relevance", "flows/relevance.py:relevance_flow",
               "relevance matrix Rs (conv channels x CLIP dim), by resumable blocks of channels"),
     FlowEntry("bulk-edit", "flows/bulk_edit.py:bulk_edit_flow",
@@ -27,14 +29,12 @@ FLOWS: dict[str, FlowEntry] = {e.name: e for e in [
               "metrics of every edit (oracle, CLIP direction, PSNR/SSIM, FID/KID, ...) and the HTML report"),
 ]}
 
-# Stages of the end-to-end pipeline that do not exist yet (see the open issues).
-PLANNED = ["train-diffusion"]
 
 
 def load_flow(name: str):
     if name not in FLOWS:
         known = ", ".join(sorted(FLOWS))
-        raise KeyError(f"unknown flow '{name}'; known flows: {known} (planned: {', '.join(PLANNED)})")
+        raise KeyError(f"unknown flow '{name}'; known flows: {known}")
     path, func = FLOWS[name].entrypoint.split(":")
     module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
     return getattr(module, func)

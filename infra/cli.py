@@ -177,11 +177,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
-    from flows.registry import FLOWS, PLANNED
+    from flows.registry import FLOWS
 
     for entry in FLOWS.values():
         print(f"{entry.name:16s} {entry.summary}")
-    print("not built yet: " + ", ".join(PLANNED))
     return 0
 
 

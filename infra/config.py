@@ -86,6 +86,38 @@ class TrainMapperConfig(Strict):
     cache_dir: str | None = None               # local row cache (None: <root>/mapper_cache, or a temp dir)
 
 
+class DiffusionModelConfig(Strict):
+    """The DeltaEdit-D U-Net (``models.diffusion.DiffusionConfig``; layout and image size come from the stores)."""
+    base_channels: int = Field(64, ge=4)
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)   # one entry per resolution level, highest first
+    num_res_blocks: int = Field(2, ge=1)
+    norm_groups: int = Field(32, ge=1)
+    emb_dim: int = Field(0, ge=0)                  # 0: 4 × base_channels
+    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = Field(1000, ge=1)
+
+
+class TrainDiffusionConfig(Strict):
+    """DeltaEdit-D training: ε-prediction with the L1 simple loss (the paper: AdamW lr 1e-4, wd 0.01, EMA)."""
+    pools: list[Literal["codes", "samples"]] = ["codes", "samples"]   # inverted images and/or generator samples
+    model: DiffusionModelConfig = DiffusionModelConfig()
+    steps: int = Field(100_000, ge=1)
+    batch_size: int = Field(32, ge=1)         # per worker
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)   # max gradient norm (None: off)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)   # warmed up as min(decay, (1 + step) / (10 + step))
+    val_fraction: float = Field(0.01, ge=0, lt=1)  # held out by key hash
+    val_every: int = Field(1000, ge=1)
+    val_images: int = Field(256, ge=1)        # fixed held-out images, fixed t and noise: a comparable loss
+    checkpoint_every: int = Field(5000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    workers: int = Field(1, ge=1)             # > 1: Ray Train data-parallel (gloo on CPU, nccl on GPU)
+    threads: int | None = Field(None, ge=1)   # torch CPU threads per worker (None: torch's default)
+    cache_dir: str | None = None              # local row cache (None: <root>/diffusion_cache, or a temp dir)
+
+
 class RelevanceConfig(Strict):
     """Rₛ (StyleCLIP's fs3) for the run's generator and CLIP; stage `relevance_<mode>`, sharded by channel blocks."""
     mode: Literal["exact", "fast"] = "exact"  # exact: StyleCLIP's ±kσ renders; fast: Jacobian, check it first
@@ -103,8 +135,19 @@ class RelevanceConfig(Strict):
                                   "a shape -> a red shape", "a shape -> a large shape"]
 
 
+class DiffusionEditConfig(Strict):
+    """How DeltaEdit-D decodes: DDIM-encode the input photo under s, decode under the edited ŝ."""
+    steps: int = Field(50, ge=1)               # DDIM steps (encode and decode)
+    refine: int = Field(0, ge=0)               # fixed-point refinements per encoding step (exact inversion)
+    encode_depth: float = Field(1.0, gt=0, le=1)   # fraction of T to encode to (1: x_T; less keeps more)
+    mask_threshold: float = Field(0.5, gt=0, lt=1)  # diffusion_masked: |ε(ŝ) − ε(s)| above this × its max
+    mask_smooth: int = Field(3, ge=1)          # ... box-smoothed over this many pixels (odd)
+    methods: list[Literal["deltaedit", "straightforward", "styleclip_gd"]] | None = None   # None: all methods
+    max_images: int | None = Field(None, ge=1)   # decode only the first N images of each edits shard
+
+
 class BulkEditConfig(Strict):
-    """Bulk text-guided edits (DeltaEdit-G): every image of the codes store × every prompt × every method."""
+    """Bulk text-guided edits: every image of the codes store × every prompt × every method × every decoder."""
     prompts: str | None = None             # YAML or CSV file/URI (see tasks/prompts.py)
     catalog: str | None = None             # new images: ingested, inverted and embedded first (else: the run's)
     methods: list[Literal["deltaedit", "straightforward", "styleclip_gd"]] = ["deltaedit"]
@@ -121,6 +164,14 @@ class BulkEditConfig(Strict):
     batch_size: int = Field(32, ge=1)      # codes per mapper / generator forward
     image_format: Literal["png", "jpg", "webp"] = "png"
     straightforward_mapper: ModelSpec | None = None   # default: <root>/mapper_straightforward/mapper.safetensors
+    decoder: list[Literal["generator", "diffusion", "diffusion_masked"]] = ["generator"]   # DeltaEdit-G and/or
+                                           # -D (models.diffusion); diffusion_masked: mask-guided decoding
+    diffusion: DiffusionEditConfig = DiffusionEditConfig()
+
+    @field_validator("decoder", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class EvaluateConfig(Strict):
@@ -143,8 +194,9 @@ class ModelsConfig(Strict):
     encoder: ModelSpec | None = None
     clip: ModelSpec | None = None
     mapper: ModelSpec | None = None
+    diffusion: ModelSpec | None = None    # DeltaEdit-D decoder (default: <root>/diffusion/diffusion.safetensors)
 
-    @field_validator("generator", "encoder", "clip", "mapper")
+    @field_validator("generator", "encoder", "clip", "mapper", "diffusion")
     @classmethod
     def _known_to_the_zoo(cls, spec: ModelSpec | None) -> ModelSpec | None:
         if spec is not None:
@@ -168,6 +220,7 @@ class RunConfig(Strict):
     embed: EmbedConfig = EmbedConfig()
     relevance: RelevanceConfig = RelevanceConfig()
     train_mapper: TrainMapperConfig = TrainMapperConfig()
+    train_diffusion: TrainDiffusionConfig = TrainDiffusionConfig()
     bulk_edit: BulkEditConfig = BulkEditConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 

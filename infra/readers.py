@@ -16,9 +16,9 @@ import webdataset as wds
 from PIL import Image
 
 from infra.store import StageStore
+from infra.tables import column_to_numpy
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-from infra.tables import column_to_numpy
 
 
 def _open_shards(store: StageStore, shard_ids: Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -39,9 +39,14 @@ def encoded_image(sample: dict[str, Any]) -> bytes:
     return sample[next(k for k in sample if k in IMAGE_EXTS)]
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image → (H, W, 3) uint8 RGB array."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image → (3, H, W) float tensor in [-1, 1] (the generator's convention)."""
-    arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+    arr = decode_rgb(data).astype(np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 

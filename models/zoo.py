@@ -267,6 +267,16 @@ register("delta_mapper", _mapper("DeltaMapper"), role="mapper",
 register("straightforward_mapper", _mapper("StraightforwardMapper"), role="mapper",
          description="the paper's naïve baseline mapper (s, i₁, i₂) → Δs")
 
+@register("style_diffusion", role="diffusion")
+def _style_diffusion(checkpoint: str | None, *, device: str = "cpu", storage_options: StorageOptions = None) -> Any:
+    """DeltaEdit-D's style-conditioned diffusion U-Net, from one of our ``style_diffusion`` checkpoints."""
+    from models.diffusion import StyleUNet
+
+    if checkpoint is None:
+        raise ValueError("style_diffusion needs a checkpoint (train one with `deltaedit run train-diffusion`)")
+    return StyleUNet.from_checkpoint(checkpoint, **(storage_options or {})).to(device).eval()
+
+
 # presets: the paper's setting
 register("clip_vit_b32", _open_clip, role="clip", defaults={"model": "ViT-B-32", "pretrained": "openai"},
          description="CLIP ViT-B/32 (OpenAI weights from the local cache), proper preprocessing")

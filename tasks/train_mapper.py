@@ -15,28 +15,25 @@ function of the step, so restoring the step, weights, optimizer and RNGs reprodu
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import random
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from infra.config import TrainMapperConfig
 from infra.fsio import Location
-from models.checkpoint import load_safetensors, load_strict
 from models.delta_mapper import DeltaMapper, MapperConfig, StraightforwardMapper
+from tasks.checkpoints import Checkpointer, rng_state, seed_everything, set_rng_state
 from tasks.mapper_data import PairSampler, RowCache, validation_pairs
 
 MODELS: dict[str, type[DeltaMapper]] = {"delta": DeltaMapper, "straightforward": StraightforwardMapper}
-LATEST, FINAL = "latest.json", "mapper.safetensors"
+FINAL = "mapper.safetensors"
 
 
 def build_model(kind: str, config: MapperConfig, seed: int) -> DeltaMapper:
@@ -62,81 +59,6 @@ def pair_loss(pred: torch.Tensor, target: torch.Tensor, mse_weight: float = 1.0,
     """(loss, mean cosine) of predicted vs true Δs, both (B, S)."""
     cos = F.cosine_similarity(pred, target, dim=1).mean()
     return mse_weight * F.mse_loss(pred, target) + cos_weight * (1 - cos), cos
-
-
-# --- RNG state as tensors and plain values (weights_only-loadable) -----------------------------------
-
-def rng_state() -> dict[str, Any]:
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, pstate, pgauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": int(version), "state": torch.tensor(pstate, dtype=torch.int64),
-                       "gauss": -1.0 if pgauss is None else float(pgauss), "has_gauss": pgauss is not None}}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()),
-                     p["gauss"] if p["has_gauss"] else None))
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------
-
-class Checkpointer:
-    """Step checkpoints in ``out``: weights file, state sidecar, then ``latest.json`` (the commit)."""
-
-    def __init__(self, out: Location, keep: int = 2) -> None:
-        self.out, self.keep = out, keep
-
-    def latest(self) -> dict[str, Any] | None:
-        return json.loads(self.out.read_bytes(LATEST)) if self.out.exists(LATEST) else None
-
-    def save(self, step: int, model: DeltaMapper, state: dict[str, Any], final: bool = False) -> str:
-        name = f"step-{step:08d}"
-        weights = _safetensors_bytes(model)
-        self.out.write_bytes(f"{name}.safetensors", weights)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        self.out.write_bytes(f"{name}.state.pt", buf.getvalue())
-        if final:
-            self.out.write_bytes(FINAL, weights)
-        self.out.write_bytes(LATEST, json.dumps({"step": step, "name": name, "final": final}).encode())
-        self._prune(name)
-        return self.out.url(f"{name}.safetensors")
-
-    def load(self, model: DeltaMapper) -> tuple[int, dict[str, Any]]:
-        """Restore the weights into ``model``; return (step, sidecar state)."""
-        latest = self.latest()
-        name = latest["name"]
-        tensors, _ = load_safetensors(self.out.url(f"{name}.safetensors"), **self.out.storage_options)
-        load_strict(model, tensors, self.out.url(f"{name}.safetensors"))
-        state = torch.load(io.BytesIO(self.out.read_bytes(f"{name}.state.pt")), weights_only=True)
-        return int(latest["step"]), state
-
-    def _prune(self, current: str) -> None:
-        names = sorted({n.split(".")[0] for n in self.out.listdir() if n.startswith("step-")})
-        for name in [n for n in names if n != current][: max(0, len(names) - self.keep)]:
-            for suffix in (".safetensors", ".state.pt"):
-                if self.out.exists(name + suffix):
-                    self.out.remove(name + suffix)
-
-
-def _safetensors_bytes(model: DeltaMapper) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.safetensors"
-        model.save(str(path))
-        return path.read_bytes()
 
 
 def run_fingerprint(tm: TrainMapperConfig, seed: int, config: MapperConfig, cache: RowCache, world: int) -> str:
@@ -179,7 +101,7 @@ def fit(tm: TrainMapperConfig, seed: int, cache: RowCache, out: Location, *, ran
     config = mapper_config(cache)
     model = build_model(tm.model, config, seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tm.lr, betas=tm.betas)
-    ckpt, fp = Checkpointer(out, tm.keep_checkpoints), run_fingerprint(tm, seed, config, cache, world)
+    ckpt, fp = Checkpointer(out, FINAL, tm.keep_checkpoints), run_fingerprint(tm, seed, config, cache, world)
     step, history = _start(ckpt, model, opt, fp, seed, rank)
     net = wrap(model) if wrap else model
     sampler = PairSampler(cache.train_rows, tm.batch_size, seed, rank, world)

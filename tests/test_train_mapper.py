@@ -16,7 +16,8 @@ from models.checkpoint import load_safetensors
 from models.delta_mapper import DeltaMapper, StraightforwardMapper
 from models.layout import StyleLayout
 from tasks import mapper_data
-from tasks.mapper_data import PairSampler, build_row_cache, is_validation, validation_pairs
+from tasks.mapper_data import PairSampler, build_row_cache, validation_pairs
+from tasks.row_cache import is_validation
 from tasks.train_mapper import build_model, evaluate, fit, mapper_config
 
 LAYOUT = StyleLayout.for_generator(TINY_G["size"], channels=TINY_G["channels"])
@@ -70,8 +71,8 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_cache_reads_one_shard_at_a_time_and_fetches_only_batches(stores, monkeypatch):
     seen: list[int] = []
-    real = mapper_data._read_columns
-    monkeypatch.setattr(mapper_data, "_read_columns",
+    real = mapper_data.read_columns
+    monkeypatch.setattr(mapper_data, "read_columns",
                         lambda store, sid, cols: seen.append(len(r := real(store, sid, cols))) or r)
     cache = _cache(stores)
     assert len(cache) == 160 and max(seen) <= 32 and "w" not in str(seen)
@@ -165,7 +166,8 @@ def test_flow_trains_resumes_and_trains_the_baseline(tmp_path):
     assert DeltaMapper.from_checkpoint(str(tmp_path / "run" / "mapper" / "mapper.safetensors")).KIND == "delta_mapper"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow          # ~60 s of Ray Train start-up; CI runs the same launcher (infra/ray_train.py) in
+@pytest.mark.timeout(300)  # test_train_diffusion's two-worker resume test
 @pytest.mark.usefixtures("prefect_harness", "ray_cluster")
 def test_flow_on_ray_train_with_two_cpu_workers(tmp_path):
     from flows.train_mapper import train_mapper_flow

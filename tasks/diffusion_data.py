@@ -1,0 +1,131 @@
+"""(image, style code) rows for DeltaEdit-D training, streamed from the stores with bounded memory.
+
+Two pools, joined on key shard by shard (``tasks.row_cache``):
+  codes   — the ingested images (``images`` stage) with their e4e-inverted codes (``codes`` stage): real
+            photos, whose details the diffusion decoder must learn to keep beyond what s encodes;
+  samples — generator samples (``samples`` stage: images and their exact codes).
+Each row is ``[s (float32 × S) | pixels (uint8 × 3·H·W)]`` in one flat local file; the per-channel mean and
+std of s over the training rows (the U-Net standardises s with them) are computed in the same pass.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from infra.fsio import Location
+from infra.readers import decode_rgb, encoded_image, iter_image_samples
+from infra.tables import column_to_numpy, decode_metadata
+from tasks.row_cache import (META, FlatRows, ShardPair, is_validation, materialize, pairs_fingerprint,
+                             read_columns, shard_pairs)
+
+# (images stage, codes stage) per pool
+POOLS: dict[str, tuple[str, str]] = {"codes": ("images", "codes"), "samples": ("samples", "samples")}
+ROWS, SPLIT, STATS = "rows.bin", "val.npy", "style_stats.npy"
+
+
+def build_image_cache(root: Location, cache_dir: str | Path, *, pools: Sequence[str] = ("codes", "samples"),
+                      shards: Sequence[str] | None = None, val_fraction: float = 0.01) -> "ImageCache":
+    """Join the pools' images and codes into a flat row file under ``cache_dir`` (reused if current)."""
+    pairs = shard_pairs(root, pools, POOLS, shards)
+    if not pairs:
+        raise FileNotFoundError(f"no finished images+codes shard pairs under {root.uri} (pools {list(pools)})")
+    folder = materialize(cache_dir, pairs_fingerprint(pairs, "diffusion", val_fraction),
+                         lambda tmp: _write_rows(pairs, tmp, val_fraction))
+    return ImageCache(folder)
+
+
+def _shard_rows(images: Any, codes: Any, sid: str) -> tuple[list[str], np.ndarray, np.ndarray, Any]:
+    """(keys, s (n, S), pixels (n, 3, H, W) uint8, codes table) of one shard, joined on key."""
+    table = read_columns(codes, sid, ["key", "s"])
+    pos = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    s_all = column_to_numpy(table, "s")
+    keys, s, pixels = [], [], []
+    for sample in iter_image_samples(images, [sid]):
+        key = sample["__key__"]
+        if key in pos:
+            keys.append(key)
+            s.append(s_all[pos[key]])
+            pixels.append(decode_rgb(encoded_image(sample)).transpose(2, 0, 1))
+    if not keys:
+        return [], np.zeros((0, s_all.shape[1]), np.float32), np.zeros((0, 3, 0, 0), np.uint8), table
+    shapes = {p.shape for p in pixels}
+    if len(shapes) > 1:
+        raise ValueError(f"{images.stage}/{sid}: images of several sizes {sorted(shapes)}; the diffusion "
+                         "decoder trains on one size (set ingest.image_size)")
+    return keys, np.stack(s).astype(np.float32), np.stack(pixels), table
+
+
+def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[str, Any]:
+    """Stream shard by shard: never more than one shard's images in memory."""
+    val: list[bool] = []
+    counts: dict[str, int] = {}
+    shape: tuple[int, ...] | None = None
+    layout = None
+    total = total_sq = None
+    with open(out / ROWS, "wb") as f:
+        for images, codes, sid in pairs:
+            keys, s, pixels, table = _shard_rows(images, codes, sid)
+            if not keys:
+                continue
+            if shape is None:
+                shape, layout = (s.shape[1], *pixels.shape[1:]), decode_metadata(table).get("layout")
+                total, total_sq = np.zeros(s.shape[1]), np.zeros(s.shape[1])
+            elif (s.shape[1], *pixels.shape[1:]) != shape:
+                raise ValueError(f"{images.stage}/{sid}: (style dim, image shape) "
+                                 f"{(s.shape[1], *pixels.shape[1:])} differs from {shape}")
+            rows = np.concatenate([s.view(np.uint8).reshape(len(keys), -1), pixels.reshape(len(keys), -1)], 1)
+            f.write(np.ascontiguousarray(rows).tobytes())
+            held = np.asarray([is_validation(k, val_fraction) for k in keys])
+            total += s[~held].sum(0, dtype=np.float64)
+            total_sq += np.square(s[~held], dtype=np.float64).sum(0)
+            val += held.tolist()
+            counts[codes.stage] = counts.get(codes.stage, 0) + len(keys)
+    if shape is None:
+        raise FileNotFoundError(f"no image has a style code in {[f'{a.stage}+{b.stage}' for a, b, _ in pairs]}")
+    n_train = len(val) - int(sum(val))
+    mean = total / max(n_train, 1)
+    std = np.sqrt(np.maximum(total_sq / max(n_train, 1) - mean ** 2, 0.0))
+    np.save(out / SPLIT, np.asarray(val, dtype=bool))
+    np.save(out / STATS, np.stack([mean, std]).astype(np.float32))
+    return {"rows": len(val), "style_dim": shape[0], "image_shape": list(shape[1:]), "layout": layout,
+            "counts": counts, "validation": int(sum(val))}
+
+
+class ImageCache:
+    """Random access to the (s, image) rows of a built cache; RAM use independent of its size."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / META).read_text())
+        self.style_dim, self.image_shape = self.meta["style_dim"], tuple(self.meta["image_shape"])
+        self.is_val = np.load(self.folder / SPLIT)
+        self.rows = FlatRows(self.folder / ROWS, 4 * self.style_dim + int(np.prod(self.image_shape)))
+
+    def __len__(self) -> int:
+        return int(self.meta["rows"])
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.is_val)
+
+    @property
+    def val_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.is_val)
+
+    def style_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, std) of s over the training rows."""
+        mean, std = np.load(self.folder / STATS)
+        return torch.from_numpy(mean), torch.from_numpy(std)
+
+    def fetch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s (B, S) float32, images (B, 3, H, W) float32 in [-1, 1]) of the given row numbers."""
+        raw = self.rows.fetch(rows)
+        cut = 4 * self.style_dim
+        s = torch.from_numpy(np.ascontiguousarray(raw[:, :cut]).view(np.float32))
+        x = torch.from_numpy(raw[:, cut:].reshape(len(rows), *self.image_shape)).float() / 127.5 - 1.0
+        return s, x
