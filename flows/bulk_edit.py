@@ -2,9 +2,12 @@
 
     codes + clip_images (the run's, or a new catalog's: ingest → invert → embed first)
         × prompt variants (tasks/prompts.py) × methods (deltaedit | straightforward | styleclip_gd)
-        ──edit (Δt → Δŝ → Rₛ threshold τ → strength → G)──► edits (WebDataset + Parquet manifest)
+        ──edit (Δt → Δŝ → Rₛ threshold τ → strength → decoder)──► edits (WebDataset + Parquet manifest)
 
-Needs the mapper(s) of train-mapper and, for the threshold and StyleCLIP-GD, the relevance matrix.
+Decoders (``bulk_edit.decoder``): the generator G(ŝ) (DeltaEdit-G) and/or the diffusion decoder, which
+DDIM-encodes the photo under s and decodes under ŝ (DeltaEdit-D; ``diffusion_masked``: mask-guided).
+Needs the mapper(s) of train-mapper, for the threshold and StyleCLIP-GD the relevance matrix, and for
+DeltaEdit-D the model of train-diffusion (or ``models.diffusion``).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from prefect import flow
 
 from flows.common import flow_config, worker_pool
 from flows.preprocess import catalog_stages
+from flows.train_diffusion import OUT_DIR as DIFFUSION_DIR
 from flows.train_mapper import mapper_dir
 from infra.config import ConfigError, RunConfig
 from infra.fsio import Location
@@ -23,6 +27,7 @@ from infra.store import StageStore
 from models.zoo import ModelSpec
 from tasks.edit import EditBuilder, plan_edits
 from tasks.prompts import EditVariant, load_prompts
+from tasks.train_diffusion import FINAL as DIFFUSION_FILE
 
 CATALOG = "catalog_"          # stage prefix of a bulk_edit.catalog's images, codes, edits and metrics
 MAPPER_FILE = "mapper.safetensors"
@@ -45,8 +50,8 @@ def bulk_edit_flow(config_path: str | None = None, overrides: list[str] | None =
             summaries += catalog_stages(cfg, cfg.bulk_edit.catalog, None, {**opts, "pool": pool},
                                         stages.images, stages.codes)
         specs = select(planned_edits(cfg, variants), shards)
-        print(f"bulk-edit: {len(variants)} prompt variants × {len(cfg.bulk_edit.methods)} methods, "
-              f"{len(specs)} shards")
+        print(f"bulk-edit: {len(variants)} prompt variants × {len(cfg.bulk_edit.methods)} methods × decoders "
+              f"{cfg.bulk_edit.decoder}, {len(specs)} shards")
         summaries.append(run_stage(builder, specs, cfg, pool=pool, **opts))
     for s in summaries:
         print(s.line())
@@ -65,10 +70,13 @@ def edit_builder(cfg: RunConfig, where: str) -> EditBuilder:
     if needs_relevance:
         _require_relevance(cfg, relevance, where)
     stages = input_stages(cfg)
+    diffusion = _diffusion_spec(cfg, where) if any(d != "generator" for d in be.decoder) else None
     return EditBuilder(cfg.models.generator, cfg.models.clip, mappers, cfg.root, be,
-                       relevance if needs_relevance else None, cfg.relevance.n_stat_samples, cfg.seed,
-                       cfg.storage_options, cfg.device, cfg.ray.cpus_per_actor, stages.codes, stages.clip,
-                       stages.edits)
+                       relevance if needs_relevance else None, diffusion=diffusion,
+                       n_stat_samples=cfg.relevance.n_stat_samples, seed=cfg.seed,
+                       storage_options=cfg.storage_options, device=cfg.device, cpus=cfg.ray.cpus_per_actor,
+                       codes_stage=stages.codes, clip_stage=stages.clip, images_stage=stages.images,
+                       stage=stages.edits)
 
 
 class Stages(NamedTuple):
@@ -112,6 +120,18 @@ def _mapper_spec(cfg: RunConfig, method: str, where: str) -> ModelSpec:
                           f"finish training, or set {setting})")
     name = "delta_mapper" if model == "delta" else "straightforward_mapper"
     return ModelSpec(name=name, checkpoint=folder.url(MAPPER_FILE))
+
+
+def _diffusion_spec(cfg: RunConfig, where: str) -> ModelSpec:
+    """The configured diffusion decoder, else the one train-diffusion wrote into this run."""
+    if cfg.models.diffusion is not None:
+        return cfg.models.diffusion
+    folder = Location(cfg.root, cfg.storage_options).child(DIFFUSION_DIR)
+    if not folder.exists(DIFFUSION_FILE):
+        raise ConfigError(f"{where}: bulk_edit.decoder {cfg.bulk_edit.decoder} needs a diffusion decoder: "
+                          f"{folder.url(DIFFUSION_FILE)} does not exist (run `deltaedit run train-diffusion`, "
+                          "or set models.diffusion)")
+    return ModelSpec(name="style_diffusion", checkpoint=folder.url(DIFFUSION_FILE))
 
 
 def _require_relevance(cfg: RunConfig, stage: str, where: str) -> None:

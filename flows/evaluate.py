@@ -75,15 +75,20 @@ def _summary(cfg: RunConfig, edits: StageStore, shards: list[str], metrics: Stag
     ev = cfg.evaluate
     return {"run": cfg.root, "edits": f"{seen} seen = {ok} ok + {failed} failed",
             "edit time": f"{seconds:.1f} s in shards ({seen / seconds:.1f} edits/s per actor)" if seconds else "-",
-            "methods": ", ".join(cfg.bulk_edit.methods), "tau": str(cfg.bulk_edit.tau),
+            "methods": ", ".join(cfg.bulk_edit.methods), "decoders": ", ".join(cfg.bulk_edit.decoder),
+            "tau": str(cfg.bulk_edit.tau),
             "StyleCLIP-GD": f"alpha {cfg.bulk_edit.gd_alpha}, beta {cfg.bulk_edit.gd_beta}",
             "FID/KID features": ev.features, "metrics": metrics.line()}
 
 
 def _notes(cfg: RunConfig) -> list[str]:
     ev = cfg.evaluate
-    notes = ["preservation and edit accuracy compare the edit with the reconstruction G(s), so inversion "
-             "errors are not charged to the edit; the reconstruction table shows those."]
+    notes = ["preservation and edit accuracy compare the edit with the reconstruction by the same decoder (G(s), "
+             "or DDIM encode → decode under s for +diffusion), so reconstruction errors are not charged to the "
+             "edit; the reconstruction table shows those."]
+    if "diffusion_masked" in cfg.bulk_edit.decoder:
+        notes.append("psnr_outside_mask: PSNR against the diffusion reconstruction outside the edit mask of the "
+                     "mask-guided decode, for that decode and for the plain diffusion decode of the same edit.")
     if not ev.oracle:
         notes.append("edit accuracy / preservation: no attribute oracle configured (evaluate.oracle).")
     if not ev.lpips_weights:

@@ -1,13 +1,16 @@
 """Edit stage: codes (+ CLIP image embeddings) × prompt variants × methods → edited images.
 
-One item per (image, variant, method), keyed ``<image>__<prompt id>[__<sweep point>]__<method>``, plus
-``<image>__recon`` (G(s), the reference every edit is compared with). A shard holds the items of
+One item per (image, variant, method, decoder), keyed ``<image>__<prompt id>[__<sweep point>]__<method>``
+for the generator (DeltaEdit-G) and the same plus ``__diffusion`` / ``__diffusion_masked`` for the diffusion
+decoder (DeltaEdit-D, ``tasks.edit_diffusion``), plus ``<image>__recon`` (G(s)) and ``<image>__recon__diffusion``
+(the DDIM reconstruction), the references every edit is compared with. A shard holds the items of
 ``bulk_edit.images_per_shard`` images of one codes shard, so a rerun resumes image group by image group.
 Within a shard, items that share a (variant, method) go through the mapper and the generator in
 batches; records are written in the shard's item order, so a rerun writes identical bytes.
 
-Manifest columns: image_key, prompt_id, method, source_text, target_text, terms (JSON), tau, strength,
-omega, channels_changed. Timings are per shard, in the done-marker (they differ between runs; the data must not).
+Manifest columns: image_key, prompt_id, method, decoder, source_text, target_text, terms (JSON), tau,
+strength, omega, channels_changed, mask_fraction and psnr_outside_mask (diffusion edits whose masked twin is in
+the run: PSNR vs the DDIM reconstruction outside the edit mask, for the plain and the mask-guided decode). Timings are per shard, in the done-marker (they differ between runs; the data must not).
 """
 from __future__ import annotations
 
@@ -25,21 +28,32 @@ from infra.shards import Item, ShardSpec
 from infra.stage import code_fingerprint
 from infra.store import StageStore
 from infra.upstream import plan_downstream
-from infra.readers import read_vectors, vectors_tensor
+from infra.readers import decode_image, encoded_image, iter_image_samples, read_vectors, vectors_tensor
 from models import zoo
 from models.device import DeviceChoice, pick_device, set_cpu_threads
 from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
 from tasks import edit_directions as ed
-from tasks.imaging import encode_png, to_uint8
+from tasks.edit_diffusion import DiffusionDecoder
+from tasks.imaging import encode_png, psnr_where, to_uint8
 from tasks.prompts import EditVariant
 
 RECON = "reconstruction"
+GENERATOR = "generator"
 NAN = float("nan")
 
 
-def edit_key(image_key: str, variant: EditVariant, method: str) -> str:
-    return "__".join(p for p in (image_key, variant.prompt_id, variant.suffix, method) if p)
+def edit_key(image_key: str, variant: EditVariant, method: str, decoder: str = GENERATOR) -> str:
+    return "__".join(p for p in (image_key, variant.prompt_id, variant.suffix, method, decoder_suffix(decoder)) if p)
+
+
+def recon_key(image_key: str, decoder: str = GENERATOR) -> str:
+    """The reconstruction an edit by ``decoder`` is compared with (both diffusion decoders share one)."""
+    return f"{image_key}__recon" + ("" if decoder == GENERATOR else "__diffusion")
+
+
+def decoder_suffix(decoder: str) -> str:
+    return "" if decoder == GENERATOR else decoder
 
 
 def plan_edits(codes: StageStore, variants: Sequence[EditVariant], methods: Sequence[str], cfg: BulkEditConfig
@@ -51,19 +65,33 @@ def plan_edits(codes: StageStore, variants: Sequence[EditVariant], methods: Sequ
         budget = None if budget is None else budget - len(items)
         for k, start in enumerate(range(0, len(items), cfg.images_per_shard)):
             group = items[start:start + cfg.images_per_shard]
-            specs.append(ShardSpec(f"{upstream.shard_id}-{k:03d}",
-                                   tuple(i for image in group
-                                         for i in _image_items(image, upstream.shard_id, variants, methods, cfg))))
+            specs.append(ShardSpec(f"{upstream.shard_id}-{k:03d}", tuple(
+                i for n, image in enumerate(group)
+                for i in _image_items(image, upstream.shard_id, variants, methods, cfg, _decoders(cfg, n)))))
     return specs
 
 
+def _decoders(cfg: BulkEditConfig, index: int) -> list[str]:
+    """The decoders that render the ``index``-th image of a shard (diffusion only for the first max_images)."""
+    limit = cfg.diffusion.max_images
+    return [d for d in cfg.decoder if d == GENERATOR or limit is None or index < limit]
+
+
 def _image_items(image: Item, shard_id: str, variants: Sequence[EditVariant], methods: Sequence[str],
-                 cfg: BulkEditConfig) -> list[Item]:
+                 cfg: BulkEditConfig, decoders: Sequence[str]) -> list[Item]:
     base = {"image": image.key, "codes_shard": shard_id, **image.meta}
     source = f"codes/{shard_id}/{image.key}"
-    items = [Item(f"{image.key}__recon", source, {**base, "method": RECON})] if cfg.reconstruction else []
-    items += [Item(edit_key(image.key, v, m), source, {**base, "method": m, "variant": v.to_dict()})
-              for v in variants for m in methods]
+    items = []
+    if cfg.reconstruction:
+        recons = dict.fromkeys(recon_key(image.key, d) for d in decoders)
+        items += [Item(key, source, {**base, "method": RECON, "decoder": GENERATOR if key.endswith("recon")
+                                     else "diffusion"}) for key in recons]
+    for d in decoders:
+        ms = methods if d == GENERATOR or cfg.diffusion.methods is None else \
+            [m for m in methods if m in cfg.diffusion.methods]
+        items += [Item(edit_key(image.key, v, m, d), source, {**base, "method": m, "decoder": d,
+                                                               "variant": v.to_dict()})
+                  for v in variants for m in ms]
     return items
 
 
@@ -74,6 +102,7 @@ class EditModels:
     mappers: dict[str, torch.nn.Module]         # method -> mapper
     relevance: Tensor | None                    # (C, D) Rₛ
     sigma: Tensor | None                        # (C,) per-channel std of S (StyleCLIP-GD)
+    diffusion: DiffusionDecoder | None = None   # DeltaEdit-D
 
 
 @dataclass
@@ -82,6 +111,7 @@ class EditProcessor:
     codes: StageStore
     embeddings: StageStore
     cfg: BulkEditConfig
+    images: StageStore | None = None            # the input photos (the diffusion decoder encodes them)
     output_metadata: dict[str, Any] = field(default_factory=dict)
     _texts: dict[Any, Any] = field(default_factory=dict)
 
@@ -90,16 +120,18 @@ class EditProcessor:
         outcomes: dict[str, tuple[str, Any, dict[str, Any]]] = {}
         pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]] = []
         for (method, variant), items in _groups(spec).items():
-            fields = _fields(method, variant, self.cfg.tau)
             try:
                 conv, changed = self._edit(method, variant, [inputs[i.meta["image"]] for i in items])
             except ed.PromptError as exc:
-                outcomes.update({i.key: ("failed", str(exc), fields) for i in items})
+                outcomes.update({i.key: ("failed", str(exc), _fields(i, variant, self.cfg.tau)) for i in items})
                 continue
             rgb = torch.stack([inputs[i.meta["image"]][1] for i in items])
-            pending += [(item, conv[n], rgb[n], {**fields, "channels_changed": int(changed[n])})
+            pending += [(item, conv[n], rgb[n], {**_fields(item, variant, self.cfg.tau),
+                                                 "channels_changed": int(changed[n])})
                         for n, item in enumerate(items)]
-        self._render(pending, outcomes)
+        self._render([p for p in pending if p[0].meta["decoder"] == GENERATOR], outcomes)
+        self._render_diffusion([p for p in pending if p[0].meta["decoder"] != GENERATOR], inputs, outcomes,
+                               spec.items[0].meta["codes_shard"])
         for item in spec.items:
             status, payload, fields = outcomes[item.key]
             fields = {"image_key": item.meta["image"], **fields}
@@ -173,6 +205,62 @@ class EditProcessor:
                                       else ("failed", "the edited code renders non-finite pixels", fields))
 
 
+    @torch.no_grad()
+    def _render_diffusion(self, pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
+                          inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]],
+                          outcomes: dict[str, tuple[str, Any, dict[str, Any]]], shard: str) -> None:
+        """DDIM-encode each photo once, then decode its reconstruction and every edit (plain / mask-guided)."""
+        if not pending:
+            return
+        photos = self._photos(shard, {p[0].meta["image"] for p in pending})
+        missing = [p for p in pending if p[0].meta["image"] not in photos]
+        for item, _, _, fields in missing:
+            outcomes[item.key] = ("failed", f"no input image for {item.meta['image']} in "
+                                            f"{self.images.stage}/{shard} (the diffusion decoder encodes it)", fields)
+        pending = [p for p in pending if p[0].meta["image"] in photos]
+        if not pending:
+            return
+        dec = self.models.diffusion
+        keys = sorted({p[0].meta["image"] for p in pending})
+        s0 = torch.stack([inputs[k][0] for k in keys])
+        x_t = dict(zip(keys, dec.encode(torch.stack([photos[k] for k in keys]), s0)))
+        recon = dict(zip(keys, dec.decode(torch.stack([x_t[k] for k in keys]), s0)))
+        images: dict[str, Tensor] = {}
+        masks: dict[str, Tensor] = {}
+        plain = [p for p in pending if p[0].meta["decoder"] == "diffusion" and p[0].meta["method"] != RECON]
+        if plain:
+            out = dec.decode(torch.stack([x_t[p[0].meta["image"]] for p in plain]), torch.stack([p[1] for p in plain]))
+            images.update({p[0].key: out[n] for n, p in enumerate(plain)})
+        masked = [p for p in pending if p[0].meta["decoder"] == "diffusion_masked"]
+        if masked:
+            img = [p[0].meta["image"] for p in masked]
+            out, mask = dec.decode_masked(torch.stack([x_t[k] for k in img]), torch.stack([inputs[k][0] for k in img]),
+                                          torch.stack([p[1] for p in masked]))
+            images.update({p[0].key: out[n] for n, p in enumerate(masked)})
+            masks.update({_twin(p[0].key): mask[n] for n, p in enumerate(masked)})
+        for item, _, _, fields in pending:
+            image = recon[item.meta["image"]] if item.meta["method"] == RECON else images[item.key]
+            mask = masks.get(_twin(item.key))
+            if mask is not None:                      # the plain edit is scored outside its masked twin's mask
+                fields = {**fields, "mask_fraction": float(mask.mean()), "psnr_outside_mask": float(
+                    psnr_where(image[None], recon[item.meta["image"]][None], 1 - mask[None])[0])}
+            outcomes[item.key] = (("ok", encode_png(to_uint8(image[None])[0], self.cfg.image_format), fields)
+                                  if torch.isfinite(image).all()
+                                  else ("failed", "the edited code decodes to non-finite pixels", fields))
+
+    def _photos(self, shard: str, wanted: set[str]) -> dict[str, Tensor]:
+        """The input photos (3, H, W) in [-1, 1] of ``wanted`` keys from the images shard, if it exists."""
+        if self.images is None or shard not in self.images.finished():
+            return {}
+        return {sample["__key__"]: decode_image(encoded_image(sample))
+                for sample in iter_image_samples(self.images, [shard]) if sample["__key__"] in wanted}
+
+
+def _twin(key: str) -> str:
+    """The key shared by a diffusion edit and its mask-guided twin."""
+    return key.removesuffix("__diffusion_masked").removesuffix("__diffusion")
+
+
 def _groups(spec: ShardSpec) -> dict[tuple[str, EditVariant | None], list[Item]]:
     """Items by (method, variant), in first-seen order."""
     groups: dict[tuple[str, EditVariant | None], list[Item]] = {}
@@ -184,17 +272,19 @@ def _groups(spec: ShardSpec) -> dict[tuple[str, EditVariant | None], list[Item]]
     return groups
 
 
-def _fields(method: str, variant: EditVariant | None, default_tau: float) -> dict[str, Any]:
+def _fields(item: Item, variant: EditVariant | None, default_tau: float) -> dict[str, Any]:
     """The manifest columns of an edit (the same columns, types and order for every record)."""
+    method, decoder = item.meta["method"], item.meta["decoder"]
+    masking = {"mask_fraction": NAN, "psnr_outside_mask": NAN}
     if variant is None:
-        return {"prompt_id": "", "method": method, "source_text": "", "target_text": "", "terms": "[]",
-                "tau": NAN, "strength": 0.0, "omega": NAN, "channels_changed": 0}
+        return {"prompt_id": "", "method": method, "decoder": decoder, "source_text": "", "target_text": "",
+                "terms": "[]", "tau": NAN, "strength": 0.0, "omega": NAN, "channels_changed": 0, **masking}
     tau = default_tau if variant.tau is None else variant.tau
-    return {"prompt_id": variant.prompt_id, "method": method,
+    return {"prompt_id": variant.prompt_id, "method": method, "decoder": decoder,
             "source_text": variant.source_text, "target_text": variant.target_text,
             "terms": json.dumps(variant.terms),          # [[source, target, weight], ...]: Δt exactly
             "tau": NAN if method == "styleclip_gd" else float(tau), "strength": float(variant.strength),
-            "omega": NAN if variant.omega is None else float(variant.omega), "channels_changed": 0}
+            "omega": NAN if variant.omega is None else float(variant.omega), "channels_changed": 0, **masking}
 
 
 @dataclass(frozen=True)
@@ -206,6 +296,7 @@ class EditBuilder:
     root: str
     cfg: BulkEditConfig
     relevance_stage: str | None                      # None: no relevance threshold (and no StyleCLIP-GD)
+    diffusion: ModelSpec | None = None               # DeltaEdit-D's decoder (when bulk_edit.decoder has it)
     n_stat_samples: int = 10_000                     # codes for StyleCLIP-GD's per-channel σ
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -213,6 +304,7 @@ class EditBuilder:
     cpus: float = 1.0
     codes_stage: str = "codes"                       # where the codes (and clip_<images>) come from
     clip_stage: str = "clip_images"
+    images_stage: str = "images"                     # the photos the codes were inverted from
     stage: str = "edits"
 
     def build(self) -> EditProcessor:
@@ -230,26 +322,35 @@ class EditBuilder:
             relevance = load_relevance(self.root, self.relevance_stage, opts).to(device)
         if "styleclip_gd" in self.cfg.methods:
             sigma = style_statistics(gen, self.n_stat_samples, 1, self.seed).std.to(device)
+        diffusion = None
+        if self.diffusion is not None:
+            model = zoo.build(self.diffusion, device=device, storage_options=opts).eval()
+            diffusion = DiffusionDecoder(model, self.cfg.diffusion, self.cfg.batch_size)
         root = Location(self.root, opts)
         meta = {"generator": self.generator.model_dump(mode="json"), "clip": clip.describe(),
-                "relevance_stage": self.relevance_stage, "settings": self.cfg.model_dump(mode="json")}
-        return EditProcessor(EditModels(gen, clip, mappers, relevance, sigma), StageStore(root, self.codes_stage),
-                             StageStore(root, self.clip_stage), self.cfg, meta)
+                "relevance_stage": self.relevance_stage, "settings": self.cfg.model_dump(mode="json"),
+                "diffusion": None if self.diffusion is None else self.diffusion.model_dump(mode="json")}
+        return EditProcessor(EditModels(gen, clip, mappers, relevance, sigma, diffusion),
+                             StageStore(root, self.codes_stage), StageStore(root, self.clip_stage), self.cfg,
+                             StageStore(root, self.images_stage), meta)
 
     def fingerprint(self) -> str:
         """Code + settings + the identity of every input the edits depend on (model files, Rₛ blocks)."""
         from infra.fsio import Location
 
-        settings = self.cfg.model_dump(mode="json", exclude={"prompts", "catalog", "max_images",
-                                                             "images_per_shard", "batch_size"})
-        models = {name: zoo.identity(spec, self.storage_options) for name, spec in
-                  {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}.items()}
+        settings = self.cfg.model_dump(mode="json", exclude={"prompts": True, "catalog": True, "max_images": True,
+                                                             "images_per_shard": True, "batch_size": True,
+                                                             "diffusion": {"max_images"}})
+        specs = {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}
+        if self.diffusion is not None:
+            specs["diffusion"] = self.diffusion
+        models = {name: zoo.identity(spec, self.storage_options) for name, spec in specs.items()}
         relevance = None
         if self.relevance_stage is not None:
             store = StageStore(Location(self.root, self.storage_options), self.relevance_stage)
             relevance = sorted((m["shard_id"], m["input_fingerprint"], m["code_fingerprint"])
                                for m in map(store.marker, store.finished()) if m)
-        return code_fingerprint(EditProcessor, ed.global_direction, config={
+        return code_fingerprint(EditProcessor, ed.global_direction, DiffusionDecoder, config={
             "settings": settings, "models": models, "relevance": relevance,
-            "inputs": [self.codes_stage, self.clip_stage], "n_stat_samples": self.n_stat_samples,
+            "inputs": [self.codes_stage, self.clip_stage, self.images_stage], "n_stat_samples": self.n_stat_samples,
             "seed": self.seed})

@@ -1,7 +1,8 @@
 """Metrics stage: per-edit measurements of one edits shard → the ``metrics`` store.
 
 For every ok edit (and every reconstruction) of the shard it reads the edited image, the image's
-reconstruction G(s) (same edits shard) and its input (images store), and records:
+reconstruction by the same decoder (G(s), or the DDIM reconstruction for DeltaEdit-D; same edits shard)
+and its input (images store), and records:
 
 - psnr / ssim / mse of the edit against the reconstruction (how much the edit changed; for the
   reconstruction row: against the input, i.e. the inversion's fidelity);
@@ -35,13 +36,13 @@ from models import zoo
 from models.device import DeviceChoice, pick_device, set_cpu_threads
 from models.zoo import ModelSpec
 from tasks import metrics as M
-from tasks.edit import RECON
+from tasks.edit import RECON, recon_key
 from tasks.edit_directions import TEMPLATES, text_direction
 
 NAN = float("nan")
 _FILES = ("oracle", "inception_weights", "lpips_weights", "identity_model")   # fingerprinted by content
-COPIED = ("image_key", "prompt_id", "method", "source_text", "target_text", "strength", "omega",
-          "channels_changed")
+COPIED = ("image_key", "prompt_id", "method", "decoder", "source_text", "target_text", "strength", "omega",
+          "channels_changed", "mask_fraction", "psnr_outside_mask")
 
 
 @dataclass
@@ -75,7 +76,7 @@ class MetricsProcessor:
             chunk = items[start:start + self.batch_size]
             meta = [rows[i.key] for i in chunk]
             edit = torch.stack([edited[i.key] for i in chunk])
-            recon = torch.stack([edited[f"{m['image_key']}__recon"] for m in meta])
+            recon = torch.stack([edited[recon_key(m["image_key"], m["decoder"])] for m in meta])
             source = torch.stack([inputs[m["image_key"]] for m in meta])
             for n, (item, values, vectors) in enumerate(self._measure(chunk, meta, edit, recon, source)):
                 sink.add(item.key, item.source, vectors=vectors, **{k: meta[n][k] for k in COPIED},
@@ -139,8 +140,11 @@ def _images_shard(spec: ShardSpec) -> str:
 
 
 def _variant(key: str) -> str:
-    """``<image>__<prompt>[__<sweep>]__<method>`` → ``<prompt>[__<sweep>]`` ("" for the reconstruction)."""
+    """``<image>__<prompt>[__<sweep>]__<method>[__<decoder>]`` → ``<prompt>[__<sweep>]`` ("" for a
+    reconstruction)."""
     parts = key.split("__")
+    if parts[-1] in ("diffusion", "diffusion_masked"):
+        parts = parts[:-1]
     return "__".join(parts[1:-1])
 
 

@@ -2,9 +2,12 @@
 
 Tables (also written as Parquet next to the report):
 - ``by_method``: every metric averaged per method over all its edits, with FID/KID of all its edits
-  against the inputs — the report's headline, DeltaEdit next to its baselines at fixed settings;
+  against the inputs — the report's headline, DeltaEdit next to its baselines at fixed settings; a method
+  decoded by the diffusion decoder is its own row, ``<method>+diffusion`` (DeltaEdit-D) or
+  ``<method>+diffusion_masked`` (mask-guided), with the PSNR outside the edit mask of both;
 - ``by_prompt``: the same per (method, prompt variant);
-- ``reconstruction``: the inversion's fidelity, G(E(x)) against x.
+- ``reconstruction``: per decoder, the reconstruction's fidelity against the input x — G(E(x)) for
+  DeltaEdit-G, the DDIM encode → decode under s for DeltaEdit-D (the paper's Table 3).
 """
 from __future__ import annotations
 
@@ -20,16 +23,21 @@ from infra.store import StageStore
 from infra.tables import column_to_numpy
 from tasks import metrics as M
 from tasks import report as R
-from tasks.edit import RECON
+from tasks.edit import GENERATOR, RECON, recon_key
 
 HEADLINE = ["n", "edit_accuracy", "unedited_accuracy", "preservation", "clip_direction", "psnr", "ssim",
-            "lpips", "identity", "fid", "kid", "channels_changed"]
+            "lpips", "identity", "fid", "kid", "channels_changed", "psnr_outside_mask", "mask_fraction"]
+
+
+def method_label(method: str, decoder: str) -> str:
+    """How the report names a method decoded by ``decoder``: ``deltaedit`` (G), ``deltaedit+diffusion``."""
+    return method if decoder == GENERATOR or method == RECON else f"{method}+{decoder}"
 
 
 def load_metrics(store: StageStore, shards: Sequence[str] | None = None
                  ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Manifest rows of the finished metrics shards (all, or ``shards``; ok rows only) and their two feature
-    matrices, aligned."""
+    """Manifest rows of the finished metrics shards (all, or ``shards``; ok rows only; ``method`` named by
+    ``method_label``) and their two feature matrices, aligned."""
     done = set(store.finished())
     shards = sorted(done if shards is None else done & set(shards))
     if not shards:
@@ -38,6 +46,7 @@ def load_metrics(store: StageStore, shards: Sequence[str] | None = None
     vectors = pa.concat_tables([store.vectors(s) for s in shards if store.loc.exists(f"{s}.parquet")])
     order = {k: n for n, k in enumerate(vectors.column("key").to_pylist())}
     rows = manifest[manifest["status"] == "ok"].reset_index(drop=True)
+    rows["method"] = [method_label(m, d) for m, d in zip(rows["method"], rows["decoder"])]
     index = [order[k] for k in rows["key"]]
     return rows, column_to_numpy(vectors, "features")[index], column_to_numpy(vectors, "input_features")[index]
 
@@ -68,8 +77,11 @@ def tables(rows: pd.DataFrame, feats: np.ndarray, feats_in: np.ndarray) -> dict[
     by_prompt = by_prompt.merge(distances(edits, feats, feats_in, ["method", "variant"]), on=["method", "variant"])
     texts = edits.groupby("variant").first()
     by_prompt.insert(2, "prompt", by_prompt["variant"].map(texts["source_text"] + " → " + texts["target_text"]))
-    reconstruction = recon[["psnr", "ssim", "mse", "preservation"]].rename(
-        columns={"preservation": "oracle_agreement"}).agg(["mean", "count"]).reset_index(names="stat")
+    fidelity = [c for c in ("psnr", "ssim", "mse", "lpips", "preservation") if recon[c].notna().any()]
+    reconstruction = recon.groupby("decoder")[fidelity].agg(["mean", "count"])
+    reconstruction.columns = [c if stat == "mean" else "n" for c, stat in reconstruction.columns]
+    reconstruction = reconstruction.loc[:, ~reconstruction.columns.duplicated()].reset_index().rename(
+        columns={"preservation": "oracle_agreement"})
     return {"by_method": _columns(by_method), "by_prompt": _columns(by_prompt), "reconstruction": reconstruction}
 
 
@@ -89,12 +101,14 @@ def grids(rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: i
     inputs = _pngs(images, sorted({s.rsplit("-", 1)[0] for s in shards}), set(keys))
     out = {}
     for method in [m for m in chosen["method"].unique() if m != RECON]:
-        variants = list(dict.fromkeys(chosen.loc[chosen["method"] == method, "variant"]))
+        mine = chosen[chosen["method"] == method]
+        decoder, variants = mine["decoder"].iloc[0], list(dict.fromkeys(mine["variant"]))
+        edit_of = dict(zip(zip(mine["image_key"], mine["variant"]), mine["key"]))
         grid_rows = []
         for key in keys:
-            cells = [R.GridCell(inputs.get(key)), R.GridCell(pictures.get(f"{key}__recon"))]
-            cells += [R.GridCell(pictures.get(f"{key}__{v}__{method}"), error=None if f"{key}__{v}__{method}"
-                                 in pictures else "failed") for v in variants]
+            cells = [R.GridCell(inputs.get(key)), R.GridCell(pictures.get(recon_key(key, decoder)))]
+            cells += [R.GridCell(pictures.get(edit_of.get((key, v))),
+                                 error=None if edit_of.get((key, v)) in pictures else "failed") for v in variants]
             grid_rows.append((key[:18], cells))
         out[method] = R.Grid(["input", "reconstruction", *variants], grid_rows)
     return out

@@ -32,3 +32,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of two (B, 3, H, W) batches in [-1, 1] (peak-to-peak range 2)."""
     mse = ((a.float() - b.float()) ** 2).flatten(1).mean(dim=1).clamp_min(1e-12)
     return 10 * torch.log10(4.0 / mse)
+
+
+def psnr_where(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) over the pixels where ``keep`` (B, 1, H, W) is 1; NaN where it keeps none."""
+    weight = keep.float().expand_as(a)
+    sq = ((a.float() - b.float()) ** 2 * weight).flatten(1).sum(dim=1)
+    n = weight.flatten(1).sum(dim=1)
+    mse = (sq / n.clamp_min(1)).clamp_min(1e-12)
+    return torch.where(n > 0, 10 * torch.log10(4.0 / mse), torch.full_like(mse, float("nan")))

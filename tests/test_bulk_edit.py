@@ -257,3 +257,52 @@ def test_evaluate_measures_every_edit_and_writes_the_report(prepared):
     import pandas as pd
     assert sorted(pd.read_parquet(report / "by_method.parquet")["method"]) == sorted(METHODS)
     assert evaluate_flow(None, overrides)["metrics"]["ran"] == 0
+
+
+@pytest.mark.usefixtures("prefect_harness", "ray_cluster")
+def test_diffusion_decoders_edit_next_to_the_generator_and_are_evaluated(prepared, tmp_path):
+    """train-diffusion on the run's stores → bulk-edit with G, DeltaEdit-D and its mask-guided decode →
+    evaluate: counts add up, every diffusion edit has its reconstruction, the report puts D next to G."""
+    import pandas as pd
+
+    from flows.bulk_edit import bulk_edit_flow, edit_builder
+    from flows.evaluate import evaluate_flow
+    from flows.train_diffusion import train_diffusion_flow
+    from infra.config import load_config
+
+    _copies(*prepared, tmp_path, ("d",))
+    run = tmp_path / "d"
+    base = [o for o in prepared[1] if not o.startswith("root=")] + [f"root={run}"]
+    with pytest.raises(ConfigError, match="train-diffusion"):
+        edit_builder(load_config(None, base + ["bulk_edit.decoder=diffusion"]), "test.yaml")
+    tiny = {"steps": 4, "batch_size": 2, "pools": "[codes]", "val_fraction": 0.2, "val_every": 4, "lr": 0.01,
+            "checkpoint_every": 4, "threads": 1, "model.base_channels": 8, "model.channel_mult": "[1,2]",
+            "model.num_res_blocks": 1, "model.norm_groups": 4, "model.timesteps": 100}
+    train_diffusion_flow(None, base + [f"train_diffusion.{k}={v}" for k, v in tiny.items()])
+    overrides = base + ["bulk_edit.decoder=[generator, diffusion, diffusion_masked]",
+                        "bulk_edit.diffusion.methods=[deltaedit]", "bulk_edit.diffusion.max_images=1",
+                        "bulk_edit.diffusion.steps=3", "bulk_edit.diffusion.refine=1",
+                        f"evaluate.oracle={ORACLE}", "evaluate.grid_images=2"]
+    edits = bulk_edit_flow(None, overrides)["edits"]
+    shards = -(-N_IMAGES // 2 // 3) * 2                   # 2 codes shards of 4 images, 3 images per edits shard
+    assert edits["seen"] == N_IMAGES * (1 + VARIANTS * 3) + shards * (1 + 2 * VARIANTS)
+    assert edits["ok"] + edits["failed"] == edits["seen"]
+    rows = _manifest(run)
+    diffusion = [r for r in rows if r["decoder"] != "generator"]
+    assert {r["decoder"] for r in diffusion} == {"diffusion", "diffusion_masked"}
+    failed = {r["prompt_id"] for r in diffusion if r["status"] != "ok"}
+    assert failed == {"empty", "long"}                    # bad prompts fail for every decoder, nothing else
+    images = _images(run)
+    for r in (r for r in diffusion if r["status"] == "ok"):
+        assert f"{r['image_key']}__recon__diffusion" in images and r["key"] in images
+        if r["method"] == "deltaedit":                    # scored against the masked twin's mask
+            assert 0 <= r["mask_fraction"] <= 1 and r["psnr_outside_mask"] == r["psnr_outside_mask"]
+
+    evaluate_flow(None, overrides)
+    report = run / "report"
+    by_method = pd.read_parquet(report / "by_method.parquet")
+    assert {"deltaedit+diffusion", "deltaedit+diffusion_masked", "deltaedit"} <= set(by_method["method"])
+    assert by_method.set_index("method")["psnr_outside_mask"].notna().sum() == 2
+    recon = pd.read_parquet(report / "reconstruction.parquet").set_index("decoder")
+    assert list(recon.index) == ["diffusion", "generator"] and recon.loc["diffusion", "n"] == shards
+    assert (report / "grid_deltaedit_diffusion_masked.png").exists()

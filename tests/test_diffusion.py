@@ -158,6 +158,20 @@ def test_ddim_round_trip_for_a_gaussian_distribution(kind, steps, refine, tol):
     assert 0.02 < plain < 1.0 and error(4 * steps) < plain / 2.5      # converges like 1/steps
     assert error(steps, refine) < tol
 
+def test_partial_encoding_stops_at_t_max_and_round_trips():
+    assert ddim_timesteps(1000, 5, t_max=400) == [0, 100, 200, 300, 400]
+    with pytest.raises(ValueError, match="t_max"):
+        ddim_timesteps(1000, 5, t_max=1000)
+    sched = NoiseSchedule("linear")
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.2
+    model = GaussianEps(lambda s: torch.full((s.shape[0], 3, 8, 8), 0.2), 0.5, sched)
+    s = torch.zeros(2, 4)
+    x_t = ddim_encode(model, x0, s, 10, refine=3, t_max=400)
+    a = sched.alpha_bar(400)                                 # x at step 400 keeps √ᾱ of the image
+    assert float(torch.corrcoef(torch.stack([x_t.flatten(), x0.flatten()]))[0, 1]) > a ** 0.5 * 0.9
+    assert (ddim_decode(model, x_t, s, 10, t_max=400) - x0).abs().amax() < 3e-3
+
+
 def test_ddim_round_trip_with_the_unet_is_finite():
     model = tiny_unet()
     x0, _, s = inputs(model)

@@ -77,13 +77,20 @@ def simple_loss(model: EpsModel, x0: torch.Tensor, s: torch.Tensor, t: torch.Ten
     return (noise - model(x_t, t, s)).abs().mean()
 
 
-def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
-    """The DDIM sub-sequence: ``steps`` evenly spaced training steps from 0 to T − 1, increasing."""
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"steps must be in [1, {timesteps}], got {steps}")
+def ddim_timesteps(timesteps: int, steps: int, t_max: int | None = None) -> list[int]:
+    """The DDIM sub-sequence: ``steps`` evenly spaced training steps from 0 to ``t_max`` (default T − 1).
+
+    A ``t_max`` below T − 1 makes encoding stop part-way (x at step t_max, not pure noise): the decoder then
+    keeps more of the photo and the code can change less of it (SDEdit's trade-off, Meng et al. 2022).
+    """
+    t_max = timesteps - 1 if t_max is None else t_max
+    if not 0 <= t_max < timesteps:
+        raise ValueError(f"t_max must be in [0, {timesteps - 1}], got {t_max}")
+    if not 1 <= steps <= t_max + 1:
+        raise ValueError(f"steps must be in [1, {t_max + 1}], got {steps}")
     if steps == 1:
-        return [timesteps - 1]
-    return sorted({round(i * (timesteps - 1) / (steps - 1)) for i in range(steps)})
+        return [t_max]
+    return sorted({round(i * t_max / (steps - 1)) for i in range(steps)})
 
 
 def _eps(model: EpsModel, x: torch.Tensor, t: int, s: torch.Tensor) -> torch.Tensor:
@@ -98,8 +105,9 @@ def _step(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> tor
 
 @torch.no_grad()
 def ddim_encode(model: EpsModel, x0: torch.Tensor, s: torch.Tensor, steps: int,
-                schedule: NoiseSchedule | None = None, refine: int = 0) -> torch.Tensor:
-    """Deterministic DDIM inversion x₀ → x_T under style code s (B, style_dim); x_T at step T − 1.
+                schedule: NoiseSchedule | None = None, refine: int = 0, t_max: int | None = None) -> torch.Tensor:
+    """Deterministic DDIM inversion x₀ → x_T under style code s (B, style_dim); x_T at step ``t_max``
+    (default T − 1; see ``ddim_timesteps``).
 
     Each move from step t_{k−1} to t_k first reuses ε predicted at the current point (the first one at
     t₀, for the clean image): the usual DDIM inversion, first-order accurate, so the round trip error
@@ -108,7 +116,7 @@ def ddim_encode(model: EpsModel, x0: torch.Tensor, s: torch.Tensor, steps: int,
     decoder's: reconstructions of real photos become near-exact with few steps, at (1 + refine)× the cost.
     """
     sched = _schedule(model, schedule)
-    seq, x = ddim_timesteps(sched.timesteps, steps), x0
+    seq, x = ddim_timesteps(sched.timesteps, steps, t_max), x0
     for k, t in enumerate(seq):
         a_from, a_to = sched.alpha_bar(seq[k - 1] if k else -1), sched.alpha_bar(t)
         x_next = _step(x, _eps(model, x, seq[max(k - 1, 0)], s), a_from, a_to)
@@ -120,10 +128,10 @@ def ddim_encode(model: EpsModel, x0: torch.Tensor, s: torch.Tensor, steps: int,
 
 @torch.no_grad()
 def ddim_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, steps: int,
-                schedule: NoiseSchedule | None = None) -> torch.Tensor:
-    """Deterministic DDIM sampling (η = 0) x_T → x₀ under style code s, over ``steps`` steps."""
+                schedule: NoiseSchedule | None = None, t_max: int | None = None) -> torch.Tensor:
+    """Deterministic DDIM sampling (η = 0) x_T → x₀ under style code s, over ``steps`` steps from ``t_max``."""
     sched = _schedule(model, schedule)
-    seq, x = ddim_timesteps(sched.timesteps, steps), x_T
+    seq, x = ddim_timesteps(sched.timesteps, steps, t_max), x_T
     for k in reversed(range(len(seq))):
         prev = seq[k - 1] if k else -1
         eps = _eps(model, x, seq[k], s)
@@ -147,8 +155,8 @@ def edit_mask(eps_src: torch.Tensor, eps_edit: torch.Tensor, threshold: float = 
 
 @torch.no_grad()
 def mask_guided_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, s_edit: torch.Tensor, steps: int,
-                       threshold: float = 0.5, smooth: int = 3,
-                       schedule: NoiseSchedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       threshold: float = 0.5, smooth: int = 3, schedule: NoiseSchedule | None = None,
+                       t_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM decoding with ŝ = ``s_edit`` inside the edit mask and s outside; returns (x₀, mask).
 
     At every step ε is predicted under both codes and ``edit_mask`` marks where they differ; the mask
@@ -157,7 +165,7 @@ def mask_guided_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, s_ed
     unedited part of a DDIM-encoded photo is reconstructed as faithfully as without editing.
     """
     sched = _schedule(model, schedule)
-    seq, x = ddim_timesteps(sched.timesteps, steps), x_T
+    seq, x = ddim_timesteps(sched.timesteps, steps, t_max), x_T
     mask = torch.zeros_like(x_T[:, :1])
     for k in reversed(range(len(seq))):
         prev = seq[k - 1] if k else -1
