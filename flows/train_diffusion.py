@@ -74,8 +74,9 @@ def _fit_worker(args: dict[str, Any], *, rank: int, world: int, wrap: Any, devic
 @task(name="diffusion-fit-distributed", cache_policy=NO_CACHE)
 def fit_distributed(cfg: RunConfig, cache_dir: str, out: Location) -> dict[str, Any]:
     """The same ``fit`` on ``train_diffusion.workers`` Ray Train workers (the cache must be on a shared path)."""
+    cache = Path(cache_dir).resolve()            # Ray Train workers run elsewhere: absolute paths only
     args = {"train_diffusion": cfg.train_diffusion.model_dump(mode="json"), "seed": cfg.seed,
-            "cache_dir": cache_dir, "out": out.uri, "storage_options": out.storage_options}
+            "cache_dir": str(cache), "out": out.absolute_uri, "storage_options": out.storage_options}
     return train_data_parallel("train-diffusion", _fit_worker, args, workers=cfg.train_diffusion.workers,
                                ray_config=cfg.ray, use_gpu=pick_device(cfg.device) == "cuda", out=out,
-                               scratch=Path(cache_dir).parent)
+                               scratch=cache.parent)

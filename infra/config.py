@@ -104,6 +104,7 @@ class TrainDiffusionConfig(Strict):
     steps: int = Field(100_000, ge=1)
     batch_size: int = Field(32, ge=1)         # per worker
     lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)        # linear lr warm-up from lr/warmup_steps (0: none)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = Field(1.0, gt=0)   # max gradient norm (None: off)
@@ -140,6 +141,7 @@ class DiffusionEditConfig(Strict):
     steps: int = Field(50, ge=1)               # DDIM steps (encode and decode)
     refine: int = Field(0, ge=0)               # fixed-point refinements per encoding step (exact inversion)
     encode_depth: float = Field(1.0, gt=0, le=1)   # fraction of T to encode to (1: x_T; less keeps more)
+    guidance: float = Field(1.0, ge=0)         # ε(s) + w·(ε(ŝ) − ε(s)); 1: the plain ε(ŝ), > 1: stronger edits
     mask_threshold: float = Field(0.5, gt=0, lt=1)  # diffusion_masked: |ε(ŝ) − ε(s)| above this × its max
     mask_smooth: int = Field(3, ge=1)          # ... box-smoothed over this many pixels (odd)
     methods: list[Literal["deltaedit", "straightforward", "styleclip_gd"]] | None = None   # None: all methods

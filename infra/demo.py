@@ -3,7 +3,9 @@
 It renders a small toy catalog (as a user's own image folder would be), then runs the pipeline with the
 committed toy models — preprocess (ingest, invert, sample, embed), relevance, train-mapper (the Delta
 Mapper and the straightforward baseline), bulk-edit (configs/prompts/toy.yaml with DeltaEdit and both
-baselines) and evaluate — and ends with the path of the HTML report.
+baselines, decoded by the generator and, for DeltaEdit on a quarter of the images, by the committed
+diffusion decoder, plain and mask-guided) and evaluate — and ends with the path of the HTML report.
+The diffusion decoder is not retrained here (~30 min): `deltaedit run train-diffusion` does that.
 """
 from __future__ import annotations
 

@@ -29,6 +29,11 @@ class Location:
         self.fs, self.path = fsspec.core.url_to_fs(self.uri, **self.storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
+    @property
+    def absolute_uri(self) -> str:
+        """The URI other processes can use whatever their working directory (local paths made absolute)."""
+        return self.path if self.is_local else self.uri
+
     def child(self, *parts: str) -> "Location":
         return Location("/".join([self.uri, *parts]), self.storage_options)
 

@@ -3,7 +3,8 @@
 ``train_data_parallel`` runs ``worker_fit(args, rank=, world=, wrap=, device=)`` in every worker of a
 ``TorchTrainer`` (gloo on CPU, nccl on GPU); ``wrap`` is Ray's ``prepare_model`` (DDP). Rank 0's returned
 summary is written to ``<out>/distributed_summary.json`` (Ray Train v2 keeps no reported metrics without a
-checkpoint, and ``out`` is where the trainer's checkpoints live anyway) and returned.
+checkpoint, and ``out`` is where the trainer's checkpoints live anyway) and returned. Workers run in a
+directory of Ray's own, so every local path in ``args`` must be absolute (``Location.absolute_uri``).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def train_data_parallel(name: str, worker_fit: WorkerFit, args: dict[str, Any], 
     init_ray(ray_config)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"fit": worker_fit, "args": args, "out": out.uri, "storage_options": out.storage_options},
+        train_loop_config={"fit": worker_fit, "args": args, "out": out.absolute_uri,
+                           "storage_options": out.storage_options},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(name=name, storage_path=str(scratch / "ray_train")),

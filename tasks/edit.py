@@ -10,7 +10,8 @@ batches; records are written in the shard's item order, so a rerun writes identi
 
 Manifest columns: image_key, prompt_id, method, decoder, source_text, target_text, terms (JSON), tau,
 strength, omega, channels_changed, mask_fraction and psnr_outside_mask (diffusion edits whose masked twin is in
-the run: PSNR vs the DDIM reconstruction outside the edit mask, for the plain and the mask-guided decode). Timings are per shard, in the done-marker (they differ between runs; the data must not).
+the run: PSNR vs the DDIM reconstruction outside the edit mask, for the plain and the mask-guided decode).
+Timings are per shard, in the done-marker (they differ between runs; the data must not).
 """
 from __future__ import annotations
 
@@ -229,7 +230,9 @@ class EditProcessor:
         masks: dict[str, Tensor] = {}
         plain = [p for p in pending if p[0].meta["decoder"] == "diffusion" and p[0].meta["method"] != RECON]
         if plain:
-            out = dec.decode(torch.stack([x_t[p[0].meta["image"]] for p in plain]), torch.stack([p[1] for p in plain]))
+            img = [p[0].meta["image"] for p in plain]
+            out = dec.decode(torch.stack([x_t[k] for k in img]), torch.stack([inputs[k][0] for k in img]),
+                             torch.stack([p[1] for p in plain]))
             images.update({p[0].key: out[n] for n, p in enumerate(plain)})
         masked = [p for p in pending if p[0].meta["decoder"] == "diffusion_masked"]
         if masked:

@@ -4,7 +4,9 @@ the edited codes ŝ from that x_T (plain, or mask-guided: ŝ only where ε(ŝ) a
 Why encode the photo rather than sample from noise: a deterministic DDIM encoding x₀ → x_T under s keeps
 what s does not describe (the details GAN inversion loses), so decoding x_T under s reconstructs the photo
 and decoding it under ŝ changes what the edit asks for. ``encode_depth`` < 1 stops the encoding part-way
-(x at step t_max instead of pure noise): more of the photo is kept and less can change.
+(x at step t_max instead of pure noise): more of the photo is kept and less can change. ``guidance`` w > 1
+decodes with ε(s) + w·(ε(ŝ) − ε(s)) (``models.diffusion.EditGuidance``), for a decoder that follows its
+code weakly.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 
 from infra.config import DiffusionEditConfig
-from models.diffusion import StyleUNet, ddim_decode, ddim_encode, mask_guided_decode
+from models.diffusion import EditGuidance, StyleUNet, ddim_decode, ddim_encode, mask_guided_decode
 
 
 @dataclass
@@ -41,13 +43,21 @@ class DiffusionDecoder:
     def encode(self, x0: Tensor, s: Tensor) -> Tensor:
         """x at step ``t_max`` of each photo (B, 3, H, W) under its code (B, S), in batches."""
         self.check(x0, s)
-        return self._batched(lambda x, c: ddim_encode(self.model, x, c, self.cfg.steps, refine=self.cfg.refine,
-                                                      t_max=self.t_max), x0, s)
+        return torch.cat([ddim_encode(self.model, *self._to(x0[lo:lo + self.batch_size], s[lo:lo + self.batch_size]),
+                                      self.cfg.steps, refine=self.cfg.refine, t_max=self.t_max).cpu()
+                          for lo in range(0, len(x0), self.batch_size)])
 
     @torch.no_grad()
-    def decode(self, x_t: Tensor, s_edit: Tensor) -> Tensor:
-        return self._batched(lambda x, c: ddim_decode(self.model, x, c, self.cfg.steps, t_max=self.t_max),
-                             x_t, s_edit)
+    def decode(self, x_t: Tensor, s: Tensor, s_edit: Tensor | None = None) -> Tensor:
+        """Decode under ``s_edit`` (with guidance from the source codes ``s``), or reconstruct under ``s``."""
+        s_edit = s if s_edit is None else s_edit
+        images = []
+        for lo in range(0, len(x_t), self.batch_size):
+            x, src, edit = self._to(x_t[lo:lo + self.batch_size], s[lo:lo + self.batch_size],
+                                    s_edit[lo:lo + self.batch_size])
+            eps = EditGuidance(self.model, src, self.cfg.guidance) if self.cfg.guidance != 1 else self.model
+            images.append(ddim_decode(eps, x, edit, self.cfg.steps, t_max=self.t_max).cpu())
+        return torch.cat(images)
 
     @torch.no_grad()
     def decode_masked(self, x_t: Tensor, s: Tensor, s_edit: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,7 +66,8 @@ class DiffusionDecoder:
         for lo in range(0, len(x_t), self.batch_size):
             sl = slice(lo, lo + self.batch_size)
             image, mask = mask_guided_decode(self.model, *self._to(x_t[sl], s[sl], s_edit[sl]), self.cfg.steps,
-                                             self.cfg.mask_threshold, self.cfg.mask_smooth, t_max=self.t_max)
+                                             self.cfg.mask_threshold, self.cfg.mask_smooth, t_max=self.t_max,
+                                             guidance=self.cfg.guidance)
             images.append(image.cpu())
             masks.append(mask.cpu())
         return torch.cat(images), torch.cat(masks)
@@ -64,7 +75,3 @@ class DiffusionDecoder:
     def _to(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         device = next(self.model.parameters()).device
         return tuple(t.to(device) for t in tensors)
-
-    def _batched(self, fn, x: Tensor, s: Tensor) -> Tensor:
-        return torch.cat([fn(*self._to(x[lo:lo + self.batch_size], s[lo:lo + self.batch_size])).cpu()
-                          for lo in range(0, len(x), self.batch_size)])

@@ -93,19 +93,21 @@ def _columns(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def grids(rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: int) -> dict[str, R.Grid]:
-    """One grid per method: input | reconstruction | one column per prompt variant, for ``n_images`` images."""
-    keys = sorted(rows["image_key"].unique())[:n_images]
-    chosen = rows[rows["image_key"].isin(keys)]
+    """One grid per method: input | reconstruction | one column per prompt variant, for the first
+    ``n_images`` images the method edited (a decoder may edit only some of them)."""
+    methods = [m for m in rows["method"].unique() if m != RECON]
+    keys = {m: sorted(rows.loc[rows["method"] == m, "image_key"].unique())[:n_images] for m in methods}
+    chosen = rows[rows["image_key"].isin({k for ks in keys.values() for k in ks})]
     shards = sorted(set(chosen["source"].str.split("/").str[-1]))
     pictures = _pngs(edits, shards, set(chosen["key"]))
-    inputs = _pngs(images, sorted({s.rsplit("-", 1)[0] for s in shards}), set(keys))
+    inputs = _pngs(images, sorted({s.rsplit("-", 1)[0] for s in shards}), set(chosen["image_key"]))
     out = {}
-    for method in [m for m in chosen["method"].unique() if m != RECON]:
+    for method in methods:
         mine = chosen[chosen["method"] == method]
         decoder, variants = mine["decoder"].iloc[0], list(dict.fromkeys(mine["variant"]))
         edit_of = dict(zip(zip(mine["image_key"], mine["variant"]), mine["key"]))
         grid_rows = []
-        for key in keys:
+        for key in keys[method]:
             cells = [R.GridCell(inputs.get(key)), R.GridCell(pictures.get(recon_key(key, decoder)))]
             cells += [R.GridCell(pictures.get(edit_of.get((key, v))),
                                  error=None if edit_of.get((key, v)) in pictures else "failed") for v in variants]

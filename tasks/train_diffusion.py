@@ -86,7 +86,8 @@ def validation_loss(model: StyleUNet, cache: ImageCache, rows: np.ndarray, batch
 def run_fingerprint(dc: TrainDiffusionConfig, seed: int, config: DiffusionConfig, cache: ImageCache,
                     world: int) -> str:
     """What a resumed run must share with the run it continues (steps and intervals may change)."""
-    keys = {"lr": dc.lr, "wd": dc.weight_decay, "betas": list(dc.betas), "batch": dc.batch_size,
+    keys = {"lr": dc.lr, "warmup": dc.warmup_steps, "wd": dc.weight_decay, "betas": list(dc.betas),
+            "batch": dc.batch_size,
             "clip": dc.grad_clip, "ema": dc.ema_decay, "seed": seed, "world": world,
             "model": config.to_dict(), "data": cache.meta["fingerprint"]}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
@@ -115,6 +116,8 @@ def fit(dc: TrainDiffusionConfig, seed: int, cache: ImageCache, out: Location, *
             if step + 1 < dc.steps:
                 pending = pool.submit(cache.fetch, sampler.batch(step + 1))
             t, noise = step_noise(seed, rank, step, x0, config.timesteps)
+            for group in opt.param_groups:                # warm-up: a function of the step, so resume-safe
+                group["lr"] = dc.lr * min(1.0, (step + 1) / dc.warmup_steps) if dc.warmup_steps else dc.lr
             loss = simple_loss(net, *(v.to(device) for v in (x0, s, t, noise)), schedule=model.schedule)
             opt.zero_grad(set_to_none=True)
             loss.backward()

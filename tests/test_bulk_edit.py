@@ -306,3 +306,9 @@ def test_diffusion_decoders_edit_next_to_the_generator_and_are_evaluated(prepare
     recon = pd.read_parquet(report / "reconstruction.parquet").set_index("decoder")
     assert list(recon.index) == ["diffusion", "generator"] and recon.loc["diffusion", "n"] == shards
     assert (report / "grid_deltaedit_diffusion_masked.png").exists()
+    from tasks.evaluation_report import grids, load_metrics
+    metrics, _, _ = load_metrics(StageStore(Location(str(run)), "metrics"))
+    grid = grids(metrics, StageStore(Location(str(run)), "edits"), StageStore(Location(str(run)), "images"),
+                 N_IMAGES)["deltaedit+diffusion"]
+    assert len(grid.rows) == shards                       # only the images it decoded, each with its
+    assert all(cells[0].image and cells[1].image for _, cells in grid.rows)   # input and DDIM reconstruction

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, load_safetensors, save_safetensors
-from models.diffusion import (DiffusionConfig, NoiseSchedule, StyleUNet, ddim_decode, ddim_encode,
+from models.diffusion import (DiffusionConfig, EditGuidance, NoiseSchedule, StyleUNet, ddim_decode, ddim_encode,
                               ddim_timesteps, level_groups, mask_guided_decode, q_sample, simple_loss)
 from models.layout import StyleLayout
 from tests.helpers_models import TINY_G
@@ -204,3 +204,20 @@ def test_mask_guided_decode_edits_only_where_the_codes_disagree():
     assert (image - plain)[outside].abs().amax() < 1e-5               # untouched pixels: the plain decode
     edited = (base + region)[region.expand_as(image)]
     assert torch.allclose(image[region.expand_as(image)], edited, atol=1e-3)   # region decoded under ŝ
+
+
+def test_edit_guidance_extrapolates_the_edit_and_keeps_the_reconstruction():
+    """For the exact single-image model ε is affine in the image mean: guidance w decodes μ(s) + w·(μ(ŝ) − μ(s))."""
+    base = torch.rand(2, 3, 16, 16) * 2 - 1
+    region = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    region[..., 3:7, 8:13] = True
+    model = GaussianEps(lambda s: base + s[:, :1, None, None] * region)
+    s, s_edit = torch.zeros(2, 2), torch.full((2, 2), 0.3)
+    x_T = ddim_encode(model, base, s, 20)
+    guided = EditGuidance(model, s, 2.0)
+    assert torch.allclose(ddim_decode(guided, x_T, s_edit, 20), base + 0.6 * region, atol=1e-3)
+    assert torch.allclose(ddim_decode(guided, x_T, s, 20), ddim_decode(model, x_T, s, 20))   # ŝ = s: no edit
+    assert torch.equal(ddim_decode(EditGuidance(model, s, 1.0), x_T, s_edit, 20), ddim_decode(model, x_T, s_edit, 20))
+    image, _ = mask_guided_decode(model, x_T, s, s_edit, 20, threshold=0.3, guidance=2.0)
+    inside = region.expand_as(image)
+    assert torch.allclose(image[inside], (base + 0.6 * region)[inside], atol=1e-3)

@@ -84,7 +84,7 @@ def stores(tmp_path) -> Path:
 
 def settings(**kw):
     base = {"steps": 8, "batch_size": 8, "val_fraction": 0.2, "val_every": 4, "val_images": 16,
-            "checkpoint_every": 3, "lr": 2e-3, "ema_decay": 0.9}
+            "checkpoint_every": 3, "lr": 2e-3, "ema_decay": 0.9, "warmup_steps": 4}
     overrides = [f"train_diffusion.{k}={v}" for k, v in {**base, **kw}.items()]
     overrides += [f"train_diffusion.model.{k}={v}" for k, v in TINY_UNET.items()]
     return load_config(None, overrides).train_diffusion
@@ -177,13 +177,15 @@ def test_flow_trains_and_the_zoo_loads_its_checkpoint(stores):
 
 @pytest.mark.timeout(300)
 @pytest.mark.usefixtures("prefect_harness", "ray_cluster")
-def test_flow_on_ray_train_with_two_cpu_workers_resumes_from_its_checkpoint(stores):
+def test_flow_on_ray_train_with_two_cpu_workers_resumes_from_its_checkpoint(stores, monkeypatch):
+    """A relative run root, as in configs/toy.yaml: the workers (in Ray's own directory) write into it too."""
     from flows.train_diffusion import train_diffusion_flow
 
-    first = train_diffusion_flow(None, _flow_overrides(stores, workers=2))["train_diffusion"]
+    monkeypatch.chdir(stores.parent)
+    first = train_diffusion_flow(None, _flow_overrides(Path(stores.name), workers=2))["train_diffusion"]
     assert first["done"] and (first["start_step"], first["step"]) == (0, 4)
     step4 = _weights(stores / "diffusion" / "diffusion.safetensors")
-    longer = train_diffusion_flow(None, _flow_overrides(stores, workers=2, steps=6))["train_diffusion"]
+    longer = train_diffusion_flow(None, _flow_overrides(Path(stores.name), workers=2, steps=6))["train_diffusion"]
     assert longer["done"] and (longer["start_step"], longer["step"], longer["ran"]) == (4, 6, 2)
     step6 = _weights(stores / "diffusion" / "diffusion.safetensors")
     assert StyleUNet.from_checkpoint(str(stores / "diffusion" / "diffusion.safetensors")).lineage["workers"] == 2

@@ -126,6 +126,27 @@ def ddim_encode(model: EpsModel, x0: torch.Tensor, s: torch.Tensor, steps: int,
     return x
 
 
+class EditGuidance:
+    """ε for decoding an edit ŝ of a code s with guidance scale w: ε(x, t, s) + w·(ε(x, t, ŝ) − ε(x, t, s)).
+
+    w = 1 is the plain ε(ŝ). w > 1 extrapolates along the change the edit makes to the prediction, the way
+    classifier-free guidance extrapolates from an unconditional one (Ho & Salimans 2022; here the "unconditional"
+    prediction is the source code's, so no extra training is needed): a decoder that follows its code weakly
+    edits more, and ŝ = s still reconstructs exactly. Call it as ``guided(x, t, s_edit)``.
+    """
+
+    def __init__(self, model: EpsModel, s_source: torch.Tensor, scale: float) -> None:
+        self.model, self.s_source, self.scale = model, s_source, scale
+        self.schedule = _schedule(model, None)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, s_edit: torch.Tensor) -> torch.Tensor:
+        eps_edit = self.model(x, t, s_edit)
+        if self.scale == 1:
+            return eps_edit
+        eps_src = self.model(x, t, self.s_source)
+        return eps_src + self.scale * (eps_edit - eps_src)
+
+
 @torch.no_grad()
 def ddim_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, steps: int,
                 schedule: NoiseSchedule | None = None, t_max: int | None = None) -> torch.Tensor:
@@ -156,13 +177,14 @@ def edit_mask(eps_src: torch.Tensor, eps_edit: torch.Tensor, threshold: float = 
 @torch.no_grad()
 def mask_guided_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, s_edit: torch.Tensor, steps: int,
                        threshold: float = 0.5, smooth: int = 3, schedule: NoiseSchedule | None = None,
-                       t_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       t_max: int | None = None, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM decoding with ŝ = ``s_edit`` inside the edit mask and s outside; returns (x₀, mask).
 
     At every step ε is predicted under both codes and ``edit_mask`` marks where they differ; the mask
     is accumulated (a pixel once edited stays edited) and ε is taken from ŝ inside it, from s outside.
     Outside the mask each step is bit-for-bit the plain ``ddim_decode(model, x_T, s, steps)`` step, so the
-    unedited part of a DDIM-encoded photo is reconstructed as faithfully as without editing.
+    unedited part of a DDIM-encoded photo is reconstructed as faithfully as without editing. ``guidance``
+    scales ε(ŝ) − ε(s) as ``EditGuidance`` does (the mask, relative to its peak, does not change).
     """
     sched = _schedule(model, schedule)
     seq, x = ddim_timesteps(sched.timesteps, steps, t_max), x_T
@@ -170,6 +192,7 @@ def mask_guided_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, s_ed
     for k in reversed(range(len(seq))):
         prev = seq[k - 1] if k else -1
         eps_src, eps_edit = _eps(model, x, seq[k], s), _eps(model, x, seq[k], s_edit)
+        eps_edit = eps_src + guidance * (eps_edit - eps_src)
         mask = torch.maximum(mask, edit_mask(eps_src, eps_edit, threshold, smooth))
         eps = torch.where(mask.bool(), eps_edit, eps_src)
         x = _step(x, eps, sched.alpha_bar(seq[k]), sched.alpha_bar(prev))
