@@ -9,7 +9,6 @@ std of s over the training rows (the U-Net standardises s with them) are compute
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 from infra.fsio import Location
 from infra.readers import decode_rgb, encoded_image, iter_image_samples
 from infra.tables import column_to_numpy, decode_metadata
-from tasks.row_cache import (META, FlatRows, ShardPair, is_validation, materialize, pairs_fingerprint,
+from tasks.row_cache import (FlatRows, ShardPair, SplitCache, is_validation, materialize, pairs_fingerprint,
                              read_columns, shard_pairs)
 
 # (images stage, codes stage) per pool
@@ -96,26 +95,13 @@ def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[
             "counts": counts, "validation": int(sum(val))}
 
 
-class ImageCache:
+class ImageCache(SplitCache):
     """Random access to the (s, image) rows of a built cache; RAM use independent of its size."""
 
     def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.meta = json.loads((self.folder / META).read_text())
+        super().__init__(folder, SPLIT)
         self.style_dim, self.image_shape = self.meta["style_dim"], tuple(self.meta["image_shape"])
-        self.is_val = np.load(self.folder / SPLIT)
         self.rows = FlatRows(self.folder / ROWS, 4 * self.style_dim + int(np.prod(self.image_shape)))
-
-    def __len__(self) -> int:
-        return int(self.meta["rows"])
-
-    @property
-    def train_rows(self) -> np.ndarray:
-        return np.flatnonzero(~self.is_val)
-
-    @property
-    def val_rows(self) -> np.ndarray:
-        return np.flatnonzero(self.is_val)
 
     def style_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (mean, std) of s over the training rows."""

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from infra.fsio import Location
 from infra.tables import column_to_numpy, decode_metadata
-from tasks.row_cache import (META, EpochSampler, FlatRows, ShardPair, is_validation, materialize,
+from tasks.row_cache import (EpochSampler, FlatRows, ShardPair, SplitCache, is_validation, materialize,
                              pairs_fingerprint, read_columns, shard_pairs)
 
 # (codes stage, CLIP stage) per pool: inverted real images and generator samples
@@ -67,30 +66,17 @@ def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[
             "counts": counts, "validation": int(sum(val))}
 
 
-class RowCache:
+class RowCache(SplitCache):
     """Random access to the ``[s | embedding]`` rows of a built cache; RAM use independent of its size."""
 
     def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.meta = json.loads((self.folder / META).read_text())
+        super().__init__(folder, SPLIT)
         self.style_dim, self.clip_dim = self.meta["style_dim"], self.meta["clip_dim"]
-        self.is_val = np.load(self.folder / SPLIT)                     # (N,) bool, 1 byte per sample
         self.rows = FlatRows(self.folder / ROWS, 4 * (self.style_dim + self.clip_dim))
-
-    def __len__(self) -> int:
-        return int(self.meta["rows"])
 
     @property
     def rows_read(self) -> int:
         return self.rows.rows_read
-
-    @property
-    def train_rows(self) -> np.ndarray:
-        return np.flatnonzero(~self.is_val)
-
-    @property
-    def val_rows(self) -> np.ndarray:
-        return np.flatnonzero(self.is_val)
 
     def fetch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(s (B, S), embedding (B, D)) of the given row numbers."""

@@ -85,6 +85,26 @@ def materialize(cache_dir: str | Path, fingerprint: str, write: Callable[[Path],
     return cache_dir
 
 
+class SplitCache:
+    """A built cache folder: its meta and the per-row validation flags (1 byte per sample in RAM)."""
+
+    def __init__(self, folder: str | Path, split_file: str) -> None:
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / META).read_text())
+        self.is_val = np.load(self.folder / split_file)
+
+    def __len__(self) -> int:
+        return int(self.meta["rows"])
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.is_val)
+
+    @property
+    def val_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.is_val)
+
+
 class FlatRows:
     """Random access to fixed-width byte rows of one file; RAM use independent of its size; picklable."""
 
