@@ -16,7 +16,7 @@ Timings are per shard, in the done-marker (they differ between runs; the data mu
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from infra.store import StageStore
 from infra.upstream import plan_downstream
 from infra.readers import decode_image, encoded_image, iter_image_samples, read_vectors, vectors_tensor
 from models import zoo
+from models.compiled import FixedBatchCompiled
 from models.device import DeviceChoice, pick_device, set_cpu_threads
 from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
@@ -104,6 +105,13 @@ class EditModels:
     relevance: Tensor | None                    # (C, D) Rₛ
     sigma: Tensor | None                        # (C,) per-channel std of S (StyleCLIP-GD)
     diffusion: DiffusionDecoder | None = None   # DeltaEdit-D
+    synthesize: Callable[[Tensor, Tensor], Tensor] | None = None   # (conv, rgb) → images; None: eager G
+
+    def render(self, conv: Tensor, rgb: Tensor) -> Tensor:
+        """G(s) of a batch of codes, compiled when ``bulk_edit.compile`` is set."""
+        if self.synthesize is not None:
+            return self.synthesize(conv, rgb)
+        return self.generator.synthesize(StyleCode(conv, rgb))
 
 
 @dataclass
@@ -192,13 +200,11 @@ class EditProcessor:
     @torch.no_grad()
     def _render(self, pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
                 outcomes: dict[str, tuple[str, Any, dict[str, Any]]]) -> None:
-        G = self.models.generator
-        device = next(G.parameters()).device
+        device = next(self.models.generator.parameters()).device
         for start in range(0, len(pending), self.cfg.batch_size):
             chunk = pending[start:start + self.cfg.batch_size]
             conv, rgb = (torch.stack([c[n] for c in chunk]).to(device) for n in (1, 2))
-            code = StyleCode(conv, rgb)
-            images = G.synthesize(code)
+            images = self.models.render(conv, rgb)
             finite = torch.isfinite(images).flatten(1).all(dim=1)
             pixels = to_uint8(images)
             for n, (item, _, _, fields) in enumerate(chunk):
@@ -325,6 +331,7 @@ class EditBuilder:
             relevance = load_relevance(self.root, self.relevance_stage, opts).to(device)
         if "styleclip_gd" in self.cfg.methods:
             sigma = style_statistics(gen, self.n_stat_samples, 1, self.seed).std.to(device)
+        synthesize = compiled_synthesis(gen, self.cfg.batch_size) if self.cfg.compile else None
         diffusion = None
         if self.diffusion is not None:
             model = zoo.build(self.diffusion, device=device, storage_options=opts).eval()
@@ -333,7 +340,7 @@ class EditBuilder:
         meta = {"generator": self.generator.model_dump(mode="json"), "clip": clip.describe(),
                 "relevance_stage": self.relevance_stage, "settings": self.cfg.model_dump(mode="json"),
                 "diffusion": None if self.diffusion is None else self.diffusion.model_dump(mode="json")}
-        return EditProcessor(EditModels(gen, clip, mappers, relevance, sigma, diffusion),
+        return EditProcessor(EditModels(gen, clip, mappers, relevance, sigma, diffusion, synthesize),
                              StageStore(root, self.codes_stage), StageStore(root, self.clip_stage), self.cfg,
                              StageStore(root, self.images_stage), meta)
 
@@ -342,7 +349,7 @@ class EditBuilder:
         from infra.fsio import Location
 
         settings = self.cfg.model_dump(mode="json", exclude={"prompts": True, "catalog": True, "max_images": True,
-                                                             "images_per_shard": True, "batch_size": True,
+                                                             "images_per_shard": True, "batch_size": True, "compile": True,
                                                              "diffusion": {"max_images"}})
         specs = {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}
         if self.diffusion is not None:
@@ -357,3 +364,8 @@ class EditBuilder:
             "settings": settings, "models": models, "relevance": relevance,
             "inputs": [self.codes_stage, self.clip_stage, self.images_stage], "n_stat_samples": self.n_stat_samples,
             "seed": self.seed})
+
+
+def compiled_synthesis(generator: Any, batch_size: int) -> FixedBatchCompiled:
+    """``generator.synthesize`` as a (conv, rgb) function compiled for batches of ``batch_size``."""
+    return FixedBatchCompiled(lambda conv, rgb: generator.synthesize(StyleCode(conv, rgb)), batch_size)

@@ -340,3 +340,21 @@ def test_nvidia_unsupported_variants_refused() -> None:
 def test_layout_used_by_generator_is_the_shared_one() -> None:
     gen = tiny_generator()
     assert gen.layout == StyleLayout.for_generator(32, channels=TINY_G["channels"])
+
+
+@torch.no_grad()
+def test_compiled_synthesis_pads_short_batches_and_matches_eager() -> None:
+    """bulk_edit.compile's decoder: one graph for batches of 4; 1–4 rows give G's images, 5 rows refuse."""
+    from models.compiled import FixedBatchCompiled
+
+    G = tiny_generator(seed=3).eval()
+    code = G.style_space(G.mapping(torch.randn(5, G.style_dim, generator=torch.Generator().manual_seed(0))))
+    compiled = FixedBatchCompiled(lambda conv, rgb: G.synthesize(StyleCode(conv, rgb)), 4)
+    for n in (4, 1, 3):
+        out = compiled(code.conv[:n], code.rgb[:n])
+        assert out.shape == (n, 3, TINY_G["size"], TINY_G["size"])
+        assert torch.allclose(out, G.synthesize(StyleCode(code.conv[:n], code.rgb[:n])), atol=1e-4)
+    with pytest.raises(ValueError, match="expected 1 to 4 rows"):
+        compiled(code.conv, code.rgb)
+    with pytest.raises(ValueError, match="expected 1 to 4 rows"):
+        compiled(code.conv[:2], code.rgb[:3])
