@@ -2,8 +2,10 @@
 (moto's, on 127.0.0.1) and a run-root factory that yields the same test on disk and on S3."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import uuid
@@ -13,6 +15,7 @@ import pytest
 
 # Offline, isolated settings before prefect/ray are imported anywhere.
 _HOME = Path(tempfile.mkdtemp(prefix="deltaedit-tests-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)      # each session's Prefect home goes with it
 os.environ.setdefault("PREFECT_HOME", str(_HOME / "prefect"))
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_HOME / "prefect" / "storage"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
