@@ -154,7 +154,8 @@ def pool_side(root: Path, models: EditModels, specs: list, cfg: BulkEditConfig, 
 
     ensure_prefect_api()
     run_cfg = RunConfig(root=str(root), ray=RayConfig(num_cpus=actors, actors=actors, cpus_per_actor=1),
-                        prefect=PrefectConfig(cache=False, retries=0), bulk_edit=cfg.model_copy(update={"compile": True}))
+                        prefect=PrefectConfig(cache=False, retries=0),
+                        bulk_edit=cfg.model_copy(update={"compile": True}))
     init_ray(run_cfg.ray)
     builder = EditBuilder(ModelSpec(name="stylegan2", checkpoint=str(ZOO / "generator.safetensors")),
                           ModelSpec(name="open_clip", checkpoint=str(ZOO / "clip.safetensors")),

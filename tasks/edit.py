@@ -236,15 +236,11 @@ class EditProcessor:
         masks: dict[str, Tensor] = {}
         plain = [p for p in pending if p[0].meta["decoder"] == "diffusion" and p[0].meta["method"] != RECON]
         if plain:
-            img = [p[0].meta["image"] for p in plain]
-            out = dec.decode(torch.stack([x_t[k] for k in img]), torch.stack([inputs[k][0] for k in img]),
-                             torch.stack([p[1] for p in plain]))
+            out = dec.decode(*_sources(plain, inputs, x_t), torch.stack([p[1] for p in plain]))
             images.update({p[0].key: out[n] for n, p in enumerate(plain)})
         masked = [p for p in pending if p[0].meta["decoder"] == "diffusion_masked"]
         if masked:
-            img = [p[0].meta["image"] for p in masked]
-            out, mask = dec.decode_masked(torch.stack([x_t[k] for k in img]), torch.stack([inputs[k][0] for k in img]),
-                                          torch.stack([p[1] for p in masked]))
+            out, mask = dec.decode_masked(*_sources(masked, inputs, x_t), torch.stack([p[1] for p in masked]))
             images.update({p[0].key: out[n] for n, p in enumerate(masked)})
             masks.update({_twin(p[0].key): mask[n] for n, p in enumerate(masked)})
         for item, _, _, fields in pending:
@@ -263,6 +259,13 @@ class EditProcessor:
             return {}
         return {sample["__key__"]: decode_image(encoded_image(sample))
                 for sample in iter_image_samples(self.images, [shard]) if sample["__key__"] in wanted}
+
+
+def _sources(pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
+             inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]], x_t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(x_t, s) of the source image of each pending diffusion edit."""
+    images = [p[0].meta["image"] for p in pending]
+    return torch.stack([x_t[k] for k in images]), torch.stack([inputs[k][0] for k in images])
 
 
 def _twin(key: str) -> str:
@@ -349,8 +352,8 @@ class EditBuilder:
         from infra.fsio import Location
 
         settings = self.cfg.model_dump(mode="json", exclude={"prompts": True, "catalog": True, "max_images": True,
-                                                             "images_per_shard": True, "batch_size": True, "compile": True,
-                                                             "diffusion": {"max_images"}})
+                                                             "images_per_shard": True, "batch_size": True,
+                                                             "compile": True, "diffusion": {"max_images"}})
         specs = {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}
         if self.diffusion is not None:
             specs["diffusion"] = self.diffusion

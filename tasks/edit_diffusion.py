@@ -10,6 +10,7 @@ code weakly.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,18 +44,14 @@ class DiffusionDecoder:
     def encode(self, x0: Tensor, s: Tensor) -> Tensor:
         """x at step ``t_max`` of each photo (B, 3, H, W) under its code (B, S), in batches."""
         self.check(x0, s)
-        return torch.cat([ddim_encode(self.model, *self._to(x0[lo:lo + self.batch_size], s[lo:lo + self.batch_size]),
-                                      self.cfg.steps, refine=self.cfg.refine, t_max=self.t_max).cpu()
-                          for lo in range(0, len(x0), self.batch_size)])
+        return torch.cat([ddim_encode(self.model, x, src, self.cfg.steps, refine=self.cfg.refine,
+                                      t_max=self.t_max).cpu() for x, src in self._batches(x0, s)])
 
     @torch.no_grad()
     def decode(self, x_t: Tensor, s: Tensor, s_edit: Tensor | None = None) -> Tensor:
         """Decode under ``s_edit`` (with guidance from the source codes ``s``), or reconstruct under ``s``."""
-        s_edit = s if s_edit is None else s_edit
         images = []
-        for lo in range(0, len(x_t), self.batch_size):
-            x, src, edit = self._to(x_t[lo:lo + self.batch_size], s[lo:lo + self.batch_size],
-                                    s_edit[lo:lo + self.batch_size])
+        for x, src, edit in self._batches(x_t, s, s if s_edit is None else s_edit):
             eps = EditGuidance(self.model, src, self.cfg.guidance) if self.cfg.guidance != 1 else self.model
             images.append(ddim_decode(eps, x, edit, self.cfg.steps, t_max=self.t_max).cpu())
         return torch.cat(images)
@@ -63,15 +60,15 @@ class DiffusionDecoder:
     def decode_masked(self, x_t: Tensor, s: Tensor, s_edit: Tensor) -> tuple[Tensor, Tensor]:
         """(images, masks (B, 1, H, W)): ŝ inside the edit mask, s outside (``mask_guided_decode``)."""
         images, masks = [], []
-        for lo in range(0, len(x_t), self.batch_size):
-            sl = slice(lo, lo + self.batch_size)
-            image, mask = mask_guided_decode(self.model, *self._to(x_t[sl], s[sl], s_edit[sl]), self.cfg.steps,
-                                             self.cfg.mask_threshold, self.cfg.mask_smooth, t_max=self.t_max,
-                                             guidance=self.cfg.guidance)
+        for x, src, edit in self._batches(x_t, s, s_edit):
+            image, mask = mask_guided_decode(self.model, x, src, edit, self.cfg.steps, self.cfg.mask_threshold,
+                                             self.cfg.mask_smooth, t_max=self.t_max, guidance=self.cfg.guidance)
             images.append(image.cpu())
             masks.append(mask.cpu())
         return torch.cat(images), torch.cat(masks)
 
-    def _to(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def _batches(self, *tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+        """Row slices of ``batch_size`` of every tensor, on the model's device."""
         device = next(self.model.parameters()).device
-        return tuple(t.to(device) for t in tensors)
+        for lo in range(0, len(tensors[0]), self.batch_size):
+            yield tuple(t[lo:lo + self.batch_size].to(device) for t in tensors)

@@ -87,8 +87,7 @@ def run_fingerprint(dc: TrainDiffusionConfig, seed: int, config: DiffusionConfig
                     world: int) -> str:
     """What a resumed run must share with the run it continues (steps and intervals may change)."""
     keys = {"lr": dc.lr, "warmup": dc.warmup_steps, "wd": dc.weight_decay, "betas": list(dc.betas),
-            "batch": dc.batch_size,
-            "clip": dc.grad_clip, "ema": dc.ema_decay, "seed": seed, "world": world,
+            "batch": dc.batch_size, "clip": dc.grad_clip, "ema": dc.ema_decay, "seed": seed, "world": world,
             "model": config.to_dict(), "data": cache.meta["fingerprint"]}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
