@@ -165,8 +165,8 @@ class BulkEditConfig(Strict):
                                               # Prefect task and a Ray call, so not too few)
     max_images: int | None = Field(None, ge=1)   # edit only the first N images of the codes store
     batch_size: int = Field(32, ge=1)      # codes per mapper / generator forward
-    compile: bool = False                  # torch.compile the generator (one compile per actor, ~½–1 min on
-                                           # CPU; 1.9× faster decoding of the toy G at batch 32): large catalogs
+    compile: bool = False                  # torch.compile the generator (one compile per actor: seconds with a
+                                           # warm Inductor cache, ~1 min cold; toy G decodes 1.9× faster on CPU)
     image_format: Literal["png", "jpg", "webp"] = "png"
     straightforward_mapper: ModelSpec | None = None   # default: <root>/mapper_straightforward/mapper.safetensors
     decoder: list[Literal["generator", "diffusion", "diffusion_masked"]] = ["generator"]   # DeltaEdit-G and/or
