@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from infra.cli import OFFLINE_DEFAULTS  # noqa: E402
+
+for _key, _value in OFFLINE_DEFAULTS.items():     # as the CLI runs: no telemetry, no downloads
+    os.environ.setdefault(_key, _value)
 
 from infra.fsio import Location  # noqa: E402
 from infra.shards import Item, plan_shards  # noqa: E402

@@ -145,7 +145,6 @@ def breakdown(models: EditModels, stored: dict, dt: torch.Tensor, cfg: BulkEditC
 
 def pool_side(root: Path, models: EditModels, specs: list, cfg: BulkEditConfig, actors: int) -> Callable[[], None]:
     """The flow's ``run_stage`` (Prefect task per shard, Ray pool of ``actors`` × 1 CPU, compiled), warmed up."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from prefect import flow
 
     from infra.orchestrate import run_stage

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect.futures import as_completed
+from prefect.utilities.annotations import quote
 from tqdm.auto import tqdm
 
 from infra.config import RunConfig
@@ -84,7 +85,9 @@ def _run_todo(builder: StageBuilder, todo: list[ShardSpec], cfg: RunConfig, stor
               progress: bool, pool: ActorPool) -> None:
     task = configured_shard_task(cfg.prefect, store.loc, refresh=overwrite or redo_failed)
     args = (builder.stage, cfg.root)
-    futures = {task.submit(pool, *args, spec, code_fp, redo_failed): spec for spec in todo}
+    # quote(): Prefect would otherwise walk every item of every spec (twice per task run, for lineage and
+    # to resolve futures), which took most of the driver's CPU on a big bulk edit; a spec holds no futures.
+    futures = {task.submit(pool, *args, quote(spec), code_fp, redo_failed): spec for spec in todo}
     with tqdm(total=len(todo), desc=builder.stage, unit="shard", disable=not progress) as bar:
         for fut in as_completed(futures):
             spec = futures[fut]
@@ -93,7 +96,8 @@ def _run_todo(builder: StageBuilder, todo: list[ShardSpec], cfg: RunConfig, stor
                 if not store.is_done(spec, code_fp):   # a cached report for outputs that are gone
                     log.warning("%s shard %s: cached result but no outputs; running it again",
                                 builder.stage, spec.shard_id)
-                    report = task.with_options(refresh_cache=True)(pool, *args, spec, code_fp, redo_failed)
+                    report = task.with_options(refresh_cache=True)(pool, *args, quote(spec), code_fp,
+                                                                    redo_failed)
             except Exception as exc:     # the shard failed after its retries; the others go on
                 summary.failed_shards.append(spec.shard_id)
                 summary.errors[spec.shard_id] = f"{type(exc).__name__}: {exc}"
