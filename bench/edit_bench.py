@@ -5,7 +5,8 @@ BASELINE, the official ``scripts/inference.py`` loop: batch size 1, the image's 
 feature (as that script reads them from .npy files), and per image: the Delta Mapper once per prompt
 (batch 1) with the relevance selection |Rₛ·Δt| < τ zeroed, then G decodes the original code and every
 edited code (batch 1), and the images are written out (here one PNG per decode, so the pixels can be
-compared; the script writes one JPEG per image). Δt of each prompt is computed once, as the script does.
+compared, with our encoder at ``bulk_edit.png_level`` as the stage writes them; the script writes one JPEG
+per image). Δt of each prompt is computed once, as the script does.
 
 OURS, the same work: the edit stage (``EditProcessor`` via ``execute_shard``: the codes and clip_images
 stores in, the edits store out as WebDataset tar + Parquet) with ``reconstruction: true`` (G(s) of every
@@ -57,7 +58,7 @@ from models.zoo import ModelSpec  # noqa: E402
 from tasks import edit_directions as ed  # noqa: E402
 from tasks.edit import EditBuilder, EditModels, EditProcessor, compiled_synthesis, edit_key, plan_edits, \
     recon_key  # noqa: E402
-from tasks.imaging import encode_png, to_uint8  # noqa: E402
+from tasks.imaging import encode_image, to_uint8  # noqa: E402
 from tasks.prompts import EditVariant  # noqa: E402
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo" / "toy"
@@ -117,7 +118,7 @@ def official_loop(models: EditModels, stored: dict, variants: list[EditVariant],
                                                       for v, d in zip(variants, deltas)]
         names = [recon_key(key)] + [edit_key(key, v, "deltaedit") for v in variants]
         for name, image in zip(names, images):
-            (out / f"{name}.png").write_bytes(encode_png(to_uint8(image)[0]))
+            (out / f"{name}.png").write_bytes(encode_image(to_uint8(image)[0], "png", cfg.png_level))
 
 
 @torch.no_grad()
@@ -134,7 +135,7 @@ def breakdown(models: EditModels, stored: dict, dt: torch.Tensor, cfg: BulkEditC
         "G.synthesize (eager)": (lambda: [G.synthesize(StyleCode(s[n:n + 1], rgb[n:n + 1]))
                                           for n in range(len(keys))], lambda: G.synthesize(StyleCode(s, rgb))),
         "G.synthesize (compiled)": (lambda: None, lambda: compiled(s, rgb)),
-        "PNG encode": (lambda: [encode_png(p) for p in pixels], lambda: [encode_png(p) for p in pixels]),
+        "PNG encode": (lambda: [encode_image(p, "png", cfg.png_level) for p in pixels],) * 2,
     }
     fns = {(name, k): fn for name, pair in steps.items() for k, fn in enumerate(pair)}
     for fn in fns.values():

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,7 +38,7 @@ from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
 from tasks import edit_directions as ed
 from tasks.edit_diffusion import DiffusionDecoder
-from tasks.imaging import encode_png, psnr_where, to_uint8
+from tasks.imaging import encode_image, psnr_where, to_uint8
 from tasks.prompts import EditVariant
 
 RECON = "reconstruction"
@@ -197,6 +198,9 @@ class EditProcessor:
             raise result
         return result
 
+    def _encode(self, pixels: np.ndarray) -> bytes:
+        return encode_image(pixels, self.cfg.image_format, self.cfg.png_level)
+
     @torch.no_grad()
     def _render(self, pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
                 outcomes: dict[str, tuple[str, Any, dict[str, Any]]]) -> None:
@@ -208,7 +212,7 @@ class EditProcessor:
             finite = torch.isfinite(images).flatten(1).all(dim=1)
             pixels = to_uint8(images)
             for n, (item, _, _, fields) in enumerate(chunk):
-                outcomes[item.key] = (("ok", encode_png(pixels[n], self.cfg.image_format), fields) if finite[n]
+                outcomes[item.key] = (("ok", self._encode(pixels[n]), fields) if finite[n]
                                       else ("failed", "the edited code renders non-finite pixels", fields))
 
 
@@ -249,7 +253,7 @@ class EditProcessor:
             if mask is not None:                      # the plain edit is scored outside its masked twin's mask
                 fields = {**fields, "mask_fraction": float(mask.mean()), "psnr_outside_mask": float(
                     psnr_where(image[None], recon[item.meta["image"]][None], 1 - mask[None])[0])}
-            outcomes[item.key] = (("ok", encode_png(to_uint8(image[None])[0], self.cfg.image_format), fields)
+            outcomes[item.key] = (("ok", self._encode(to_uint8(image[None])[0]), fields)
                                   if torch.isfinite(image).all()
                                   else ("failed", "the edited code decodes to non-finite pixels", fields))
 

@@ -17,6 +17,7 @@ from infra.config import IngestConfig
 from infra.records import Sink
 from infra.shards import Item, ShardSpec
 from infra.stage import code_fingerprint
+from tasks.imaging import encode_image
 
 
 class BadImage(ValueError):
@@ -84,12 +85,6 @@ def resize(img: Image.Image, size: int, policy: str) -> Image.Image:
     return canvas
 
 
-def encode(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format={"jpg": "JPEG"}.get(fmt, fmt.upper()), **({"quality": 95} if fmt != "png" else {}))
-    return buf.getvalue()
-
-
 @dataclass
 class IngestProcessor:
     cfg: IngestConfig
@@ -104,7 +99,7 @@ class IngestProcessor:
         try:
             img, info = decode(read_source(item.source, self.storage_options), self.cfg)
             out = resize(img, self.cfg.image_size, self.cfg.resize)
-            data = encode(out, self.cfg.image_format)
+            data = encode_image(out, self.cfg.image_format)
         except BadImage as exc:
             sink.add_failure(item.key, item.source, str(exc))
         except Exception as exc:   # unreadable object, permission error, ...: recorded, never fatal

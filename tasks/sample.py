@@ -16,7 +16,7 @@ from infra.stage import code_fingerprint
 from models import zoo
 from models.device import DeviceChoice, pick_device, set_cpu_threads
 from models.zoo import ModelSpec
-from tasks.imaging import encode_png, to_uint8
+from tasks.imaging import encode_image, to_uint8
 
 
 def sample_items(n: int, seed: int) -> list[Item]:
@@ -51,7 +51,7 @@ class SampleProcessor:
             code = self.generator.style_space(w)
             pixels = to_uint8(self.generator.synthesize(code))
             for n, item in enumerate(batch):
-                sink.add(item.key, item.source, image=encode_png(pixels[n], self.image_format),
+                sink.add(item.key, item.source, image=encode_image(pixels[n], self.image_format),
                          image_ext=self.image_format,
                          vectors={"s": code.conv[n].cpu().numpy(), "s_rgb": code.rgb[n].cpu().numpy(),
                                   "w": w[n].cpu().numpy()})
