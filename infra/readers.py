@@ -41,28 +41,40 @@ def encoded_image(sample: dict[str, Any]) -> bytes:
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image → (H, W, 3) uint8 RGB array."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    image = Image.open(io.BytesIO(data))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image → (3, H, W) float tensor in [-1, 1] (the generator's convention)."""
-    arr = decode_rgb(data).astype(np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+    return decode_images([data])[0]
+
+
+def decode_images(datas: Sequence[bytes]) -> torch.Tensor:
+    """Encoded images of one size → (B, 3, H, W) in [-1, 1], converted to float once for the batch."""
+    pixels = torch.from_numpy(np.stack([decode_rgb(d) for d in datas]))
+    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def image_batches(store: StageStore, batch_size: int, shard_ids: Sequence[str] | None = None
                   ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(keys, images (B, 3, H, W) in [-1, 1]) batches over the finished shards."""
+    yield from encoded_batches(iter_image_samples(store, shard_ids), batch_size)
+
+
+def encoded_batches(samples: Iterable[dict[str, Any]], batch_size: int
+                    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(keys, decoded images) batches of WebDataset samples."""
     keys: list[str] = []
-    images: list[torch.Tensor] = []
-    for sample in iter_image_samples(store, shard_ids):
+    datas: list[bytes] = []
+    for sample in samples:
         keys.append(sample["__key__"])
-        images.append(decode_image(encoded_image(sample)))
+        datas.append(encoded_image(sample))
         if len(keys) == batch_size:
-            yield keys, torch.stack(images)
-            keys, images = [], []
+            yield keys, decode_images(datas)
+            keys, datas = [], []
     if keys:
-        yield keys, torch.stack(images)
+        yield keys, decode_images(datas)
 
 
 def read_vectors(store: StageStore, shard_ids: Iterable[str] | None = None) -> pa.Table:

@@ -9,7 +9,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from infra.readers import image_batches
+from infra.prefetch import prefetch
+from infra.readers import encoded_batches, iter_image_samples
 from infra.shards import Item, ShardSpec
 from infra.store import StageStore
 from infra.tables import STATUS_OK
@@ -33,18 +34,9 @@ def spec_batches(upstream: StageStore, spec: ShardSpec, batch_size: int
                  ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(keys, images in [-1, 1]) batches of the spec's samples, read from the upstream image shard.
 
-    Only the keys the spec lists are returned (a redo lists only the failed ones).
+    Only the keys the spec lists are decoded and returned (a redo lists only the failed ones). The next
+    batch is read and decoded in a background thread while the caller's model runs on this one.
     """
     wanted = {i.key for i in spec.items}
-    keys: list[str] = []
-    images: list[torch.Tensor] = []
-    for batch_keys, batch in image_batches(upstream, batch_size, [spec.shard_id]):
-        for key, image in zip(batch_keys, batch):
-            if key in wanted:
-                keys.append(key)
-                images.append(image)
-            if len(keys) == batch_size:
-                yield keys, torch.stack(images)
-                keys, images = [], []
-    if keys:
-        yield keys, torch.stack(images)
+    samples = (s for s in iter_image_samples(upstream, [spec.shard_id]) if s["__key__"] in wanted)
+    return prefetch(encoded_batches(samples, batch_size))

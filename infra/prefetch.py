@@ -1,0 +1,34 @@
+"""Run an iterator one step ahead of its consumer, in a background thread.
+
+A stage's shard loop alternates reading + decoding a batch (tarfile, PIL: mostly outside the GIL) and
+running the model on it (torch: outside the GIL). Producing the next batch while the model works on
+this one overlaps the two, as a DataLoader worker would, without another process.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Yield ``items`` in order while up to ``depth`` further items are produced in one worker thread.
+
+    Exceptions of the producer are raised here, at the item where they happened. Stopping early (the
+    consumer breaks or is closed) waits for the items in flight, then closes ``items``.
+    """
+    source = iter(items)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as worker:
+            pending = deque(worker.submit(next, source, _END) for _ in range(depth))
+            while (item := pending.popleft().result()) is not _END:
+                pending.append(worker.submit(next, source, _END))
+                yield item
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
