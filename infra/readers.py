@@ -51,9 +51,13 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 
 def decode_images(datas: Sequence[bytes]) -> torch.Tensor:
-    """Encoded images of one size → (B, 3, H, W) in [-1, 1], converted to float once for the batch."""
+    """Encoded images of one size → (B, 3, H, W) in [-1, 1], converted to float once for the batch.
+
+    Contiguous NCHW: a permuted (channels-last) batch would make the models pick other conv kernels,
+    whose float rounding differs, and a rerun would no longer reproduce earlier codes and embeddings.
+    """
     pixels = torch.from_numpy(np.stack([decode_rgb(d) for d in datas]))
-    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return (pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
 
 
 def image_batches(store: StageStore, batch_size: int, shard_ids: Sequence[str] | None = None

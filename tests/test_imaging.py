@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tasks.imaging import LOSSY_QUALITY, encode_image
@@ -42,3 +43,13 @@ def test_lossy_formats_use_one_quality_for_arrays_and_pil_images(fmt, pil_format
     error = {name: np.abs(_decode(d).astype(int) - pixels).mean() for name, d in
              (("ours", data), ("pil_default", pil_default.getvalue()))}
     assert error["ours"] < error["pil_default"]
+
+
+def test_decoded_batches_are_contiguous_nchw_in_the_generator_range():
+    from infra.readers import decode_images
+
+    pixels = _pixels()
+    batch = decode_images([encode_image(pixels, "png", png_level=1)] * 2)
+    assert batch.shape == (2, 3, 64, 64) and batch.is_contiguous()     # channels-last would change conv rounding
+    expected = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(batch[1], expected)
