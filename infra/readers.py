@@ -60,15 +60,9 @@ def decode_images(datas: Sequence[bytes]) -> torch.Tensor:
     return (pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
 
 
-def image_batches(store: StageStore, batch_size: int, shard_ids: Sequence[str] | None = None
-                  ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(keys, images (B, 3, H, W) in [-1, 1]) batches over the finished shards."""
-    yield from encoded_batches(iter_image_samples(store, shard_ids), batch_size)
-
-
 def encoded_batches(samples: Iterable[dict[str, Any]], batch_size: int
                     ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(keys, decoded images) batches of WebDataset samples."""
+    """(keys, images (B, 3, H, W) in [-1, 1]) batches of WebDataset samples (``iter_image_samples``)."""
     keys: list[str] = []
     datas: list[bytes] = []
     for sample in samples:

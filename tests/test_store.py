@@ -13,7 +13,7 @@ import torch
 
 from helpers_store import FlakyProcessor, items, png_bytes
 from infra.fsio import Location
-from infra.readers import image_batches, read_vectors, vectors_tensor
+from infra.readers import encoded_batches, iter_image_samples, read_vectors, vectors_tensor
 from infra.shards import ShardSpec, key_for, plan_shards, select
 from infra.stage import execute_shard
 from infra.store import StageStore
@@ -38,7 +38,7 @@ def test_round_trip_images_vectors_manifest(run_root):
     bad = next(r for r in manifest if r["status"] == "failed")
     assert bad["key"] == "k002" and bad["error"] == "simulated read error"
 
-    batches = list(image_batches(store, batch_size=3))
+    batches = list(encoded_batches(iter_image_samples(store), batch_size=3))
     keys = [k for ks, _ in batches for k in ks]
     assert keys == ["k000", "k001", "k003", "k004"]
     assert batches[0][1].shape == (3, 3, 8, 8) and batches[0][1].min() >= -1 and batches[0][1].max() <= 1
