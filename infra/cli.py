@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="list the model zoo or train the embedded toy models",
                          description="`zoo list`: the registered models. `zoo train toy`: retrain the "
-                                     "toy generator, encoder and CLIP (the committed weights in zoo/toy).")
+                                     "toy generator, encoder and CLIP (the committed weights in zoo/toy; "
+                                     "≈ 27 min on 2 CPU cores, the CLIP in a second process).")
     zoo.add_argument("action", choices=["list", "train"])
     zoo.add_argument("target", nargs="?", choices=["toy"], help="what to train (train only)")
     zoo.add_argument("--out", default="zoo/toy", help="output folder (default: zoo/toy)")

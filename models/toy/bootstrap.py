@@ -11,12 +11,19 @@ Each file's lineage records seed, steps, seconds and the held-out metrics (oracl
 sample coverage, zero-shot accuracy). Seeds fix every random draw; with ``minutes_budget=None`` the step
 counts are fixed too and a rerun on the same machine gives the same weights. With a budget each phase
 stops early when its share of the time is spent (the lineage says after how many steps).
+
+The CLIP does not depend on the generator, so with two threads and both parts the CLIP trains in a
+second process (one thread each): on two cores the bootstrap takes as long as its longer half.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +35,9 @@ from models.toy.oracle import Oracle
 from models.toy.train_clip import ToyClipTraining, evaluate_clip, train_clip
 from models.toy.train_encoder import ToyEncoderConfig, train_encoder
 from models.toy.train_generator import RECON_SEED, ToyGeneratorConfig, attribute_agreement, evaluate_prior_fit, \
-    evaluate_samples, evaluate_vae, train_generator
+    evaluate_samples, train_generator
 
-SHARES = {"generator": 0.54, "encoder": 0.22, "clip": 0.24}  # relative training time per phase (shipped run)
+SHARES = {"generator": 0.47, "encoder": 0.27, "clip": 0.26}  # one-thread training time per phase (shipped run)
 EVAL_SHARE = 0.08                                              # of minutes_budget, kept for evaluation
 
 
@@ -48,26 +55,34 @@ def bootstrap(out_dir: str = "zoo/toy", seed: int = 0, minutes_budget: float | N
               generator: ToyGeneratorConfig = ToyGeneratorConfig(), encoder: ToyEncoderConfig = ToyEncoderConfig(),
               clip: ToyClipTraining = ToyClipTraining(), oracle_path: str = ORACLE_PATH,
               threads: int = 2, parts: tuple[str, ...] = ("generator", "clip")) -> dict[str, Any]:
-    """Train the toy models in sequence and write them to ``out_dir``; returns the metrics.
+    """Train the toy models and write them to ``out_dir``; returns the metrics.
 
-    parts: "generator" (generator, then its encoder) and/or "clip"; the two are independent, so they may
-    also run as two processes (e.g. on a busy machine), each writing its own files.
+    parts: "generator" (generator, then its encoder) and/or "clip". The two are independent: with both and
+    ``threads`` ≥ 2 the CLIP trains in a child process with one thread while this one trains the generator
+    with ``threads - 1``; otherwise they run one after the other.
     """
-    phases = [k for k in SHARES if k in parts or (k == "encoder" and "generator" in parts)]
-    total = sum(SHARES[k] for k in phases) / (1 - EVAL_SHARE)
-    budget = {k: (minutes_budget * 60 * SHARES[k] / total if minutes_budget else None) for k in SHARES}
+    split = "generator" in parts and "clip" in parts and threads >= 2
+    halves = [["generator", "encoder"], ["clip"]] if split else \
+        [[k for k in SHARES if k in parts or (k == "encoder" and "generator" in parts)]]
+    budget = {}
+    for phases in halves:   # with a budget, each half's phases share its wall time by SHARES
+        total = sum(SHARES[k] for k in phases) / (1 - EVAL_SHARE)
+        budget |= {k: (minutes_budget * 60 * SHARES[k] / total if minutes_budget else None) for k in phases}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads - 1 if split else threads)
     start = time.perf_counter()
+    metrics: dict[str, Any] = {"seed": seed}
     try:
-        oracle = Oracle.load(oracle_path)
-        metrics: dict[str, Any] = {"seed": seed}
-        if "generator" in parts:
-            metrics.update(_generator_and_encoder(out, oracle, seed, budget, generator, encoder))
-        if "clip" in parts:
-            metrics.update(_clip(out, seed, budget, clip))
+        pool_or_none = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if split else nullcontext()
+        with pool_or_none as pool:
+            clip_half = pool.submit(_clip, out, seed, budget, clip, 1) if split else None
+            if "generator" in parts:
+                metrics.update(_generator_and_encoder(out, Oracle.load(oracle_path), seed, budget, generator, encoder,
+                                                      clip_half.exception if clip_half else lambda: None, threads))
+            if "clip" in parts:
+                metrics.update(clip_half.result() if clip_half else _clip(out, seed, budget, clip))
     finally:
         torch.set_num_threads(previous)
     sizes = {p.name: p.stat().st_size for p in sorted(out.glob("*.safetensors"))}
@@ -76,26 +91,29 @@ def bootstrap(out_dir: str = "zoo/toy", seed: int = 0, minutes_budget: float | N
 
 
 def _generator_and_encoder(out: Path, oracle: Oracle, seed: int, budget: dict[str, float | None],
-                           generator: ToyGeneratorConfig, encoder: ToyEncoderConfig) -> dict[str, Any]:
-    # 1. generator (fitted prior, or VAE decoder) and its sample statistics
-    G, zenc, g_lineage = train_generator(generator, seed, budget["generator"])
+                           generator: ToyGeneratorConfig, encoder: ToyEncoderConfig,
+                           wait_for_clip: Callable[[], object], threads: int) -> dict[str, Any]:
+    # 1. generator (fitted mapping, then the synthesis) and its sample statistics
+    G, g_lineage = train_generator(generator, seed, budget["generator"])
     g_lineage["samples"] = evaluate_samples(G, oracle)
-    if zenc is None:
-        g_lineage["prior_fit"] = evaluate_prior_fit(G, oracle)
-    else:
-        g_lineage["vae_reconstruction"] = evaluate_vae(G, zenc, oracle)
+    g_lineage["prior_fit"] = evaluate_prior_fit(G, oracle)
     G.save(str(out / "generator.safetensors"), lineage=g_lineage)
-    # 2. encoder with the generator inside
-    E, e_lineage = train_encoder(G, zenc, encoder, seed, budget["encoder"])
+    # 2. encoder with the generator inside, on every thread once the CLIP's process has ended (waiting for it,
+    #    so that the encoder's thread count, and with it its float rounding, is the same on every run)
+    wait_for_clip()
+    torch.set_num_threads(threads)
+    E, e_lineage = train_encoder(G, encoder, seed, budget["encoder"])
     e_lineage["reconstruction"] = evaluate_inversion(E, oracle)
     E.save(str(out / "encoder.safetensors"), lineage=e_lineage)
-    fit = "prior_fit" if zenc is None else "vae_reconstruction"
-    return {"generator": {k: g_lineage[k] for k in ("steps", "seconds", "samples", fit)},
+    return {"generator": {k: g_lineage[k] for k in ("steps", "seconds", "mapping_fit", "samples", "prior_fit")},
             "encoder": {k: e_lineage[k] for k in ("steps", "seconds", "reconstruction")}}
 
 
-def _clip(out: Path, seed: int, budget: dict[str, float | None], clip: ToyClipTraining) -> dict[str, Any]:
-    # 3. CLIP
+def _clip(out: Path, seed: int, budget: dict[str, float | None], clip: ToyClipTraining,
+          threads: int | None = None) -> dict[str, Any]:
+    # 3. CLIP (threads: set in a child process)
+    if threads:
+        torch.set_num_threads(threads)
     C, c_lineage = train_clip(clip, seed, budget["clip"])
     c_lineage.update(evaluate_clip(C))   # evaluate_clip's "seed" is the held-out render seed: keep both
     c_lineage["eval_seed"], c_lineage["seed"] = c_lineage["seed"], seed

@@ -5,10 +5,9 @@ Manipulation", eq. 3–4, with the discriminator dropped):
 
     W+ = E(x) = w₀ + Δᵢ (+ latent_avg)
     L = |G(W+) − x|₁ + MSE(G(W+), x)                   pixels
-      + λ_w · mean‖W+ − w‖²                              stay where the generator was trained: for a
-                                                        fitted-prior G the renders come from z ~ N(0, I) and
-                                                        w = mapping(z) exactly; for a VAE G, w = mapping(μ)
-                                                        of its z-encoder (train_generator)
+      + λ_w · mean‖W+ − w‖²                              stay where the generator was trained: the
+                                                        renders come from z ~ N(0, I) and w = mapping(z)
+                                                        exactly (train_generator)
       + λ_Δ · mean‖Δᵢ‖²                                  e4e's delta regularisation: rows stay close to w₀
 
 The w term is a distillation target the e4e recipe cannot have (a GAN has no encoder); here it makes
@@ -21,14 +20,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.e4e import Encoder
 from models.stylegan2 import Generator
-from models.toy.domain import render_batch, render_random, to_tensor
-from models.toy.train_generator import RECON_SEED, STREAM, ZEncoder, attribute_agreement, render_z, track_losses
+from models.toy.domain import render_batch, to_tensor
+from models.toy.train_generator import RECON_SEED, STREAM, attribute_agreement, render_z, track_losses
 
 @dataclass(frozen=True)
 class ToyEncoderConfig:
@@ -48,24 +46,20 @@ def build_encoder(G: Generator, config: ToyEncoderConfig) -> Encoder:
     return enc
 
 
-def train_encoder(G: Generator, zenc: ZEncoder | None, config: ToyEncoderConfig = ToyEncoderConfig(), seed: int = 0,
+def train_encoder(G: Generator, config: ToyEncoderConfig = ToyEncoderConfig(), seed: int = 0,
                   seconds_budget: float | None = None, log_every: int = 100, probe_every: int = 0,
                   oracle: Any = None) -> tuple[Encoder, dict[str, Any]]:
     """Fit the encoder with G frozen; returns (Encoder with G inside, lineage).
 
-    zenc None (a fitted-prior generator): the renders are drawn from z ~ N(0, I) through
-    ``render_z`` and the latent target is the exact w = mapping(z); else w = mapping(μ) of the z-encoder.
+    The renders are drawn from z ~ N(0, I) through ``render_z``, so the latent target is the exact
+    w = mapping(z).
     """
     torch.manual_seed(seed)
-    for p in list(G.parameters()) + (list(zenc.parameters()) if zenc is not None else []):
-        p.requires_grad_(False)
+    G.requires_grad_(False)
     G.eval()
-    if zenc is not None:
-        zenc.eval()
     gen = torch.Generator().manual_seed(seed * 7919 + STREAM + 1)
     enc = build_encoder(G, config)
     net = enc.encoder.train()
-    rng = np.random.default_rng([seed, STREAM, 1])
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     start, step, avg = time.perf_counter(), 0, {}
     for step in range(config.steps):
@@ -76,18 +70,14 @@ def train_encoder(G: Generator, zenc: ZEncoder | None, config: ToyEncoderConfig 
         for g in opt.param_groups:
             g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * progress))
         with torch.no_grad():
-            if zenc is None:
-                z = torch.randn(config.batch_size, G.style_dim, generator=gen)
-                x = render_z(z)[0]                                             # (B, 3, 64, 64)
-                w_vae = G.mapping(z)                                           # (B, style_dim): exact
-            else:
-                x = to_tensor(render_random(rng, config.batch_size)[0])
-                w_vae = G.mapping(zenc(x)[0])
+            z = torch.randn(config.batch_size, G.style_dim, generator=gen)
+            x = render_z(z)[0]                                                 # (B, 3, 64, 64)
+            w = G.mapping(z)                                                   # (B, style_dim): exact
         offsets = net(x)                                                       # (B, n_latent, style_dim)
         w_plus = offsets + enc.latent_avg
         x_hat = G(w_plus, noise_mode="none")
         pix = (x_hat - x).abs().mean() + F.mse_loss(x_hat, x)
-        lat = (w_plus - w_vae[:, None]).pow(2).mean()
+        lat = (w_plus - w[:, None]).pow(2).mean()
         delta = (offsets[:, 1:] - offsets[:, :1]).pow(2).mean()
         loss = pix + config.lambda_w * lat + config.lambda_delta * delta
         opt.zero_grad(set_to_none=True)
@@ -102,8 +92,7 @@ def train_encoder(G: Generator, zenc: ZEncoder | None, config: ToyEncoderConfig 
             print(f"[encoder] step {step + 1} inversion agree {agree}", flush=True)
             net.train()
     enc.eval()
-    for p in G.parameters():
-        p.requires_grad_(True)
+    G.requires_grad_(True)
     lineage = {"seed": seed, "steps": step + 1 if config.steps else 0, "config": asdict(config),
                "seconds": round(time.perf_counter() - start, 1),
                "final": {k: round(v, 5) for k, v in avg.items()}}

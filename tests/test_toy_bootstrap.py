@@ -1,0 +1,61 @@
+"""The toy zoo's training code (``deltaedit zoo train toy``): the fitted prior's codes, the mapping fit, and
+a tiny bootstrap run end to end (both halves, the CLIP in its own process). The shipped weights' quality
+bars are in test_toy_zoo.py."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.checkpoint import load_safetensors
+from models.toy.bootstrap import bootstrap
+from models.toy.domain import ATTRIBUTES, NAMES, uniforms_to_indices
+from models.toy.train_clip import ToyClipTraining
+from models.toy.train_encoder import ToyEncoderConfig
+from models.toy.train_generator import N_VALUES, ToyGeneratorConfig, build_generator, code_matrix, fit_mapping, \
+    mapping_accuracy, target_codes, z_to_uniforms
+
+
+def _z(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_z_draws_every_value_uniformly():
+    idx = uniforms_to_indices(z_to_uniforms(_z(12_000)))
+    for a, name in enumerate(NAMES):
+        freq = np.bincount(idx[:, a], minlength=len(ATTRIBUTES[name])) / len(idx)
+        assert np.abs(freq - 1 / len(freq)).max() < 0.02, (name, freq)
+
+
+def test_target_codes_carry_the_values_of_z():
+    z, matrix = _z(512), code_matrix(ToyGeneratorConfig(), seed=0)
+    coef = target_codes(z, matrix) @ torch.linalg.pinv(matrix)     # back to [one-hot blocks, jitter]
+    idx, k = uniforms_to_indices(z_to_uniforms(z)), 0
+    for a, n in enumerate(N_VALUES):
+        assert (coef[:, k:k + n].argmax(1).numpy() == idx[:, a]).all(), NAMES[a]
+        k += n
+    assert torch.allclose(coef[:, k:], torch.from_numpy(2 * z_to_uniforms(z)[:, len(NAMES):] - 1).float(), atol=1e-4)
+
+
+def test_mapping_fit_learns_the_values():
+    torch.manual_seed(0)
+    config = ToyGeneratorConfig(mapping_steps=300)
+    G = build_generator(config)
+    before = mapping_accuracy(G, code_matrix(config, 0), config.style_dim, n=1024)
+    after = fit_mapping(G, config, seed=0)["value_accuracy"]
+    for name, n in zip(NAMES, N_VALUES):
+        assert after[name] > max(before[name] + 0.15, 1.5 / n), (name, before[name], after[name])
+    assert torch.count_nonzero(G.style[1].weight[:, 18:]) == 0      # z[18:] does not change the render
+
+
+def test_tiny_bootstrap_writes_every_model_with_its_lineage(tmp_path):
+    metrics = bootstrap(str(tmp_path), seed=3, threads=2,
+                        generator=ToyGeneratorConfig(mapping_steps=20, steps=2, batch_size=4),
+                        encoder=ToyEncoderConfig(steps=2, batch_size=4),
+                        clip=ToyClipTraining(steps=2, batch_size=8))
+    assert set(metrics["file_bytes"]) == {"generator.safetensors", "encoder.safetensors", "clip.safetensors"}
+    for name in metrics["file_bytes"]:
+        lineage = load_safetensors(str(tmp_path / name))[1]["lineage"]
+        assert lineage["seed"] == 3 and lineage["steps"] == 2, (name, lineage)
+    assert set(metrics["generator"]["samples"]["tv"]) == set(NAMES)
+    assert set(metrics["encoder"]["reconstruction"]["agreement"]) == set(NAMES)
+    assert set(metrics["clip"]["zero_shot"]) == set(NAMES)
