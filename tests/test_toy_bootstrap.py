@@ -47,15 +47,24 @@ def test_mapping_fit_learns_the_values():
     assert torch.count_nonzero(G.style[1].weight[:, 18:]) == 0      # z[18:] does not change the render
 
 
-def test_tiny_bootstrap_writes_every_model_with_its_lineage(tmp_path):
-    metrics = bootstrap(str(tmp_path), seed=3, threads=2,
-                        generator=ToyGeneratorConfig(mapping_steps=20, steps=2, batch_size=4),
-                        encoder=ToyEncoderConfig(steps=2, batch_size=4),
-                        clip=ToyClipTraining(steps=2, batch_size=8))
+def _tiny_bootstrap(out) -> dict:
+    return bootstrap(str(out), seed=3, threads=2,
+                     generator=ToyGeneratorConfig(mapping_steps=20, steps=3, batch_size=4),
+                     encoder=ToyEncoderConfig(steps=3, batch_size=4),
+                     clip=ToyClipTraining(steps=3, batch_size=8))
+
+
+def test_tiny_bootstrap_writes_every_model_with_its_lineage_and_reruns_identically(tmp_path):
+    metrics = _tiny_bootstrap(tmp_path / "a")
     assert set(metrics["file_bytes"]) == {"generator.safetensors", "encoder.safetensors", "clip.safetensors"}
     for name in metrics["file_bytes"]:
-        lineage = load_safetensors(str(tmp_path / name))[1]["lineage"]
-        assert lineage["seed"] == 3 and lineage["steps"] == 2, (name, lineage)
+        lineage = load_safetensors(str(tmp_path / "a" / name))[1]["lineage"]
+        assert lineage["seed"] == 3 and lineage["steps"] == 3, (name, lineage)
     assert set(metrics["generator"]["samples"]["tv"]) == set(NAMES)
     assert set(metrics["encoder"]["reconstruction"]["agreement"]) == set(NAMES)
     assert set(metrics["clip"]["zero_shot"]) == set(NAMES)
+    _tiny_bootstrap(tmp_path / "b")                                   # same seed: the same weights
+    for name in metrics["file_bytes"]:
+        first, second = (load_safetensors(str(tmp_path / run / name))[0] for run in ("a", "b"))
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), name
