@@ -367,7 +367,7 @@ class EditBuilder:
             store = StageStore(Location(self.root, self.storage_options), self.relevance_stage)
             relevance = sorted((m["shard_id"], m["input_fingerprint"], m["code_fingerprint"])
                                for m in map(store.marker, store.finished()) if m)
-        return code_fingerprint(EditProcessor, ed.global_direction, DiffusionDecoder, config={
+        return code_fingerprint(EditProcessor, ed.global_direction, DiffusionDecoder, encode_image, config={
             "settings": settings, "models": models, "relevance": relevance,
             "inputs": [self.codes_stage, self.clip_stage, self.images_stage], "n_stat_samples": self.n_stat_samples,
             "seed": self.seed})

@@ -119,4 +119,4 @@ class IngestBuilder:
         return IngestProcessor(self.cfg, self.storage_options)
 
     def fingerprint(self) -> str:
-        return code_fingerprint(IngestProcessor, config=self.cfg.model_dump(exclude={"source"}))
+        return code_fingerprint(IngestProcessor, encode_image, config=self.cfg.model_dump(exclude={"source"}))

@@ -78,6 +78,6 @@ class SampleBuilder:
         return SampleProcessor(gen, self.batch_size, self.truncation_psi, self.image_format, device, meta)
 
     def fingerprint(self) -> str:
-        return code_fingerprint(SampleProcessor, config={"generator": zoo.identity(self.generator, self.storage_options),
-                                                         "psi": self.truncation_psi,
-                                                         "format": self.image_format})
+        return code_fingerprint(SampleProcessor, encode_image,
+                                config={"generator": zoo.identity(self.generator, self.storage_options),
+                                        "psi": self.truncation_psi, "format": self.image_format})
