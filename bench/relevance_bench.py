@@ -11,13 +11,17 @@ Each fast setting is measured: the full Jacobian (rank 0) and a low-rank one (re
 
 Models: a toy-sized generator (64 px, 800 conv channels) and toy-sized CLIP (64 px, 64-d) with random
 weights; and the trained toy models of zoo/toy when they exist.
-Measured on a shared 2-core CPU (2026-11-23; exact on 64 channels; ratios vary ±20% with the load):
-  random weights, 32 images:  full Jacobian 20.7-23.5x, cosine 0.977; rank 16: 45-46x, 0.968
+Measured on a 2-core CPU (exact on 64 channels; ratios vary ±20% with the load):
+  random weights, 32 images (2026-11-23):  full Jacobian 20.7-23.5x, cosine 0.977; rank 16: 45-46x, 0.968
                               (noise floor 0.625)
-  trained toy, 32 images:     full 18.9-29.9x, cosine 0.725; rank 16: 43-74x, 0.719 (noise floor 0.249)
-  trained toy, 100 images:    full 17.9x, cosine 0.814; rank 16: 54x, 0.808 (noise floor 0.476)
-The noise floor is the cosine between exact rows of two disjoint halves of the images. On the trained
-toy models the tangent does not follow the ±5σ secant closely; see tasks/relevance_fast.py.
+  trained toy models of 2026-11-24 (generator fitted to attribute codes, zoo/toy/README.md):
+    32 images:   full 19.2x, cosine 0.954; rank 16: 40.4x, 0.936; rank 32: 29.8x, 0.950; rank 40: 27.3x, 0.952
+                 (noise floor 0.490)
+    100 images:  full 19.6x, cosine 0.968; rank 32: 36.6x, 0.965; rank 40: 29.5x, 0.966 (noise floor 0.706)
+  the previous trained toy generator, 100 images: full 17.9x, cosine 0.814 (noise floor 0.476)
+The noise floor is the cosine between exact rows of two disjoint halves of the images. How well the
+tangent follows the ±5σ secant depends on the models (see tasks/relevance_fast.py): the retrained toy
+generator responds far more linearly than the previous one.
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/relevance_bench.py [--quick]
 """
 from __future__ import annotations
@@ -90,8 +94,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="exact: renders per forward")
     parser.add_argument("--jacobian-batch", type=int, default=8, help="fast: images per Jacobian pass")
     parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--ranks", type=lambda t: [int(x) for x in t.split(",")], default=[0, 16],
-                        help="fast-mode ranks to measure, 0 = full Jacobian (default: 0,16)")
+    parser.add_argument("--ranks", type=lambda t: [int(x) for x in t.split(",")], default=[0, 16, 32],
+                        help="fast-mode ranks to measure, 0 = full Jacobian (default: 0,16,32)")
     parser.add_argument("--only", choices=["random", "trained"], help="one model pair only")
     args = parser.parse_args()
     if args.quick:
