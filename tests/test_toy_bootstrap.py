@@ -39,9 +39,9 @@ def test_target_codes_carry_the_values_of_z():
 def test_mapping_fit_learns_the_values():
     torch.manual_seed(0)
     config = ToyGeneratorConfig(mapping_steps=300)
-    G = build_generator(config)
-    before = mapping_accuracy(G, code_matrix(config, 0), config.style_dim, n=1024)
-    after = fit_mapping(G, config, seed=0)["value_accuracy"]
+    G, matrix = build_generator(config), code_matrix(config, 0)
+    before = mapping_accuracy(G, matrix, n=1024)
+    after = fit_mapping(G, config, matrix, seed=0)["value_accuracy"]
     for name, n in zip(NAMES, N_VALUES):
         assert after[name] > max(before[name] + 0.15, 1.5 / n), (name, before[name], after[name])
     assert torch.count_nonzero(G.style[1].weight[:, 18:]) == 0      # z[18:] does not change the render

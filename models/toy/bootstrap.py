@@ -21,9 +21,9 @@ import argparse
 import json
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,8 @@ def bootstrap(out_dir: str = "zoo/toy", seed: int = 0, minutes_budget: float | N
     start = time.perf_counter()
     metrics: dict[str, Any] = {"seed": seed}
     try:
-        pool_or_none = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if split else nullcontext()
-        with pool_or_none as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn) if split else nullcontext() as pool:
             clip_half = pool.submit(_clip, out, seed, budget, clip, 1) if split else None
             if "generator" in parts:
                 metrics.update(_generator_and_encoder(out, Oracle.load(oracle_path), seed, budget, generator, encoder,

@@ -112,10 +112,11 @@ def target_codes(z: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([*onehot, jitter], 1) @ matrix
 
 
-def fit_mapping(G: Generator, config: ToyGeneratorConfig, seed: int, log_every: int = 0) -> dict[str, float]:
-    """Regress G.mapping(z) on code(z) for z ~ N(0, I); returns the final MSE and the held-out value accuracy
-    (a value is read back as the argmax of its one-hot block under C's pseudo-inverse)."""
-    matrix = code_matrix(config, seed)
+def fit_mapping(G: Generator, config: ToyGeneratorConfig, matrix: torch.Tensor, seed: int,
+                log_every: int = 0) -> dict[str, Any]:
+    """Regress G.mapping(z) on code(z) = target_codes(z, matrix) for z ~ N(0, I); returns the final MSE and
+    the held-out value accuracy (a value is read back as the argmax of its one-hot block under C's
+    pseudo-inverse)."""
     first = G.style[1].weight
     with torch.no_grad():
         first[:, N_PRIOR_DIMS:] = 0
@@ -134,15 +135,14 @@ def fit_mapping(G: Generator, config: ToyGeneratorConfig, seed: int, log_every: 
         if log_every and (step + 1) % log_every == 0:
             print(f"[mapping] step {step + 1} mse {loss.item():.4f} {time.perf_counter() - start:.0f}s", flush=True)
     hook.remove()
-    return {"mse": round(loss.item(), 5), "value_accuracy": mapping_accuracy(G, matrix, config.style_dim),
+    return {"mse": round(loss.item(), 5), "value_accuracy": mapping_accuracy(G, matrix),
             "seconds": round(time.perf_counter() - start, 1)}
 
 
 @torch.no_grad()
-def mapping_accuracy(G: Generator, matrix: torch.Tensor, style_dim: int, n: int = 4096, seed: int = 4321
-                     ) -> dict[str, float]:
+def mapping_accuracy(G: Generator, matrix: torch.Tensor, n: int = 4096, seed: int = 4321) -> dict[str, float]:
     """Per attribute, how often the value read back from mapping(z) is the value z was drawn for."""
-    z = torch.randn(n, style_dim, generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed))
     coef = G.mapping(z) @ torch.linalg.pinv(matrix)
     idx, acc, k = uniforms_to_indices(z_to_uniforms(z)), {}, 0
     for a, n_values in enumerate(N_VALUES):
@@ -161,8 +161,8 @@ def train_generator(config: ToyGeneratorConfig = ToyGeneratorConfig(), seed: int
     """
     torch.manual_seed(seed)
     G = build_generator(config)
-    mapping_fit = fit_mapping(G, config, seed, log_every=log_every and 10 * log_every)
     matrix = code_matrix(config, seed)
+    mapping_fit = fit_mapping(G, config, matrix, seed, log_every=log_every and 10 * log_every)
     for p in G.style.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed * 7919 + STREAM)
