@@ -76,16 +76,6 @@ def decoded_images(store: StageStore) -> tuple[list[bytes], "torch.Tensor"]:
     return pngs, torch.stack([decode_image(p) for p in pngs])
 
 
-def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Fastest wall time of ``repeat`` runs (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def best_of_each(fns: dict[str, Callable[[], object]], repeat: int = 3) -> dict[str, float]:
     """Fastest wall time of each callable over ``repeat`` rounds that run them in turn, so a change in
     the machine's other load hits every side alike."""

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from actor_scaling import actor_scaling  # noqa: E402
-from common import best_of, decoded_images, image_store, report, stage_runner  # noqa: E402
+from common import best_of_each, decoded_images, image_store, report, stage_runner  # noqa: E402
 
 from infra.readers import decode_image  # noqa: E402
 from models.e4e import Encoder  # noqa: E402
@@ -59,7 +59,8 @@ def main() -> int:
             for p in pngs:
                 forward(decode_image(p)[None])
 
-        t_stage, t_bare, t_naive = best_of(stage), best_of(bare), best_of(naive, repeat=2)
+        t = best_of_each({"stage": stage, "bare": bare, "naive": naive})   # in turn: load drift hits all
+        t_stage, t_bare, t_naive = t["stage"], t["bare"], t["naive"]
         ckpt = str(tmp / "e.safetensors")
         enc.save(ckpt)
         rows = [("stage vs bare forward on decoded tensors", t_bare / t_stage, 0.85),
