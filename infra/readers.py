@@ -56,7 +56,7 @@ def decode_images(datas: Sequence[bytes]) -> torch.Tensor:
     Contiguous NCHW: a permuted (channels-last) batch would make the models pick other conv kernels,
     whose float rounding differs, and a rerun would no longer reproduce earlier codes and embeddings.
     The layout is changed on the uint8 pixels and the arithmetic done in place on the contiguous float
-    batch: the same values as ``x / 127.5 - 1``, at a fifth of the cost of doing it on a strided view.
+    batch: the same values as ``x / 127.5 - 1``, at about a third of the cost on a strided view (1024 px).
     """
     pixels = torch.from_numpy(np.stack([decode_rgb(d) for d in datas]))
     return pixels.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
