@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=None,
                         help="wall-clock budget; phases stop early when their share is spent")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: with both parts the CLIP trains in a second process; "
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (default 2: with both parts the CLIP trains in a second process; "
                              "1 on a busy machine: one part after the other)")
     parser.add_argument("--parts", default="generator,clip", help="generator (+ encoder) and/or clip")
     args = parser.parse_args(argv)
