@@ -1,7 +1,8 @@
-"""Reading stores back: image shards as torch batches (through webdataset), vector tables as Arrow/torch.
+"""Reading stores back: image shards as torch batches, vector tables as Arrow/torch.
 
-webdataset has no s3:// opener of its own, so shards are opened with fsspec and handed to its tar
-iterators; only finished shards (done-marker present) are read.
+Shards are opened with fsspec (webdataset has no s3:// opener of its own), their members read by
+``infra.tarstream`` and grouped into samples by webdataset; only finished shards (done-marker present)
+are read.
 """
 from __future__ import annotations
 
@@ -17,21 +18,25 @@ from PIL import Image
 
 from infra.store import StageStore
 from infra.tables import column_to_numpy
+from infra.tarstream import tar_members
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
-def _open_shards(store: StageStore, shard_ids: Sequence[str]) -> Iterator[dict[str, Any]]:
+def _shard_files(store: StageStore, shard_ids: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The shards' members as webdataset's ``group_by_keys`` takes them; ``{}`` ends a shard."""
     for shard_id in shard_ids:
+        url = store.tar_url(shard_id)
         with store.loc.open(f"{shard_id}.tar") as stream:
-            yield {"url": store.tar_url(shard_id), "stream": stream}
+            for name, data in tar_members(stream):
+                yield {"fname": name, "data": data, "__url__": url}
+        yield {}
 
 
 def iter_image_samples(store: StageStore, shard_ids: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples ``{"__key__", "png"|"jpg"|..., "json"}`` of the finished shards, in shard order."""
     ids = sorted(shard_ids if shard_ids is not None else store.finished())
-    files = wds.tariterators.tar_file_expander(_open_shards(store, ids))
-    yield from wds.tariterators.group_by_keys(files)
+    yield from wds.tariterators.group_by_keys(_shard_files(store, ids))
 
 
 def encoded_image(sample: dict[str, Any]) -> bytes:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tarfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +26,7 @@ import webdataset as wds
 from infra.fsio import Location
 from infra.records import Record, Sink
 from infra.shards import ShardSpec
+from infra.tarstream import tar_members
 from infra.tables import (STATUS_FAILED, STATUS_OK, column_to_numpy, decode_metadata, manifest_table,
                           parquet_bytes_to_table, table_to_parquet_bytes, vector_table)
 
@@ -90,11 +90,11 @@ class StageStore:
         self.loc.remove_all()
 
     def _tar_images(self, shard_id: str) -> Iterator[tuple[str, tuple[bytes, str, dict]]]:
-        with self.loc.open(shard_id + TAR) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with self.loc.open(shard_id + TAR) as f:
             pending: dict[str, dict[str, bytes]] = {}
-            for member in tar:
-                key, ext = member.name.split(".", 1)
-                pending.setdefault(key, {})[ext] = tar.extractfile(member).read()
+            for name, data in tar_members(f):
+                key, ext = name.split(".", 1)
+                pending.setdefault(key, {})[ext] = data
             for key, parts in pending.items():
                 meta = json.loads(parts.pop("json", b"{}"))
                 ext, data = next(iter(parts.items()))
