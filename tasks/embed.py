@@ -32,9 +32,9 @@ class EmbedProcessor:
                 for key in keys:
                     sink.add_failure(key, sources[key], f"embedding failed ({type(exc).__name__}: {exc})")
                 continue
-            for key, vec in zip(keys, emb):
-                if torch.isfinite(vec).all():
-                    sink.add(key, sources[key], vectors={"embedding": vec.numpy()})
+            for key, vec, finite in zip(keys, emb.numpy(), emb.isfinite().all(dim=1).tolist()):
+                if finite:
+                    sink.add(key, sources[key], vectors={"embedding": vec})
                 else:
                     sink.add_failure(key, sources[key], "embedding is not finite")
 

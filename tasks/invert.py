@@ -36,15 +36,19 @@ class InvertProcessor:
             w_plus = self.encoder(resize_to(images, self.encoder.input_size))     # (B, n_styles, D)
             code = self.generator.style_space(w_plus)
             recon = self.generator.synthesize(code)
-            scores = psnr(recon, resize_to(images, recon.shape[-1])).cpu()
+            scores = psnr(recon, resize_to(images, recon.shape[-1])).tolist()
+            columns = {"s": code.conv, "s_rgb": code.rgb}
+            if self.keep_wplus:
+                columns["w_plus"] = w_plus.flatten(1)
+            columns = {name: c.cpu() for name, c in columns.items()}      # one copy per batch, not per sample
+            finite = torch.stack([c.isfinite().all(dim=1) for c in columns.values()]).all(dim=0).tolist()
+            rows = {name: c.numpy() for name, c in columns.items()}
             for n, key in enumerate(keys):
-                vectors = {"s": code.conv[n].cpu().numpy(), "s_rgb": code.rgb[n].cpu().numpy()}
-                if self.keep_wplus:
-                    vectors["w_plus"] = w_plus[n].flatten().cpu().numpy()
-                if not all(torch.isfinite(torch.from_numpy(v)).all() for v in vectors.values()):
+                if not finite[n]:
                     sink.add_failure(key, sources[key], "inversion produced non-finite codes")
                     continue
-                sink.add(key, sources[key], vectors=vectors, psnr=round(float(scores[n]), 4))
+                sink.add(key, sources[key], vectors={name: r[n] for name, r in rows.items()},
+                         psnr=round(scores[n], 4))
 
 
 @dataclass(frozen=True)
