@@ -87,6 +87,8 @@ def _pax_records(data: bytes) -> dict[str, str] | None:
         while pos < len(data):
             space = data.index(b" ", pos)
             length = int(data[pos:space])
+            if pos + length <= space or pos + length > len(data):
+                return None                    # a record must hold its own length field and fit
             key, _, value = data[space + 1: pos + length - 1].partition(b"=")
             records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
             pos += length

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from infra.tarstream import _Unsupported, _pax_members, tar_members
+from infra.tarstream import _Unsupported, _pax_members, _pax_records, tar_members
 
 # Long (> 100 bytes) and non-ASCII names make tarfile write pax headers; sizes 0, 511, 512, 513 probe padding.
 NAMES = ["plain", "ünïcode_ñame", "x" * 150, "name.with.dots", "last"]
@@ -57,6 +57,15 @@ def test_other_tars_are_handed_to_tarfile_from_the_first_header_it_does_not_read
     with pytest.raises(_Unsupported):
         next(fast)
     assert list(tar_members(io.BytesIO(data))) == _tarfile_members(data)   # once each, in order
+
+
+def test_pax_records_are_parsed():
+    assert _pax_records(b"10 path=x\n" + b"18 mtime=1.234567\n") == {"path": "x", "mtime": "1.234567"}
+
+
+@pytest.mark.parametrize("records", [b"0 path=x\n", b"99 path=x\n", b"12 path=x\n", b"21 GNU.sparse.size=3\n"])
+def test_malformed_or_unusual_pax_records_are_left_to_tarfile(records):
+    assert _pax_records(records) is None
 
 
 def test_compressed_tars_are_read_by_tarfile():
