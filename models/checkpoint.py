@@ -79,7 +79,23 @@ def save_safetensors(uri: str, tensors: Mapping[str, torch.Tensor], *, config: M
     header = {"kind": kind, "config": json.dumps(dict(config), sort_keys=True),
               "lineage": json.dumps(dict(lineage or {}), sort_keys=True)}
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_bytes(uri, st_save(contiguous, metadata=header))
+    write_bytes(uri, _sorted_metadata(st_save(contiguous, metadata=header)))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors file with its ``__metadata__`` keys in sorted order.
+
+    safetensors writes the metadata from a Rust HashMap, in a new order on every save, so the same weights
+    would get a new sha256 each time they are saved, and the stages that fingerprint a checkpoint by its
+    digest (``models.zoo.identity``) would rerun after an identical retraining. Tensor entries and data
+    are kept as they are; the header stays space-padded to a multiple of 8 bytes, as safetensors pads it.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def load_safetensors(uri: str, **storage_options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
