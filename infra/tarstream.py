@@ -1,11 +1,11 @@
 """Sequential reading of the tar shards our stores write, ten times cheaper per member than ``tarfile``.
 
 Python's ``tarfile`` decodes every field of every 512-byte header and wraps each member in a file object:
-~40 µs a member, the largest per-sample cost of reading a store of small images, and all of it under the
+~30 µs a member, the largest per-sample cost of reading a store of small images, and all of it under the
 GIL, so the model thread waits while a reader thread parses (``bench/embed_bench.py`` measures the stage).
 The stores' tars come from webdataset's ``TarWriter`` (``tarfile``, POSIX.1-2001 pax format): regular
 files, with a pax header before a member whose name is long or not ASCII. Those are read here from the
-name, size, type and checksum fields alone (~4 µs a member). At the first header of any other kind (GNU
+name, size, type and checksum fields alone (~7 µs a member). At the first header of any other kind (GNU
 long names, links, global pax headers, a compressed file, a bad checksum) the rest of the file is handed
 to ``tarfile``, which reads every valid tar and names what is wrong with an invalid one.
 """
@@ -54,9 +54,11 @@ def _pax_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if len(header) < BLOCK or kind not in (*_REGULAR, _PAX) or header[345] or not _checksum_ok(header):
             raise _Unsupported(start)          # truncated, other header kinds, ustar prefix, corrupt
         size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
-        data = f.read(size) if size is not None else b""
-        if size is None or len(data) < size or len(f.read(-size % BLOCK)) < -size % BLOCK:
-            raise _Unsupported(start)          # base-256 size, or truncated data or padding: tarfile says which
+        if size is None:
+            raise _Unsupported(start)          # base-256 (GNU) size
+        data = f.read(size)
+        if len(data) < size or len(f.read(-size % BLOCK)) < -size % BLOCK:
+            raise _Unsupported(start)          # truncated data or padding: tarfile says which
         if kind == _PAX:
             pax = _pax_records(data)
             if pax is None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from infra.records import Sink
 from infra.shards import ShardSpec
 from infra.stage import code_fingerprint
