@@ -95,9 +95,11 @@ def stage_ratios(make_processor: Callable[[StageStore], object], forward: Callab
                  tmp: Path, size: int, batch_size: int, shard_batches: int, stage: str, repeat: int = 3
                  ) -> list[tuple[str, float, float | None]]:
     """A stage against its bare forward on pre-decoded tensors (same batches) and a one-image-at-a-time
-    loop over the encoded images, on SHARDS shards of ``shard_batches`` batches; also the stage on shards
-    of one batch, where reading ahead has nothing to overlap (for reference). The images stay in the run
-    root ``tmp/src`` (for the actor comparison)."""
+    loop over the encoded images, on SHARDS shards of ``shard_batches`` batches. For reference: the stage on
+    shards of one batch, where reading ahead has nothing to overlap, and the bare forward batched vs one
+    image at a time on the decoded tensors: what batching alone gains on this machine, the ceiling of the
+    naive-loop ratio short of decoding. The images stay in the run root ``tmp/src`` (for the actor
+    comparison)."""
     from infra.readers import decode_image
 
     n = SHARDS * shard_batches * batch_size
@@ -110,10 +112,12 @@ def stage_ratios(make_processor: Callable[[StageStore], object], forward: Callab
         "stage_one_batch": stage_runner(make_processor(one_batch), one_batch, tmp / "out-one-batch", stage),
         "bare": lambda: [forward(b) for b in batches],
         "naive": lambda: [forward(decode_image(p)[None]) for p in pngs],
+        "bare_one": lambda: [forward(x[None]) for x in tensors],
     }, repeat)
     return [("stage vs bare forward on decoded tensors", t["bare"] / t["stage"], 0.85),
             ("  same, shards of one batch (nothing to read ahead)", t["bare"] / t["stage_one_batch"], None),
-            ("stage vs naive one-image-at-a-time loop", t["naive"] / t["stage"], 2.0)]
+            ("stage vs naive one-image-at-a-time loop", t["naive"] / t["stage"], 2.0),
+            (f"  bare forward, batch {batch_size} vs batch 1 (batching's own gain)", t["bare_one"] / t["bare"], None)]
 
 
 def best_of_each(fns: dict[str, Callable[[], object]], repeat: int = 3) -> dict[str, float]:

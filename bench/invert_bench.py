@@ -3,6 +3,7 @@
 1. stage vs bare forward (encoder → style space → reconstruction, on pre-decoded tensors)  → ≥ 0.85
    (on 4 shards of 4 batches; the same on shards of one batch is printed for reference)
 2. stage vs a naive one-image-at-a-time loop                                               → ≥ 2
+   (the bare forward batched vs batch 1, batching's own gain, is printed for reference)
 3. a pool of 2 actors vs 1 actor (one thread each) over the 4 shards                        → ≥ 1.6
 
 Run: .venv/bin/python bench/invert_bench.py [--quick] [--shard-batches N]
