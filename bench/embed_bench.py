@@ -9,7 +9,9 @@
 3. a pool of 2 actors vs 1 actor (one thread each) over the 4 shards on a 2-core machine  → ≥ 1.6
 
 Models: the toy CLIP (zoo/toy) and open_clip ViT-B-32 with random weights (no download).
-Run: .venv/bin/python bench/embed_bench.py [--quick] [--shard-batches N]
+With --device cuda, ratios 1 and 2 run the model on the GPU (every side copies its embeddings to the
+host, which also waits for the GPU); the actor comparison stays on CPU, as the target is for 2 cores.
+Run: .venv/bin/python bench/embed_bench.py [--quick] [--shard-batches N] [--device cuda]
 """
 from __future__ import annotations
 
@@ -33,7 +35,11 @@ TOY_CLIP = str(Path(__file__).resolve().parents[1] / "zoo" / "toy" / "clip.safet
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layout_args(parser)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the model runs for the stage, bare and naive sides (default cpu)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
     shard_batches, repeat = layout(args)
     torch.set_num_threads(1)                 # one CPU, as one actor gets
     ok = True
@@ -43,9 +49,9 @@ def main() -> int:
         for title, kwargs, size, bs in models:
             tmp = Path(tmp_dir) / title.split()[0]
             torch.manual_seed(0)
-            clip = ClipEncoder.load(**kwargs)
+            clip = ClipEncoder.load(**kwargs, device=args.device)
             rows = stage_ratios(lambda images: EmbedProcessor(clip, images, bs),
-                                lambda x: clip.encode_images(x, batch_size=len(x)),
+                                lambda x: clip.encode_images(x, batch_size=len(x)).cpu(),
                                 tmp, size, bs, shard_batches, "clip_images", repeat)
             ckpt = str(tmp / "clip.safetensors")
             clip.save(ckpt)
