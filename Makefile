@@ -36,7 +36,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -m "slow" tests
 
 bench: setup
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	rc=0; for b in bench/*_bench.py; do $(BIN)/python $$b || rc=1; done; exit $$rc
 
 # Re-resolve the pinned set after editing pyproject.toml's dependencies.
 lock:
