@@ -1,7 +1,7 @@
 """Edit directions in style space S from text: DeltaEdit, the straightforward baseline, StyleCLIP-GD.
 
 All three start from the prompt's text direction Δt = Σ wₖ·(t(targetₖ) − t(sourceₖ)), each t the
-unit-norm mean over prompt templates (FACTS.md, "Text"):
+unit-norm mean over prompt templates (docs/paper-setting.md, "Text prompts"):
 
 - **DeltaEdit**: Δŝ = mapper(s, i, Δt) (the mapper normalises i and Δt), then channels whose relevance
   |Rₛ·Δt| < τ are zeroed (Δt unnormalised, as the paper's threshold τ = 0.03 assumes); ŝ = s + strength·Δŝ.

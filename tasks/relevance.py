@@ -1,8 +1,8 @@
 """Relevance stage: the matrix Rₛ (conv channels × CLIP dim) of StyleCLIP's global directions ("fs3").
 
-StyleCLIP (Patashnik et al., ICCV 2021, §5 and its ``SingleChannel``/``GetGUIData`` scripts), as
-FACTS.md states it: for each conv channel c of S and each of n sample images, set c to its mean over
-many samples, then add −kσ and +kσ (σ: that channel's std, k = 5), render both, CLIP-embed and
+StyleCLIP (Patashnik et al., ICCV 2021, §5 and its ``SingleChannel``/``GetGUIData`` scripts; see
+docs/paper-setting.md, "The relevance matrix"): for each conv channel c of S and each of n sample
+images, set c to its mean over many samples, then add −kσ and +kσ (σ: that channel's std, k = 5), render both, CLIP-embed and
 normalise each embedding; the image's direction is normalise(e₊ − e₋); the channel's row is
 normalise(mean of the n directions). DeltaEdit needs every conv layer (6048 rows at 1024 px); the
 layout comes from the generator, so any resolution or custom widths work.

@@ -1,4 +1,4 @@
-"""The embedded toy domain: renderer, captions and the attribute oracle (DESIGN.md, "The embedded default")."""
+"""The embedded toy domain: renderer, captions and the attribute oracle (docs/toy-domain.md)."""
 from models.toy.domain import ATTRIBUTES, NAMES, Attributes, read_catalog, render, render_batch, \
     render_catalog, sample_attributes, to_tensor
 from models.toy.captions import all_phrasings, attribute_prompt, caption, edit_prompt

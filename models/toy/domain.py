@@ -1,6 +1,6 @@
 """The toy domain: coloured shapes on coloured backgrounds, rendered procedurally from five attributes.
 
-It is the embedded default (DESIGN.md, "The embedded default"): a first offline run trains a small
+It is the embedded default (docs/toy-domain.md): a first offline run trains a small
 generator, encoder and CLIP on these renders, and the attribute oracle reads edits back. So every
 attribute is a small categorical set whose values stay unambiguous under the renderer's jitter, and
 images are smooth (analytic anti-aliasing from signed distances) because generators learn smooth
