@@ -21,3 +21,9 @@ def set_cpu_threads(cpus: float) -> int:
     threads = max(1, int(round(cpus)))
     torch.set_num_threads(threads)
     return threads
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters (CPU for a module without any)."""
+    param = next(module.parameters(), None)
+    return torch.device("cpu") if param is None else param.device

@@ -33,7 +33,7 @@ from infra.upstream import plan_downstream
 from infra.readers import decode_image, encoded_image, iter_image_samples, read_vectors, vectors_tensor
 from models import zoo
 from models.compiled import FixedBatchCompiled
-from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.device import DeviceChoice, module_device, pick_device, set_cpu_threads
 from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
 from tasks import edit_directions as ed
@@ -114,6 +114,11 @@ class EditModels:
             return self.synthesize(conv, rgb)
         return self.generator.synthesize(StyleCode(conv, rgb))
 
+    @property
+    def device(self) -> torch.device:
+        """Where every model of the edit runs (the builder puts them all on one device)."""
+        return module_device(self.generator)
+
 
 @dataclass
 class EditProcessor:
@@ -136,8 +141,9 @@ class EditProcessor:
                 outcomes.update({i.key: ("failed", str(exc), _fields(i, variant, self.cfg.tau)) for i in items})
                 continue
             rgb = torch.stack([inputs[i.meta["image"]][1] for i in items])
+            counts = changed.tolist()                 # one copy to the host per batch
             pending += [(item, conv[n], rgb[n], {**_fields(item, variant, self.cfg.tau),
-                                                 "channels_changed": int(changed[n])})
+                                                 "channels_changed": int(counts[n])})
                         for n, item in enumerate(items)]
         self._render([p for p in pending if p[0].meta["decoder"] == GENERATOR], outcomes)
         self._render_diffusion([p for p in pending if p[0].meta["decoder"] != GENERATOR], inputs, outcomes,
@@ -165,7 +171,7 @@ class EditProcessor:
     def _edit(self, method: str, variant: EditVariant | None, rows: list[tuple[Tensor, Tensor, Tensor | None]]
               ) -> tuple[Tensor, Tensor]:
         """Edited conv codes (B, C) and the number of channels changed per image."""
-        s = torch.stack([r[0] for r in rows])
+        s = torch.stack([r[0] for r in rows]).to(self.models.device)     # codes come from Parquet
         if variant is None:                                       # the reconstruction
             return s, torch.zeros(len(rows), dtype=torch.long)
         dt, t_target = self._text(variant)
@@ -176,7 +182,7 @@ class EditProcessor:
         else:
             if any(r[2] is None for r in rows):
                 raise ed.PromptError("no CLIP embedding for this image (its embed step failed)")
-            i = torch.stack([r[2] for r in rows])
+            i = torch.stack([r[2] for r in rows]).to(s.device)
             delta = ed.mapper_delta(self.models.mappers[method], method, s, i, dt, t_target)
             if self.models.relevance is not None:
                 normalized = self.cfg.threshold == "normalized"
@@ -204,12 +210,12 @@ class EditProcessor:
     @torch.no_grad()
     def _render(self, pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
                 outcomes: dict[str, tuple[str, Any, dict[str, Any]]]) -> None:
-        device = next(self.models.generator.parameters()).device
+        device = self.models.device
         for start in range(0, len(pending), self.cfg.batch_size):
             chunk = pending[start:start + self.cfg.batch_size]
             conv, rgb = (torch.stack([c[n] for c in chunk]).to(device) for n in (1, 2))
             images = self.models.render(conv, rgb)
-            finite = torch.isfinite(images).flatten(1).all(dim=1)
+            finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
             pixels = to_uint8(images)
             for n, (item, _, _, fields) in enumerate(chunk):
                 outcomes[item.key] = (("ok", self._encode(pixels[n]), fields) if finite[n]

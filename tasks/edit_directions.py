@@ -82,4 +82,4 @@ def global_direction(relevance: Tensor, dt: Tensor, sigma: Tensor, beta: float) 
     r = relevance @ F.normalize(dt, dim=-1)
     r = torch.where(r.abs() < beta, torch.zeros_like(r), r)
     peak = r.abs().max()
-    return (r / peak if peak > 0 else r) * sigma
+    return r / torch.where(peak > 0, peak, torch.ones_like(peak)) * sigma   # no sync with the host

@@ -87,7 +87,7 @@ class MetricsProcessor:
         is_recon = torch.tensor([m["method"] == RECON for m in meta])
         ref = torch.where(is_recon[:, None, None, None], _resize(source, edit), recon)   # recon: vs input
         values = {k: v.tolist() for k, v in M.pixel_metrics(edit, ref).items()}
-        e_edit, e_recon = self.models.clip.encode_images(edit), self.models.clip.encode_images(recon)
+        e_edit, e_recon = (self.models.clip.encode_images(x).cpu() for x in (edit, recon))   # one copy each
         values["clip_direction"] = [NAN if m["method"] == RECON else
                                     float(M.clip_direction(e_edit[n:n + 1], e_recon[n:n + 1], self._dt(m)))
                                     for n, m in enumerate(meta)]
@@ -126,7 +126,8 @@ class MetricsProcessor:
         key = meta["terms"]
         if key not in self._directions:
             terms = tuple(tuple(t) for t in json.loads(key))
-            self._directions[key] = text_direction(self.models.clip, terms, TEMPLATES[self.templates])[0]
+            dt = text_direction(self.models.clip, terms, TEMPLATES[self.templates])[0]
+            self._directions[key] = dt.cpu()         # beside the embeddings, on the host
         return self._directions[key]
 
 

@@ -50,11 +50,11 @@ class SampleProcessor:
                 w = self.generator.truncate(w, self.truncation_psi)
             code = self.generator.style_space(w)
             pixels = to_uint8(self.generator.synthesize(code))
+            columns = {"s": code.conv, "s_rgb": code.rgb, "w": w}
+            rows = {name: c.cpu().numpy() for name, c in columns.items()}   # one copy per batch
             for n, item in enumerate(batch):
                 sink.add(item.key, item.source, image=encode_image(pixels[n], self.image_format),
-                         image_ext=self.image_format,
-                         vectors={"s": code.conv[n].cpu().numpy(), "s_rgb": code.rgb[n].cpu().numpy(),
-                                  "w": w[n].cpu().numpy()})
+                         image_ext=self.image_format, vectors={name: r[n] for name, r in rows.items()})
 
 
 @dataclass(frozen=True)

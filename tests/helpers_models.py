@@ -1,7 +1,9 @@
 """Helpers for the StyleGAN2 / e4e tests: public format listings, synthetic checkpoints, tiny seeded models."""
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,29 @@ TINY_G = dict(size=32, style_dim=64, n_mlp=2, channels={4: 64, 8: 48, 16: 32, 32
 # A 32 px-input encoder paired with TINY_G (8 styles of 64).
 TINY_E = dict(n_styles=8, style_dim=64, input_size=32, backbone_blocks=(1, 1, 2, 1), widths=(16, 24, 32, 48))
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                   reason="CUDA not available"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available")])]
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """IEEE float32 and deterministic cuDNN inside the block (no effect on the CPU).
+
+    Two runs of the same float32 graph on a GPU need not agree to allclose's default rtol 1e-5: cuDNN
+    convolutions use TF32 by default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``, 10-bit
+    mantissa, ~1e-3 relative error on Ampere and later, H200 included), and the algorithms cuDNN picks
+    for a transposed convolution (StyleGAN2's up-sampling conv) may reduce with atomics, in a different
+    order on every call. With TF32 off and deterministic algorithms the same graph gives the same bits,
+    so the CUDA variants keep the CPU's tolerances instead of a looser one.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.deterministic, cudnn.benchmark)
+    matmul.fp32_precision = cudnn.conv.fp32_precision = "ieee"
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.deterministic, cudnn.benchmark = saved
 
 
 @cache

@@ -11,6 +11,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -136,3 +137,26 @@ def kill_after_first_shard(args: list[str], cwd: Path, stage_dir: Path, poll_s: 
         time.sleep(poll_s)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+
+
+def tiny_mappers(folder: Path, clip_dim: int = TINY_CLIP["embed_dim"]) -> list[str]:
+    """Seeded random Delta and straightforward mappers for TINY_G; return config overrides."""
+    from models.delta_mapper import DeltaMapper, MapperConfig, StraightforwardMapper
+    from models.layout import StyleLayout
+
+    layout = StyleLayout.for_generator(TINY_G["size"], channels=TINY_G["channels"]).to_dict()
+    torch.manual_seed(0)
+    for name, cls in (("delta", DeltaMapper), ("straight", StraightforwardMapper)):
+        cls(MapperConfig(layout=layout, clip_dim=clip_dim)).save(str(folder / f"{name}.safetensors"))
+    return [f"models.mapper={{name: delta_mapper, checkpoint: {folder / 'delta.safetensors'}}}",
+            "bulk_edit.straightforward_mapper={name: straightforward_mapper, "
+            f"checkpoint: {folder / 'straight.safetensors'}}}"]
+
+
+def run_directly(builder: Any, specs: list[Any], root: str) -> None:
+    """Every shard of ``specs`` through ``builder``'s processor in this process (no Prefect, no Ray)."""
+    from infra.stage import execute_shard, open_store
+
+    proc, store, code_fp = builder.build(), open_store(root, {}, builder.stage), builder.fingerprint()
+    for spec in specs:
+        execute_shard(proc, spec, store, code_fp)
