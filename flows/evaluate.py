@@ -18,6 +18,7 @@ from infra.orchestrate import StageSummary, run_stage
 from infra.shards import select
 from infra.store import StageStore
 from infra.upstream import plan_downstream
+from tasks import edit_analysis as EA
 from tasks import evaluation_report as ER
 from tasks.evaluate import MetricsBuilder
 
@@ -62,10 +63,13 @@ def write_report(cfg: RunConfig, metrics: StageSummary, shards: list[str]) -> st
     root, stages = Location(cfg.root, cfg.storage_options), input_stages(cfg)
     rows, feats, feats_in = ER.load_metrics(StageStore(root, stages.metrics), shards)
     tabs = ER.tables(rows, feats, feats_in)
+    analysis = EA.report_tables(root)           # `deltaedit analyze edits`, when it has been run
+    tabs.update(analysis)
     grid = ER.grids(rows, StageStore(root, stages.edits), StageStore(root, stages.images),
                     cfg.evaluate.grid_images)
     summary = _summary(cfg, StageStore(root, stages.edits), shards, metrics)
-    return ER.write(root.child(cfg.evaluate.report_dir), tabs, grid, summary, _notes(cfg))
+    notes = _notes(cfg) + ([EA.REPORT_NOTE] if analysis else [])
+    return ER.write(root.child(cfg.evaluate.report_dir), tabs, grid, summary, notes)
 
 
 def _summary(cfg: RunConfig, edits: StageStore, shards: list[str], metrics: StageSummary) -> dict[str, str]:
