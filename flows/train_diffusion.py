@@ -10,18 +10,18 @@ own slice of the images.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import flow_config, local_cache_folder
+from flows.common import cache_scratch, flow_config, prepare_cache
 from infra.config import RunConfig, TrainDiffusionConfig
 from infra.fsio import Location
 from infra.ray_train import train_data_parallel
 from models.device import pick_device
 from tasks.diffusion_data import ImageCache, build_image_cache
+from tasks.row_cache import localize
 from tasks.train_diffusion import fit
 
 OUT_DIR = "diffusion"
@@ -51,32 +51,37 @@ def train_diffusion_flow(config_path: str | None = None, overrides: list[str] | 
 def prepare_images(cfg: RunConfig, shards: list[str] | None) -> str:
     """Build (or reuse) the local (image, code) cache of the configured pools; returns its folder."""
     dc = cfg.train_diffusion
-    cache = build_image_cache(Location(cfg.root, cfg.storage_options),
-                              local_cache_folder(cfg, dc.cache_dir, "diffusion_cache"), pools=dc.pools,
-                              shards=shards, val_fraction=dc.val_fraction)
+    root = Location(cfg.root, cfg.storage_options)
+    where, cache = prepare_cache(cfg, dc.cache_dir, "diffusion_cache", lambda folder:
+                                 build_image_cache(root, folder, pools=dc.pools, shards=shards,
+                                                   val_fraction=dc.val_fraction))
     print(f"diffusion rows: {len(cache)} images {cache.image_shape} ({cache.meta['counts']}), "
           f"{cache.meta['validation']} held out")
-    return str(cache.folder)
+    return where
 
 
 @task(name="diffusion-fit", cache_policy=NO_CACHE)
 def train_single(cfg: RunConfig, cache_dir: str, out: Location) -> dict[str, Any]:
-    return fit(cfg.train_diffusion, cfg.seed, ImageCache(cache_dir), out, device=pick_device(cfg.device))
+    cache = ImageCache(localize(cache_dir, cfg.storage_options))
+    return fit(cfg.train_diffusion, cfg.seed, cache, out, device=pick_device(cfg.device))
 
 
 def _fit_worker(args: dict[str, Any], *, rank: int, world: int, wrap: Any, device: str) -> dict[str, Any]:
     """One Ray Train worker: its rank's slice of the images, DDP-averaged gradients."""
     dc = TrainDiffusionConfig.model_validate(args["train_diffusion"])
-    return fit(dc, args["seed"], ImageCache(args["cache_dir"]), Location(args["out"], args["storage_options"]),
+    cache = ImageCache(localize(args["cache_dir"], args["storage_options"]))
+    return fit(dc, args["seed"], cache, Location(args["out"], args["storage_options"]),
                rank=rank, world=world, wrap=wrap, device=device)
 
 
 @task(name="diffusion-fit-distributed", cache_policy=NO_CACHE)
 def fit_distributed(cfg: RunConfig, cache_dir: str, out: Location) -> dict[str, Any]:
-    """The same ``fit`` on ``train_diffusion.workers`` Ray Train workers (the cache must be on a shared path)."""
-    cache = Path(cache_dir).resolve()            # Ray Train workers run elsewhere: absolute paths only
+    """The same ``fit`` on ``train_diffusion.workers`` Ray Train workers (the cache: a shared path
+    or a URI)."""
+    cache = Location(cache_dir, cfg.storage_options)   # workers run elsewhere: absolute paths
     args = {"train_diffusion": cfg.train_diffusion.model_dump(mode="json"), "seed": cfg.seed,
-            "cache_dir": str(cache), "out": out.absolute_uri, "storage_options": out.storage_options}
+            "cache_dir": cache.absolute_uri, "out": out.absolute_uri,
+            "storage_options": out.storage_options}
     return train_data_parallel("train-diffusion", _fit_worker, args, workers=cfg.train_diffusion.workers,
                                ray_config=cfg.ray, use_gpu=pick_device(cfg.device) == "cuda", out=out,
-                               scratch=cache.parent)
+                               scratch=cache_scratch(cache_dir, cfg.storage_options))

@@ -9,18 +9,18 @@ the same ``fit`` runs on Ray Train (torch DDP; gloo on CPU), each worker on its 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import flow_config, local_cache_folder
+from flows.common import cache_scratch, flow_config, prepare_cache
 from infra.config import RunConfig, TrainMapperConfig
 from infra.fsio import Location
 from infra.ray_train import train_data_parallel
 from models.device import pick_device
 from tasks.mapper_data import RowCache, build_row_cache
+from tasks.row_cache import localize
 from tasks.train_mapper import fit
 
 
@@ -52,31 +52,35 @@ def mapper_dir(model: str) -> str:
 def prepare_rows(cfg: RunConfig, shards: list[str] | None) -> str:
     """Build (or reuse) the local row cache of the configured pools; returns its folder."""
     tm = cfg.train_mapper
-    cache = build_row_cache(Location(cfg.root, cfg.storage_options),
-                            local_cache_folder(cfg, tm.cache_dir, "mapper_cache"), pools=tm.pools,
-                            shards=shards, val_fraction=tm.val_fraction)
+    root = Location(cfg.root, cfg.storage_options)
+    where, cache = prepare_cache(cfg, tm.cache_dir, "mapper_cache", lambda folder: build_row_cache(
+        root, folder, pools=tm.pools, shards=shards, val_fraction=tm.val_fraction))
     print(f"mapper rows: {len(cache)} ({cache.meta['counts']}), {cache.meta['validation']} held out")
-    return str(cache.folder)
+    return where
 
 
 @task(name="mapper-fit", cache_policy=NO_CACHE)
 def train_single(cfg: RunConfig, cache_dir: str, out: Location) -> dict[str, Any]:
-    return fit(cfg.train_mapper, cfg.seed, RowCache(cache_dir), out, device=pick_device(cfg.device))
+    cache = RowCache(localize(cache_dir, cfg.storage_options))
+    return fit(cfg.train_mapper, cfg.seed, cache, out, device=pick_device(cfg.device))
 
 
 def _fit_worker(args: dict[str, Any], *, rank: int, world: int, wrap: Any, device: str) -> dict[str, Any]:
     """One Ray Train worker: its rank's slice of the primaries, DDP-averaged gradients."""
     tm = TrainMapperConfig.model_validate(args["train_mapper"])
-    return fit(tm, args["seed"], RowCache(args["cache_dir"]), Location(args["out"], args["storage_options"]),
+    cache = RowCache(localize(args["cache_dir"], args["storage_options"]))
+    return fit(tm, args["seed"], cache, Location(args["out"], args["storage_options"]),
                rank=rank, world=world, wrap=wrap, device=device)
 
 
 @task(name="mapper-fit-distributed", cache_policy=NO_CACHE)
 def fit_distributed(cfg: RunConfig, cache_dir: str, out: Location) -> dict[str, Any]:
-    """The same ``fit`` on ``train_mapper.workers`` Ray Train workers (the cache must be on a shared path)."""
-    cache = Path(cache_dir).resolve()            # Ray Train workers run elsewhere: absolute paths only
-    args = {"train_mapper": cfg.train_mapper.model_dump(mode="json"), "seed": cfg.seed, "cache_dir": str(cache),
-            "out": out.absolute_uri, "storage_options": out.storage_options}
+    """The same ``fit`` on ``train_mapper.workers`` Ray Train workers (the cache: a shared path or
+    a URI)."""
+    cache = Location(cache_dir, cfg.storage_options)   # workers run elsewhere: absolute paths
+    args = {"train_mapper": cfg.train_mapper.model_dump(mode="json"), "seed": cfg.seed,
+            "cache_dir": cache.absolute_uri, "out": out.absolute_uri,
+            "storage_options": out.storage_options}
     return train_data_parallel("train-mapper", _fit_worker, args, workers=cfg.train_mapper.workers,
                                ray_config=cfg.ray, use_gpu=pick_device(cfg.device) == "cuda", out=out,
-                               scratch=cache.parent)
+                               scratch=cache_scratch(cache_dir, cfg.storage_options))

@@ -29,8 +29,23 @@ class RayConfig(Strict):
     num_cpus: int | None = None       # CPUs of a local cluster (None: all)
     actors: int = Field(2, ge=1)      # actors in a stage's pool
     cpus_per_actor: float = Field(0.5, gt=0)   # fractional, so readers are never starved
-    gpus_per_actor: float = Field(0, ge=0)     # 0 on CPU machines; 1 (or a fraction) on GPU nodes
-    use_gpu_if_available: bool = True
+    gpus_per_actor: float | Literal["auto"] = "auto"   # auto: the cluster's GPUs shared by the
+                                      # actors (≤ 1 each, 0 without GPUs); < 1 shares one GPU
+    use_gpu_if_available: bool = True   # false: auto asks for no GPU
+    resources_per_actor: dict[str, float] = Field(default_factory=dict)   # custom Ray resources
+                                      # per actor ({slot: 1} + `ray start --resources` pins nodes)
+    ready_timeout_s: float = Field(600, gt=0)   # actors not placed by then fail the pool
+    ship_code: bool | None = None     # runtime_env py_modules: flows, infra, models, tasks to
+                                      # the workers; None: when attaching to an address
+    train_storage: str | None = None  # Ray Train's storage_path: a shared path or URI (s3://...)
+                                      # for multi-node training; None: local scratch (one node)
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _placeable_gpus(cls, value: float | str) -> float | str:
+        if value != "auto" and (value < 0 or (value > 1 and value != int(value))):
+            raise ValueError("must be 'auto', a fraction in [0, 1] or a whole number of GPUs")
+        return value
 
 
 class PrefectConfig(Strict):
@@ -83,7 +98,9 @@ class TrainMapperConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)     # older step checkpoints are deleted
     workers: int = Field(1, ge=1)              # > 1: Ray Train data-parallel (gloo on CPU, nccl on GPU)
     threads: int | None = Field(None, ge=1)    # torch CPU threads per worker (None: torch's default)
-    cache_dir: str | None = None               # local row cache (None: <root>/mapper_cache, or a temp dir)
+    cache_dir: str | None = None               # row cache: a local or shared path, or a URI (s3://:
+                                               # built here, fetched by each node); None:
+                                               # <root>/mapper_cache, or a temp dir
 
 
 class DiffusionModelConfig(Strict):
@@ -116,7 +133,9 @@ class TrainDiffusionConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     workers: int = Field(1, ge=1)             # > 1: Ray Train data-parallel (gloo on CPU, nccl on GPU)
     threads: int | None = Field(None, ge=1)   # torch CPU threads per worker (None: torch's default)
-    cache_dir: str | None = None              # local row cache (None: <root>/diffusion_cache, or a temp dir)
+    cache_dir: str | None = None              # row cache: a local or shared path, or a URI (s3://:
+                                              # built here, fetched by each node); None:
+                                              # <root>/diffusion_cache, or a temp dir
 
 
 class RelevanceConfig(Strict):

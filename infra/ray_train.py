@@ -5,6 +5,8 @@
 summary is written to ``<out>/distributed_summary.json`` (Ray Train v2 keeps no reported metrics without a
 checkpoint, and ``out`` is where the trainer's checkpoints live anyway) and returned. Workers run in a
 directory of Ray's own, so every local path in ``args`` must be absolute (``Location.absolute_uri``).
+Ray Train's own storage is ``ray.train_storage`` (a shared path, or a URI opened with the run's
+storage options: what a multi-node run needs), else a local scratch folder.
 """
 from __future__ import annotations
 
@@ -32,6 +34,19 @@ def _worker_loop(config: dict[str, Any]) -> None:
     ray.train.report({"step": summary["step"]})
 
 
+def train_storage(ray_config: RayConfig, out: Location, scratch: Path) -> tuple[str, Any]:
+    """Ray Train's (storage_path, storage_filesystem): ``ray.train_storage`` (a path as it is, a
+    URI through fsspec with ``out``'s storage options), else ``<scratch>/ray_train`` here."""
+    if ray_config.train_storage is None:
+        return str(scratch / "ray_train"), None
+    loc = Location(ray_config.train_storage, out.storage_options)
+    if loc.is_local:
+        return loc.path, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return loc.path, PyFileSystem(FSSpecHandler(loc.fs))
+
+
 def train_data_parallel(name: str, worker_fit: WorkerFit, args: dict[str, Any], *, workers: int,
                         ray_config: RayConfig, use_gpu: bool, out: Location, scratch: Path) -> dict[str, Any]:
     """Run ``worker_fit`` (a module-level function) on ``workers`` Ray Train workers; rank 0's summary."""
@@ -42,13 +57,15 @@ def train_data_parallel(name: str, worker_fit: WorkerFit, args: dict[str, Any], 
     from infra.ray_pool import init_ray
 
     init_ray(ray_config)
+    storage_path, storage_fs = train_storage(ray_config, out, scratch)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"fit": worker_fit, "args": args, "out": out.absolute_uri,
                            "storage_options": out.storage_options},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RayRunConfig(name=name, storage_path=str(scratch / "ray_train")),
+        run_config=RayRunConfig(name=name, storage_path=storage_path,
+                                storage_filesystem=storage_fs),
     )
     trainer.fit()
     return json.loads(out.read_bytes(SUMMARY))

@@ -9,15 +9,20 @@ joins its stores once, shard by shard, into ONE flat local file of fixed-width b
   mapping and no table in RAM; the OS page cache, not the process, holds hot rows.
 - ``EpochSampler`` draws the data order as a pure function of (seed, rank, step), so resuming at step k
   needs no sampler state beyond k.
+- On a cluster the cache may live at a URI (``cache_dir: s3://...``): ``publish`` uploads a
+  built folder (meta.json last), ``localize`` gives each node a local copy, fetched once per
+  fingerprint. A shared filesystem path needs neither: every node opens it where it is.
 
 The validation split is by key hash (deterministic, independent of sharding and order).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,6 +88,62 @@ def materialize(cache_dir: str | Path, fingerprint: str, write: Callable[[Path],
         shutil.rmtree(cache_dir)
     os.replace(tmp, cache_dir)
     return cache_dir
+
+
+def stored_fingerprint(loc: Location) -> str | None:
+    """The fingerprint of the cache at ``loc`` (None: no complete cache there)."""
+    if not loc.exists(META):
+        return None
+    return json.loads(loc.read_bytes(META)).get("fingerprint")
+
+
+def publish(folder: str | Path, target: Location) -> None:
+    """Copy a built cache folder to ``target`` unless it holds this fingerprint already; meta.json
+    goes last, so a reader finds a complete cache or none."""
+    folder = Path(folder)
+    meta = (folder / META).read_bytes()
+    if stored_fingerprint(target) == json.loads(meta)["fingerprint"]:
+        return
+    target.remove(META)
+    target.fs.makedirs(target.path, exist_ok=True)
+    for path in sorted(p for p in folder.iterdir() if p.name != META):
+        target.fs.put_file(str(path), target.full(path.name))
+    target.write_bytes(META, meta)
+
+
+def localize(uri: str, storage_options: dict[str, Any] | None = None,
+             scratch: str | Path | None = None) -> Path:
+    """A local folder with the cache at ``uri``: the path itself when it is local (or shared),
+    else a copy under ``scratch`` (the temp dir), downloaded again only when the fingerprint
+    changed. Workers of one node share the copy (a lock file serialises them)."""
+    loc = Location(uri, storage_options)
+    if loc.is_local:
+        return Path(loc.path)
+    fingerprint = stored_fingerprint(loc)
+    if fingerprint is None:
+        raise FileNotFoundError(f"no row cache at {uri} (no {META}); the training flow writes it")
+    local = local_copy_folder(loc.uri, scratch)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open(local.with_name(f"{local.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return materialize(local, fingerprint, lambda tmp: _download(loc, tmp))
+
+
+def local_copy_folder(uri: str, scratch: str | Path | None = None) -> Path:
+    """Where a node keeps its copy of the cache at ``uri`` (the driver builds it there before
+    publishing, so it never downloads what it uploaded)."""
+    name = f"deltaedit-cache-{hashlib.sha256(uri.rstrip('/').encode()).hexdigest()[:12]}"
+    return Path(scratch or tempfile.gettempdir()) / name
+
+
+def _download(loc: Location, out: Path) -> dict[str, Any]:
+    """Every file of the cache at ``loc`` but its meta (``materialize`` writes it); its meta."""
+    for name in loc.listdir():
+        if name != META:
+            loc.fs.get_file(loc.full(name), str(out / name))
+    meta = json.loads(loc.read_bytes(META))
+    meta.pop("fingerprint", None)
+    return meta
 
 
 class SplitCache:

@@ -49,12 +49,10 @@ def prefect_harness():
 def ray_cluster():
     """A local 2-CPU Ray cluster shared by every test that needs one."""
     import ray
+    from helpers_ray import start_local_ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in
-                                           ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "RAY_AUTH_MODE")}})
+        start_local_ray()
     yield ray
     ray.shutdown()
 

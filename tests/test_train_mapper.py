@@ -176,3 +176,37 @@ def test_flow_on_ray_train_with_two_cpu_workers(tmp_path):
     result = train_mapper_flow(None, _flow_overrides(tmp_path / "run", workers=2, steps=4))["train_mapper"]
     assert result["done"] and result["step"] == 4
     DeltaMapper.from_checkpoint(str(tmp_path / "run" / "mapper" / "mapper.safetensors"))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_flow_with_its_row_cache_at_a_uri(tmp_path, s3_bucket):
+    """cache_dir: s3://... — built here, published there, and what training reads (every node's copy)."""
+    import json
+
+    from flows.train_mapper import train_mapper_flow
+    from tasks.row_cache import stored_fingerprint
+
+    bucket, options = s3_bucket
+    write_stores(tmp_path / "run")
+    overrides = _flow_overrides(tmp_path / "run", cache_dir=f"{bucket}/mapper_cache")
+    result = train_mapper_flow(None, [*overrides, f"storage_options={json.dumps(options)}"])
+    assert result["train_mapper"]["done"] and result["train_mapper"]["ran"] == 6
+    assert stored_fingerprint(Location(f"{bucket}/mapper_cache", options)) is not None
+
+
+@pytest.mark.slow          # Ray Train start-up, as above
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("prefect_harness", "ray_cluster")
+def test_flow_on_ray_train_with_cache_and_train_storage_on_s3(tmp_path, s3_bucket):
+    """What a multi-node run needs: the row cache and Ray Train's storage at URIs every node reaches."""
+    import json
+
+    from flows.train_mapper import train_mapper_flow
+
+    bucket, options = s3_bucket
+    write_stores(tmp_path / "run")
+    overrides = [*_flow_overrides(tmp_path / "run", workers=2, steps=4, cache_dir=f"{bucket}/cache"),
+                 f"ray.train_storage={bucket}/ray_train", f"storage_options={json.dumps(options)}"]
+    result = train_mapper_flow(None, overrides)["train_mapper"]
+    assert result["done"] and result["step"] == 4
+    assert Location(f"{bucket}/ray_train", options).listdir()       # Ray Train wrote its run state
