@@ -71,13 +71,20 @@ PROMPTS = [("red", "a shape", "a red shape"), ("big", "a shape", "a large shape"
 RELEVANCE, MAPPER = "relevance_exact", "mapper.safetensors"
 
 
-def toy_models(seed: int = 0) -> EditModels:
+def toy_models(seed: int = 0, device: str = "cpu") -> EditModels:
     """Toy generator and CLIP (zoo/toy), a random-weight Delta Mapper and random unit relevance rows."""
-    G = Generator.from_checkpoint(str(ZOO / "generator.safetensors")).eval()
-    clip = ClipEncoder.load(checkpoint=str(ZOO / "clip.safetensors"))
+    G = Generator.from_checkpoint(str(ZOO / "generator.safetensors")).to(device).eval()
+    clip = ClipEncoder.load(checkpoint=str(ZOO / "clip.safetensors"), device=device)
+    return with_random_mapper(G, clip, seed)
+
+
+def with_random_mapper(G: Generator, clip: ClipEncoder, seed: int = 0) -> EditModels:
+    """G and CLIP with a seeded random Delta Mapper and random unit Rₛ rows, on G's device."""
     torch.manual_seed(seed)
-    mapper = DeltaMapper(MapperConfig(layout=G.layout.to_dict(), clip_dim=clip.embed_dim)).eval()
-    relevance = torch.nn.functional.normalize(torch.randn(G.layout.conv_total, clip.embed_dim), dim=-1)
+    config = MapperConfig(layout=G.layout.to_dict(), clip_dim=clip.embed_dim)
+    mapper = DeltaMapper(config).to(clip.device).eval()
+    rows = torch.randn(G.layout.conv_total, clip.embed_dim)
+    relevance = torch.nn.functional.normalize(rows, dim=-1).to(clip.device)
     return EditModels(G, clip, {"deltaedit": mapper}, relevance, None)
 
 
@@ -92,17 +99,21 @@ def _commit(root: Path, stage: str, meta: dict, rows: dict[str, dict[str, np.nda
 
 @torch.no_grad()
 def inputs(models: EditModels, n: int, root: Path) -> tuple[StageStore, StageStore]:
-    """A run root with the codes and clip_images stores (one shard), Rₛ and the mapper (for the pool)."""
+    """A run root with the codes and clip_images stores (one shard), Rₛ and the mapper (for the
+    pool); the codes are sampled and embedded on the models' device."""
     G, clip = models.generator, models.clip
-    code = G.style_space(G.mapping(torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(1))))
+    z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(1)).to(models.device)
+    code = G.style_space(G.mapping(z))
     emb = clip.encode_images(torch.from_numpy(to_uint8(G.synthesize(code))).permute(0, 3, 1, 2) / 127.5 - 1)
+    host = (code.conv, code.rgb, emb, models.relevance)
+    conv, rgb, emb, relevance = (x.cpu().numpy() for x in host)
     keys = [f"img_{i:05d}" for i in range(n)]
     codes = _commit(root, "codes", {"layout": G.layout.to_dict()},
-                    {k: {"s": code.conv[i].numpy(), "s_rgb": code.rgb[i].numpy()} for i, k in enumerate(keys)})
-    embeddings = _commit(root, "clip_images", {"model": "toy"}, {k: {"embedding": emb[i].numpy()}
+                    {k: {"s": conv[i], "s_rgb": rgb[i]} for i, k in enumerate(keys)})
+    embeddings = _commit(root, "clip_images", {"model": "toy"}, {k: {"embedding": emb[i]}
                                                                  for i, k in enumerate(keys)})
-    _commit(root, RELEVANCE, {"n_channels": len(models.relevance)},
-            {f"ch{c:06d}": {"direction": r.numpy()} for c, r in enumerate(models.relevance)})
+    _commit(root, RELEVANCE, {"n_channels": len(relevance)},
+            {f"ch{c:06d}": {"direction": r} for c, r in enumerate(relevance)})
     models.mappers["deltaedit"].save(str(root / MAPPER))
     return codes, embeddings
 

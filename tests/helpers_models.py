@@ -29,12 +29,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 def exact_float32() -> Iterator[None]:
     """IEEE float32 and deterministic cuDNN inside the block (no effect on the CPU).
 
-    Two runs of the same float32 graph on a GPU need not agree to allclose's default rtol 1e-5: cuDNN
-    convolutions use TF32 by default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``, 10-bit
-    mantissa, ~1e-3 relative error on Ampere and later, H200 included), and the algorithms cuDNN picks
-    for a transposed convolution (StyleGAN2's up-sampling conv) may reduce with atomics, in a different
-    order on every call. With TF32 off and deterministic algorithms the same graph gives the same bits,
-    so the CUDA variants keep the CPU's tolerances instead of a looser one.
+    Two runs of the same float32 graph on a GPU need not agree to allclose's default rtol 1e-5:
+    cuDNN convolutions use TF32 by default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``,
+    10-bit mantissa, ~1e-3 relative error on Ampere and later, H200 included), and the algorithms
+    cuDNN picks for a transposed convolution (StyleGAN2's up-sampling conv) may reduce with atomics,
+    in another order on every call. With TF32 off and deterministic algorithms the same graph gives
+    the same bits, so the CUDA variants keep the CPU's tolerances instead of a looser one.
     """
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.deterministic, cudnn.benchmark)
@@ -43,7 +43,8 @@ def exact_float32() -> Iterator[None]:
     try:
         yield
     finally:
-        matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.deterministic, cudnn.benchmark = saved
+        matmul.fp32_precision, cudnn.conv.fp32_precision = saved[:2]
+        cudnn.deterministic, cudnn.benchmark = saved[2:]
 
 
 @cache

@@ -147,16 +147,18 @@ def tiny_mappers(folder: Path, clip_dim: int = TINY_CLIP["embed_dim"]) -> list[s
     layout = StyleLayout.for_generator(TINY_G["size"], channels=TINY_G["channels"]).to_dict()
     torch.manual_seed(0)
     for name, cls in (("delta", DeltaMapper), ("straight", StraightforwardMapper)):
-        cls(MapperConfig(layout=layout, clip_dim=clip_dim)).save(str(folder / f"{name}.safetensors"))
+        mapper = cls(MapperConfig(layout=layout, clip_dim=clip_dim))
+        mapper.save(str(folder / f"{name}.safetensors"))
     return [f"models.mapper={{name: delta_mapper, checkpoint: {folder / 'delta.safetensors'}}}",
             "bulk_edit.straightforward_mapper={name: straightforward_mapper, "
             f"checkpoint: {folder / 'straight.safetensors'}}}"]
 
 
 def run_directly(builder: Any, specs: list[Any], root: str) -> None:
-    """Every shard of ``specs`` through ``builder``'s processor in this process (no Prefect, no Ray)."""
+    """Run every shard of ``specs`` through ``builder``'s processor here (no Prefect, no Ray)."""
     from infra.stage import execute_shard, open_store
 
-    proc, store, code_fp = builder.build(), open_store(root, {}, builder.stage), builder.fingerprint()
+    proc, code_fp = builder.build(), builder.fingerprint()
+    store = open_store(root, {}, builder.stage)
     for spec in specs:
         execute_shard(proc, spec, store, code_fp)
