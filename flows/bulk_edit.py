@@ -11,6 +11,7 @@ DeltaEdit-D the model of train-diffusion (or ``models.diffusion``).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from prefect import flow
@@ -41,7 +42,7 @@ def bulk_edit_flow(config_path: str | None = None, overrides: list[str] | None =
     cfg = flow_config(config_path, overrides)
     where = config_path or "<defaults>"
     variants = edit_variants(cfg, where)
-    builder = edit_builder(cfg, where)
+    builder = edit_builder(cfg, where, variants)
     opts = {"redo_failed": redo_failed, "overwrite": overwrite}
     with worker_pool(cfg) as pool:
         summaries = []
@@ -58,15 +59,18 @@ def bulk_edit_flow(config_path: str | None = None, overrides: list[str] | None =
     return {s.stage: s.to_dict() for s in summaries}
 
 
-def edit_builder(cfg: RunConfig, where: str) -> EditBuilder:
-    """The edit stage for this config; missing models, mappers or Rₛ are reported before any work."""
+def edit_builder(cfg: RunConfig, where: str, variants: Sequence[EditVariant] = ()) -> EditBuilder:
+    """The edit stage for this config; missing models, mappers or Rₛ are reported before any work.
+
+    Rₛ is loaded when the run's τ, or any variant's own τ, is positive, or StyleCLIP-GD runs.
+    """
     be = cfg.bulk_edit
     missing = [f"models.{m}" for m in ("generator", "clip") if getattr(cfg.models, m) is None]
     if missing:
         raise ConfigError(f"{where}: bulk-edit needs {', '.join(missing)}")
     mappers = tuple((m, _mapper_spec(cfg, m, where)) for m in be.methods if m != "styleclip_gd")
     relevance = f"relevance_{cfg.relevance.mode}"
-    needs_relevance = be.tau > 0 or "styleclip_gd" in be.methods
+    needs_relevance = be.tau > 0 or any((v.tau or 0) > 0 for v in variants) or "styleclip_gd" in be.methods
     if needs_relevance:
         _require_relevance(cfg, relevance, where)
     stages = input_stages(cfg)

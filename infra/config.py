@@ -173,8 +173,9 @@ class BulkEditConfig(Strict):
     catalog: str | None = None             # new images: ingested, inverted and embedded first (else: the run's)
     methods: list[Literal["deltaedit", "straightforward", "styleclip_gd"]] = ["deltaedit"]
     tau: float = Field(0.03, ge=0)         # relevance threshold: zero channels with |Rs·Δt| < tau (paper: 0.03)
-    threshold: Literal["absolute", "normalized"] = "absolute"   # normalized: |Rs·Δt/‖Δt‖| < tau, scale-free
-                                           # (the paper's tau assumes ViT-B/32's Δt scale; other CLIPs differ)
+    threshold: Literal["absolute", "normalized", "relative"] = "absolute"   # the paper's |Rs·Δt| < tau;
+                                           # normalized: |Rs·Δt|/‖Δt‖ < tau; relative: < tau × the prompt's
+                                           # largest (scale-free; tasks/edit_directions.relevance_mask)
     gd_alpha: float = 4.0                  # StyleCLIP global direction: step α (its demo: 4)
     gd_beta: float = Field(0.15, ge=0, lt=1)   # ... and disentanglement threshold β (its demo: 0.15)
     templates: Literal["imagenet", "none"] = "imagenet"   # prompt templates averaged (79 ImageNet ones)

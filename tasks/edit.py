@@ -185,8 +185,7 @@ class EditProcessor:
             i = torch.stack([r[2] for r in rows]).to(s.device)
             delta = ed.mapper_delta(self.models.mappers[method], method, s, i, dt, t_target)
             if self.models.relevance is not None:
-                normalized = self.cfg.threshold == "normalized"
-                delta = delta * ed.relevance_mask(self.models.relevance, dt, tau, normalized)
+                delta = delta * ed.relevance_mask(self.models.relevance, dt, tau, self.cfg.threshold)
         delta = variant.strength * delta
         return s + delta, (delta != 0).sum(dim=1)
 

@@ -57,16 +57,28 @@ def text_direction(clip: Any, terms: Sequence[Term], templates: Sequence[str]) -
     return torch.as_tensor(dt).float(), F.normalize(torch.as_tensor(target).float(), dim=-1)
 
 
-def relevance_mask(relevance: Tensor, dt: Tensor, tau: float, normalized: bool = False) -> Tensor:
-    """(C,) bool: the channels DeltaEdit keeps, |Rₛ·Δt| ≥ τ (all of them when τ = 0).
+Threshold = Literal["absolute", "normalized", "relative"]
 
-    ``normalized``: |Rₛ·Δt/‖Δt‖| ≥ τ, the cosine between Δt and each channel's direction (Rₛ rows are unit
-    vectors). The paper's τ = 0.03 is tied to ViT-B/32's typical ‖Δt‖; another CLIP (the toy one: ‖Δt‖ from
-    0.01 for shape words to 1.0 for colours) needs a scale-free threshold.
+
+def relevance_mask(relevance: Tensor, dt: Tensor, tau: float, rule: Threshold = "absolute") -> Tensor:
+    """(C,) bool: the channels DeltaEdit keeps, r = |Rₛ·Δt| ≥ τ under ``rule`` (all of them when τ = 0).
+
+    - ``absolute``: r ≥ τ, the paper's rule; its τ = 0.03 is tied to ViT-B/32's typical ‖Δt‖.
+    - ``normalized``: r/‖Δt‖ ≥ τ, the cosine between Δt and each channel's direction (Rₛ rows are unit
+      vectors): scale-free, for a CLIP whose ‖Δt‖ differs (the toy one: 0.01 for shape words to 1.0 for
+      colours).
+    - ``relative``: r ≥ τ·max r, each prompt keeps the channels within a factor τ of its most relevant one:
+      scale-free too, and an attribute spread thinly over many channels (each with a small cosine) keeps
+      them, where one fixed cosine drops them all.
     """
-    if normalized:
-        dt = F.normalize(dt, dim=-1)
-    return (relevance @ dt).abs() >= tau
+    r = (relevance @ dt).abs()
+    if rule == "normalized":
+        r = r / dt.norm().clamp_min(1e-12)
+    elif rule == "relative":
+        r = r / r.max().clamp_min(1e-12)
+    elif rule != "absolute":
+        raise ValueError(f"threshold rule must be absolute, normalized or relative, got {rule!r}")
+    return r >= tau
 
 
 @torch.no_grad()

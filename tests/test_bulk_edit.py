@@ -118,8 +118,13 @@ def test_relevance_threshold_and_global_direction_follow_their_definitions():
     dt = torch.tensor([0.1, 0.02])
     assert ed.relevance_mask(relevance, dt, 0.05).tolist() == [True, False, True]
     assert ed.relevance_mask(relevance, dt, 0.0).all()
-    assert ed.relevance_mask(relevance, dt, 0.5, normalized=True).tolist() == [True, False, True]   # 0.98, 0.2, 0.75
-    assert ed.relevance_mask(relevance, dt * 100, 0.5, normalized=True).tolist() == [True, False, True]
+    assert ed.relevance_mask(relevance, dt, 0.5, "normalized").tolist() == [True, False, True]   # 0.98, 0.2, 0.75
+    assert ed.relevance_mask(relevance, dt * 100, 0.5, "normalized").tolist() == [True, False, True]
+    # relative: r = 0.1, 0.02, 0.076 → within 0.5 / 0.9 of the largest
+    assert ed.relevance_mask(relevance, dt, 0.5, "relative").tolist() == [True, False, True]
+    assert ed.relevance_mask(relevance, dt * 1e-3, 0.9, "relative").tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="threshold rule"):
+        ed.relevance_mask(relevance, dt, 0.5, "cosine")
     sigma = torch.tensor([2.0, 3.0, 4.0])
     step = ed.global_direction(relevance, dt, sigma, beta=0.3)
     r = relevance @ (dt / dt.norm())                       # 0.98, 0.196, 0.78
@@ -180,6 +185,20 @@ def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
     cfg = load_config(None, overrides + [f"root={tmp_path / 'empty'}", "bulk_edit.tau=0"])
     with pytest.raises(ConfigError, match="train-mapper"):
         edit_builder(cfg, "test.yaml")
+
+
+def test_a_prompts_own_tau_needs_the_relevance_matrix_when_the_runs_tau_is_zero(prepared, tmp_path):
+    from flows.bulk_edit import edit_builder
+    from infra.config import load_config
+    from tasks.prompts import EditVariant
+
+    root, overrides = prepared
+    cfg = load_config(None, overrides + ["bulk_edit.tau=0", "bulk_edit.methods=[deltaedit]",
+                                         "relevance.mode=fast"])            # no such Rₛ in the prepared run
+    terms = (("a shape", "a red shape", 1.0),)
+    assert edit_builder(cfg, "test.yaml", [EditVariant("red", terms)]).relevance_stage is None
+    with pytest.raises(ConfigError, match="relevance"):
+        edit_builder(cfg, "test.yaml", [EditVariant("red", terms, tau=0.2)])
 
 
 def _copies(root: Path, overrides: list[str], tmp_path: Path, names: tuple[str, ...]) -> dict[str, Path]:
