@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,7 @@ class RayNodes:
                 time.sleep(0.2)
         for proc in self.procs:
             proc.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _node_args(cpus: float, resources: dict[str, float], gpus: int = 0) -> list[str]:
