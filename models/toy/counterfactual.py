@@ -18,6 +18,7 @@ from torch import Tensor
 
 from models.stylegan2 import Generator, StyleCode
 from models.toy.domain import ATTRIBUTES, NAMES
+from models.toy.train_generator import channel_attributes
 
 SEED_STREAM = 0x5EED_CF      # seed tag of the sample z (apart from training and evaluation draws)
 
@@ -62,10 +63,8 @@ class ToyCounterfactuals:
         return self.generator.style_space(self.generator.mapping(z))
 
 
-def channel_owners(layout: Any) -> list[str] | None:
-    """The attribute of each conv channel by ``models.toy.train_generator.channel_attributes``
-    where that function exists (generators trained with attribute-owned channels); else None."""
-    from models.toy import train_generator
-
-    label = getattr(train_generator, "channel_attributes", None)
-    return None if label is None else [NAMES[int(a)] for a in label(layout)]
+def channel_owners(layout: Any) -> list[str]:
+    """The attribute of each conv channel (``models.toy.train_generator.channel_attributes``): the
+    channels a toy generator trained with ``attribute_channels`` gives each attribute. For another
+    generator the labels need not fit: the analysis's ``own_channel_share`` tells."""
+    return [NAMES[int(a)] for a in channel_attributes(layout)]

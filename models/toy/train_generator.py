@@ -53,11 +53,13 @@ class ToyGeneratorConfig:
     mapping_batch_size: int = 512
     mapping_lr: float = 3e-2
     code_scale: float = 1 / 3                 # C ~ N(0, code_scale²): w of unit-ish scale
-    steps: int = 3500                         # synthesis: optimiser steps (fewer if the time budget runs out)
+    steps: int = 4000                         # synthesis: optimiser steps (fewer if the time budget runs out)
     batch_size: int = 32
     lr: float = 1e-2
     fg_weight: float = 4.0                    # extra pixel-loss weight on the shape's pixels
     exact_fraction: float = 0.5               # of each batch decoded from code(z) itself, the rest from mapping(z)
+    attribute_channels: bool = True           # each attribute owns a block of w and of every conv layer's
+    #                                           channels; toRGB styles are constant (see style_blocks)
 
 
 def build_generator(config: ToyGeneratorConfig) -> Generator:
@@ -96,11 +98,75 @@ def render_z(z: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     return to_tensor(images), idx
 
 
+# The jitter uniforms (dx, dy, scale, rot, fg r/g/b, bg) belong to the attribute whose look they vary.
+JITTER_ATTRIBUTE = ("position", "position", "size", "shape", "shape_color", "shape_color", "shape_color",
+                    "background")
+
+
 def code_matrix(config: ToyGeneratorConfig, seed: int) -> torch.Tensor:
-    """C (Σ values + jitter uniforms, style_dim): row k is the w direction of one-hot entry k (or jitter k)."""
+    """C (Σ values + jitter uniforms, style_dim): row k is the w direction of one-hot entry k (or jitter k).
+
+    With ``attribute_channels`` the rows of attribute a (its values and its jitter) are zero outside a's
+    block of w (``w_blocks``), so w is the concatenation of one code per attribute.
+    """
     gen = torch.Generator().manual_seed(seed * 7919 + STREAM + 2)
     rows = sum(N_VALUES) + N_PRIOR_DIMS - N_ATTR_DIMS
-    return config.code_scale * torch.randn(rows, config.style_dim, generator=gen)
+    matrix = config.code_scale * torch.randn(rows, config.style_dim, generator=gen)
+    if config.attribute_channels:
+        owner = [a for a, n in enumerate(N_VALUES) for _ in range(n)] + [NAMES.index(a) for a in JITTER_ATTRIBUTE]
+        blocks = w_blocks(config.style_dim)
+        mask = torch.zeros_like(matrix)
+        for row, a in enumerate(owner):
+            mask[row, blocks[a]] = 1
+        matrix = matrix * mask * math.sqrt(len(NAMES))      # same norm per row as a dense row
+    return matrix
+
+
+def w_blocks(style_dim: int) -> list[slice]:
+    """The dims of w that code each attribute (``NAMES`` order): contiguous, as equal as possible."""
+    edges = np.linspace(0, style_dim, len(NAMES) + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+# Which attribute each conv channel of a layer carries, repeated across the layer: the geometric attributes,
+# which the synthesis learns slowest, get more channels (shape 3, size 2, position 2 of every 9).
+CHANNEL_PATTERN = tuple(NAMES.index(a) for a in ("shape", "size", "position", "shape", "shape_color", "shape",
+                                                 "background", "size", "position"))
+
+
+def channel_attributes(layout: Any) -> np.ndarray:
+    """(conv channels,) the attribute index (``NAMES`` order) of each conv style channel: ``CHANNEL_PATTERN``
+    repeated over each layer, so every layer has channels of every attribute."""
+    pattern = np.array(CHANNEL_PATTERN)
+    return np.concatenate([pattern[np.arange(layer.channels) % len(pattern)] for layer in layout.conv])
+
+
+def style_blocks(G: Generator) -> dict[str, torch.Tensor]:
+    """Masks of the modulation weights that make S attribute-aligned, keyed by parameter name.
+
+    A conv channel of attribute a reads only a's block of w, so it varies with that attribute alone (as
+    StyleSpace finds channels of a real StyleGAN2 to be localised); toRGB modulations read nothing, so their
+    styles are the constant bias and every attribute is carried by the conv channels DeltaEdit edits.
+    """
+    blocks, masks, attrs = w_blocks(G.style_dim), {}, channel_attributes(G.layout)
+    for layer in G.layout.layers:
+        weight = G.get_submodule(layer.name).conv.modulation.weight
+        mask = torch.zeros_like(weight)
+        if layer.kind == "conv":
+            for c, a in enumerate(attrs[layer.offset:layer.stop]):
+                mask[c, blocks[a]] = 1
+        masks[f"{layer.name}.conv.modulation.weight"] = mask
+    return masks
+
+
+def apply_masks(G: Generator, masks: dict[str, torch.Tensor]) -> list[Any]:
+    """Zero the masked weights now and their gradients from now on (Adam then never moves them)."""
+    params, hooks = dict(G.named_parameters()), []
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+            hooks.append(params[name].register_hook(lambda g, m=mask: g * m))
+    return hooks
 
 
 def target_codes(z: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -167,6 +233,7 @@ def train_generator(config: ToyGeneratorConfig = ToyGeneratorConfig(), seed: int
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed * 7919 + STREAM)
     synthesis = [p for n, p in G.named_parameters() if not n.startswith("style.")]
+    hooks = apply_masks(G, style_blocks(G)) if config.attribute_channels else []
     opt = torch.optim.Adam(synthesis, lr=config.lr, betas=(0.5, 0.99))
     steps, start, step, avg = config.steps, time.perf_counter(), 0, {}
     G.train()
@@ -196,6 +263,8 @@ def train_generator(config: ToyGeneratorConfig = ToyGeneratorConfig(), seed: int
             G.eval()
             print(f"[generator] step {step + 1} samples agree {evaluate_prior_fit(G, oracle, 256)}", flush=True)
             G.train()
+    for hook in hooks:
+        hook.remove()
     G.eval()
     G.requires_grad_(True)
     G.latent_avg = G.mean_latent(4096, seed=seed)
