@@ -40,7 +40,7 @@ def relevance_builder(cfg: RunConfig, mode: Mode | None = None) -> RelevanceBuil
     r = cfg.relevance
     return RelevanceBuilder(cfg.models.generator, cfg.models.clip, cfg.storage_options, mode or r.mode,
                             r.n_images, r.n_stat_samples, r.sigma_scale, r.batch_size, r.jacobian_batch,
-                            r.fast_rank, cfg.seed, cfg.device, cfg.ray.cpus_per_actor)
+                            r.fast_rank, cfg.root, tuple(r.pools), cfg.seed, cfg.device, cfg.ray.cpus_per_actor)
 
 
 def relevance_shards(cfg: RunConfig) -> list[ShardSpec]:

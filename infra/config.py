@@ -91,6 +91,9 @@ class TrainMapperConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     mse_weight: float = Field(1.0, ge=0)       # loss = mse_weight·MSE(Δŝ, Δs) + cos_weight·(1 − cos(Δŝ, Δs))
     cos_weight: float = Field(1.0, ge=0)
+    local_partners: float = Field(0.0, ge=0, le=1)   # share of partners drawn from the primary's nearest
+                                               # neighbours in CLIP image space (official: 0, all uniform)
+    neighbours: int = Field(16, ge=1)          # ... out of its this many nearest rows
     val_fraction: float = Field(0.01, ge=0, lt=1)   # held out by key hash
     val_every: int = Field(1000, ge=1)         # steps between validation passes
     val_pairs: int = Field(512, ge=1)          # fixed validation pairs
@@ -140,8 +143,10 @@ class TrainDiffusionConfig(Strict):
 
 class RelevanceConfig(Strict):
     """Rₛ (StyleCLIP's fs3) for the run's generator and CLIP; stage `relevance_<mode>`, sharded by channel blocks."""
-    mode: Literal["exact", "fast"] = "exact"  # exact: StyleCLIP's ±kσ renders; fast: Jacobian, check it first
-                                              # with `deltaedit relevance compare` (see tasks/relevance_fast.py)
+    mode: Literal["exact", "fast", "covariance"] = "exact"  # exact: StyleCLIP's ±kσ renders; fast: Jacobian,
+                                              # check it first with `deltaedit relevance compare`; covariance:
+                                              # from the run's samples (tasks/relevance_covariance.py)
+    pools: list[Literal["codes", "samples"]] = ["samples"]   # covariance: the codes + CLIP stores it reads
     n_images: int = Field(100, ge=1)          # base images averaged over (StyleCLIP: 100)
     n_stat_samples: int = Field(100_000, ge=2)  # codes for the per-channel mean/std (StyleCLIP: 100k)
     sigma_scale: float = Field(5.0, gt=0)     # k in mean ± kσ

@@ -9,15 +9,17 @@
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from infra.fsio import Location
+from infra.store import StageStore
 from infra.tables import column_to_numpy, decode_metadata
 from tasks.row_cache import (EpochSampler, FlatRows, ShardPair, SplitCache, is_validation, materialize,
                              pairs_fingerprint, read_columns, shard_pairs)
@@ -39,6 +41,36 @@ def build_row_cache(root: Location, cache_dir: str | Path, *, pools: Sequence[st
     return RowCache(folder)
 
 
+@dataclass
+class JoinedShard:
+    """One shard pair's codes and CLIP embeddings, joined on key (rows in the codes shard's order)."""
+    codes: StageStore
+    shard_id: str
+    keys: list[str]
+    s: np.ndarray           # (n, S) conv styles
+    embedding: np.ndarray   # (n, D) CLIP image embeddings
+    layout: dict[str, Any] | None
+
+
+def joined_shards(pairs: Sequence[ShardPair]) -> Iterator[JoinedShard]:
+    """Stream the pairs shard by shard (only the key/s/embedding columns): one shard in memory at a time;
+    every shard must have the first one's widths."""
+    dims: tuple[int, int] | None = None
+    for codes, clip, sid in pairs:
+        s_tab = read_columns(codes, sid, ["key", "s"])
+        e_tab = read_columns(clip, sid, ["key", "embedding"])
+        e_row = {k: i for i, k in enumerate(e_tab.column("key").to_pylist())}
+        keys = [k for k in s_tab.column("key").to_pylist() if k in e_row]
+        s_pos = {k: i for i, k in enumerate(s_tab.column("key").to_pylist())}
+        s = column_to_numpy(s_tab, "s")[[s_pos[k] for k in keys]]
+        e = column_to_numpy(e_tab, "embedding")[[e_row[k] for k in keys]]
+        if dims is None:
+            dims = (s.shape[1], e.shape[1])
+        elif dims != (s.shape[1], e.shape[1]):
+            raise ValueError(f"{codes.stage}/{sid}: widths {(s.shape[1], e.shape[1])} differ from {dims}")
+        yield JoinedShard(codes, sid, keys, s, e, decode_metadata(s_tab).get("layout"))
+
+
 def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[str, Any]:
     """Stream shard by shard: never more than one shard's columns in memory."""
     val: list[bool] = []
@@ -46,18 +78,10 @@ def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[
     dims: tuple[int, int] | None = None
     layout = None
     with open(out / ROWS, "wb") as f:
-        for codes, clip, sid in pairs:
-            s_tab = read_columns(codes, sid, ["key", "s"])
-            e_tab = read_columns(clip, sid, ["key", "embedding"])
-            e_row = {k: i for i, k in enumerate(e_tab.column("key").to_pylist())}
-            keys = [k for k in s_tab.column("key").to_pylist() if k in e_row]
-            s_pos = {k: i for i, k in enumerate(s_tab.column("key").to_pylist())}
-            s = column_to_numpy(s_tab, "s")[[s_pos[k] for k in keys]]           # (n, S)
-            e = column_to_numpy(e_tab, "embedding")[[e_row[k] for k in keys]]   # (n, D)
+        for shard in joined_shards(pairs):
+            codes, keys, s, e = shard.codes, shard.keys, shard.s, shard.embedding
             if dims is None:
-                dims, layout = (s.shape[1], e.shape[1]), decode_metadata(s_tab).get("layout")
-            elif dims != (s.shape[1], e.shape[1]):
-                raise ValueError(f"{codes.stage}/{sid}: widths {(s.shape[1], e.shape[1])} differ from {dims}")
+                dims, layout = (s.shape[1], e.shape[1]), shard.layout
             f.write(np.ascontiguousarray(np.concatenate([s, e], axis=1), np.float32).tobytes())
             val += [is_validation(k, val_fraction) for k in keys]
             counts[codes.stage] = counts.get(codes.stage, 0) + len(keys)
@@ -86,13 +110,40 @@ class RowCache(SplitCache):
 
 @dataclass
 class PairSampler(EpochSampler):
-    """(primary, partner) row numbers for any step: partners are uniform over the whole training pool."""
+    """(primary, partner) row numbers for any step: partners are uniform over the whole training pool
+    (as the official code), except a ``local_fraction`` of them drawn from the primary's ``neighbours``."""
+
+    neighbours: np.ndarray | None = None   # (N_train, k) positions in train_rows of each row's nearest
+    local_fraction: float = 0.0
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:   # type: ignore[override]
         primary = self.primaries(step)
         epoch, pos = divmod(step, self.steps_per_epoch)
         rng = np.random.default_rng([self.seed, self.rank, epoch, pos, 1])
-        return primary, self.train_rows[rng.integers(0, len(self.train_rows), self.batch_size)]
+        partner = self.train_rows[rng.integers(0, len(self.train_rows), self.batch_size)]
+        if self.neighbours is None or not self.local_fraction:
+            return primary, partner
+        at = np.searchsorted(self.train_rows, primary)                 # train_rows is sorted
+        local = self.train_rows[self.neighbours[at, rng.integers(0, self.neighbours.shape[1], len(at))]]
+        return primary, np.where(rng.random(len(at)) < self.local_fraction, local, partner)
+
+
+@torch.no_grad()
+def nearest_rows(cache: RowCache, k: int, chunk: int = 4096) -> np.ndarray:
+    """(N_train, k): for each training row, the positions (in ``cache.train_rows``) of the k rows whose
+    CLIP image embeddings are closest in cosine, itself excluded. Pairs of near neighbours differ in few
+    attributes, so their Δi look like a one-attribute Δt; uniform pairs differ in nearly everything.
+    Memory: the embeddings (N × D) and one chunk × N block of similarities."""
+    rows = cache.train_rows
+    if len(rows) <= k:
+        raise ValueError(f"{len(rows)} training rows: too few for {k} neighbours each")
+    emb = torch.cat([F.normalize(cache.fetch(rows[i:i + chunk])[1], dim=1) for i in range(0, len(rows), chunk)])
+    out = np.empty((len(rows), k), dtype=np.int64)
+    for start in range(0, len(rows), chunk):
+        sim = emb[start:start + chunk] @ emb.T
+        sim[torch.arange(len(sim)), torch.arange(start, start + len(sim))] = -2.0    # not itself
+        out[start:start + len(sim)] = sim.topk(k, dim=1).indices.numpy()
+    return out
 
 
 def validation_pairs(val_rows: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,8 @@ The stage is sharded by *blocks of channels*: items are channels (key ``ch000042
 ``channel:42``), one vector ``direction`` (D,) per channel, so a crashed run resumes per block. Every
 worker recomputes the statistics (per-channel mean/std over ``n_stat_samples`` codes, ``n_images`` base
 codes) from the run seed: cheap, deterministic, and no arrays travel between processes.
-Modes: ``exact`` (the definition above, many renders per forward) and ``fast`` (tasks.relevance_fast).
+Modes: ``exact`` (the definition above, many renders per forward), ``fast`` (tasks.relevance_fast) and
+``covariance`` (from the run's samples, no rendering: tasks.relevance_covariance).
 """
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ from models.device import DeviceChoice, pick_device, set_cpu_threads
 from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
 
-Mode = Literal["exact", "fast"]
+Mode = Literal["exact", "fast", "covariance"]
 COLUMN = "direction"
 _STATS_STREAM, _IMAGES_STREAM = 101, 202       # seed tags: statistics codes vs base images
 DEFINITIONS = {"exact": "StyleCLIP fs3: normalise(mean_i normalise(e(m+kσ) - e(m-kσ)))",
-               "fast": "fs3 by its derivative: normalise(mean_i normalise(∂e/∂s_c)) (tasks/relevance_fast.py)"}
+               "fast": "fs3 by its derivative: normalise(mean_i normalise(∂e/∂s_c)) (tasks/relevance_fast.py)",
+               "covariance": "normalise(Σ_n (s_nc - mean s_c)(i_n - mean i)) over the pools' samples "
+                             "(tasks/relevance_covariance.py)"}
 
 
 def channel_items(n_channels: int) -> list[Item]:
@@ -133,14 +136,15 @@ def freeze(*modules: torch.nn.Module) -> None:
 class RelevanceProcessor:
     generator: Any                 # models.stylegan2.Generator
     clip: Any                      # models.clip.ClipEncoder
-    stats: StyleStats
+    stats: StyleStats | None       # None in covariance mode (it renders nothing)
     mode: Mode
     sigma_scale: float
     batch_size: int
     jacobian_batch: int = 8
     fast_rank: int = 0
+    pairs: Sequence[Any] = ()      # covariance: the (codes, CLIP) shard pairs it reads
     output_metadata: dict[str, Any] = field(default_factory=dict)
-    _all_rows: Tensor | None = None   # fast mode: the whole matrix, computed once per worker
+    _all_rows: Tensor | None = None   # fast / covariance: the whole matrix, computed once per worker
 
     def rows(self, channels: Sequence[int]) -> Tensor:
         """(len(channels), D) rows of Rₛ in this processor's mode."""
@@ -148,10 +152,15 @@ class RelevanceProcessor:
             return exact_rows(self.generator, self.clip, self.stats, channels, self.sigma_scale,
                               self.batch_size)
         if self._all_rows is None:       # one pass gives every channel; blocks then just slice it
-            from tasks.relevance_fast import fast_rows
-            self._all_rows = fast_rows(self.generator, self.clip, self.stats, self.jacobian_batch,
-                                       self.fast_rank)
+            self._all_rows = self._whole_matrix()
         return self._all_rows[torch.as_tensor(list(channels), dtype=torch.long)]
+
+    def _whole_matrix(self) -> Tensor:
+        if self.mode == "covariance":
+            from tasks.relevance_covariance import covariance_rows
+            return covariance_rows(self.pairs)
+        from tasks.relevance_fast import fast_rows
+        return fast_rows(self.generator, self.clip, self.stats, self.jacobian_batch, self.fast_rank)
 
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:
         channels = [channel_of(i) for i in spec.items]
@@ -176,6 +185,8 @@ class RelevanceBuilder:
     batch_size: int = 32           # exact: renders per forward
     jacobian_batch: int = 8        # fast: images per Jacobian pass
     fast_rank: int = 0             # fast: 0 = full Jacobian, k = k leading CLIP directions (after batch 1)
+    root: str | None = None        # covariance: the run whose pools it reads
+    pools: tuple[str, ...] = ("samples",)
     seed: int = 0
     device: DeviceChoice = "auto"
     cpus: float = 1.0
@@ -189,8 +200,22 @@ class RelevanceBuilder:
         return {"mode": self.mode, "n_images": self.n_images, "n_stat_samples": self.n_stat_samples,
                 "sigma_scale": self.sigma_scale, "seed": self.seed,
                 "fast_rank": self.fast_rank if self.mode == "fast" else None,
+                "data": self._data() if self.mode == "covariance" else None,
                 "generator": zoo.identity(self.generator, self.storage_options),
                 "clip": zoo.identity(self.clip, self.storage_options)}
+
+    def _pairs(self) -> list[Any]:
+        from infra.fsio import Location
+        from tasks.relevance_covariance import covariance_pairs
+
+        if self.root is None:
+            raise ValueError("covariance relevance needs the run root (RelevanceBuilder.root)")
+        return covariance_pairs(Location(self.root, self.storage_options), self.pools)
+
+    def _data(self) -> dict[str, Any]:
+        """The samples the covariance rows come from: their pools and shards' fingerprint."""
+        from tasks.row_cache import pairs_fingerprint
+        return {"pools": list(self.pools), "shards": pairs_fingerprint(self._pairs())}
 
     def build(self) -> RelevanceProcessor:
         set_cpu_threads(self.cpus)
@@ -198,17 +223,20 @@ class RelevanceBuilder:
         gen = zoo.build(self.generator, device=device, storage_options=self.storage_options)
         clip = zoo.build(self.clip, device=device, storage_options=self.storage_options)
         freeze(gen, clip.model)
-        stats = style_statistics(gen, self.n_stat_samples, self.n_images, self.seed)
+        covariance = self.mode == "covariance"
+        stats = None if covariance else style_statistics(gen, self.n_stat_samples, self.n_images, self.seed)
         meta = {**self.settings(), "clip_model": clip.describe(), "layout": gen.layout.to_dict(),
                 "n_channels": gen.layout.conv_total, "embed_dim": clip.embed_dim, "column": COLUMN,
                 "normalised": True, "noise_mode": "const", "std": "population",
                 "definition": DEFINITIONS[self.mode]}
         return RelevanceProcessor(gen, clip, stats, self.mode, self.sigma_scale, self.batch_size,
-                                  self.jacobian_batch, self.fast_rank, meta)
+                                  self.jacobian_batch, self.fast_rank, self._pairs() if covariance else (),
+                                  meta)
 
     def fingerprint(self) -> str:
+        from tasks.relevance_covariance import covariance_rows
         from tasks.relevance_fast import fast_rows
-        return code_fingerprint(RelevanceProcessor, fast_rows, config=self.settings())
+        return code_fingerprint(RelevanceProcessor, fast_rows, covariance_rows, config=self.settings())
 
 
 def load_relevance(root: str, stage: str = "relevance_exact",

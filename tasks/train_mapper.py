@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +29,7 @@ from infra.config import TrainMapperConfig
 from infra.fsio import Location
 from models.delta_mapper import DeltaMapper, MapperConfig, StraightforwardMapper
 from tasks.checkpoints import Checkpointer, rng_state, seed_everything, set_rng_state
-from tasks.mapper_data import PairSampler, RowCache, validation_pairs
+from tasks.mapper_data import PairSampler, RowCache, nearest_rows, validation_pairs
 
 MODELS: dict[str, type[DeltaMapper]] = {"delta": DeltaMapper, "straightforward": StraightforwardMapper}
 FINAL = "mapper.safetensors"
@@ -65,6 +64,7 @@ def run_fingerprint(tm: TrainMapperConfig, seed: int, config: MapperConfig, cach
     """What a resumed run must share with the run it continues (steps and intervals may change)."""
     keys = {"model": tm.model, "lr": tm.lr, "betas": list(tm.betas), "batch": tm.batch_size,
             "mse": tm.mse_weight, "cos": tm.cos_weight, "seed": seed, "world": world,
+            "local_partners": tm.local_partners, "neighbours": tm.neighbours if tm.local_partners else None,
             "mapper": config.to_dict(), "data": cache.meta["fingerprint"]}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -104,7 +104,8 @@ def fit(tm: TrainMapperConfig, seed: int, cache: RowCache, out: Location, *, ran
     ckpt, fp = Checkpointer(out, FINAL, tm.keep_checkpoints), run_fingerprint(tm, seed, config, cache, world)
     step, history = _start(ckpt, model, opt, fp, seed, rank)
     net = wrap(model) if wrap else model
-    sampler = PairSampler(cache.train_rows, tm.batch_size, seed, rank, world)
+    neighbours = nearest_rows(cache, tm.neighbours) if tm.local_partners else None
+    sampler = PairSampler(cache.train_rows, tm.batch_size, seed, rank, world, neighbours, tm.local_partners)
     val = validation_pairs(cache.val_rows, tm.val_pairs, seed) if rank == 0 and cache.val_rows.size else None
     start, began, last, saving = step, time.perf_counter(), {}, 0.0
     with ThreadPoolExecutor(1) as pool:                 # read step+1 while step trains

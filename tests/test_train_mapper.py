@@ -16,7 +16,7 @@ from models.checkpoint import load_safetensors
 from models.delta_mapper import DeltaMapper, StraightforwardMapper
 from models.layout import StyleLayout
 from tasks import mapper_data
-from tasks.mapper_data import PairSampler, build_row_cache, validation_pairs
+from tasks.mapper_data import PairSampler, build_row_cache, nearest_rows, validation_pairs
 from tasks.row_cache import is_validation
 from tasks.train_mapper import build_model, evaluate, fit, mapper_config
 
@@ -100,6 +100,42 @@ def test_validation_split_is_disjoint_and_deterministic(tmp_path):
     ranks = [PairSampler(caches[0].train_rows, 8, seed=0, rank=r, world=2) for r in (0, 1)]
     primaries = [set(np.concatenate([w.batch(i)[0] for i in range(w.steps_per_epoch)])) for w in ranks]
     assert primaries[0].isdisjoint(primaries[1])                      # each worker its own slice
+
+
+def test_local_partners_come_from_the_nearest_rows_in_clip_space(stores):
+    cache = _cache(stores)
+    rows = cache.train_rows
+    near = nearest_rows(cache, 5, chunk=7)                       # chunks smaller than the pool
+    emb = torch.nn.functional.normalize(cache.fetch(rows)[1], dim=1)
+    sim = emb @ emb.T
+    sim.fill_diagonal_(-2)
+    assert np.array_equal(np.sort(near, 1), np.sort(sim.topk(5, dim=1).indices.numpy(), 1))
+    assert not (near == np.arange(len(rows))[:, None]).any()     # never itself
+    local = PairSampler(rows, 8, seed=0, neighbours=near, local_fraction=1.0)
+    for step in range(20):
+        primary, partner = local.batch(step)
+        at = np.searchsorted(rows, primary)
+        assert all(np.searchsorted(rows, q) in near[a] for a, q in zip(at, partner))
+    half = PairSampler(rows, 8, seed=0, neighbours=near, local_fraction=0.5)
+    hits = [np.searchsorted(rows, q) in near[np.searchsorted(rows, p)]
+            for step in range(100) for p, q in zip(*half.batch(step))]
+    assert 0.4 < np.mean(hits) < 0.65                           # half local, some uniform ones land near too
+    assert np.array_equal(half.batch(9)[1], PairSampler(rows, 8, 0, neighbours=near, local_fraction=0.5).batch(9)[1])
+
+
+def test_covariance_relevance_finds_the_embedding_direction_each_channel_moves(stores):
+    from tasks.relevance_covariance import covariance_pairs, covariance_rows
+
+    pairs = covariance_pairs(Location(str(stores)), ["codes", "samples"])
+    rows = covariance_rows(pairs)
+    s, e = (torch.cat(t) for t in zip(*[_cache(stores).fetch(np.arange(160))]))
+    e = torch.nn.functional.normalize(e.double(), dim=1)
+    cov = (s.double() - s.double().mean(0)).T @ (e - e.mean(0)) / len(s)
+    assert rows.shape == (LAYOUT.conv_total, CLIP_DIM)
+    assert torch.allclose(rows.norm(dim=1), torch.ones(len(rows)), atol=1e-5)
+    assert torch.allclose(rows.double(), torch.nn.functional.normalize(cov, dim=1), atol=1e-5)   # streamed = whole
+    with pytest.raises(FileNotFoundError, match="preprocess"):
+        covariance_pairs(Location(str(stores / "nothing")), ["samples"])
 
 
 def test_loss_decreases_on_a_learnable_problem(stores):
