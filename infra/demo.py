@@ -4,7 +4,8 @@ It renders a small toy catalog (as a user's own image folder would be), then run
 committed toy models — preprocess (ingest, invert, sample, embed), relevance, train-mapper (the Delta
 Mapper and the straightforward baseline), bulk-edit (configs/prompts/toy.yaml with DeltaEdit and both
 baselines, decoded by the generator and, for DeltaEdit on a quarter of the images, by the committed
-diffusion decoder, plain and mask-guided) and evaluate — and ends with the path of the HTML report.
+diffusion decoder, plain and mask-guided), `analyze edits` (where an edit is lost: generator, mapper or
+threshold) and evaluate — and ends with the path of the HTML report.
 The diffusion decoder is not retrained here (~30 min): `deltaedit run train-diffusion` does that.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from infra.prefect_runtime import ensure_prefect_api
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 CATALOG_SIZE = 256
+ANALYSIS_IMAGES = 64       # inverted images the demo's `analyze edits` step edits (of the 64 bulk-edited)
 DEMO_STEPS: tuple[tuple[str, str, list[str]], ...] = (   # (label, flow, overrides)
     ("preprocess", "preprocess", []), ("relevance", "relevance", []),
     ("mapper", "train-mapper", []),
@@ -37,6 +39,8 @@ def run_demo(config: Path = CONFIG) -> int:
     ensure_prefect_api()
     results: dict[str, Any] = {}
     for label, name, overrides in DEMO_STEPS:
+        if name == "evaluate":              # the report includes the analysis when it exists
+            print(f"analysis: {analyze_run(cfg, str(config))}")
         for stage, summary in load_flow(name)(str(config), overrides).items():
             results[label if stage == "train_mapper" else stage] = summary
     print()
@@ -46,6 +50,16 @@ def run_demo(config: Path = CONFIG) -> int:
     print(f"outputs under {cfg.root}/")
     print(f"report: {results['report']['uri']}")
     return 1 if any(s.get("failed_shards") for s in results.values()) else 0
+
+
+def analyze_run(cfg: Any, config: str) -> str:
+    """`deltaedit analyze edits` on the run (where an edit is lost); returns where it wrote it."""
+    from flows.edit_analysis import analyze_edits
+    from infra.fsio import Location
+    from tasks import edit_analysis as EA
+
+    result = analyze_edits(cfg, config, n_images=ANALYSIS_IMAGES)
+    return EA.write_outputs(Location(cfg.root, cfg.storage_options).child(EA.OUT_DIR), result)[EA.JSON_FILE]
 
 
 def _line(summary: dict[str, Any]) -> str:
