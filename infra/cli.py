@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import sys
+import re
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 from infra.config import ConfigError, dump_config, load_config
 
@@ -28,7 +30,10 @@ EPILOG = """examples:
   deltaedit analyze deltaspace --images i.npy --texts t.npy --out runs/deltaspace
   deltaedit analyze edits -c configs/toy.yaml --images 32
   deltaedit demo
+  deltaedit edit photo.png --prompt "a red shape" --out edited/
 """
+
+TOY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--json", action="store_true", help="print the result as JSON")
 
     add_analyze(sub)
+    add_edit(sub)
 
     sub.add_parser("demo", help="run the end-to-end demo on the embedded default",
                    description="Set up a small catalog and run every pipeline stage that exists.")
@@ -214,6 +220,56 @@ def add_edits(actions: argparse._SubParsersAction) -> None:
                      help="folder or URI for analysis.json / analysis.md "
                           "(default: <root>/analysis)")
     ana.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+EDIT_DESCRIPTION = (
+    "Edit your own images with text prompts: each PATH is read, checked and fitted to the "
+    "generator's size as the ingest stage does (ingest.resize), inverted by e4e, embedded by CLIP "
+    "and edited by the bulk-edit stage's code (Δt, the mapper, the relevance mask, the decoder), "
+    "with the run's trained mapper and relevance matrix. Writes "
+    "<out>/<stem>__<target>__<method>.png per edit and <out>/edits.json (what was done to each "
+    "input and edit, and why any failed); prints where each output went. A bad input "
+    "(unreadable, too small, an empty or too long prompt, an unknown method) fails only its own edits; the exit status is 1 when any failed.")
+
+
+def add_edit(sub: argparse._SubParsersAction) -> None:
+    """`edit PATH... --prompt TEXT --out DIR`: flows/editor.py's Editor from the command line."""
+    edit = sub.add_parser(
+        "edit", help="edit your own images with text prompts (files in, files out)",
+        description=_fill(EDIT_DESCRIPTION), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_fill("the toy domain works out of the box once `deltaedit demo` (make demo) has "
+                     "trained the run's mapper, from the repository root:",
+                     "deltaedit toy render 4 --out toy_photos && deltaedit edit toy_photos/*.png "
+                     "--prompt 'a red shape' --prompt 'a shape -> a square' --out edited"))
+    edit.add_argument("paths", nargs="+", metavar="PATH",
+                      help="image files or URIs, any size and aspect ratio (key.path=value config "
+                           "overrides may stand among them)")
+    edit.add_argument("--prompt", "-p", action="append", required=True, metavar="TEXT",
+                      help="'source -> target', or a target alone (its source: --source); "
+                           "repeatable")
+    edit.add_argument("--source", metavar="TEXT",
+                      help="source text of the prompts given as a target alone (default: the "
+                           "source most of the config's bulk_edit.prompts use; 'a shape' on the "
+                           "toy)")
+    edit.add_argument("--method", "-m", action="append", metavar="NAME",
+                      help="deltaedit (default), straightforward or styleclip_gd; repeatable")
+    edit.add_argument("--decoder", action="append", metavar="NAME",
+                      help="generator (default), diffusion or diffusion_masked; repeatable")
+    edit.add_argument("--strength", type=float, default=1.0, help="edit strength (default: 1)")
+    edit.add_argument("--tau", type=float,
+                      help="relevance threshold (default: bulk_edit.tau, under "
+                           "bulk_edit.threshold)")
+    edit.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
+    edit.add_argument("--config", "-c", default=str(TOY_CONFIG),
+                      help="YAML config of the run whose models edit (default: configs/toy.yaml)")
+    edit.add_argument("--seed", type=int, default=0, help="seed of the call (default: 0)")
+    edit.add_argument("--reconstruction", action="store_true",
+                      help="also write each input's inversion G(s) as <stem>__recon.png")
+    edit.add_argument("--json", action="store_true", help="print edits.json instead of lines")
+    edit.set_defaults(overrides=[])
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,6 +438,48 @@ def cmd_analyze_edits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    from flows.editor import DECODERS, Editor, save_edits
+    from tasks.edit_directions import METHODS
+
+    paths = []
+    for arg in args.paths:          # argparse gives every positional to PATH; a config override is
+        is_override = OVERRIDE.match(arg) and not Path(arg).exists()     # key.path=value
+        (args.overrides if is_override else paths).append(arg)
+    if not paths:
+        print("error: no image PATH given", file=sys.stderr)
+        return 2
+    methods, decoders = args.method or ["deltaedit"], args.decoder or ["generator"]
+    editor = Editor.from_config(args.config, args.overrides,
+                                methods=[m for m in dict.fromkeys(methods) if m in METHODS],
+                                decoders=[d for d in dict.fromkeys(decoders) if d in DECODERS],
+                                neutral_source=args.source)
+    result = editor.edit(paths, args.prompt, method=methods, strength=args.strength, tau=args.tau,
+                         decoder=decoders, seed=args.seed, progress=sys.stderr.isatty())
+    written = save_edits(result, args.out, reconstructions=args.reconstruction)
+    out = Path(args.out) / "edits.json"
+    if args.json:
+        print(out.read_text())
+        return 1 if result.failures else 0
+    print(result.requirements)
+    for r in result.inputs:
+        if r.ok:
+            print(f"{r.source}: {r.done}; inversion PSNR {r.inversion_psnr:.1f} dB")
+        else:
+            print(f"error: {r.source}: {r.error}", file=sys.stderr)
+    for n, e in enumerate(result.edits):
+        what = f"{e.source}: {e.prompt} [{e.method}" + (
+            "]" if e.decoder == "generator" else f", {e.decoder}]")
+        if n in written:
+            tau = "-" if e.tau is None else f"{e.tau:g}"
+            print(f"{what} -> {written[n]} ({e.channels_changed} channels changed, tau {tau})")
+        elif result.inputs[e.image_index].ok:
+            print(f"error: {what}: {e.error}", file=sys.stderr)
+    failed = len(result.failures)
+    print(f"{len(written)} edits written to {args.out}, {failed} failed; details in {out}")
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from infra.demo import run_demo
 
@@ -390,7 +488,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "flows": cmd_flows, "config": cmd_config, "store": cmd_store, "zoo": cmd_zoo,
             "toy": cmd_toy, "demo": cmd_demo, "relevance": cmd_relevance,
-            "analyze": cmd_analyze}
+            "analyze": cmd_analyze, "edit": cmd_edit}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,616 @@
+"""Edit your own images from Python, the way the bulk-edit flow edits a catalog::
+
+    editor = Editor.from_config("configs/toy.yaml")          # models, mappers, Rₛ: loaded once
+    result = editor.edit(["photo.png", pil_image], ["a red shape", "a shape -> a square"])
+    result.images[0].save("red.png")                         # result.edits[0]: what was done
+
+Every step is the pipeline's own stage code, run in this process on a temporary run root (no
+Prefect, no Ray): the ingest stage reads, validates and resizes each input (``ingest.resize`` into
+``ingest.image_size``), the invert stage inverts it with e4e, the embed stage takes its CLIP image
+embedding, and the edit stage (``tasks.edit.EditProcessor``) turns each prompt into Δt, runs the
+mapper, applies the relevance mask and the strength, and decodes — with the shards, batches and
+item order of the bulk-edit flow. So an edit here equals the flow's edit of the same file under the
+same config, pixel for pixel (tests/test_editor.py). The models are located as the bulk-edit stage
+locates them (``flows.bulk_edit.edit_builder``: the run's trained mappers and relevance matrix).
+
+Bad input never stops a call: an unreadable or too small image, an empty or too long prompt, an
+unknown method or decoder fail only their own edits, each with its reason (``Edit.error``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from flows.bulk_edit import edit_builder
+from infra.config import ConfigError, RunConfig, load_config
+from infra.fsio import Location
+from infra.records import MemorySink, Record
+from infra.shards import Item, plan_shards
+from infra.stage import execute_shard
+from infra.store import StageStore
+from infra.upstream import plan_downstream
+from models import zoo
+from tasks import edit_directions as ed
+from tasks.edit import GENERATOR, EditModels, EditProcessor, edit_key, plan_edits, recon_key
+from tasks.embed import EmbedProcessor
+from tasks.ingest import IngestProcessor, to_rgb
+from tasks.invert import InvertProcessor
+from tasks.prompts import EditVariant, load_prompts
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+Prompt = Union[str, tuple[str, str], EditVariant]
+DECODERS = ("generator", "diffusion", "diffusion_masked")
+ARROWS = ("->", "→")
+DEMO_HINT = ("on the toy domain, `deltaedit demo` (make demo) makes every input of the edits: the "
+             "relevance matrix and both mappers")
+_STAGE_FP = "editor"          # code fingerprint of the temporary stores (no run's is compared)
+
+
+@dataclass
+class InputReport:
+    """One input image: where it came from and what was done to it before inversion."""
+    index: int
+    source: str                         # the path given, or "<image N>" for an in-memory image
+    error: str | None = None            # why it could not be edited (then every edit of it failed)
+    original_size: tuple[int, int] | None = None     # (width, height) as read
+    size: tuple[int, int] | None = None              # (width, height) the pipeline inverted
+    done: str = ""                      # in words: resized, padded, cropped
+    content_box: tuple[float, float, float, float] | None = None   # (left, top, right, bottom) of
+                                        # the picture inside the frame, as fractions of its side
+    inversion_psnr: float | None = None     # dB, G(s) against the resized input
+    reconstruction: Image.Image | None = None   # G(s) (bulk_edit.reconstruction)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Edit:
+    """One edit: an input × a prompt × a method × a decoder, and what was done."""
+    image_index: int
+    prompt_index: int
+    source: str                         # the input (path or "<image N>")
+    prompt: str                         # "source -> target" (terms joined with " + ")
+    method: str
+    decoder: str
+    image: Image.Image | None = None    # the edited image, at the generator's resolution
+    error: str | None = None
+    tau: float | None = None            # relevance threshold applied (None: none: StyleCLIP-GD)
+    strength: float | None = None
+    channels_changed: int | None = None     # conv style channels the edit moved
+    seconds: float = 0.0                # the edit stage's time for its shard, shared equally by
+                                        # its items (a diffusion decode costs far more than G's)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able description (no image)."""
+        return {k: v for k, v in self.__dict__.items() if k != "image"}
+
+
+@dataclass
+class EditResult:
+    """``edits`` in the order images × prompts × methods × decoders; ``images`` alike (None where
+    the edit failed)."""
+    edits: list[Edit]
+    inputs: list[InputReport]
+    timings: dict[str, float]           # seconds per stage of this call, and in total
+    requirements: str                   # what the generator needs of an input, in words
+    seed: int = 0
+
+    @property
+    def images(self) -> list[Image.Image | None]:
+        return [e.image for e in self.edits]
+
+    @property
+    def failures(self) -> list[Edit]:
+        return [e for e in self.edits if not e.ok]
+
+
+class Editor:
+    """The edit stage of a run, loaded once, for images and prompts given in Python."""
+
+    def __init__(self, cfg: RunConfig, models: EditModels, encoder: Any, where: str,
+                 neutral_source: str | None = None) -> None:
+        self.cfg, self.models, self.encoder, self.where = cfg, models, encoder, where
+        self.neutral_source = neutral_source   # the source of a prompt given as a target alone
+        self._texts: dict[Any, Any] = {}        # Δt per prompt, kept across calls (stage's cache)
+
+    @classmethod
+    def from_config(cls, config: str | Path | RunConfig | None, overrides: Sequence[str] = (),
+                    methods: Sequence[str] | None = None, decoders: Sequence[str] | None = None,
+                    neutral_source: str | None = None) -> Editor:
+        """Load the generator, e4e, CLIP, the mappers of ``methods`` (default: the config's
+        bulk_edit.methods) and Rₛ as the bulk-edit stage finds them, and the diffusion decoder when
+        ``decoders`` (default: bulk_edit.decoder) asks for it. A missing model, mapper or Rₛ is a
+        ConfigError naming the command that makes it. ``neutral_source``: the source text of
+        prompts given as a target alone (default: the source most of bulk_edit.prompts use).
+        """
+        if isinstance(config, RunConfig):
+            cfg, where = config, "<config>"
+        else:
+            cfg, where = load_config(config, list(overrides)), str(config or "<defaults>")
+        for name, given, known in (("method", methods, ed.METHODS),
+                                   ("decoder", decoders, DECODERS)):
+            unknown = [v for v in given or () if v not in known]
+            if unknown:
+                raise ConfigError(f"unknown {name} {unknown}: one of {', '.join(known)}")
+        if cfg.models.encoder is None:
+            raise ConfigError(f"{where}: editing images needs models.encoder (e4e) to invert them")
+        be = cfg.bulk_edit
+        be = be.model_copy(update={
+            "methods": list(be.methods if methods is None else methods),
+            "decoder": list(be.decoder if decoders is None else decoders),
+            "max_images": None, "diffusion": be.diffusion.model_copy(
+                update={"methods": None, "max_images": None})})
+        cfg = cfg.model_copy(update={"bulk_edit": be})
+        try:
+            builder = edit_builder(cfg, where)
+        except ConfigError as exc:          # a missing mapper or Rₛ: say how the demo makes it
+            raise ConfigError(f"{exc}; {DEMO_HINT}" if "deltaedit run" in str(exc) else str(exc)
+                              ) from None
+        if builder.relevance_stage is None and _has_relevance(cfg):
+            builder = replace(builder, relevance_stage=f"relevance_{cfg.relevance.mode}")
+        # the stage sets torch's threads to its actor's CPUs; here the caller's setting stays
+        models = replace(builder, cpus=torch.get_num_threads()).build().models
+        opts = cfg.storage_options
+        encoder = zoo.build(cfg.models.encoder, device=models.device, storage_options=opts).eval()
+        if neutral_source is None:
+            neutral_source = _neutral_source(cfg)
+        return cls(cfg, models, encoder, where, neutral_source)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.cfg.bulk_edit.methods)
+
+    @property
+    def decoders(self) -> list[str]:
+        return list(self.cfg.bulk_edit.decoder)
+
+    def requirements(self) -> str:
+        """What the generator needs of an input image and what ingest does to give it that."""
+        ing, size = self.cfg.ingest, self.models.generator.size
+        how = {"fit": "fitted into a square (aspect ratio kept, padded with black)",
+               "center_crop": "center-cropped to a square",
+               "none": "kept as it is (the encoder squashes it to a square)"}[ing.resize]
+        return (f"the generator makes {size}x{size} RGB images; each input (any size, at least "
+                f"{ing.min_side} px a side) is {how} at {ing.image_size}x{ing.image_size} "
+                f"(ingest.resize={ing.resize}), then inverted by e4e at "
+                f"{self.encoder.input_size} px")
+
+    def edit(self, images: ImageInput | Sequence[ImageInput], prompts: Prompt | Sequence[Prompt],
+             method: str | Sequence[str] = "deltaedit", strength: float = 1.0,
+             tau: float | None = None, decoder: str | Sequence[str] = GENERATOR, seed: int = 0,
+             progress: bool = False) -> EditResult:
+        """Edit every image with every prompt, method and decoder (image-major order).
+
+        ``images``: paths or URIs, PIL images or (H, W[, 3|4]) uint8 arrays, one or a list.
+        ``prompts``: "source -> target", a target alone (source: ``neutral_source``), a
+        (source, target) pair or an ``EditVariant``, one or a list. ``tau``: the relevance threshold
+        (None: bulk_edit.tau, under bulk_edit.threshold). ``seed`` seeds torch for the call (the
+        global random state is restored after).
+        """
+        if not math.isfinite(strength):
+            raise ValueError(f"strength must be a finite number, got {strength}")
+        if tau is not None and not tau >= 0:
+            raise ValueError(f"tau must be >= 0 (or None for bulk_edit.tau), got {tau}")
+        start = time.perf_counter()
+        images = _as_list(images, (str, os.PathLike, Image.Image, np.ndarray))
+        prompt_list = _as_list(prompts, (str, tuple, EditVariant))
+        methods = _as_list(method, (str,))
+        decoders = _as_list(decoder, (str,))
+        variants = [self._variant(n, p, strength, tau) for n, p in enumerate(prompt_list)]
+        method_errors = {m: self._method_error(m) for m in methods}
+        decoder_errors = {d: self._decoder_error(d) for d in decoders}
+        ok_variants = [v for v in variants if isinstance(v, EditVariant)]
+        ok_methods = list(dict.fromkeys(m for m in methods if method_errors[m] is None))
+        ok_decoders = list(dict.fromkeys(d for d in decoders if decoder_errors[d] is None))
+        be = self.cfg.bulk_edit.model_copy(update={"methods": ok_methods, "decoder": ok_decoders})
+        timings: dict[str, float] = {}
+        with tempfile.TemporaryDirectory(prefix="deltaedit-edit-") as tmp, \
+                _seeded(seed, self.models.device), _progress(progress) as bar:
+            root = Location(tmp)
+            inputs, items = self._ingest(images, root, timings, bar)
+            self._invert(root, inputs, timings, bar)
+            records, seconds = self._edit_stage(root, be, ok_variants if ok_methods else [],
+                                                ok_methods, timings, bar)
+        for report in inputs:
+            recon = records.get(recon_key(items[report.index].key))
+            if recon is not None and recon.image is not None:
+                report.reconstruction = _pil(recon.image)
+        edits = []
+        for report in inputs:
+            key = items[report.index].key
+            for p, variant in enumerate(variants):
+                for m in methods:
+                    for d in decoders:
+                        error = (report.error or (variant if isinstance(variant, str) else None)
+                                 or method_errors[m] or decoder_errors[d])
+                        edits.append(self._outcome(report, p, prompt_list[p], variant, m, d, error,
+                                                   records, seconds, key))
+        timings["total"] = round(time.perf_counter() - start, 4)
+        return EditResult(edits, inputs, timings, self.requirements(), seed)
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def _ingest(self, images: list[Any], root: Location, timings: dict[str, float], bar: Any
+                ) -> tuple[list[InputReport], list[Item]]:
+        """The ingest stage over the inputs (in-memory ones written as PNG first)."""
+        t0 = time.perf_counter()
+        reports, items = [], []
+        for n, image in enumerate(images):
+            key = f"i{n:06d}"                       # sorts in input order, as plan_shards sorts
+            report = InputReport(n, _describe_source(image, n))
+            try:
+                source = self._source(image, root, key)
+            except (ValueError, TypeError, OSError) as exc:
+                report.error, source = f"cannot read input ({exc})", f"<image {n}>"
+            reports.append(report)
+            items.append(Item(key, source))
+        store = StageStore(root, "images")
+        processor = IngestProcessor(self.cfg.ingest, self.cfg.storage_options)
+        good = [i for i, r in zip(items, reports) if r.ok]
+        specs = plan_shards(good, self.cfg.ingest.shard_size)
+        _grow(bar, 3 * len(specs))                      # ingest, invert and embed each shard
+        for spec in specs:
+            execute_shard(processor, spec, store, _STAGE_FP)
+            bar.update(1)
+            for row in store.manifest(spec.shard_id).to_pylist():
+                report = reports[int(row["key"][1:])]
+                if row["status"] != "ok":
+                    report.error = row["error"]
+                    continue
+                report.original_size = (row["orig_width"], row["orig_height"])
+                report.size = (row["width"], row["height"])
+                report.done, report.content_box = _what_was_done(
+                    report.original_size, self.cfg.ingest.image_size, self.cfg.ingest.resize)
+        timings["ingest"] = round(time.perf_counter() - t0, 4)
+        return reports, items
+
+    def _source(self, image: Any, root: Location, key: str) -> str:
+        """Where the ingest stage reads an input: its own path, or a PNG of an in-memory image."""
+        if isinstance(image, (str, os.PathLike)):
+            return os.fspath(image)
+        if isinstance(image, np.ndarray):
+            image = _array_image(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a path, a PIL image or an array, got {type(image).__name__}")
+        image = to_rgb(ImageOps.exif_transpose(image))   # as ingest treats a file's pixels
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=1)
+        folder = root.child("inputs")
+        folder.write_bytes(f"{key}.png", buf.getvalue())
+        return folder.url(f"{key}.png")
+
+    def _invert(self, root: Location, inputs: list[InputReport], timings: dict[str, float],
+                bar: Any) -> None:
+        """The invert and embed stages over the ingested images (their processors, batches)."""
+        images, codes = StageStore(root, "images"), StageStore(root, "codes")
+        m = self.models
+        invert = InvertProcessor(self.encoder, m.generator, images, self.cfg.invert.batch_size,
+                                 False, str(m.device))
+        embed = EmbedProcessor(m.clip, images, self.cfg.embed.batch_size)
+        for name, processor, out in (("invert", invert, codes),
+                                     ("embed", embed, StageStore(root, "clip_images"))):
+            t0 = time.perf_counter()
+            for spec in plan_downstream(images):
+                if spec.items:
+                    execute_shard(processor, spec, out, _STAGE_FP)
+                bar.update(1)
+            timings[name] = round(time.perf_counter() - t0, 4)
+        for shard in codes.finished():
+            for row in codes.manifest(shard).to_pylist():
+                report = inputs[int(row["key"][1:])]
+                if row["status"] != "ok":
+                    report.error = f"inversion failed: {row['error']}"
+                else:
+                    report.inversion_psnr = row["psnr"]
+
+    def _edit_stage(self, root: Location, be: Any, variants: list[EditVariant], methods: list[str],
+                    timings: dict[str, float], bar: Any
+                    ) -> tuple[dict[str, Record], dict[str, float]]:
+        """The edit stage's processor over the bulk-edit flow's shards of these codes."""
+        t0 = time.perf_counter()
+        codes = StageStore(root, "codes")
+        processor = EditProcessor(self.models, codes, StageStore(root, "clip_images"), be,
+                                  StageStore(root, "images"), _texts=self._texts)
+        records: dict[str, Record] = {}
+        seconds: dict[str, float] = {}
+        specs = [s for s in plan_edits(codes, variants, methods, be) if s.items]
+        _grow(bar, len(specs))
+        for spec in specs:
+            t1, sink = time.perf_counter(), MemorySink()
+            processor(spec, sink)
+            share = (time.perf_counter() - t1) / len(spec.items)
+            for record in sink.records:
+                records[record.key], seconds[record.key] = record, round(share, 4)
+            bar.update(1)
+        timings["edit"] = round(time.perf_counter() - t0, 4)
+        return records, seconds
+
+    # --- prompts, methods, outcomes ---------------------------------------------------------------
+
+    def _variant(self, n: int, prompt: Any, strength: float, tau: float | None
+                 ) -> EditVariant | str:
+        """The edit variant of a prompt, or why it cannot be one."""
+        if isinstance(prompt, EditVariant):
+            variant = replace(prompt, prompt_id=f"p{n:03d}")
+        else:
+            terms = self._terms(prompt)
+            if isinstance(terms, str):
+                return terms
+            variant = EditVariant(f"p{n:03d}", (terms,), tau, float(strength))
+        run_tau = self.cfg.bulk_edit.tau if variant.tau is None else variant.tau
+        if run_tau > 0 and self.models.relevance is None:
+            return (f"tau {run_tau} needs the relevance matrix "
+                    f"relevance_{self.cfg.relevance.mode}, "
+                    f"which {self.cfg.root} does not have (run `deltaedit run relevance`; "
+                    f"{DEMO_HINT})")
+        return variant
+
+    def _terms(self, prompt: Any) -> tuple[str, str, float] | str:
+        """(source, target, 1) of "source -> target", a target alone or a pair; else the error."""
+        if isinstance(prompt, tuple) and not _is_batch(prompt):
+            return prompt[0], prompt[1], 1.0
+        if not isinstance(prompt, str):
+            return ("a prompt must be 'source -> target', a target text or a (source, target) "
+                    f"pair, got {prompt!r}")
+        for arrow in ARROWS:
+            if arrow in prompt:
+                source, target = prompt.split(arrow, 1)
+                return source.strip(), target.strip(), 1.0
+        if self.neutral_source is None:
+            return (f"prompt {prompt!r} has no source text: write 'source -> target', pass a "
+                    "(source, target) pair, or set a neutral source (Editor.neutral_source, "
+                    "--source)")
+        return self.neutral_source, prompt.strip(), 1.0
+
+    def _method_error(self, method: str) -> str | None:
+        if method not in ed.METHODS:
+            return f"unknown method {method!r}: one of {', '.join(ed.METHODS)}"
+        if method not in self.methods:
+            return (f"method {method!r} was not loaded (this editor has {self.methods}): "
+                    f"Editor.from_config(..., methods=[..., {method!r}])")
+        return None
+
+    def _decoder_error(self, decoder: str) -> str | None:
+        if decoder not in DECODERS:
+            return f"unknown decoder {decoder!r}: one of {', '.join(DECODERS)}"
+        if decoder not in self.decoders:
+            return (f"decoder {decoder!r} was not loaded (this editor has {self.decoders}): "
+                    f"Editor.from_config(..., decoders=[..., {decoder!r}])")
+        return None
+
+    def _outcome(self, report: InputReport, p: int, prompt: Any, variant: EditVariant | str,
+                 method: str, decoder: str, error: str | None, records: dict[str, Record],
+                 seconds: dict[str, float], image_key: str) -> Edit:
+        text = (f"{variant.source_text} -> {variant.target_text}"
+                if isinstance(variant, EditVariant) else str(prompt))
+        edit = Edit(report.index, p, report.source, text, method, decoder, error=error)
+        if error is not None:
+            return edit
+        key = edit_key(image_key, variant, method, decoder)     # variant: an EditVariant here
+        record = records.get(key)
+        if record is None:                                       # not planned: cannot happen
+            edit.error = "the edit stage made no record of this edit"
+            return edit
+        f = record.fields
+        edit.tau = None if math.isnan(f["tau"]) else f["tau"]
+        edit.strength, edit.channels_changed = f["strength"], f["channels_changed"]
+        edit.seconds = seconds.get(key, 0.0)
+        if record.status != "ok":
+            edit.error = record.error
+        else:
+            edit.image = _pil(record.image)
+        return edit
+
+
+# --- saving (the CLI's files) ---------------------------------------------------------------------
+
+def save_edits(result: EditResult, out: str | Path, reconstructions: bool = False,
+               image_format: str = "png") -> dict[int, Path]:
+    """Write each ok edit as ``<out>/<input stem>__<target>__<method>[__<decoder>].<ext>`` and
+    ``edits.json`` (every edit, failed ones with their error); returns edit index → path.
+
+    Input stems repeated (``a/x.png``, ``b/x.png``) get ``-<n>``; so do targets repeated among
+    prompts. With ``reconstructions``, also ``<stem>__recon.<ext>`` (G(s): the inversion).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = _unique([_slug(Path(r.source).stem if not r.source.startswith("<") else
+                           f"image{r.index}") for r in result.inputs])
+    prompts = dict(sorted({e.prompt_index: e.prompt for e in result.edits}.items()))
+    targets = dict(zip(prompts, _unique([_slug(p.split(" -> ", 1)[-1]) for p in prompts.values()])))
+    paths: dict[int, Path] = {}
+    rows = []
+    for n, e in enumerate(result.edits):
+        parts = [stems[e.image_index], targets[e.prompt_index], e.method]
+        if e.decoder != GENERATOR:
+            parts.append(e.decoder)
+        row = {**e.to_dict(), "input": result.inputs[e.image_index].source, "output": None}
+        if e.image is not None:
+            paths[n] = out / f"{'__'.join(parts)}.{image_format}"
+            e.image.save(paths[n])
+            row["output"] = str(paths[n])
+        rows.append(row)
+    if reconstructions:
+        for r in result.inputs:
+            if r.reconstruction is not None:
+                r.reconstruction.save(out / f"{stems[r.index]}__recon.{image_format}")
+    inputs = [{k: v for k, v in r.__dict__.items() if k != "reconstruction"} for r in result.inputs]
+    (out / "edits.json").write_text(json.dumps(
+        {"requirements": result.requirements, "seed": result.seed, "timings": result.timings,
+         "inputs": inputs, "edits": rows}, indent=1, ensure_ascii=False, default=str))
+    return paths
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def _as_list(value: Any, single: tuple[type, ...]) -> list[Any]:
+    """One value or a sequence of them as a list (a 4-D array: a batch of images)."""
+    if isinstance(value, np.ndarray) and value.ndim == 4:
+        return list(value)
+    if isinstance(value, single) and not (isinstance(value, tuple) and _is_batch(value)):
+        return [value]
+    return list(value)
+
+
+def _is_batch(value: tuple) -> bool:
+    """A tuple of prompts rather than one (source, target) pair."""
+    return not (len(value) == 2 and all(isinstance(t, str) for t in value))
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, 3) or (H, W, 4) uint8 (or float in [0, 1]) → a PIL image."""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ValueError("an image array must be (H, W), (H, W, 3) or (H, W, 4), got "
+                         f"{array.shape}")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError("the image array has non-finite values")
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8 (or float in [0, 1]), got {array.dtype}")
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+
+
+def _describe_source(image: Any, n: int) -> str:
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<image {n}>"
+
+
+def _what_was_done(size: tuple[int, int], side: int, policy: str
+                   ) -> tuple[str, tuple[float, float, float, float]]:
+    """ingest.resize's work on a (width, height) image, in words, and where the picture lies."""
+    w, h = size
+    full = (0.0, 0.0, 1.0, 1.0)
+    if policy == "none":
+        return f"{w}x{h} kept as it is (ingest.resize none)", full
+    if (w, h) == (side, side):
+        return f"{w}x{h}: used as it is", full
+    if policy == "center_crop" or w == h:
+        c = min(w, h)
+        crop = "" if w == h else (f"cropped to its central {c}x{c} ({w - c} px off the width), "
+                                  if w > h else f"cropped to its central {c}x{c} ({h - c} px off "
+                                                "the height), ")
+        return f"{w}x{h}: {crop}resized to {side}x{side}", full
+    # ImageOps.contain's arithmetic, then the canvas offset of tasks.ingest.resize
+    fw, fh = (side, round(h / w * side)) if w > h else (round(w / h * side), side)
+    left, top = (side - fw) // 2, (side - fh) // 2
+    bars = (f"{top} px top, {side - fh - top} px bottom" if fw == side
+            else f"{left} px left, {side - fw - left} px right")
+    box = (left / side, top / side, (left + fw) / side, (top + fh) / side)
+    return (f"{w}x{h}: resized to {fw}x{fh} (aspect ratio kept), padded to {side}x{side} with "
+            f"black bars ({bars})"), box
+
+
+def _neutral_source(cfg: RunConfig) -> str | None:
+    """The source text most single-term prompts of bulk_edit.prompts use ("a shape" on the toy)."""
+    if not cfg.bulk_edit.prompts:
+        return None
+    try:
+        variants = load_prompts(cfg.bulk_edit.prompts, cfg.storage_options)
+    except ConfigError:
+        return None
+    sources = Counter(v.terms[0][0] for v in variants if len(v.terms) == 1)
+    return sources.most_common(1)[0][0] if sources else None
+
+
+def _has_relevance(cfg: RunConfig) -> bool:
+    from tasks.relevance import load_relevance
+
+    try:
+        load_relevance(cfg.root, f"relevance_{cfg.relevance.mode}", cfg.storage_options)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _pil(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w-]+", "_", text, flags=re.UNICODE).strip("_")[:60] or "x"
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Names with repeats told apart by ``-<n>`` (the first one kept as is)."""
+    counts = Counter(names)
+    seen: Counter[str] = Counter()
+    out = []
+    for name in names:
+        seen[name] += 1
+        out.append(name if counts[name] == 1 or seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch seeded for the call; the caller's random state restored afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class _NoBar:
+    total = 0
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+
+def _grow(bar: Any, n: int) -> None:
+    """Add ``n`` steps to the bar's total (each stage knows its shards only once it plans them)."""
+    bar.total = (bar.total or 0) + n
+    bar.refresh()
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[Any]:
+    if not show:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(desc="deltaedit edit", unit="shard", total=0) as bar:
+        yield bar
+
+
+def edits_table(result: EditResult) -> str:
+    """One line per edit: input, prompt, method, outcome (channels changed, τ) or error."""
+    lines = []
+    for e in result.edits:
+        head = f"{e.source}: {e.prompt} [{e.method}" + (
+            "]" if e.decoder == GENERATOR else f", {e.decoder}]")
+        if e.ok:
+            tau = "-" if e.tau is None else f"{e.tau:g}"
+            lines.append(f"{head}: {e.channels_changed} channels changed, tau {tau}, "
+                         f"strength {e.strength:g}")
+        else:
+            lines.append(f"{head}: FAILED: {e.error}")
+    return "\n".join(lines)
+
