@@ -166,7 +166,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
     mapper = DeltaMapper(MapperConfig(layout=generator.layout.to_dict(), clip_dim=clip.embed_dim))
     (root / "mapper").mkdir()
     mapper.save(str(root / "mapper" / "mapper.safetensors"))
-    return root, [f"root={root}", f"bulk_edit.prompts={base / 'prompts.yaml'}", "device=cpu"]
+    return root, [f"root={root}", f"bulk_edit.prompts={base / 'prompts.yaml'}", "device=cpu",
+                  "relevance.mode=exact", "bulk_edit.tau=0.3"]     # the run's Rₛ and τ, not the toy's
 
 
 def test_cli_writes_both_tau_columns_and_the_report_reads_them(tiny_run, capsys):
