@@ -31,6 +31,7 @@ EPILOG = """examples:
   deltaedit analyze edits -c configs/toy.yaml --images 32
   deltaedit demo
   deltaedit edit photo.png --prompt "a red shape" --out edited/
+  deltaedit export runs/toy --to exported/ --original-size --manifest parquet
 """
 
 TOY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze(sub)
     add_edit(sub)
+    add_export(sub)
 
     sub.add_parser("demo", help="run the end-to-end demo on the embedded default",
                    description="Set up a small catalog and run every pipeline stage that exists.")
@@ -267,6 +269,31 @@ def add_edit(sub: argparse._SubParsersAction) -> None:
                       help="also write each input's inversion G(s) as <stem>__recon.png")
     edit.add_argument("--json", action="store_true", help="print edits.json instead of lines")
     edit.set_defaults(overrides=[])
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    """`export ROOT --to DIR`: tasks/export.py from the command line."""
+    exp = sub.add_parser(
+        "export", help="write a run's edits as files named after your source images",
+        description="Write the edits of a bulk-edit run (a bulk_edit.catalog's, else the run's own) "
+                    "as <source path without extension>/<prompt id>__<method>[__<decoder>].<ext> "
+                    "under --to (a folder or URI), source paths taken relative to the catalog's "
+                    "folder, with a manifest joining source URI, prompt, texts, method, decoder, "
+                    "tau, strength and the evaluate stage's metrics of each edit.")
+    exp.add_argument("root", help="run root (local path or URI such as s3://bucket/run)")
+    exp.add_argument("--to", required=True, metavar="DIR", help="output folder or URI (s3://...)")
+    exp.add_argument("--stage", help="edits stage (default: catalog_edits if finished, else edits)")
+    exp.add_argument("--original-size", action="store_true",
+                     help="resize each edit back to its source's size, undoing ingest's --resize")
+    exp.add_argument("--resize", choices=["fit", "center_crop", "none"], default=None,
+                     help="what ingest did (default: ingest.resize of --config, else fit)")
+    exp.add_argument("--format", choices=["png", "jpg", "webp"], default="png", help="file format")
+    exp.add_argument("--manifest", choices=["csv", "parquet"], default="csv", help="manifest format")
+    exp.add_argument("--catalog-root", help="folder the source paths are taken relative to "
+                                            "(default: the deepest folder holding them all)")
+    exp.add_argument("--config", "-c", help="YAML config (storage_options, ingest.resize)")
+    exp.add_argument("overrides", nargs="*", metavar="key.path=value")
+    exp.add_argument("--quiet", "-q", action="store_true", help="print the counts only")
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
@@ -480,6 +507,30 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tasks.export import ExportError, export_edits
+
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    resize = args.resize or (cfg.ingest.resize if cfg is not None else "fit")
+    try:
+        result = export_edits(args.root, args.to, stage=args.stage, original_size=args.original_size,
+                              fmt=args.format, manifest=args.manifest, resize=resize,
+                              root_of_catalog=args.catalog_root,
+                              storage_options=cfg.storage_options if cfg is not None else None)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        for row in result.written:
+            print(f"{row['source']} [{row['prompt_id']}, {row['method']}] -> {row['uri']}")
+    for key, why in result.skipped.items():
+        print(f"skipped {key}: {why}", file=sys.stderr)
+    print(f"{len(result.written)} edits of {result.stage} exported to {args.to} "
+          f"(sources relative to {result.catalog_root or '.'}), {len(result.skipped)} skipped; "
+          f"manifest {result.manifest}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from infra.demo import run_demo
 
@@ -488,7 +539,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "flows": cmd_flows, "config": cmd_config, "store": cmd_store, "zoo": cmd_zoo,
             "toy": cmd_toy, "demo": cmd_demo, "relevance": cmd_relevance,
-            "analyze": cmd_analyze, "edit": cmd_edit}
+            "analyze": cmd_analyze, "edit": cmd_edit, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())
