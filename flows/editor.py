@@ -19,16 +19,14 @@ unknown method or decoder fail only their own edits, each with its reason (``Edi
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
-import re
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -37,6 +35,9 @@ import torch
 from PIL import Image, ImageOps
 
 from flows.bulk_edit import edit_builder
+from flows.editor_inputs import (array_image, as_list, describe_source, is_prompt_pair_batch,
+                                 pil_image, what_was_done)
+from flows.editor_results import Edit, EditResult, InputReport
 from infra.config import ConfigError, RunConfig, load_config
 from infra.fsio import Location
 from infra.records import MemorySink, Record
@@ -59,70 +60,6 @@ ARROWS = ("->", "→")
 DEMO_HINT = ("on the toy domain, `deltaedit demo` (make demo) makes every input of the edits: the "
              "relevance matrix and both mappers")
 _STAGE_FP = "editor"          # code fingerprint of the temporary stores (no run's is compared)
-
-
-@dataclass
-class InputReport:
-    """One input image: where it came from and what was done to it before inversion."""
-    index: int
-    source: str                         # the path given, or "<image N>" for an in-memory image
-    error: str | None = None            # why it could not be edited (then every edit of it failed)
-    original_size: tuple[int, int] | None = None     # (width, height) as read
-    size: tuple[int, int] | None = None              # (width, height) the pipeline inverted
-    done: str = ""                      # in words: resized, padded, cropped
-    content_box: tuple[float, float, float, float] | None = None   # (left, top, right, bottom) of
-                                        # the picture inside the frame, as fractions of its side
-    inversion_psnr: float | None = None     # dB, G(s) against the resized input
-    reconstruction: Image.Image | None = None   # G(s) (bulk_edit.reconstruction)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class Edit:
-    """One edit: an input × a prompt × a method × a decoder, and what was done."""
-    image_index: int
-    prompt_index: int
-    source: str                         # the input (path or "<image N>")
-    prompt: str                         # "source -> target" (terms joined with " + ")
-    method: str
-    decoder: str
-    image: Image.Image | None = None    # the edited image, at the generator's resolution
-    error: str | None = None
-    tau: float | None = None            # relevance threshold applied (None: none: StyleCLIP-GD)
-    strength: float | None = None
-    channels_changed: int | None = None     # conv style channels the edit moved
-    seconds: float = 0.0                # the edit stage's time for its shard, shared equally by
-                                        # its items (a diffusion decode costs far more than G's)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-able description (no image)."""
-        return {k: v for k, v in self.__dict__.items() if k != "image"}
-
-
-@dataclass
-class EditResult:
-    """``edits`` in the order images × prompts × methods × decoders; ``images`` alike (None where
-    the edit failed)."""
-    edits: list[Edit]
-    inputs: list[InputReport]
-    timings: dict[str, float]           # seconds per stage of this call, and in total
-    requirements: str                   # what the generator needs of an input, in words
-    seed: int = 0
-
-    @property
-    def images(self) -> list[Image.Image | None]:
-        return [e.image for e in self.edits]
-
-    @property
-    def failures(self) -> list[Edit]:
-        return [e for e in self.edits if not e.ok]
 
 
 class Editor:
@@ -213,10 +150,10 @@ class Editor:
         if tau is not None and not tau >= 0:
             raise ValueError(f"tau must be >= 0 (or None for bulk_edit.tau), got {tau}")
         start = time.perf_counter()
-        images = _as_list(images, (str, os.PathLike, Image.Image, np.ndarray))
-        prompt_list = _as_list(prompts, (str, tuple, EditVariant))
-        methods = _as_list(method, (str,))
-        decoders = _as_list(decoder, (str,))
+        images = as_list(images, (str, os.PathLike, Image.Image, np.ndarray))
+        prompt_list = as_list(prompts, (str, tuple, EditVariant))
+        methods = as_list(method, (str,))
+        decoders = as_list(decoder, (str,))
         variants = [self._variant(n, p, strength, tau) for n, p in enumerate(prompt_list)]
         method_errors = {m: self._method_error(m) for m in methods}
         decoder_errors = {d: self._decoder_error(d) for d in decoders}
@@ -235,7 +172,7 @@ class Editor:
         for report in inputs:
             recon = records.get(recon_key(items[report.index].key))
             if recon is not None and recon.image is not None:
-                report.reconstruction = _pil(recon.image)
+                report.reconstruction = pil_image(recon.image)
         edits = []
         for report in inputs:
             key = items[report.index].key
@@ -258,7 +195,7 @@ class Editor:
         reports, items = [], []
         for n, image in enumerate(images):
             key = f"i{n:06d}"                       # sorts in input order, as plan_shards sorts
-            report = InputReport(n, _describe_source(image, n))
+            report = InputReport(n, describe_source(image, n))
             try:
                 source = self._source(image, root, key)
             except (ValueError, TypeError, OSError) as exc:
@@ -280,7 +217,7 @@ class Editor:
                     continue
                 report.original_size = (row["orig_width"], row["orig_height"])
                 report.size = (row["width"], row["height"])
-                report.done, report.content_box = _what_was_done(
+                report.done, report.content_box = what_was_done(
                     report.original_size, self.cfg.ingest.image_size, self.cfg.ingest.resize)
         timings["ingest"] = round(time.perf_counter() - t0, 4)
         return reports, items
@@ -290,7 +227,7 @@ class Editor:
         if isinstance(image, (str, os.PathLike)):
             return os.fspath(image)
         if isinstance(image, np.ndarray):
-            image = _array_image(image)
+            image = array_image(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a path, a PIL image or an array, got {type(image).__name__}")
         image = to_rgb(ImageOps.exif_transpose(image))   # as ingest treats a file's pixels
@@ -368,7 +305,7 @@ class Editor:
 
     def _terms(self, prompt: Any) -> tuple[str, str, float] | str:
         """(source, target, 1) of "source -> target", a target alone or a pair; else the error."""
-        if isinstance(prompt, tuple) and not _is_batch(prompt):
+        if isinstance(prompt, tuple) and not is_prompt_pair_batch(prompt):
             return prompt[0], prompt[1], 1.0
         if not isinstance(prompt, str):
             return ("a prompt must be 'source -> target', a target text or a (source, target) "
@@ -419,107 +356,11 @@ class Editor:
         if record.status != "ok":
             edit.error = record.error
         else:
-            edit.image = _pil(record.image)
+            edit.image = pil_image(record.image)
         return edit
 
 
-# --- saving (the CLI's files) ---------------------------------------------------------------------
-
-def save_edits(result: EditResult, out: str | Path, reconstructions: bool = False,
-               image_format: str = "png") -> dict[int, Path]:
-    """Write each ok edit as ``<out>/<input stem>__<target>__<method>[__<decoder>].<ext>`` and
-    ``edits.json`` (every edit, failed ones with their error); returns edit index → path.
-
-    Input stems repeated (``a/x.png``, ``b/x.png``) get ``-<n>``; so do targets repeated among
-    prompts. With ``reconstructions``, also ``<stem>__recon.<ext>`` (G(s): the inversion).
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = _unique([_slug(Path(r.source).stem if not r.source.startswith("<") else
-                           f"image{r.index}") for r in result.inputs])
-    prompts = dict(sorted({e.prompt_index: e.prompt for e in result.edits}.items()))
-    targets = dict(zip(prompts, _unique([_slug(p.split(" -> ", 1)[-1]) for p in prompts.values()])))
-    paths: dict[int, Path] = {}
-    rows = []
-    for n, e in enumerate(result.edits):
-        parts = [stems[e.image_index], targets[e.prompt_index], e.method]
-        if e.decoder != GENERATOR:
-            parts.append(e.decoder)
-        row = {**e.to_dict(), "input": result.inputs[e.image_index].source, "output": None}
-        if e.image is not None:
-            paths[n] = out / f"{'__'.join(parts)}.{image_format}"
-            e.image.save(paths[n])
-            row["output"] = str(paths[n])
-        rows.append(row)
-    if reconstructions:
-        for r in result.inputs:
-            if r.reconstruction is not None:
-                r.reconstruction.save(out / f"{stems[r.index]}__recon.{image_format}")
-    inputs = [{k: v for k, v in r.__dict__.items() if k != "reconstruction"} for r in result.inputs]
-    (out / "edits.json").write_text(json.dumps(
-        {"requirements": result.requirements, "seed": result.seed, "timings": result.timings,
-         "inputs": inputs, "edits": rows}, indent=1, ensure_ascii=False, default=str))
-    return paths
-
-
 # --- helpers --------------------------------------------------------------------------------------
-
-def _as_list(value: Any, single: tuple[type, ...]) -> list[Any]:
-    """One value or a sequence of them as a list (a 4-D array: a batch of images)."""
-    if isinstance(value, np.ndarray) and value.ndim == 4:
-        return list(value)
-    if isinstance(value, single) and not (isinstance(value, tuple) and _is_batch(value)):
-        return [value]
-    return list(value)
-
-
-def _is_batch(value: tuple) -> bool:
-    """A tuple of prompts rather than one (source, target) pair."""
-    return not (len(value) == 2 and all(isinstance(t, str) for t in value))
-
-
-def _array_image(array: np.ndarray) -> Image.Image:
-    """(H, W), (H, W, 3) or (H, W, 4) uint8 (or float in [0, 1]) → a PIL image."""
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ValueError("an image array must be (H, W), (H, W, 3) or (H, W, 4), got "
-                         f"{array.shape}")
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise ValueError("the image array has non-finite values")
-        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise ValueError(f"an image array must be uint8 (or float in [0, 1]), got {array.dtype}")
-    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
-
-
-def _describe_source(image: Any, n: int) -> str:
-    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<image {n}>"
-
-
-def _what_was_done(size: tuple[int, int], side: int, policy: str
-                   ) -> tuple[str, tuple[float, float, float, float]]:
-    """ingest.resize's work on a (width, height) image, in words, and where the picture lies."""
-    w, h = size
-    full = (0.0, 0.0, 1.0, 1.0)
-    if policy == "none":
-        return f"{w}x{h} kept as it is (ingest.resize none)", full
-    if (w, h) == (side, side):
-        return f"{w}x{h}: used as it is", full
-    if policy == "center_crop" or w == h:
-        c = min(w, h)
-        crop = "" if w == h else (f"cropped to its central {c}x{c} ({w - c} px off the width), "
-                                  if w > h else f"cropped to its central {c}x{c} ({h - c} px off "
-                                                "the height), ")
-        return f"{w}x{h}: {crop}resized to {side}x{side}", full
-    # ImageOps.contain's arithmetic, then the canvas offset of tasks.ingest.resize
-    fw, fh = (side, round(h / w * side)) if w > h else (round(w / h * side), side)
-    left, top = (side - fw) // 2, (side - fh) // 2
-    bars = (f"{top} px top, {side - fh - top} px bottom" if fw == side
-            else f"{left} px left, {side - fw - left} px right")
-    box = (left / side, top / side, (left + fw) / side, (top + fh) / side)
-    return (f"{w}x{h}: resized to {fw}x{fh} (aspect ratio kept), padded to {side}x{side} with "
-            f"black bars ({bars})"), box
-
 
 def _neutral_source(cfg: RunConfig) -> str | None:
     """The source text most single-term prompts of bulk_edit.prompts use ("a shape" on the toy)."""
@@ -541,27 +382,6 @@ def _has_relevance(cfg: RunConfig) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     return True
-
-
-def _pil(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^\w-]+", "_", text, flags=re.UNICODE).strip("_")[:60] or "x"
-
-
-def _unique(names: list[str]) -> list[str]:
-    """Names with repeats told apart by ``-<n>`` (the first one kept as is)."""
-    counts = Counter(names)
-    seen: Counter[str] = Counter()
-    out = []
-    for name in names:
-        seen[name] += 1
-        out.append(name if counts[name] == 1 or seen[name] == 1 else f"{name}-{seen[name]}")
-    return out
 
 
 @contextmanager
@@ -599,18 +419,4 @@ def _progress(show: bool) -> Iterator[Any]:
     with tqdm(desc="deltaedit edit", unit="shard", total=0) as bar:
         yield bar
 
-
-def edits_table(result: EditResult) -> str:
-    """One line per edit: input, prompt, method, outcome (channels changed, τ) or error."""
-    lines = []
-    for e in result.edits:
-        head = f"{e.source}: {e.prompt} [{e.method}" + (
-            "]" if e.decoder == GENERATOR else f", {e.decoder}]")
-        if e.ok:
-            tau = "-" if e.tau is None else f"{e.tau:g}"
-            lines.append(f"{head}: {e.channels_changed} channels changed, tau {tau}, "
-                         f"strength {e.strength:g}")
-        else:
-            lines.append(f"{head}: FAILED: {e.error}")
-    return "\n".join(lines)
 

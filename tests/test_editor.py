@@ -189,13 +189,13 @@ def test_inputs_of_any_size_are_fitted_and_say_how(tiny_run, editor):
 
 
 def test_crop_and_none_policies_are_described():
-    from flows.editor import _what_was_done
+    from flows.editor_inputs import what_was_done
 
-    assert _what_was_done((120, 72), 64, "center_crop") == (
+    assert what_was_done((120, 72), 64, "center_crop") == (
         "120x72: cropped to its central 72x72 (48 px off the width), resized to 64x64",
         (0.0, 0.0, 1.0, 1.0))
-    assert _what_was_done((256, 256), 64, "fit")[0] == "256x256: resized to 64x64"
-    assert "kept as it is" in _what_was_done((120, 72), 64, "none")[0]
+    assert what_was_done((256, 256), 64, "fit")[0] == "256x256: resized to 64x64"
+    assert "kept as it is" in what_was_done((120, 72), 64, "none")[0]
 
 
 # --- bad input: a clear error for its own edits, the rest edited ----------------------------------
@@ -291,7 +291,7 @@ def test_missing_mapper_or_relevance_names_the_command(tiny_run, tmp_path):
 
 
 def test_same_stems_get_told_apart_and_nothing_to_edit_is_fine(tiny_run, editor, tmp_path):
-    from flows.editor import save_edits
+    from flows.editor_results import save_edits
 
     _, _, photos = tiny_run
     (tmp_path / "x").mkdir()
