@@ -56,7 +56,7 @@ from infra.fsio import Location  # noqa: E402
 from infra.stage import execute_shard  # noqa: E402
 from infra.store import StageStore  # noqa: E402
 from models.clip import ClipEncoder  # noqa: E402
-from models.stylegan2 import Generator, StyleCode  # noqa: E402
+from models.stylegan2 import Generator  # noqa: E402
 from tasks import edit_directions as ed  # noqa: E402
 from tasks.edit import EditModels, EditProcessor, plan_edits  # noqa: E402
 from tasks.embed import EmbedProcessor  # noqa: E402
