@@ -33,6 +33,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 from flows.bulk_edit import edit_builder
 from flows.editor_inputs import (array_image, as_list, describe_source, is_prompt_pair_batch,
@@ -162,8 +163,9 @@ class Editor:
         ok_decoders = list(dict.fromkeys(d for d in decoders if decoder_errors[d] is None))
         be = self.cfg.bulk_edit.model_copy(update={"methods": ok_methods, "decoder": ok_decoders})
         timings: dict[str, float] = {}
+        bar = tqdm(desc="deltaedit edit", unit="shard", total=0, disable=not progress)
         with tempfile.TemporaryDirectory(prefix="deltaedit-edit-") as tmp, \
-                _seeded(seed, self.models.device), _progress(progress) as bar:
+                _seeded(seed, self.models.device), bar:
             root = Location(tmp)
             inputs, items = self._ingest(images, root, timings, bar)
             self._invert(root, inputs, timings, bar)
@@ -375,13 +377,9 @@ def _neutral_source(cfg: RunConfig) -> str | None:
 
 
 def _has_relevance(cfg: RunConfig) -> bool:
-    from tasks.relevance import load_relevance
-
-    try:
-        load_relevance(cfg.root, f"relevance_{cfg.relevance.mode}", cfg.storage_options)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
+    """Whether the run has finished blocks of Rₛ (the build then loads and checks them)."""
+    stage = StageStore(Location(cfg.root, cfg.storage_options), f"relevance_{cfg.relevance.mode}")
+    return bool(stage.finished())
 
 
 @contextmanager
@@ -393,30 +391,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-class _NoBar:
-    total = 0
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass
-
-
 def _grow(bar: Any, n: int) -> None:
     """Add ``n`` steps to the bar's total (each stage knows its shards only once it plans them)."""
     bar.total = (bar.total or 0) + n
     bar.refresh()
-
-
-@contextmanager
-def _progress(show: bool) -> Iterator[Any]:
-    if not show:
-        yield _NoBar()
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(desc="deltaedit edit", unit="shard", total=0) as bar:
-        yield bar
-
-
