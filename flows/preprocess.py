@@ -44,10 +44,10 @@ def _run_stages(cfg: RunConfig, shards: list[str] | None, opts: dict[str, Any]) 
     if cfg.ingest.source:
         summaries += catalog_stages(cfg, cfg.ingest.source, shards, opts)
     if cfg.sample.n:
-        sample = _sample_builder(cfg)
+        sample = sample_builder(cfg)
         specs = select(plan_shards(sample_items(cfg.sample.n, cfg.seed), cfg.sample.shard_size), shards)
         summaries.append(run_stage(sample, specs, cfg, **opts))
-        summaries.append(_downstream(_embed_builder(cfg, "samples"), "samples", cfg, shards, opts))
+        summaries.append(_downstream(embed_builder(cfg, "samples"), "samples", cfg, shards, opts))
     return summaries
 
 
@@ -57,8 +57,8 @@ def catalog_stages(cfg: RunConfig, source: str, shards: list[str] | None, opts: 
     items = list_catalog(source, cfg.storage_options)
     ingest = run_stage(IngestBuilder(cfg.ingest, cfg.storage_options, stage=images),
                        select(plan_shards(items, cfg.ingest.shard_size), shards), cfg, **opts)
-    return [ingest, _downstream(_invert_builder(cfg, images, codes), images, cfg, shards, opts),
-            _downstream(_embed_builder(cfg, images), images, cfg, shards, opts)]
+    return [ingest, _downstream(invert_builder(cfg, images, codes), images, cfg, shards, opts),
+            _downstream(embed_builder(cfg, images), images, cfg, shards, opts)]
 
 
 def _downstream(builder: Any, upstream: str, cfg: RunConfig, shards: list[str] | None,
@@ -79,18 +79,18 @@ def _require_models(cfg: RunConfig, where: str | None) -> None:
         raise ConfigError(f"{where or '<defaults>'}: preprocess needs " + ", ".join(missing))
 
 
-def _sample_builder(cfg: RunConfig) -> SampleBuilder:
+def sample_builder(cfg: RunConfig) -> SampleBuilder:
     s = cfg.sample
     return SampleBuilder(cfg.models.generator, cfg.storage_options, s.batch_size, s.truncation_psi,
                          s.image_format, cfg.device, cfg.ray.cpus_per_actor)
 
 
-def _invert_builder(cfg: RunConfig, images: str = "images", codes: str = "codes") -> InvertBuilder:
+def invert_builder(cfg: RunConfig, images: str = "images", codes: str = "codes") -> InvertBuilder:
     return InvertBuilder(cfg.models.encoder, cfg.models.generator, cfg.root, cfg.storage_options,
                          cfg.invert.batch_size, cfg.invert.keep_wplus, cfg.device, cfg.ray.cpus_per_actor,
                          upstream_stage=images, stage=codes)
 
 
-def _embed_builder(cfg: RunConfig, upstream: str) -> EmbedBuilder:
+def embed_builder(cfg: RunConfig, upstream: str) -> EmbedBuilder:
     return EmbedBuilder(cfg.models.clip, cfg.root, upstream, cfg.storage_options, cfg.embed.batch_size,
                         cfg.device, cfg.ray.cpus_per_actor)

@@ -100,7 +100,7 @@ def _bulk_edit_stages(cfg, photos: Path) -> StageStore:
     """The pipeline's stages over the catalog with their builders, as the preprocess and
     bulk-edit flows run them (ingest, invert, embed, then the edit stage), in this process."""
     from flows.bulk_edit import edit_builder, edit_variants
-    from flows.preprocess import _embed_builder, _invert_builder
+    from flows.preprocess import embed_builder, invert_builder
     from infra.catalog import list_catalog
     from infra.shards import plan_shards
     from infra.stage import execute_shard
@@ -113,8 +113,8 @@ def _bulk_edit_stages(cfg, photos: Path) -> StageStore:
     ingest = IngestBuilder(cfg.ingest, cfg.storage_options)
     for spec in plan_shards(list_catalog(str(photos)), cfg.ingest.shard_size):
         execute_shard(ingest.build(), spec, images, ingest.fingerprint())
-    for builder, out in ((_invert_builder(cfg), codes),
-                         (_embed_builder(cfg, "images"), StageStore(root, "clip_images"))):
+    for builder, out in ((invert_builder(cfg), codes),
+                         (embed_builder(cfg, "images"), StageStore(root, "clip_images"))):
         processor = builder.build()
         for spec in plan_downstream(images):
             execute_shard(processor, spec, out, builder.fingerprint())

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flows.edit_analysis import analyze_edits
-from flows.preprocess import _embed_builder, _invert_builder, _sample_builder
+from flows.preprocess import embed_builder, invert_builder, sample_builder
 from flows.relevance import relevance_builder, relevance_shards
 from flows.train_mapper import mapper_dir
 from helpers_pipeline import run_directly
@@ -62,10 +62,10 @@ def analysis(tmp_path_factory) -> dict:
         f"bulk_edit.prompts={base / 'prompts.yaml'}"])
     stores = Location(root)
     run_directly(IngestBuilder(cfg.ingest), plan_shards(list_catalog(cfg.ingest.source), 48), root)
-    run_directly(_invert_builder(cfg), plan_downstream(StageStore(stores, "images")), root)
-    run_directly(_embed_builder(cfg, "images"), plan_downstream(StageStore(stores, "images")), root)
-    run_directly(_sample_builder(cfg), plan_shards(sample_items(1024, cfg.seed), 512), root)
-    run_directly(_embed_builder(cfg, "samples"), plan_downstream(StageStore(stores, "samples")), root)
+    run_directly(invert_builder(cfg), plan_downstream(StageStore(stores, "images")), root)
+    run_directly(embed_builder(cfg, "images"), plan_downstream(StageStore(stores, "images")), root)
+    run_directly(sample_builder(cfg), plan_shards(sample_items(1024, cfg.seed), 512), root)
+    run_directly(embed_builder(cfg, "samples"), plan_downstream(StageStore(stores, "samples")), root)
     run_directly(relevance_builder(cfg), relevance_shards(cfg), root)
     cache = build_row_cache(stores, base / "cache", val_fraction=cfg.train_mapper.val_fraction)
     fit(cfg.train_mapper, cfg.seed, cache, stores.child(mapper_dir("delta")), log=lambda _: None)

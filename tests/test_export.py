@@ -38,7 +38,7 @@ def _names() -> list[str]:
 @pytest.fixture(scope="module")
 def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]], list[str]]:
     from flows.bulk_edit import edit_builder, edit_variants, input_stages
-    from flows.preprocess import _embed_builder, _invert_builder
+    from flows.preprocess import embed_builder, invert_builder
     from infra.catalog import list_catalog
     from infra.shards import plan_shards
     from infra.stage import execute_shard
@@ -79,8 +79,8 @@ def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]
     ingest = IngestBuilder(cfg.ingest, cfg.storage_options, stage=stages.images)
     for spec in plan_shards(list_catalog(str(photos)), cfg.ingest.shard_size):
         execute_shard(ingest.build(), spec, images, ingest.fingerprint())
-    for builder, out in ((_invert_builder(cfg, stages.images, stages.codes), codes),
-                         (_embed_builder(cfg, stages.images), StageStore(loc, stages.clip))):
+    for builder, out in ((invert_builder(cfg, stages.images, stages.codes), codes),
+                         (embed_builder(cfg, stages.images), StageStore(loc, stages.clip))):
         processor = builder.build()
         for spec in plan_downstream(images):
             execute_shard(processor, spec, out, builder.fingerprint())
