@@ -75,8 +75,9 @@ def edit_builder(cfg: RunConfig, where: str, variants: Sequence[EditVariant] = (
         _require_relevance(cfg, relevance, where)
     stages = input_stages(cfg)
     diffusion = _diffusion_spec(cfg, where) if any(d != "generator" for d in be.decoder) else None
+    memory = memory_stages(cfg, where) if be.condition == "retrieved" and "deltaedit" in be.methods else ()
     return EditBuilder(cfg.models.generator, cfg.models.clip, mappers, cfg.root, be,
-                       relevance if needs_relevance else None, diffusion=diffusion,
+                       relevance if needs_relevance else None, diffusion=diffusion, memory_stages=memory,
                        n_stat_samples=cfg.relevance.n_stat_samples, seed=cfg.seed,
                        storage_options=cfg.storage_options, device=cfg.device, cpus=cfg.ray.cpus_per_actor,
                        codes_stage=stages.codes, clip_stage=stages.clip, images_stage=stages.images,
@@ -124,6 +125,19 @@ def _mapper_spec(cfg: RunConfig, method: str, where: str) -> ModelSpec:
                           f"finish training, or set {setting})")
     name = "delta_mapper" if model == "delta" else "straightforward_mapper"
     return ModelSpec(name=name, checkpoint=folder.url(MAPPER_FILE))
+
+
+def memory_stages(cfg: RunConfig, where: str) -> tuple[str, ...]:
+    """The CLIP image-embedding stages of the mapper's training pools: the memory of condition=retrieved."""
+    from tasks.edit_memory import memory_shards
+    from tasks.mapper_data import POOLS
+
+    stages = tuple(POOLS[pool][1] for pool in cfg.train_mapper.pools)
+    if not memory_shards(Location(cfg.root, cfg.storage_options), stages):
+        raise ConfigError(f"{where}: bulk_edit.condition=retrieved searches the CLIP image embeddings the mapper "
+                          f"was trained on ({', '.join(stages)} under {cfg.root}); none is finished: run "
+                          "`deltaedit run preprocess` first, or set bulk_edit.condition=text")
+    return stages
 
 
 def _diffusion_spec(cfg: RunConfig, where: str) -> ModelSpec:

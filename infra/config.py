@@ -181,6 +181,12 @@ class BulkEditConfig(Strict):
     threshold: Literal["absolute", "normalized", "relative"] = "absolute"   # the paper's |Rs·Δt| < tau;
                                            # normalized: |Rs·Δt|/‖Δt‖ < tau; relative: < tau × the prompt's
                                            # largest (scale-free; tasks/edit_directions.relevance_mask)
+    condition: Literal["text", "retrieved"] = "text"   # the Delta Mapper's condition: Δt itself (the paper),
+                                           # or the mean of the retrieve_k image-pair directions from the
+                                           # mapper's training images that Δt points along best
+                                           # (tasks/edit_directions.retrieved_direction, docs/text-condition.md)
+    retrieve_k: int = Field(8, ge=1)       # image pairs averaged per edit (condition: retrieved)
+    memory_rows: int = Field(65_536, ge=1)   # at most this many training embeddings searched (seeded subset)
     gd_alpha: float = 4.0                  # StyleCLIP global direction: step α (its demo: 4)
     gd_beta: float = Field(0.15, ge=0, lt=1)   # ... and disentanglement threshold β (its demo: 0.15)
     templates: Literal["imagenet", "none"] = "imagenet"   # prompt templates averaged (79 ImageNet ones)

@@ -107,6 +107,7 @@ class EditModels:
     sigma: Tensor | None                        # (C,) per-channel std of S (StyleCLIP-GD)
     diffusion: DiffusionDecoder | None = None   # DeltaEdit-D
     synthesize: Callable[[Tensor, Tensor], Tensor] | None = None   # (conv, rgb) → images; None: eager G
+    memory: Tensor | None = None                # (P, D) unit image embeddings (bulk_edit.condition: retrieved)
 
     def render(self, conv: Tensor, rgb: Tensor) -> Tensor:
         """G(s) of a batch of codes, compiled when ``bulk_edit.compile`` is set."""
@@ -183,7 +184,10 @@ class EditProcessor:
             if any(r[2] is None for r in rows):
                 raise ed.PromptError("no CLIP embedding for this image (its embed step failed)")
             i = torch.stack([r[2] for r in rows]).to(s.device)
-            delta = ed.mapper_delta(self.models.mappers[method], method, s, i, dt, t_target)
+            cond = dt
+            if method == "deltaedit" and self.models.memory is not None:
+                cond = ed.retrieved_direction(self.models.memory, i, dt, self.cfg.retrieve_k)
+            delta = ed.mapper_delta(self.models.mappers[method], method, s, i, cond, t_target)
             if self.models.relevance is not None:
                 delta = delta * ed.relevance_mask(self.models.relevance, dt, tau, self.cfg.threshold)
         delta = variant.strength * delta
@@ -327,6 +331,7 @@ class EditBuilder:
     clip_stage: str = "clip_images"
     images_stage: str = "images"                     # the photos the codes were inverted from
     stage: str = "edits"
+    memory_stages: tuple[str, ...] = ()              # CLIP stages searched by condition=retrieved (else none)
 
     def build(self) -> EditProcessor:
         from infra.fsio import Location
@@ -349,16 +354,29 @@ class EditBuilder:
             model = zoo.build(self.diffusion, device=device, storage_options=opts).eval()
             diffusion = DiffusionDecoder(model, self.cfg.diffusion, self.cfg.batch_size)
         root = Location(self.root, opts)
+        memory = self._memory(root, device) if self.memory_stages else None
         meta = {"generator": self.generator.model_dump(mode="json"), "clip": clip.describe(),
                 "relevance_stage": self.relevance_stage, "settings": self.cfg.model_dump(mode="json"),
                 "diffusion": None if self.diffusion is None else self.diffusion.model_dump(mode="json")}
-        return EditProcessor(EditModels(gen, clip, mappers, relevance, sigma, diffusion, synthesize),
+        return EditProcessor(EditModels(gen, clip, mappers, relevance, sigma, diffusion, synthesize, memory),
                              StageStore(root, self.codes_stage), StageStore(root, self.clip_stage), self.cfg,
                              StageStore(root, self.images_stage), meta)
+
+    def _memory(self, root: Any, device: str) -> Tensor:
+        """The image-embedding memory of condition=retrieved; too few rows for retrieve_k is an error."""
+        from tasks.edit_memory import load_memory
+
+        memory = load_memory(root, self.memory_stages, self.cfg.memory_rows, self.seed)
+        if len(memory) <= self.cfg.retrieve_k:
+            raise ValueError(f"bulk_edit.retrieve_k={self.cfg.retrieve_k} needs more than that many CLIP image "
+                             f"embeddings in {', '.join(self.memory_stages)} under {root.uri}; found "
+                             f"{len(memory)} (lower retrieve_k, or set bulk_edit.condition=text)")
+        return memory.to(device)
 
     def fingerprint(self) -> str:
         """Code + settings + the identity of every input the edits depend on (model files, Rₛ blocks)."""
         from infra.fsio import Location
+        from tasks.edit_memory import memory_identity
 
         settings = self.cfg.model_dump(mode="json", exclude={"prompts": True, "catalog": True, "max_images": True,
                                                              "images_per_shard": True, "batch_size": True,
@@ -372,8 +390,9 @@ class EditBuilder:
             store = StageStore(Location(self.root, self.storage_options), self.relevance_stage)
             relevance = sorted((m["shard_id"], m["input_fingerprint"], m["code_fingerprint"])
                                for m in map(store.marker, store.finished()) if m)
+        memory = memory_identity(Location(self.root, self.storage_options), self.memory_stages)
         return code_fingerprint(EditProcessor, ed.global_direction, DiffusionDecoder, encode_image, config={
-            "settings": settings, "models": models, "relevance": relevance,
+            "settings": settings, "models": models, "relevance": relevance, "memory": memory,
             "inputs": [self.codes_stage, self.clip_stage, self.images_stage], "n_stat_samples": self.n_stat_samples,
             "seed": self.seed})
 

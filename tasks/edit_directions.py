@@ -5,6 +5,9 @@ unit-norm mean over prompt templates (docs/paper-setting.md, "Text prompts"):
 
 - **DeltaEdit**: Δŝ = mapper(s, i, Δt) (the mapper normalises i and Δt), then channels whose relevance
   |Rₛ·Δt| < τ are zeroed (Δt unnormalised, as the paper's threshold τ = 0.03 assumes); ŝ = s + strength·Δŝ.
+  With ``bulk_edit.condition: retrieved`` the mapper's condition is not Δt itself but the mean of the k
+  image-pair directions (i₂ − i)/‖i₂ − i‖ from a memory of image embeddings that Δt points along best
+  (``retrieved_direction``; docs/text-condition.md): a direction of the kind the mapper was trained on.
 - **straightforward**: the paper's naïve baseline, mapper(s, i, t_target) with the *target text* embedding
   where training used the second image's; the same relevance threshold, so only the mapper differs.
 - **StyleCLIP global direction**: r = Rₛ·Δt/‖Δt‖, zero |r| < β, divide by max|r|, scale by each channel's
@@ -87,6 +90,29 @@ def mapper_delta(mapper: torch.nn.Module, method: Method, s: Tensor, i: Tensor, 
     """Δŝ (B, C) of DeltaEdit (condition Δt) or of the straightforward baseline (condition t_target)."""
     cond = dt if method == "deltaedit" else t_target
     return mapper(s, i, cond.expand(s.shape[0], -1))
+
+
+@torch.no_grad()
+def retrieved_direction(memory: Tensor, i: Tensor, dt: Tensor, k: int) -> Tensor:
+    """(B, D): per image, the mean unit direction (m − î) of the k memory rows m whose step from the
+    image î = i/‖i‖ points most along Δt, i.e. the largest cos(m − î, Δt).
+
+    The mapper was trained on image-pair directions Δi and sees Δt only at edit time; a Δt that differs
+    from every Δi it saw (text and image embeddings do not share one geometry: the toy CLIP's "a red
+    shape" − "a shape" also points away from yellow) is answered off its training distribution. The
+    retrieved mean is an image-pair direction that goes where Δt says from where this image is. memory:
+    (P, D) unit rows; i: (B, D); dt: (D,). Memory and cost: two (B, P) matmuls, no (B, P, D) tensor.
+    Rows within 1e-4 of the image itself (its own embedding in the memory) are never picked."""
+    if not 0 < k <= len(memory):
+        raise ValueError(f"retrieve_k must be in 1..{len(memory)} (the memory's rows), got {k}")
+    img = F.normalize(i.float(), dim=-1)
+    direction = F.normalize(dt.float(), dim=-1)
+    along = memory @ direction - (img @ direction)[:, None]                   # (B, P): (m − î)·Δt̂
+    dist = (2 - 2 * img @ memory.T).clamp_min(0).sqrt()                       # (B, P): ‖m − î‖ (unit rows)
+    score = torch.where(dist > 1e-4, along / dist.clamp_min(1e-4), torch.full_like(along, -2.0))
+    top = score.topk(k, dim=1).indices                                        # (B, k)
+    steps = memory[top] - img[:, None]                                        # (B, k, D)
+    return F.normalize(steps, dim=-1).mean(dim=1)
 
 
 def global_direction(relevance: Tensor, dt: Tensor, sigma: Tensor, beta: float) -> Tensor:

@@ -132,6 +132,27 @@ def test_relevance_threshold_and_global_direction_follow_their_definitions():
     assert torch.allclose(step[[0, 2]], (r / r.abs().max() * sigma)[[0, 2]])
 
 
+def test_retrieved_direction_averages_the_memory_steps_that_delta_t_points_along_best():
+    memory = torch.nn.functional.normalize(torch.tensor([
+        [1.0, 0.0, 0.0],     # the image itself: never picked
+        [0.8, 0.6, 0.0],     # a step along +y: what Δt asks for
+        [0.6, 0.8, 0.0],     # also along +y, less aligned with Δt
+        [0.8, 0.0, 0.6],     # along +z
+        [0.0, -1.0, 0.0],    # away from +y
+    ]), dim=1)
+    image, dt = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0.1, 1.0, 0.3])
+    unit = torch.nn.functional.normalize
+    one = ed.retrieved_direction(memory, image, dt, k=1)[0]
+    assert torch.allclose(one, unit(memory[1] - memory[0], dim=0), atol=1e-6)    # cos 0.87 beats 0.81, 0.24
+    two = ed.retrieved_direction(memory, image, dt, k=2)[0]
+    expected = (unit(memory[1] - memory[0], dim=0) + unit(memory[2] - memory[0], dim=0)) / 2
+    assert torch.allclose(two, expected, atol=1e-6)
+    batch = ed.retrieved_direction(memory, torch.stack([image[0], memory[4]]), dt, k=1)
+    assert batch.shape == (2, 3) and not torch.allclose(batch[0], batch[1])      # per image
+    with pytest.raises(ValueError, match="retrieve_k"):
+        ed.retrieved_direction(memory, image, dt, k=6)
+
+
 # --- the flow --------------------------------------------------------------------------------------------------
 
 def test_bulk_edit_writes_every_edit_and_bad_prompts_fail_alone(prepared):
@@ -185,6 +206,37 @@ def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
     cfg = load_config(None, overrides + [f"root={tmp_path / 'empty'}", "bulk_edit.tau=0"])
     with pytest.raises(ConfigError, match="train-mapper"):
         edit_builder(cfg, "test.yaml")
+
+
+def test_retrieved_condition_searches_the_mappers_training_embeddings(prepared, tmp_path):
+    from flows.bulk_edit import edit_builder
+    from infra.config import load_config
+    from tasks.prompts import EditVariant
+
+    root, overrides = prepared
+    variant = EditVariant("red", (("a shape", "a red shape", 1.0),))
+    cfg = load_config(None, overrides + ["bulk_edit.methods=[deltaedit]", "bulk_edit.condition=retrieved",
+                                         "bulk_edit.retrieve_k=2"])
+    builder = edit_builder(cfg, "test.yaml", [variant])
+    assert builder.memory_stages == ("clip_images",)                     # train_mapper.pools=[codes]
+    processor = builder.build()
+    assert processor.models.memory.shape[0] == N_IMAGES
+    assert torch.allclose(processor.models.memory.norm(dim=1), torch.ones(N_IMAGES))
+    text = edit_builder(load_config(None, overrides + ["bulk_edit.methods=[deltaedit]"]), "test.yaml").build()
+    rows = list(processor._inputs(next(iter(_edit_specs(cfg)))).values())[:3]
+    retrieved, _ = processor._edit("deltaedit", variant, rows)
+    plain, _ = text._edit("deltaedit", variant, rows)
+    assert retrieved.shape == plain.shape and not torch.allclose(retrieved, plain)
+    assert builder.fingerprint() != edit_builder(cfg.model_copy(update={"bulk_edit": cfg.bulk_edit.model_copy(
+        update={"retrieve_k": 3})}), "test.yaml").fingerprint()
+    with pytest.raises(ConfigError, match="condition=retrieved"):
+        edit_builder(load_config(None, overrides + ["bulk_edit.condition=retrieved", "train_mapper.pools=[samples]"]),
+                     "test.yaml")
+
+
+def _edit_specs(cfg):
+    from flows.bulk_edit import planned_edits
+    return planned_edits(cfg, [])
 
 
 def test_a_prompts_own_tau_needs_the_relevance_matrix_when_the_runs_tau_is_zero(prepared, tmp_path):

@@ -77,7 +77,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str], Path]:
     overrides = [f"root={root}", f"bulk_edit.prompts={base / 'prompts.yaml'}", "device=cpu",
                  "bulk_edit.methods=[deltaedit]", "bulk_edit.decoder=[generator]",
                  "relevance.mode=covariance", "bulk_edit.threshold=normalized",
-                 "bulk_edit.tau=0.2", "ingest.image_size=64", "ingest.resize=fit"]
+                 "bulk_edit.tau=0.2", "ingest.image_size=64", "ingest.resize=fit",
+                 "bulk_edit.condition=text"]      # no training embeddings here to retrieve from
     return root, overrides, photos
 
 

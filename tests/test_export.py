@@ -71,7 +71,8 @@ def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]
     overrides = [f"root={root}", f"bulk_edit.prompts={base / 'prompts.yaml'}", "device=cpu",
                  "bulk_edit.methods=[deltaedit]", "bulk_edit.decoder=[generator]", "bulk_edit.tau=0",
                  f"bulk_edit.catalog={photos}", "ingest.image_size=64", "ingest.resize=fit",
-                 "ingest.shard_size=8", "bulk_edit.images_per_shard=8"]
+                 "ingest.shard_size=8", "bulk_edit.images_per_shard=8",
+                 "bulk_edit.condition=text"]      # no training embeddings here to retrieve from
     cfg = load_config(CONFIG, overrides)
     stages = input_stages(cfg)
     loc = Location(cfg.root)
