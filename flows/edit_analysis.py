@@ -23,6 +23,7 @@ from infra.fsio import Location
 from infra.store import StageStore
 from models.device import pick_device
 from tasks import edit_analysis as EA
+from tasks.edit_analysis_condition import condition_rows
 
 TOY = "toy"
 NONE = "none"
@@ -109,6 +110,8 @@ def analyze_edits(cfg: RunConfig, where: str, n_images: int = 32, n_samples: int
                     else load_factory(cf, "counterfactuals")(gen, n_samples, seed))
         result["ceiling"] = EA.ceiling(processor.models.render, classify, provider, owners,
                                        acfg.bulk_edit.batch_size)
+        result["condition_kind"] = acfg.bulk_edit.condition
+        result["condition"] = condition_rows(processor, classify, provider, variants, expected_values)
     result["prompts"] = EA.prompt_rows(processor, classify, variants, rows, expected_values,
                                        owners)
     result["notes"] = notes(result, owners is not None)

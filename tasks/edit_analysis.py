@@ -177,8 +177,8 @@ def edit_scores(processor: EditProcessor, classifier: Classifier, variant: EditV
     rgb = torch.stack([r[1] for r in rows]).to(conv.device)
     after = read(processor.models.render, classifier, conv, rgb, processor.cfg.batch_size)
     scores = M.oracle_scores(before, after, expected)
-    return {"edit_accuracy": _mean(scores["edit_accuracy"]),
-            "preservation": _mean(scores["preservation"]),
+    return {"edit_accuracy": nan_mean(scores["edit_accuracy"]),
+            "preservation": nan_mean(scores["preservation"]),
             "channels_changed": float(changed.float().mean())}
 
 
@@ -213,23 +213,26 @@ def prompt_rows(processor: EditProcessor, classifier: Classifier, variants: Sequ
         if owners is not None:
             kept_owners = [o for k, o in zip(kept.tolist(), owners) if k]
             row["kept_by_attribute"] = {a: kept_owners.count(a) for a in dict.fromkeys(owners)}
-        row["unedited"] = _mean(M.oracle_scores(before, before, expected)["edit_accuracy"])
+        row["unedited"] = nan_mean(M.oracle_scores(before, before, expected)["edit_accuracy"])
         out.append(row)
     return out
 
 
-def _mean(x: Tensor) -> float:
+def nan_mean(x: Tensor) -> float:
+    """Mean over the non-NaN entries; NaN when there are none."""
     return float(torch.nanmean(x.float())) if len(x) and not torch.isnan(x).all() else math.nan
 
 
 # --- 3. output ------------------------------------------------------------------------------------
 
+CONDITION_COLUMNS = ("cos_dt_di", "image_direction", "image_direction_pres", "condition", "condition_pres")
 CEILING_COLUMNS = ("values", "chance", "unedited", *MIXES, "labelled_fraction", "own_channel_share")
 
 
 def tables(result: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     """The analysis as tables: ``analysis_ceiling`` (per attribute), ``analysis_prompts`` (per
-    variant) and, with labelled channels, ``analysis_kept_channels`` (kept ones per attribute)."""
+    variant), with labelled channels ``analysis_kept_channels`` (kept ones per attribute) and, with
+    counterfactuals, ``analysis_condition`` (the mapper given Δi vs the run's condition)."""
     out = {}
     if result.get("ceiling"):
         out["analysis_ceiling"] = pd.DataFrame([
@@ -247,6 +250,10 @@ def tables(result: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
         if all("kept_by_attribute" in p for p in prompts):
             out["analysis_kept_channels"] = pd.DataFrame([
                 {"variant": p["variant"], **p["kept_by_attribute"]} for p in prompts])
+    if result.get("condition"):
+        out["analysis_condition"] = pd.DataFrame([
+            {"variant": c["variant"], "expected": _expected_text(c["expected"], result),
+             **{k: c[k] for k in CONDITION_COLUMNS}} for c in result["condition"]])
     return out
 
 
@@ -275,6 +282,10 @@ def format_result(result: Mapping[str, Any]) -> str:
         total = ", ".join(f"{a} {n}" for a, n in result["channels_per_attribute"].items())
         lines += [f"kept channels at the run's τ per attribute (of {total})",
                   _text(tabs["analysis_kept_channels"]), ""]
+    if "analysis_condition" in tabs:
+        lines += [f"the mapper given each counterfactual's image direction Δi vs the run's condition "
+                  f"({result.get('condition_kind', 'text')}), τ = 0, on the {result['samples']} samples",
+                  _text(tabs["analysis_condition"]), ""]
     for p in result.get("prompts", []):
         if "error" in p:
             lines.append(f"prompt {p['variant']}: failed: {p['error']}")
@@ -334,7 +345,9 @@ REPORT_NOTE = ("analysis_* tables: `deltaedit analyze edits` (<root>/analysis/an
                "the target value when a counterfactual's conv styles (conv_only), toRGB styles "
                "(rgb_only) or whole code (full_swap) replace a sample's. analysis_prompts: "
                "DeltaEdit-G on the first images at tau 0 (mask off) and at the run's tau, with the "
-               "channels the mask keeps.")
+               "channels the mask keeps. analysis_condition: on generator samples, mask off, the "
+               "mapper given each counterfactual's own image direction (image_direction) vs the "
+               "run's condition (condition: Δt, or the retrieved direction); cos_dt_di: Δt vs Δi.")
 
 
 def report_tables(root: Location) -> dict[str, pd.DataFrame]:

@@ -167,7 +167,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
     (root / "mapper").mkdir()
     mapper.save(str(root / "mapper" / "mapper.safetensors"))
     return root, [f"root={root}", f"bulk_edit.prompts={base / 'prompts.yaml'}", "device=cpu",
-                  "relevance.mode=exact", "bulk_edit.tau=0.3"]     # the run's Rₛ and τ, not the toy's
+                  "relevance.mode=exact", "bulk_edit.tau=0.3",     # the run's Rₛ and τ, not the toy's
+                  "bulk_edit.condition=text"]
 
 
 def test_cli_writes_both_tau_columns_and_the_report_reads_them(tiny_run, capsys):
@@ -222,6 +223,15 @@ def test_missing_stores_are_named(tiny_run, tmp_path):
         (root / "mapper" / "mapper.safetensors").read_bytes())
     cfg = load_config(str(CONFIG), overrides + [f"root={tmp_path / 'nocodes'}", "bulk_edit.tau=0"])
     with pytest.raises(EA.AnalysisError, match="codes.*deltaedit run preprocess"):
+        analyze_edits(cfg, "test", n_images=2, counterfactuals="none")
+
+
+def test_a_memory_too_small_for_retrieve_k_is_named(tiny_run):
+    from flows.edit_analysis import analyze_edits
+
+    _, overrides = tiny_run
+    cfg = load_config(str(CONFIG), overrides + ["bulk_edit.condition=retrieved", "bulk_edit.retrieve_k=6"])
+    with pytest.raises(ValueError, match="retrieve_k=6 needs more.*found 6"):    # the 6 clip_images rows
         analyze_edits(cfg, "test", n_images=2, counterfactuals="none")
 
 
