@@ -11,11 +11,15 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from infra.cli import OFFLINE_DEFAULTS  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 for _key, _value in OFFLINE_DEFAULTS.items():     # as the CLI runs: no telemetry, no downloads
     os.environ.setdefault(_key, _value)
@@ -69,7 +73,7 @@ def stage_runner(processor, upstream: StageStore, tmp: Path, stage: str) -> Call
     return run
 
 
-def decoded_images(store: StageStore) -> tuple[list[bytes], "torch.Tensor"]:
+def decoded_images(store: StageStore) -> tuple[list[bytes], torch.Tensor]:
     """The stored PNGs and the same images decoded to one (N, 3, H, W) tensor in [-1, 1]."""
     import torch
 
@@ -91,7 +95,7 @@ def layout(args: argparse.Namespace) -> tuple[int, int]:
     return (2, 1) if args.quick else (args.shard_batches, 3)
 
 
-def stage_ratios(make_processor: Callable[[StageStore], object], forward: Callable[["torch.Tensor"], object],
+def stage_ratios(make_processor: Callable[[StageStore], object], forward: Callable[[torch.Tensor], object],
                  tmp: Path, size: int, batch_size: int, shard_batches: int, stage: str, repeat: int = 3
                  ) -> list[tuple[str, float, float | None]]:
     """A stage against its bare forward on pre-decoded tensors (same batches) and a one-image-at-a-time
