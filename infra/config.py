@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models import zoo
 from models.zoo import ModelSpec
@@ -187,6 +187,12 @@ class BulkEditConfig(Strict):
                                            # (tasks/edit_directions.retrieved_direction, docs/text-condition.md)
     retrieve_k: int = Field(8, ge=1)       # image pairs averaged per edit (condition: retrieved)
     memory_rows: int = Field(65_536, ge=1)   # at most this many training embeddings searched (seeded subset)
+    mask: Literal["text", "text+image"] = "text"   # DeltaEdit's channels: those relevant to Δt (the paper), or
+                                           # also, per image, those its retrieved direction needs within the
+                                           # prompt's image subspace (condition: retrieved; tasks/edit_directions
+                                           # .image_mask, docs/relevance.md "Per-image mask")
+    image_mask_rank: int = Field(2, ge=1)  # dimensions of the prompt's image subspace (mask: text+image)
+    image_mask_tau: float = Field(0.3, gt=0, le=1)   # cosine a channel needs with the projected direction
     gd_alpha: float = 4.0                  # StyleCLIP global direction: step α (its demo: 4)
     gd_beta: float = Field(0.15, ge=0, lt=1)   # ... and disentanglement threshold β (its demo: 0.15)
     templates: Literal["imagenet", "none"] = "imagenet"   # prompt templates averaged (79 ImageNet ones)
@@ -210,6 +216,13 @@ class BulkEditConfig(Strict):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _image_mask_needs_retrieval(self) -> BulkEditConfig:
+        if self.mask == "text+image" and self.condition != "retrieved":
+            raise ValueError("mask: text+image needs condition: retrieved (the per-image part uses the image's "
+                             "retrieved direction)")
+        return self
 
 
 class EvaluateConfig(Strict):

@@ -130,6 +130,7 @@ class EditProcessor:
     images: StageStore | None = None            # the input photos (the diffusion decoder encodes them)
     output_metadata: dict[str, Any] = field(default_factory=dict)
     _texts: dict[Any, Any] = field(default_factory=dict)
+    _subspaces: dict[Any, Tensor] = field(default_factory=dict)
 
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:
         inputs = self._inputs(spec)
@@ -184,14 +185,24 @@ class EditProcessor:
             if any(r[2] is None for r in rows):
                 raise ed.PromptError("no CLIP embedding for this image (its embed step failed)")
             i = torch.stack([r[2] for r in rows]).to(s.device)
-            cond = dt
-            if method == "deltaedit" and self.models.memory is not None:
-                cond = ed.retrieved_direction(self.models.memory, i, dt, self.cfg.retrieve_k)
+            retrieved = method == "deltaedit" and self.models.memory is not None
+            cond = ed.retrieved_direction(self.models.memory, i, dt, self.cfg.retrieve_k) if retrieved else dt
             delta = ed.mapper_delta(self.models.mappers[method], method, s, i, cond, t_target)
             if self.models.relevance is not None:
-                delta = delta * ed.relevance_mask(self.models.relevance, dt, tau, self.cfg.threshold)
+                mask = ed.relevance_mask(self.models.relevance, dt, tau, self.cfg.threshold)
+                if retrieved and self.cfg.mask == "text+image":
+                    mask = mask | ed.image_mask(self.models.relevance, cond, self._subspace(variant, dt),
+                                                self.cfg.image_mask_tau)
+                delta = delta * mask
         delta = variant.strength * delta
         return s + delta, (delta != 0).sum(dim=1)
+
+    def _subspace(self, variant: EditVariant, dt: Tensor) -> Tensor:
+        """The prompt's image subspace (``ed.prompt_subspace``), computed once per processor."""
+        if variant.terms not in self._subspaces:
+            self._subspaces[variant.terms] = ed.prompt_subspace(self.models.memory, dt, self.cfg.retrieve_k,
+                                                                self.cfg.image_mask_rank)
+        return self._subspaces[variant.terms]
 
     def _text(self, variant: EditVariant) -> tuple[Tensor, Tensor]:
         """Δt and target embedding of a variant, computed once per processor (errors too)."""

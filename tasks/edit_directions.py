@@ -8,6 +8,8 @@ unit-norm mean over prompt templates (docs/paper-setting.md, "Text prompts"):
   With ``bulk_edit.condition: retrieved`` the mapper's condition is not Δt itself but the mean of the k
   image-pair directions (i₂ − i)/‖i₂ − i‖ from a memory of image embeddings that Δt points along best
   (``retrieved_direction``; docs/text-condition.md): a direction of the kind the mapper was trained on.
+  With ``bulk_edit.mask: text+image`` each image also keeps the channels its retrieved direction needs
+  within the prompt's image subspace (``image_mask``; docs/relevance.md).
 - **straightforward**: the paper's naïve baseline, mapper(s, i, t_target) with the *target text* embedding
   where training used the second image's; the same relevance threshold, so only the mapper differs.
 - **StyleCLIP global direction**: r = Rₛ·Δt/‖Δt‖, zero |r| < β, divide by max|r|, scale by each channel's
@@ -113,6 +115,35 @@ def retrieved_direction(memory: Tensor, i: Tensor, dt: Tensor, k: int) -> Tensor
     top = score.topk(k, dim=1).indices                                        # (B, k)
     steps = memory[top] - img[:, None]                                        # (B, k, D)
     return F.normalize(steps, dim=-1).mean(dim=1)
+
+
+SUBSPACE_PROBES = 1024   # memory rows whose retrieved directions span a prompt's image subspace
+
+
+@torch.no_grad()
+def prompt_subspace(memory: Tensor, dt: Tensor, k: int, rank: int) -> Tensor:
+    """(rank, D) orthonormal rows: the main directions in which images move for this prompt.
+
+    The retrieved directions (``retrieved_direction``) of up to ``SUBSPACE_PROBES`` evenly spaced memory
+    rows, one per probe image, go to the prompt's value from wherever each image is: "a medium shape" moves
+    small images up and large ones down the size axis. Their leading right singular vectors span that
+    movement; what else a retrieved pair changes (other attributes, differing from pair to pair) spreads
+    over many weaker directions and is left out."""
+    probes = memory[:: max(1, len(memory) // SUBSPACE_PROBES)][:SUBSPACE_PROBES]
+    directions = retrieved_direction(memory, probes, dt, min(k, len(memory) - 1))
+    return torch.linalg.svd(directions, full_matrices=False).Vh[:rank]
+
+
+def image_mask(relevance: Tensor, directions: Tensor, subspace: Tensor, tau: float) -> Tensor:
+    """(B, C) bool: per image, the channels whose unit Rₛ direction has |dot| ≥ τ with the image's unit
+    direction (B, D) projected onto the prompt's subspace (R, D): the cosine, scaled by how much of the
+    direction lies in the subspace.
+
+    The Δt mask (``relevance_mask``) is one set of channels for every image: those Δt points along. An edit
+    to a value between others, or a Δt that mostly says "not X", needs channels Δt is nearly orthogonal to
+    (growing a small shape to medium moves the small ↔ large axis); this mask adds them image by image."""
+    projected = (F.normalize(directions.float(), dim=-1) @ subspace.T) @ subspace   # not renormalised: a
+    return (projected @ F.normalize(relevance, dim=-1).T).abs() >= tau                 # direction outside keeps none
 
 
 def global_direction(relevance: Tensor, dt: Tensor, sigma: Tensor, beta: float) -> Tensor:

@@ -153,6 +153,35 @@ def test_retrieved_direction_averages_the_memory_steps_that_delta_t_points_along
         ed.retrieved_direction(memory, image, dt, k=6)
 
 
+def test_the_image_mask_keeps_the_channels_a_value_between_others_needs():
+    """Size on axis 0, "medium-ness" on axis 3, colour on axis 1. Δt for medium points along axis 3 only,
+    so the Δt mask drops the size channel; small and large images reach medium along ∓ axis 0, and the
+    image mask keeps the size channel for them (not the colour one their retrieved pairs also change)."""
+    unit = torch.nn.functional.normalize
+    memory = unit(torch.tensor([[-1.0, -0.1, 1.0, 0.0], [-1.0, 0.1, 1.0, 0.0],     # small, two colours
+                                [0.0, 0.0, 1.0, 0.8],                             # medium
+                                [1.0, -0.1, 1.0, 0.0], [1.0, 0.1, 1.0, 0.0]]), dim=1)   # large
+    dt = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    relevance = torch.eye(4)                       # channel c moves the image along axis c
+    assert ed.relevance_mask(relevance, dt, 0.3, "normalized").tolist() == [False, False, False, True]
+    subspace = ed.prompt_subspace(memory, dt, k=1, rank=2)
+    assert subspace.shape == (2, 4)
+    assert torch.allclose(subspace @ subspace.T, torch.eye(2), atol=1e-5)
+    small, large = memory[0], memory[4]
+    directions = ed.retrieved_direction(memory, torch.stack([small, large]), dt, k=1)
+    mask = ed.image_mask(relevance, directions, subspace, 0.3)
+    assert mask[:, 0].all() and not mask[:, 1].any(), mask          # size kept, colour not
+    assert not ed.image_mask(relevance, torch.tensor([[0.0, 1.0, 0.0, 0.0]]), subspace, 0.3).any()
+
+
+def test_an_image_mask_without_retrieval_is_a_config_error():
+    from infra.config import BulkEditConfig
+
+    with pytest.raises(ValueError, match="condition: retrieved"):
+        BulkEditConfig(mask="text+image")
+    assert BulkEditConfig(mask="text+image", condition="retrieved").image_mask_rank == 2
+
+
 # --- the flow --------------------------------------------------------------------------------------------------
 
 def test_bulk_edit_writes_every_edit_and_bad_prompts_fail_alone(prepared):
