@@ -98,8 +98,8 @@ def test_the_retrieved_condition_lands_what_the_text_condition_misses(analysis):
 def test_the_image_mask_lands_what_the_text_mask_drops(analysis):
     """Rₛ·Δt keeps one set of channels for every image; "a medium shape" needs the small ↔ large axis,
     nearly orthogonal to its Δt (docs/relevance.md, "Per-image mask"). Adding per image the channels its
-    retrieved direction needs lands it (measured here: medium +0.50, circle +0.17, the others within 3 of 48 images) and costs no
-    prompt its preservation."""
+    retrieved direction needs lands it (measured here: medium +0.50, circle +0.17, the others within 3 of
+    48 images) and costs no prompt its preservation."""
     image = {r["variant"]: r["tau_run"] for r in analysis["retrieved"]["prompts"]}
     text = {r["variant"]: r["tau_run"] for r in analysis["text_mask"]["prompts"]}
     gains = {k: image[k]["edit_accuracy"] - text[k]["edit_accuracy"] for k in text}
