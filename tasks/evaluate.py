@@ -104,7 +104,7 @@ class MetricsProcessor:
         """edit_accuracy and preservation per row (NaN without an oracle)."""
         if self.models.oracle is None:
             return {k: [NAN] * len(meta) for k in ("edit_accuracy", "unedited_accuracy", "preservation")}
-        from models.toy.captions import expected_values
+        from models.toy.captions import changed_attributes, expected_values
 
         after, before, truth = (self.models.oracle.predict(x) for x in (edit, recon, source))
         acc, unedited, keep = [], [], []
@@ -113,8 +113,10 @@ class MetricsProcessor:
             if m["method"] == RECON:
                 expected, scores = {}, M.oracle_scores(pick(truth), pick(after), {})
             else:
-                expected = {} if m["omega"] == m["omega"] else expected_values(m["source_text"], m["target_text"])
-                scores = M.oracle_scores(pick(before), pick(after), expected)
+                interpolation = m["omega"] == m["omega"]        # not NaN: an ω sweep has no single target
+                expected = {} if interpolation else expected_values(m["source_text"], m["target_text"])
+                changing = changed_attributes(m["source_text"], m["target_text"]) if interpolation else ()
+                scores = M.oracle_scores(pick(before), pick(after), expected, changing)
             acc.append(float(scores["edit_accuracy"][0]))
             keep.append(float(scores["preservation"][0]))
             # how often the target is read without any edit: the chance level edit_accuracy must beat

@@ -6,7 +6,7 @@ Images are float (B, 3, H, W) in [-1, 1]. Nothing here downloads weights: every 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import pandas as pd
 import torch
@@ -242,19 +242,21 @@ def _indices(x: Tensor) -> Tensor:
 
 
 def oracle_scores(before: dict[str, Tensor], after: dict[str, Tensor],
-                  expected: dict[str, int]) -> dict[str, Tensor]:
+                  expected: dict[str, int], changing: Collection[str] = ()) -> dict[str, Tensor]:
     """Per-image ``edit_accuracy`` and ``preservation`` from attribute-oracle readings (B,) per attribute.
 
     ``edit_accuracy``: 1.0 where every attribute in ``expected`` is read as its expected index, else 0.0.
-    ``preservation``: fraction of the other attributes read the same after as before. Either is NaN when
-    it has nothing to measure (no expected attributes / every attribute expected). Readings are class
-    indices as ``Oracle.predict`` returns them (logits are argmax-ed).
+    ``preservation``: fraction of the other attributes read the same after as before; attributes in
+    ``changing`` (the prompt changes them without one expected value: an interpolation between two
+    colours) are not counted either. Either is NaN when it has nothing to measure (no expected attributes /
+    every attribute expected). Readings are class indices as ``Oracle.predict`` returns them (logits are
+    argmax-ed).
     """
     unknown = sorted(set(expected) - set(after))
     if unknown:
         raise ValueError(f"expected attributes {unknown} are not among the readings {sorted(after)}")
     nan = torch.full((len(next(iter(after.values()))) if after else 0,), float("nan"))
-    others = [k for k in after if k in before and k not in expected]
+    others = [k for k in after if k in before and k not in expected and k not in changing]
     hits = [_indices(after[k]) == int(v) for k, v in expected.items()]
     same = [_indices(after[k]) == _indices(before[k]) for k in others]
     return {"edit_accuracy": torch.stack(hits).all(0).float() if hits else nan,

@@ -126,6 +126,17 @@ def test_oracle_scores():
     assert oracle_scores(before, logits, {"shape_color": 3})["edit_accuracy"].tolist() == [1.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="position"):
         oracle_scores(before, after, {"position": 1})
+    sweep = oracle_scores(before, after, {}, changing={"shape_color"})   # a colour interpolation
+    assert torch.isnan(sweep["edit_accuracy"]).all()
+    assert torch.allclose(sweep["preservation"], torch.tensor([1.0, 2 / 3, 2 / 3]))   # colour not counted
+
+
+def test_an_interpolation_changes_the_attributes_its_endpoints_name():
+    from models.toy.captions import changed_attributes
+
+    assert changed_attributes("a shape + a shape", "a red shape + a blue shape") == {"shape_color"}
+    assert changed_attributes("a red shape", "a red circle") == {"shape"}
+    assert changed_attributes("a shape", "a shape") == set()
 
 
 def test_summarize():

@@ -105,3 +105,10 @@ def expected_values(source: str, target: str) -> dict[str, int]:
     attribute the target names with exactly one value that the source does not name the same way."""
     src, tgt = mentioned(source), mentioned(target)
     return {a: ATTRIBUTES[a].index(next(iter(v))) for a, v in tgt.items() if len(v) == 1 and v != src[a]}
+
+
+def changed_attributes(source: str, target: str) -> set[str]:
+    """The attributes whose named values differ between the two texts, with or without one expected value
+    ("a shape + a shape" → "a red shape + a blue shape": the colour)."""
+    src, tgt = mentioned(source), mentioned(target)
+    return {a for a in ATTRIBUTES if tgt[a] and tgt[a] != src[a]}
