@@ -136,7 +136,8 @@ def memory_stages(cfg: RunConfig, where: str) -> tuple[str, ...]:
     if not memory_shards(Location(cfg.root, cfg.storage_options), stages):
         raise ConfigError(f"{where}: bulk_edit.condition=retrieved searches the CLIP image embeddings the mapper "
                           f"was trained on ({', '.join(stages)} under {cfg.root}); none is finished: run "
-                          "`deltaedit run preprocess` first, or set bulk_edit.condition=text")
+                          "`deltaedit run preprocess` first, or set bulk_edit.condition=text "
+                          "bulk_edit.mask=text")
     return stages
 
 

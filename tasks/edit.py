@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from infra.config import BulkEditConfig
+from infra.config import BulkEditConfig, RelevanceConfig
 from infra.records import Sink
 from infra.shards import Item, ShardSpec
 from infra.stage import code_fingerprint
@@ -333,7 +333,7 @@ class EditBuilder:
     cfg: BulkEditConfig
     relevance_stage: str | None                      # None: no relevance threshold (and no StyleCLIP-GD)
     diffusion: ModelSpec | None = None               # DeltaEdit-D's decoder (when bulk_edit.decoder has it)
-    n_stat_samples: int = 10_000                     # codes for StyleCLIP-GD's per-channel σ
+    n_stat_samples: int = RelevanceConfig().n_stat_samples   # codes for StyleCLIP-GD's per-channel σ
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     device: DeviceChoice = "auto"
@@ -381,7 +381,8 @@ class EditBuilder:
         if len(memory) <= self.cfg.retrieve_k:
             raise ValueError(f"bulk_edit.retrieve_k={self.cfg.retrieve_k} needs more than that many CLIP image "
                              f"embeddings in {', '.join(self.memory_stages)} under {root.uri}; found "
-                             f"{len(memory)} (lower retrieve_k, or set bulk_edit.condition=text)")
+                             f"{len(memory)} (lower retrieve_k, or set bulk_edit.condition=text "
+                             "bulk_edit.mask=text)")
         return memory.to(device)
 
     def fingerprint(self) -> str:

@@ -34,7 +34,7 @@ def load_memory(root: Location, stages: Sequence[str], max_rows: int, seed: int 
     if not shards:
         raise FileNotFoundError(f"bulk_edit.condition=retrieved needs CLIP image embeddings in {root.uri}/"
                            f"{{{','.join(stages)}}}: none finished (run preprocess first, or set "
-                           "bulk_edit.condition=text)")
+                           "bulk_edit.condition=text bulk_edit.mask=text)")
     rows = np.concatenate([column_to_numpy(read_columns(store, sid, ["embedding"]), "embedding")
                            for store, sid in shards])
     if len(rows) > max_rows:

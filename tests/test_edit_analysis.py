@@ -168,7 +168,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
     mapper.save(str(root / "mapper" / "mapper.safetensors"))
     return root, [f"root={root}", f"bulk_edit.prompts={base / 'prompts.yaml'}", "device=cpu",
                   "relevance.mode=exact", "bulk_edit.tau=0.3",     # the run's Rₛ and τ, not the toy's
-                  "bulk_edit.condition=text"]
+                  "bulk_edit.condition=text", "bulk_edit.mask=text"]
 
 
 def test_cli_writes_both_tau_columns_and_the_report_reads_them(tiny_run, capsys):

@@ -78,7 +78,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str], Path]:
                  "bulk_edit.methods=[deltaedit]", "bulk_edit.decoder=[generator]",
                  "relevance.mode=covariance", "bulk_edit.threshold=normalized",
                  "bulk_edit.tau=0.2", "ingest.image_size=64", "ingest.resize=fit",
-                 "bulk_edit.condition=text"]      # no training embeddings here to retrieve from
+                 "bulk_edit.condition=text",      # no training embeddings here to retrieve from
+                 "bulk_edit.mask=text"]
     return root, overrides, photos
 
 

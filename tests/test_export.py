@@ -72,7 +72,8 @@ def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]
                  "bulk_edit.methods=[deltaedit]", "bulk_edit.decoder=[generator]", "bulk_edit.tau=0",
                  f"bulk_edit.catalog={photos}", "ingest.image_size=64", "ingest.resize=fit",
                  "ingest.shard_size=8", "bulk_edit.images_per_shard=8",
-                 "bulk_edit.condition=text"]      # no training embeddings here to retrieve from
+                 "bulk_edit.condition=text",      # no training embeddings here to retrieve from
+                 "bulk_edit.mask=text"]
     cfg = load_config(CONFIG, overrides)
     stages = input_stages(cfg)
     loc = Location(cfg.root)
