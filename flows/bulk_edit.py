@@ -26,7 +26,8 @@ from infra.orchestrate import run_stage
 from infra.shards import ShardSpec, select
 from infra.store import StageStore
 from models.zoo import ModelSpec
-from tasks.edit import EditBuilder, plan_edits
+from tasks.edit import plan_edits
+from tasks.edit_builder import EditBuilder
 from tasks.prompts import EditVariant, load_prompts
 from tasks.train_diffusion import FINAL as DIFFUSION_FILE
 

@@ -24,18 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from infra.config import BulkEditConfig, RelevanceConfig
+from infra.config import BulkEditConfig
 from infra.records import Sink
 from infra.shards import Item, ShardSpec
-from infra.stage import code_fingerprint
 from infra.store import StageStore
 from infra.upstream import plan_downstream
 from infra.readers import decode_image, encoded_image, iter_image_samples, read_vectors, vectors_tensor
-from models import zoo
-from models.compiled import FixedBatchCompiled
-from models.device import DeviceChoice, module_device, pick_device, set_cpu_threads
+from models.device import module_device
 from models.stylegan2 import StyleCode
-from models.zoo import ModelSpec
 from tasks import edit_directions as ed
 from tasks.edit_diffusion import DiffusionDecoder
 from tasks.imaging import encode_image, psnr_where, to_uint8
@@ -321,94 +317,3 @@ def _fields(item: Item, variant: EditVariant | None, default_tau: float) -> dict
             "terms": json.dumps(variant.terms),          # [[source, target, weight], ...]: Δt exactly
             "tau": NAN if method == "styleclip_gd" else float(tau), "strength": float(variant.strength),
             "omega": NAN if variant.omega is None else float(variant.omega), "channels_changed": 0, **masking}
-
-
-@dataclass(frozen=True)
-class EditBuilder:
-    """Loads the generator, CLIP, mappers and Rₛ once per actor (``build``)."""
-    generator: ModelSpec
-    clip: ModelSpec
-    mappers: tuple[tuple[str, ModelSpec], ...]       # (method, mapper spec) for the mapper-based methods
-    root: str
-    cfg: BulkEditConfig
-    relevance_stage: str | None                      # None: no relevance threshold (and no StyleCLIP-GD)
-    diffusion: ModelSpec | None = None               # DeltaEdit-D's decoder (when bulk_edit.decoder has it)
-    n_stat_samples: int = RelevanceConfig().n_stat_samples   # codes for StyleCLIP-GD's per-channel σ
-    seed: int = 0
-    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
-    device: DeviceChoice = "auto"
-    cpus: float = 1.0
-    codes_stage: str = "codes"                       # where the codes (and clip_<images>) come from
-    clip_stage: str = "clip_images"
-    images_stage: str = "images"                     # the photos the codes were inverted from
-    stage: str = "edits"
-    memory_stages: tuple[str, ...] = ()              # CLIP stages searched by condition=retrieved (else none)
-
-    def build(self) -> EditProcessor:
-        from infra.fsio import Location
-        from tasks.relevance import load_relevance, style_statistics
-
-        set_cpu_threads(self.cpus)
-        device = pick_device(self.device)
-        opts = self.storage_options
-        gen = zoo.build(self.generator, device=device, storage_options=opts).eval()
-        clip = zoo.build(self.clip, device=device, storage_options=opts)
-        mappers = {m: zoo.build(spec, device=device, storage_options=opts).eval() for m, spec in self.mappers}
-        relevance = sigma = None
-        if self.relevance_stage is not None:
-            relevance = load_relevance(self.root, self.relevance_stage, opts).to(device)
-        if "styleclip_gd" in self.cfg.methods:
-            sigma = style_statistics(gen, self.n_stat_samples, 1, self.seed).std.to(device)
-        synthesize = compiled_synthesis(gen, self.cfg.batch_size) if self.cfg.compile else None
-        diffusion = None
-        if self.diffusion is not None:
-            model = zoo.build(self.diffusion, device=device, storage_options=opts).eval()
-            diffusion = DiffusionDecoder(model, self.cfg.diffusion, self.cfg.batch_size)
-        root = Location(self.root, opts)
-        memory = self._memory(root, device) if self.memory_stages else None
-        meta = {"generator": self.generator.model_dump(mode="json"), "clip": clip.describe(),
-                "relevance_stage": self.relevance_stage, "settings": self.cfg.model_dump(mode="json"),
-                "diffusion": None if self.diffusion is None else self.diffusion.model_dump(mode="json")}
-        return EditProcessor(EditModels(gen, clip, mappers, relevance, sigma, diffusion, synthesize, memory),
-                             StageStore(root, self.codes_stage), StageStore(root, self.clip_stage), self.cfg,
-                             StageStore(root, self.images_stage), meta)
-
-    def _memory(self, root: Any, device: str) -> Tensor:
-        """The image-embedding memory of condition=retrieved; too few rows for retrieve_k is an error."""
-        from tasks.edit_memory import load_memory
-
-        memory = load_memory(root, self.memory_stages, self.cfg.memory_rows, self.seed)
-        if len(memory) <= self.cfg.retrieve_k:
-            raise ValueError(f"bulk_edit.retrieve_k={self.cfg.retrieve_k} needs more than that many CLIP image "
-                             f"embeddings in {', '.join(self.memory_stages)} under {root.uri}; found "
-                             f"{len(memory)} (lower retrieve_k, or set bulk_edit.condition=text "
-                             "bulk_edit.mask=text)")
-        return memory.to(device)
-
-    def fingerprint(self) -> str:
-        """Code + settings + the identity of every input the edits depend on (model files, Rₛ blocks)."""
-        from infra.fsio import Location
-        from tasks.edit_memory import memory_identity
-
-        settings = self.cfg.model_dump(mode="json", exclude={"prompts": True, "catalog": True, "max_images": True,
-                                                             "images_per_shard": True, "batch_size": True,
-                                                             "compile": True, "diffusion": {"max_images"}})
-        specs = {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}
-        if self.diffusion is not None:
-            specs["diffusion"] = self.diffusion
-        models = {name: zoo.identity(spec, self.storage_options) for name, spec in specs.items()}
-        relevance = None
-        if self.relevance_stage is not None:
-            store = StageStore(Location(self.root, self.storage_options), self.relevance_stage)
-            relevance = sorted((m["shard_id"], m["input_fingerprint"], m["code_fingerprint"])
-                               for m in map(store.marker, store.finished()) if m)
-        memory = memory_identity(Location(self.root, self.storage_options), self.memory_stages)
-        return code_fingerprint(EditProcessor, ed.global_direction, DiffusionDecoder, encode_image, config={
-            "settings": settings, "models": models, "relevance": relevance, "memory": memory,
-            "inputs": [self.codes_stage, self.clip_stage, self.images_stage], "n_stat_samples": self.n_stat_samples,
-            "seed": self.seed})
-
-
-def compiled_synthesis(generator: Any, batch_size: int) -> FixedBatchCompiled:
-    """``generator.synthesize`` as a (conv, rgb) function compiled for batches of ``batch_size``."""
-    return FixedBatchCompiled(lambda conv, rgb: generator.synthesize(StyleCode(conv, rgb)), batch_size)

@@ -28,15 +28,16 @@ def memory_shards(root: Location, stages: Sequence[str]) -> list[tuple[StageStor
             if store.loc.exists(f"{sid}.parquet")]
 
 
-def load_memory(root: Location, stages: Sequence[str], max_rows: int, seed: int = 0) -> Tensor:
-    """(P ≤ max_rows, D) unit-norm CLIP image embeddings of the stages' finished shards."""
+def load_memory(root: Location, stages: Sequence[str], retrieve_k: int, max_rows: int, seed: int = 0) -> Tensor:
+    """(P ≤ max_rows, D) unit-norm CLIP image embeddings of the stages' finished shards; no more rows than
+    ``retrieve_k`` (it averages that many, besides the image's own) is an error that says so."""
     shards = memory_shards(root, stages)
-    if not shards:
-        raise FileNotFoundError(f"bulk_edit.condition=retrieved needs CLIP image embeddings in {root.uri}/"
-                           f"{{{','.join(stages)}}}: none finished (run preprocess first, or set "
-                           "bulk_edit.condition=text bulk_edit.mask=text)")
     rows = np.concatenate([column_to_numpy(read_columns(store, sid, ["embedding"]), "embedding")
-                           for store, sid in shards])
+                           for store, sid in shards]) if shards else np.zeros((0, 0), np.float32)
+    if len(rows) <= retrieve_k:
+        raise ValueError(f"bulk_edit.retrieve_k={retrieve_k} needs more than that many CLIP image embeddings in "
+                         f"{', '.join(stages)} under {root.uri}; found {len(rows)} (run preprocess, lower "
+                         "retrieve_k, or set bulk_edit.condition=text bulk_edit.mask=text)")
     if len(rows) > max_rows:
         keep = np.sort(np.random.default_rng([seed, 0x3E3]).choice(len(rows), max_rows, replace=False))
         rows = rows[keep]

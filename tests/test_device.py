@@ -62,7 +62,7 @@ class TinyRun:
 
 def _builders(cfg: RunConfig) -> dict[str, Any]:
     """Every stage's builder, as the flows make them (device from the config)."""
-    from tasks.edit import EditBuilder
+    from tasks.edit_builder import EditBuilder
     from tasks.embed import EmbedBuilder
     from tasks.evaluate import MetricsBuilder
     from tasks.ingest import IngestBuilder
