@@ -97,10 +97,11 @@ class EditBuilder:
             relevance = sorted((m["shard_id"], m["input_fingerprint"], m["code_fingerprint"])
                                for m in map(store.marker, store.finished()) if m)
         memory = memory_identity(Location(self.root, self.storage_options), self.memory_stages)
-        return code_fingerprint(EditProcessor, ed.global_direction, DiffusionDecoder, encode_image, config={
-            "settings": settings, "models": models, "relevance": relevance, "memory": memory,
-            "inputs": [self.codes_stage, self.clip_stage, self.images_stage], "n_stat_samples": self.n_stat_samples,
-            "seed": self.seed})
+        config = {"settings": settings, "models": models, "relevance": relevance, "memory": memory,
+                  "inputs": [self.codes_stage, self.clip_stage, self.images_stage],
+                  "n_stat_samples": self.n_stat_samples, "seed": self.seed}
+        return code_fingerprint(EditProcessor, ed.global_direction, DiffusionDecoder, encode_image, memory_identity,
+                                config=config)
 
 
 def compiled_synthesis(generator: Any, batch_size: int) -> FixedBatchCompiled:
