@@ -9,10 +9,10 @@ import ray
 from common import best_of_each
 
 from infra.config import RayConfig
-from infra.fsio import Location
-from infra.ray_pool import ActorPool
-from infra.store import StageStore
-from infra.upstream import plan_downstream
+from infra.storage.fsio import Location
+from infra.runtime.ray_pool import ActorPool
+from infra.storage.store import StageStore
+from infra.runtime.upstream import plan_downstream
 from models.zoo import ModelSpec
 from tasks.embed import EmbedBuilder
 from tasks.invert import InvertBuilder

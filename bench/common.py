@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from infra.cli import OFFLINE_DEFAULTS  # noqa: E402
+from app.cli import OFFLINE_DEFAULTS  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 for _key, _value in OFFLINE_DEFAULTS.items():     # as the CLI runs: no telemetry, no downloads
     os.environ.setdefault(_key, _value)
 
-from infra.fsio import Location  # noqa: E402
-from infra.shards import Item, plan_shards  # noqa: E402
-from infra.stage import execute_shard  # noqa: E402
-from infra.store import StageStore  # noqa: E402
+from infra.storage.fsio import Location  # noqa: E402
+from infra.runtime.shards import Item, plan_shards  # noqa: E402
+from infra.runtime.stage import execute_shard  # noqa: E402
+from infra.storage.store import StageStore  # noqa: E402
 
 SHARDS = 4                 # shards per store: the 2-actor comparison needs several
 
@@ -61,7 +61,7 @@ def image_store(root: Path, n: int, size: int, shard_size: int, seed: int = 0) -
 def stage_runner(processor, upstream: StageStore, tmp: Path, stage: str) -> Callable[[], None]:
     """A callable that runs ``processor`` over every shard of ``upstream`` into a fresh store each call
     (a fresh store, so no shard is skipped as done)."""
-    from infra.upstream import plan_downstream
+    from infra.runtime.upstream import plan_downstream
 
     specs = plan_downstream(upstream)
     runs = iter(range(10_000))
@@ -77,7 +77,7 @@ def decoded_images(store: StageStore) -> tuple[list[bytes], torch.Tensor]:
     """The stored PNGs and the same images decoded to one (N, 3, H, W) tensor in [-1, 1]."""
     import torch
 
-    from infra.readers import decode_image, iter_image_samples
+    from infra.storage.readers import decode_image, iter_image_samples
 
     pngs = [s["png"] for s in iter_image_samples(store)]
     return pngs, torch.stack([decode_image(p) for p in pngs])
@@ -104,7 +104,7 @@ def stage_ratios(make_processor: Callable[[StageStore], object], forward: Callab
     image at a time on the decoded tensors: what batching alone gains on this machine, the ceiling of the
     naive-loop ratio short of decoding. The images stay in the run root ``tmp/src`` (for the actor
     comparison)."""
-    from infra.readers import decode_image
+    from infra.storage.readers import decode_image
 
     n = SHARDS * shard_batches * batch_size
     store = image_store(tmp / "src", n, size, shard_size=shard_batches * batch_size)

@@ -13,7 +13,7 @@ stores in, the edits store out as WebDataset tar + Parquet) with ``reconstructio
 image, the script's "original" column), in batches of ``batch_size``:
   1. one torch thread on each side: our stage eager, and with ``bulk_edit.compile`` (torch.compile);
   2. the whole machine (``--actors``, default: one per core): the flow's own orchestration
-     (``infra.orchestrate.run_stage``: a Prefect task per shard on a Ray actor pool, one CPU per actor,
+     (``infra.runtime.orchestrate.run_stage``: a Prefect task per shard on a Ray actor pool, one CPU per actor,
      with ``bulk_edit.compile`` on, and for information off) vs the loop with torch's intra-op threads
      over every core, as the script runs by default, or with one thread if that is faster (at batch 1 it
      often is). The pool's models are loaded (and compiled) in a warm-up run; the timed runs overwrite
@@ -49,18 +49,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of_each, report  # noqa: E402
 
 from infra.config import BulkEditConfig, PrefectConfig, RayConfig, RunConfig  # noqa: E402
-from infra.fsio import Location  # noqa: E402
-from infra.readers import decode_image, iter_image_samples  # noqa: E402
-from infra.stage import execute_shard  # noqa: E402
-from infra.store import StageStore  # noqa: E402
+from infra.storage.fsio import Location  # noqa: E402
+from infra.storage.readers import decode_image, iter_image_samples  # noqa: E402
+from infra.runtime.stage import execute_shard  # noqa: E402
+from infra.storage.store import StageStore  # noqa: E402
 from models.clip import ClipEncoder  # noqa: E402
 from models.delta_mapper import DeltaMapper, MapperConfig  # noqa: E402
 from models.stylegan2 import Generator, StyleCode  # noqa: E402
 from models.zoo import ModelSpec  # noqa: E402
-from tasks import edit_directions as ed  # noqa: E402
+from models import edit_directions as ed  # noqa: E402
 from tasks.edit import EditModels, EditProcessor, edit_key, plan_edits, recon_key  # noqa: E402
 from tasks.edit_builder import EditBuilder, compiled_synthesis  # noqa: E402
-from tasks.imaging import encode_image, to_uint8  # noqa: E402
+from models.imaging import encode_image, to_uint8  # noqa: E402
 from tasks.prompts import EditVariant  # noqa: E402
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo" / "toy"
@@ -165,9 +165,9 @@ def pool_flows(root: Path, specs: list, cfg: BulkEditConfig, actors: int) -> dic
     """
     from prefect import flow
 
-    from infra.orchestrate import run_stage
-    from infra.prefect_runtime import ensure_prefect_api
-    from infra.ray_pool import ActorPool, init_ray
+    from infra.runtime.orchestrate import run_stage
+    from infra.runtime.prefect_runtime import ensure_prefect_api
+    from infra.runtime.ray_pool import ActorPool, init_ray
 
     ensure_prefect_api()
     ray_cfg = RayConfig(num_cpus=actors, actors=actors, cpus_per_actor=1)

@@ -52,12 +52,12 @@ import torch  # noqa: E402
 from common import best_of_each, report, stage_ratios  # noqa: E402
 from edit_bench import inputs, toy_models, with_random_mapper  # noqa: E402
 from infra.config import BulkEditConfig  # noqa: E402
-from infra.fsio import Location  # noqa: E402
-from infra.stage import execute_shard  # noqa: E402
-from infra.store import StageStore  # noqa: E402
+from infra.storage.fsio import Location  # noqa: E402
+from infra.runtime.stage import execute_shard  # noqa: E402
+from infra.storage.store import StageStore  # noqa: E402
 from models.clip import ClipEncoder  # noqa: E402
 from models.stylegan2 import Generator  # noqa: E402
-from tasks import edit_directions as ed  # noqa: E402
+from models import edit_directions as ed  # noqa: E402
 from tasks.edit import EditModels, EditProcessor, plan_edits  # noqa: E402
 from tasks.embed import EmbedProcessor  # noqa: E402
 from tasks.prompts import EditVariant  # noqa: E402

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infra.config import load_config  # noqa: E402
-from infra.fsio import Location  # noqa: E402
-from infra.readers import read_vectors, vectors_tensor  # noqa: E402
-from infra.store import StageStore  # noqa: E402
-from infra.tables import table_to_parquet_bytes, vector_table  # noqa: E402
+from infra.storage.fsio import Location  # noqa: E402
+from infra.storage.readers import read_vectors, vectors_tensor  # noqa: E402
+from infra.storage.store import StageStore  # noqa: E402
+from infra.storage.tables import table_to_parquet_bytes, vector_table  # noqa: E402
 from models.layout import StyleLayout  # noqa: E402
 from tasks.mapper_data import POOLS, build_row_cache  # noqa: E402
 from tasks.train_mapper import build_model, fit, mapper_config, mapper_inputs, pair_loss  # noqa: E402

@@ -1,6 +1,6 @@
 """Relevance matrix speed and agreement (issue: relevance matrix for any generator, fast).
 
-Fast (reverse-mode Jacobian, tasks/relevance_fast.py) against exact (StyleCLIP's ±5σ renders, batched,
+Fast (reverse-mode Jacobian, models/relevance.py) against exact (StyleCLIP's ±5σ renders, batched,
 tasks/relevance.py) on the same generator, CLIP, statistics and images, in this one process:
 
 1. speed ratio: exact time for every channel (measured on a seeded subset of channels across all
@@ -20,7 +20,7 @@ Measured on a 2-core CPU (exact on 64 channels; ratios vary ±20% with the load)
     100 images:  full 19.6x, cosine 0.968; rank 32: 36.6x, 0.965; rank 40: 29.5x, 0.966 (noise floor 0.706)
   the previous trained toy generator, 100 images: full 17.9x, cosine 0.814 (noise floor 0.476)
 The noise floor is the cosine between exact rows of two disjoint halves of the images. How well the
-tangent follows the ±5σ secant depends on the models (see tasks/relevance_fast.py): the retrained toy
+tangent follows the ±5σ secant depends on the models (see models/relevance.py): the retrained toy
 generator responds far more linearly than the previous one.
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/relevance_bench.py [--quick]
 """
@@ -38,8 +38,7 @@ sys.path.insert(0, str(REPO))
 from models.clip import ClipEncoder  # noqa: E402
 from models.stylegan2 import Generator  # noqa: E402
 from models.toy.train_clip import TOY_CLIP_CONFIG  # noqa: E402
-from tasks.relevance import freeze, style_statistics  # noqa: E402
-from tasks.relevance_fast import compare_rows, subset_channels, timed_exact  # noqa: E402
+from models.relevance import compare_rows, freeze, style_statistics, subset_channels, timed_exact  # noqa: E402
 
 TOY_G = dict(size=64, style_dim=64, n_mlp=4, channels={4: 128, 8: 128, 16: 64, 32: 64, 64: 32})
 PROMPTS = ["a circle -> a square", "a shape -> a red shape", "a shape -> a large shape",

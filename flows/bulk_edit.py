@@ -21,14 +21,17 @@ from flows.preprocess import catalog_stages
 from flows.train_diffusion import OUT_DIR as DIFFUSION_DIR
 from flows.train_mapper import mapper_dir
 from infra.config import ConfigError, RunConfig
-from infra.fsio import Location
-from infra.orchestrate import run_stage
-from infra.shards import ShardSpec, select
-from infra.store import StageStore
+from infra.runtime.orchestrate import run_stage
+from infra.runtime.shards import ShardSpec, select
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from models.zoo import ModelSpec
 from tasks.edit import plan_edits
 from tasks.edit_builder import EditBuilder
+from tasks.edit_memory import memory_shards
+from tasks.mapper_data import POOLS
 from tasks.prompts import EditVariant, load_prompts
+from tasks.relevance import load_relevance
 from tasks.train_diffusion import FINAL as DIFFUSION_FILE
 
 CATALOG = "catalog_"          # stage prefix of a bulk_edit.catalog's images, codes, edits and metrics
@@ -130,9 +133,6 @@ def _mapper_spec(cfg: RunConfig, method: str, where: str) -> ModelSpec:
 
 def memory_stages(cfg: RunConfig, where: str) -> tuple[str, ...]:
     """The CLIP image-embedding stages of the mapper's training pools: the memory of condition=retrieved."""
-    from tasks.edit_memory import memory_shards
-    from tasks.mapper_data import POOLS
-
     stages = tuple(POOLS[pool][1] for pool in cfg.train_mapper.pools)
     if not memory_shards(Location(cfg.root, cfg.storage_options), stages):
         raise ConfigError(f"{where}: bulk_edit.condition=retrieved searches the CLIP image embeddings the mapper "
@@ -155,8 +155,6 @@ def _diffusion_spec(cfg: RunConfig, where: str) -> ModelSpec:
 
 
 def _require_relevance(cfg: RunConfig, stage: str, where: str) -> None:
-    from tasks.relevance import load_relevance
-
     try:
         load_relevance(cfg.root, stage, cfg.storage_options)
     except (FileNotFoundError, ValueError) as exc:

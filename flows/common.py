@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from infra.config import RunConfig, load_config
-from infra.fsio import Location
-from infra.ray_pool import ActorPool, init_ray
+from infra.storage.fsio import Location
+from infra.runtime.ray_pool import ActorPool, init_ray
 from tasks.row_cache import SplitCache, local_copy_folder, publish
 
 Cache = TypeVar("Cache", bound=SplitCache)

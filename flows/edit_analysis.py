@@ -19,9 +19,13 @@ from typing import Any
 
 from flows.bulk_edit import edit_builder, edit_variants, input_stages
 from infra.config import RunConfig
-from infra.fsio import Location
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from models.device import pick_device
+from models.toy.captions import expected_values
+from models.toy.counterfactual import ToyCounterfactuals, channel_owners
+from models.toy.domain import ATTRIBUTES
+from models.toy.oracle import Oracle
 from tasks import edit_analysis as EA
 from tasks.edit_analysis_condition import condition_rows
 
@@ -56,7 +60,6 @@ def load_classifier(spec: str | None, cfg: RunConfig, device: str, where: str) -
         raise EA.AnalysisError(f"{where}: the analysis needs an attribute classifier: set "
                                "evaluate.oracle (the toy oracle, zoo/toy/oracle.safetensors) or "
                                "pass --classifier module:function")
-    from models.toy.oracle import Oracle
 
     try:
         oracle = Oracle.load(cfg.evaluate.oracle, device=device, **cfg.storage_options)
@@ -75,9 +78,6 @@ def analyze_edits(cfg: RunConfig, where: str, n_images: int = 32, n_samples: int
     default to the toy's only with the toy classifier), "none" skips the ceiling, else
     ``module:function``.
     """
-    from models.toy.captions import expected_values
-    from models.toy.counterfactual import ToyCounterfactuals, channel_owners
-
     start = time.perf_counter()
     acfg = analysis_config(cfg)
     variants = edit_variants(acfg, where)
@@ -100,8 +100,6 @@ def analyze_edits(cfg: RunConfig, where: str, n_images: int = 32, n_samples: int
         "image_keys": keys, "samples": n_samples if cf != NONE else 0, "seed": seed,
         "conv_channels": gen.layout.conv_total}
     if toy:
-        from models.toy.domain import ATTRIBUTES
-
         result["value_names"] = {a: list(v) for a, v in ATTRIBUTES.items()}
     if owners is not None:
         result["channels_per_attribute"] = {a: owners.count(a) for a in dict.fromkeys(owners)}

@@ -40,14 +40,14 @@ from flows.editor_inputs import (array_image, as_list, describe_source, is_promp
                                  pil_image, what_was_done)
 from flows.editor_results import Edit, EditResult, InputReport
 from infra.config import ConfigError, RunConfig, load_config
-from infra.fsio import Location
-from infra.records import MemorySink, Record
-from infra.shards import Item, plan_shards
-from infra.stage import execute_shard
-from infra.store import StageStore
-from infra.upstream import plan_downstream
+from infra.storage.fsio import Location
+from infra.storage.records import MemorySink, Record
+from infra.runtime.shards import Item, plan_shards
+from infra.runtime.stage import execute_shard
+from infra.storage.store import StageStore
+from infra.runtime.upstream import plan_downstream
 from models import zoo
-from tasks import edit_directions as ed
+from models import edit_directions as ed
 from tasks.edit import GENERATOR, EditModels, EditProcessor, edit_key, plan_edits, recon_key
 from tasks.embed import EmbedProcessor
 from tasks.ingest import IngestProcessor, to_rgb

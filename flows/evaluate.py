@@ -13,11 +13,11 @@ from prefect.cache_policies import NO_CACHE
 from flows.bulk_edit import edit_variants, input_stages, planned_edits
 from flows.common import flow_config, worker_pool
 from infra.config import ConfigError, RunConfig
-from infra.fsio import Location
-from infra.orchestrate import StageSummary, run_stage
-from infra.shards import select
-from infra.store import StageStore
-from infra.upstream import plan_downstream
+from infra.storage.fsio import Location
+from infra.runtime.orchestrate import StageSummary, run_stage
+from infra.runtime.shards import select
+from infra.storage.store import StageStore
+from infra.runtime.upstream import plan_downstream
 from tasks import edit_analysis as EA
 from tasks import evaluation_report as ER
 from tasks.evaluate import MetricsBuilder

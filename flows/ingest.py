@@ -5,10 +5,10 @@ from typing import Any
 
 from prefect import flow
 
-from infra.catalog import list_catalog
+from infra.storage.catalog import list_catalog
 from infra.config import ConfigError
-from infra.orchestrate import run_stage
-from infra.shards import plan_shards, select
+from infra.runtime.orchestrate import run_stage
+from infra.runtime.shards import plan_shards, select
 from flows.common import flow_config, worker_pool
 from tasks.ingest import IngestBuilder
 

@@ -11,13 +11,13 @@ from typing import Any
 from prefect import flow
 
 from flows.common import flow_config, worker_pool
-from infra.catalog import list_catalog
+from infra.storage.catalog import list_catalog
 from infra.config import ConfigError, RunConfig
-from infra.fsio import Location
-from infra.orchestrate import StageSummary, run_stage
-from infra.shards import plan_shards, select
-from infra.store import StageStore
-from infra.upstream import plan_downstream
+from infra.storage.fsio import Location
+from infra.runtime.orchestrate import StageSummary, run_stage
+from infra.runtime.shards import plan_shards, select
+from infra.storage.store import StageStore
+from infra.runtime.upstream import plan_downstream
 from tasks.embed import EmbedBuilder
 from tasks.ingest import IngestBuilder
 from tasks.invert import InvertBuilder

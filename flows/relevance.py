@@ -15,10 +15,12 @@ from prefect import flow
 
 from flows.common import flow_config, worker_pool
 from infra.config import ConfigError, RunConfig
-from infra.orchestrate import run_stage
-from infra.shards import ShardSpec, plan_shards, select
+from infra.runtime.orchestrate import run_stage
+from infra.runtime.shards import ShardSpec, plan_shards, select
 from models import zoo
-from tasks.relevance import Mode, RelevanceBuilder, channel_items, freeze, style_statistics
+from models.device import pick_device
+from models.relevance import compare_rows, freeze, style_statistics, subset_channels
+from tasks.relevance import Mode, RelevanceBuilder, channel_items
 
 
 @flow(name="relevance", log_prints=True)
@@ -53,9 +55,6 @@ def compare_relevance(cfg: RunConfig, channels: int | None = None, top_k: int | 
                       prompts: list[str] | None = None) -> dict[str, Any]:
     """Exact vs fast on ``channels`` channels (seeded, across all layers), in this process: mean row
     cosine, top-k overlap of |Rₛ·Δt| per "source -> target" prompt, and the estimated speed ratio."""
-    from models.device import pick_device
-    from tasks.relevance_fast import compare_rows, subset_channels
-
     _require_models(cfg, None)
     r, device = cfg.relevance, pick_device(cfg.device)
     gen = zoo.build(cfg.models.generator, device=device, storage_options=cfg.storage_options)

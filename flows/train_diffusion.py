@@ -17,8 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import cache_scratch, flow_config, prepare_cache
 from infra.config import RunConfig, TrainDiffusionConfig
-from infra.fsio import Location
-from infra.ray_train import train_data_parallel
+from infra.storage.fsio import Location
+from infra.runtime.ray_train import train_data_parallel
 from models.device import pick_device
 from tasks.diffusion_data import ImageCache, build_image_cache
 from tasks.row_cache import localize

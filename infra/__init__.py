@@ -1,1 +1,1 @@
-"""Infrastructure: config, stores, Ray pools, Prefect runtime glue and the CLI."""
+"""Infrastructure, by concern: ``config`` (typed run configuration), ``storage`` (paths, URIs, stores, tables), ``runtime`` (sharding, stage execution, Ray, Prefect)."""

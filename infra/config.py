@@ -180,16 +180,16 @@ class BulkEditConfig(Strict):
     tau: float = Field(0.03, ge=0)         # relevance threshold: zero channels with |Rs·Δt| < tau (paper: 0.03)
     threshold: Literal["absolute", "normalized", "relative"] = "absolute"   # the paper's |Rs·Δt| < tau;
                                            # normalized: |Rs·Δt|/‖Δt‖ < tau; relative: < tau × the prompt's
-                                           # largest (scale-free; tasks/edit_directions.relevance_mask)
+                                           # largest (scale-free; models/edit_directions.relevance_mask)
     condition: Literal["text", "retrieved"] = "text"   # the Delta Mapper's condition: Δt itself (the paper),
                                            # or the mean of the retrieve_k image-pair directions from the
                                            # mapper's training images that Δt points along best
-                                           # (tasks/edit_directions.retrieved_direction, docs/text-condition.md)
+                                           # (models/edit_directions.retrieved_direction, docs/text-condition.md)
     retrieve_k: int = Field(8, ge=1)       # image pairs averaged per edit (condition: retrieved)
     memory_rows: int = Field(65_536, ge=1)   # at most this many training embeddings searched (seeded subset)
     mask: Literal["text", "text+image"] = "text"   # DeltaEdit's channels: those relevant to Δt (the paper), or
                                            # also, per image, those its retrieved direction needs within the
-                                           # prompt's image subspace (condition: retrieved; tasks/edit_directions
+                                           # prompt's image subspace (condition: retrieved; models/edit_directions
                                            # .image_mask, docs/relevance.md "Per-image mask")
     image_mask_rank: int = Field(2, ge=1)  # dimensions of the prompt's image subspace (mask: text+image)
     image_mask_tau: float = Field(0.3, gt=0, le=1)   # cosine a channel needs with the projected direction

@@ -203,7 +203,7 @@ def _stylegan2(checkpoint: str | None, *, device: str = "cpu", storage_options: 
                size: int | None = None, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2,
                channels: dict[int, int] | None = None) -> Any:
     """rosinality StyleGAN2 generator: a rosinality/our checkpoint, or a fresh one (size required)."""
-    from models.stylegan2 import Generator
+    from models.stylegan2 import Generator  # deferred: a model's code (open_clip for CLIP) loads only when it is built
 
     if checkpoint is not None:
         if channels is not None:
@@ -220,7 +220,7 @@ def _stylegan2(checkpoint: str | None, *, device: str = "cpu", storage_options: 
 @register("e4e", role="encoder")
 def _e4e(checkpoint: str | None, *, device: str = "cpu", storage_options: StorageOptions = None) -> Any:
     """e4e encoder (images → W+), from an official or our checkpoint."""
-    from models.e4e import Encoder
+    from models.e4e import Encoder  # deferred: a model's code (open_clip for CLIP) loads only when it is built
 
     if checkpoint is None:
         raise ValueError("e4e needs a checkpoint")
@@ -233,7 +233,7 @@ def _open_clip(checkpoint: str | None, *, device: str = "cpu", storage_options: 
                model_config: dict | str | None = None, preprocess: str | None = None,
                batch_size: int = 64, cache_dir: str | None = None, on_truncate: str = "warn") -> Any:
     """Any open_clip model: tag from the local cache, checkpoint file/URI, or custom config."""
-    from models.clip import ClipEncoder
+    from models.clip import ClipEncoder  # deferred: a model's code (open_clip for CLIP) loads only when it is built
 
     return ClipEncoder.load(model, pretrained=pretrained, checkpoint=checkpoint, model_config=model_config,
                             device=device, preprocess=preprocess,  # type: ignore[arg-type]
@@ -248,7 +248,7 @@ def _mapper(cls_name: str) -> Builder:
                 size: int | None = None, channel_multiplier: int = 2, channels: dict[int, int] | None = None,
                 clip_dim: int = 512, num_layers: int = 4, lr_mul: float = 0.01,
                 norm_axis: str = "layer") -> Any:
-        import models.delta_mapper as dm
+        import models.delta_mapper as dm  # deferred: a model's code (open_clip for CLIP) loads only when it is built
 
         cls = getattr(dm, cls_name)
         cfg = None if size is None else dm.MapperConfig.for_generator(
@@ -270,7 +270,7 @@ register("straightforward_mapper", _mapper("StraightforwardMapper"), role="mappe
 @register("style_diffusion", role="diffusion")
 def _style_diffusion(checkpoint: str | None, *, device: str = "cpu", storage_options: StorageOptions = None) -> Any:
     """DeltaEdit-D's style-conditioned diffusion U-Net, from one of our ``style_diffusion`` checkpoints."""
-    from models.diffusion import StyleUNet
+    from models.diffusion import StyleUNet  # deferred: a model's code (open_clip for CLIP) loads only when it is built
 
     if checkpoint is None:
         raise ValueError("style_diffusion needs a checkpoint (train one with `deltaedit run train-diffusion`)")

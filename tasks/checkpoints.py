@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from infra.fsio import Location
+from infra.storage.fsio import Location
 from models.checkpoint import load_safetensors, load_strict
 
 LATEST = "latest.json"

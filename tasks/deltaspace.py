@@ -18,11 +18,10 @@ import io
 import json
 from typing import Any, NamedTuple
 
-import fsspec
 import numpy as np
 from matplotlib.figure import Figure
 
-from infra.fsio import Location
+from infra.storage.fsio import Location, open_uri
 
 
 class FeatureError(ValueError):
@@ -38,7 +37,7 @@ class Features(NamedTuple):
 
 def _open(uri: str, storage_options: dict | None):
     try:
-        return fsspec.open(uri, "rb", **(storage_options or {})).open()
+        return open_uri(uri, "rb", storage_options)
     except FileNotFoundError:
         raise FeatureError(f"file not found: {uri}") from None
 

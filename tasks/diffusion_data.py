@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from infra.fsio import Location
-from infra.readers import decode_rgb, encoded_image, iter_image_samples
-from infra.tables import column_to_numpy, decode_metadata
+from infra.storage.fsio import Location
+from infra.storage.readers import decode_rgb, encoded_image, iter_image_samples
+from infra.storage.tables import column_to_numpy, decode_metadata
 from tasks.row_cache import (FlatRows, ShardPair, SplitCache, is_validation, materialize, pairs_fingerprint,
                              read_columns, shard_pairs)
 

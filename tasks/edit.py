@@ -25,16 +25,16 @@ import torch
 from torch import Tensor
 
 from infra.config import BulkEditConfig
-from infra.records import Sink
-from infra.shards import Item, ShardSpec
-from infra.store import StageStore
-from infra.upstream import plan_downstream
-from infra.readers import decode_image, encoded_image, iter_image_samples, read_vectors, vectors_tensor
+from infra.storage.records import Sink
+from infra.runtime.shards import Item, ShardSpec
+from infra.storage.store import StageStore
+from infra.runtime.upstream import plan_downstream
+from infra.storage.readers import decode_image, encoded_image, iter_image_samples, read_vectors, vectors_tensor
 from models.device import module_device
 from models.stylegan2 import StyleCode
-from tasks import edit_directions as ed
+from models import edit_directions as ed
 from tasks.edit_diffusion import DiffusionDecoder
-from tasks.imaging import encode_image, psnr_where, to_uint8
+from models.imaging import encode_image, psnr_where, to_uint8
 from tasks.prompts import EditVariant
 
 RECON = "reconstruction"

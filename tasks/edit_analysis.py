@@ -15,7 +15,7 @@ An edit "a shape" → "a red shape" can fail in three places, each with its own 
 3. **the mapper**: a low τ = 0 accuracy under a high ``conv_only`` ceiling is the mapper's.
 
 Every edit goes through the bulk-edit stage's own ``EditProcessor._edit`` and is decoded and read as
-the edit and evaluate stages do (8-bit pixels, ``tasks.metrics.oracle_scores``), so the numbers are
+the edit and evaluate stages do (8-bit pixels, ``models.metrics.oracle_scores``), so the numbers are
 the report's. The classifier and the counterfactual provider are plain callables: the toy oracle and
 ``models.toy.counterfactual`` by default, a user's own for another domain.
 ``flows/edit_analysis.py`` builds the inputs from a run; this module only computes and formats.
@@ -34,15 +34,15 @@ import torch
 from torch import Tensor
 
 from infra.config import ConfigError
-from infra.fsio import Location
-from infra.readers import read_vectors, vectors_tensor
-from infra.store import StageStore
-from infra.upstream import plan_downstream
+from infra.storage.fsio import Location
+from infra.storage.readers import read_vectors, vectors_tensor
+from infra.storage.store import StageStore
+from infra.runtime.upstream import plan_downstream
 from models.stylegan2 import StyleCode
-from tasks import edit_directions as ed
-from tasks import metrics as M
+from models import edit_directions as ed
+from models import metrics as M
 from tasks.edit import EditProcessor
-from tasks.imaging import to_uint8
+from models.imaging import to_uint8
 from tasks.prompts import EditVariant
 
 MIXES = ("conv_only", "rgb_only", "full_swap")

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from tasks import edit_analysis as EA
-from tasks import edit_directions as ed
-from tasks import metrics as M
+from models import edit_directions as ed
+from models import metrics as M
 from tasks.edit import EditProcessor
 from tasks.prompts import EditVariant
 

@@ -11,17 +11,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra.config import BulkEditConfig, RelevanceConfig
-from infra.stage import code_fingerprint
-from infra.store import StageStore
+from infra.runtime.stage import code_fingerprint
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
+from models import edit_directions as ed
 from models import zoo
 from models.compiled import FixedBatchCompiled
 from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.imaging import encode_image
+from models.relevance import style_statistics
 from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
-from tasks import edit_directions as ed
 from tasks.edit import EditModels, EditProcessor
 from tasks.edit_diffusion import DiffusionDecoder
-from tasks.imaging import encode_image
+from tasks.edit_memory import load_memory, memory_identity
+from tasks.relevance import load_relevance
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,6 @@ class EditBuilder:
     memory_stages: tuple[str, ...] = ()              # CLIP stages searched by condition=retrieved (else none)
 
     def build(self) -> EditProcessor:
-        from infra.fsio import Location
-        from tasks.relevance import load_relevance, style_statistics
-
         set_cpu_threads(self.cpus)
         device = pick_device(self.device)
         opts = self.storage_options
@@ -68,8 +69,6 @@ class EditBuilder:
         root = Location(self.root, opts)
         memory = None
         if self.memory_stages:
-            from tasks.edit_memory import load_memory
-
             memory = load_memory(root, self.memory_stages, self.cfg.retrieve_k, self.cfg.memory_rows,
                                  self.seed).to(device)
         meta = {"generator": self.generator.model_dump(mode="json"), "clip": clip.describe(),
@@ -81,9 +80,6 @@ class EditBuilder:
 
     def fingerprint(self) -> str:
         """Code + settings + the identity of every input the edits depend on (model files, Rₛ blocks)."""
-        from infra.fsio import Location
-        from tasks.edit_memory import memory_identity
-
         settings = self.cfg.model_dump(mode="json", exclude={"prompts": True, "catalog": True, "max_images": True,
                                                              "images_per_shard": True, "batch_size": True,
                                                              "compile": True, "diffusion": {"max_images"}})

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infra.fsio import Location
-from infra.store import StageStore
-from infra.tables import column_to_numpy
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
+from infra.storage.tables import column_to_numpy
 from tasks.row_cache import read_columns
 
 

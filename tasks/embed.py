@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.records import Sink
-from infra.shards import ShardSpec
-from infra.stage import code_fingerprint
-from infra.store import StageStore
-from infra.upstream import spec_batches
+from infra.runtime.shards import ShardSpec
+from infra.runtime.stage import code_fingerprint
+from infra.runtime.upstream import spec_batches
+from infra.storage.fsio import Location
+from infra.storage.records import Sink
+from infra.storage.store import StageStore
 from models import zoo
 from models.device import DeviceChoice, pick_device, set_cpu_threads
 from models.zoo import ModelSpec
@@ -52,8 +53,6 @@ class EmbedBuilder:
         return f"clip_{self.upstream_stage}"
 
     def build(self) -> EmbedProcessor:
-        from infra.fsio import Location
-
         set_cpu_threads(self.cpus)
         clip = zoo.build(self.clip, device=pick_device(self.device), storage_options=self.storage_options)
         meta = {**clip.describe(), "normalised": True, "column": "embedding", "source_stage": self.upstream_stage}

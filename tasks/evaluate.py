@@ -27,17 +27,21 @@ import torch
 from torch import Tensor
 
 from infra.config import EvaluateConfig
-from infra.readers import decode_image, encoded_image, iter_image_samples
-from infra.records import Sink
-from infra.shards import ShardSpec
-from infra.stage import code_fingerprint
-from infra.store import StageStore
+from infra.runtime.shards import ShardSpec
+from infra.runtime.stage import code_fingerprint
+from infra.storage.fsio import Location
+from infra.storage.readers import decode_image, encoded_image, iter_image_samples
+from infra.storage.records import Sink
+from infra.storage.store import StageStore
+from models import metrics as M
 from models import zoo
 from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.edit_directions import TEMPLATES, text_direction
+from models.imaging import resize_to
+from models.toy.captions import changed_attributes, expected_values
+from models.toy.oracle import Oracle
 from models.zoo import ModelSpec
-from tasks import metrics as M
 from tasks.edit import RECON, recon_key
-from tasks.edit_directions import TEMPLATES, text_direction
 
 NAN = float("nan")
 _FILES = ("oracle", "inception_weights", "lpips_weights", "identity_model")   # fingerprinted by content
@@ -104,7 +108,6 @@ class MetricsProcessor:
         """edit_accuracy and preservation per row (NaN without an oracle)."""
         if self.models.oracle is None:
             return {k: [NAN] * len(meta) for k in ("edit_accuracy", "unedited_accuracy", "preservation")}
-        from models.toy.captions import changed_attributes, expected_values
 
         after, before, truth = (self.models.oracle.predict(x) for x in (edit, recon, source))
         acc, unedited, keep = [], [], []
@@ -152,8 +155,6 @@ def _variant(key: str) -> str:
 
 
 def _resize(images: Tensor, like: Tensor) -> Tensor:
-    from tasks.imaging import resize_to
-
     return resize_to(images, like.shape[-1])
 
 
@@ -172,8 +173,6 @@ class MetricsBuilder:
     stage: str = "metrics"
 
     def build(self) -> MetricsProcessor:
-        from infra.fsio import Location
-
         set_cpu_threads(self.cpus)
         device, opts, c = pick_device(self.device), self.storage_options, self.cfg
         clip = zoo.build(self.clip, device=device, storage_options=opts)
@@ -181,7 +180,6 @@ class MetricsBuilder:
                     else M.clip_extractor(clip))
         oracle = None
         if c.oracle:
-            from models.toy.oracle import Oracle
             oracle = Oracle.load(c.oracle, device=device)
         lpips = M.lpips_metric(c.lpips_weights, c.lpips_net, device) if c.lpips_weights else None
         identity = (M.torchscript_extractor(c.identity_model, c.identity_input_size, device, **opts)

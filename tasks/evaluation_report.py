@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from infra.fsio import Location
-from infra.readers import encoded_image, iter_image_samples
-from infra.store import StageStore
-from infra.tables import column_to_numpy
-from tasks import metrics as M
+from infra.storage.fsio import Location
+from infra.storage.readers import encoded_image, iter_image_samples
+from infra.storage.store import StageStore
+from infra.storage.tables import column_to_numpy
+from models import metrics as M
 from tasks import report as R
 from tasks.edit import GENERATOR, RECON, recon_key
 

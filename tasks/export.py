@@ -26,12 +26,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from PIL import Image, ImageOps
 
-from infra.fsio import Location
-from infra.readers import encoded_image, iter_image_samples
-from infra.store import StageStore
-from infra.tables import STATUS_OK, table_to_parquet_bytes
+from infra.storage.fsio import Location
+from infra.storage.readers import encoded_image, iter_image_samples
+from infra.storage.store import StageStore
+from infra.storage.tables import STATUS_OK, table_to_parquet_bytes
 from tasks.edit import RECON
-from tasks.imaging import encode_image
+from models.imaging import encode_image
 
 CATALOG = "catalog_"
 FORMATS = ("png", "jpg", "webp")

@@ -10,14 +10,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 from PIL import Image, ImageOps
 
 from infra.config import IngestConfig
-from infra.records import Sink
-from infra.shards import Item, ShardSpec
-from infra.stage import code_fingerprint
-from tasks.imaging import encode_image
+from infra.storage.fsio import open_uri
+from infra.storage.records import Sink
+from infra.runtime.shards import Item, ShardSpec
+from infra.runtime.stage import code_fingerprint
+from models.imaging import encode_image
 
 
 class BadImage(ValueError):
@@ -28,9 +28,9 @@ def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
     """Bytes of a file/URI, or of one member of a tar (``<tar>#<member>``)."""
     if "#" in source and source.split("#", 1)[0].endswith(".tar"):
         tar_uri, member = source.split("#", 1)
-        with fsspec.open(tar_uri, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with open_uri(tar_uri, "rb", storage_options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             return tar.extractfile(member).read()
-    with fsspec.open(source, "rb", **storage_options) as f:
+    with open_uri(source, "rb", storage_options) as f:
         return f.read()
 
 

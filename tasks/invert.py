@@ -7,15 +7,16 @@ from typing import Any
 
 import torch
 
-from infra.records import Sink
-from infra.shards import ShardSpec
-from infra.stage import code_fingerprint
-from infra.store import StageStore
-from infra.upstream import spec_batches
+from infra.runtime.shards import ShardSpec
+from infra.runtime.stage import code_fingerprint
+from infra.runtime.upstream import spec_batches
+from infra.storage.fsio import Location
+from infra.storage.records import Sink
+from infra.storage.store import StageStore
 from models import zoo
 from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.imaging import psnr, resize_to
 from models.zoo import ModelSpec
-from tasks.imaging import psnr, resize_to
 
 
 @dataclass
@@ -65,8 +66,6 @@ class InvertBuilder:
     stage: str = "codes"
 
     def build(self) -> InvertProcessor:
-        from infra.fsio import Location
-
         set_cpu_threads(self.cpus)
         device = pick_device(self.device)
         encoder = zoo.build(self.encoder, device=device, storage_options=self.storage_options).eval()

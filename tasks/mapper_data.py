@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from infra.fsio import Location
-from infra.store import StageStore
-from infra.tables import column_to_numpy, decode_metadata
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
+from infra.storage.tables import column_to_numpy, decode_metadata
 from tasks.row_cache import (EpochSampler, FlatRows, ShardPair, SplitCache, is_validation, materialize,
                              pairs_fingerprint, read_columns, shard_pairs)
 

@@ -21,12 +21,11 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import fsspec
 import yaml
 
 from infra.config import ConfigError
-
-Term = tuple[str, str, float]          # (source text, target text, weight of its Δt)
+from infra.storage.fsio import open_uri
+from models.edit_directions import Term
 
 
 class PromptFileError(ConfigError):
@@ -58,7 +57,7 @@ class EditVariant:
 def load_prompts(uri: str, storage_options: dict[str, Any] | None = None) -> list[EditVariant]:
     """Read a prompts file (``.yaml``/``.yml``/``.csv``) and expand sweeps, combinations, interpolations."""
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        with open_uri(uri, "rb", storage_options) as f:
             text = f.read().decode("utf-8")
     except (FileNotFoundError, OSError) as exc:
         raise PromptFileError(f"prompts file {uri}: cannot read it ({exc})") from exc

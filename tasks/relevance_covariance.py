@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infra.fsio import Location
+from infra.storage.fsio import Location
 from tasks.mapper_data import POOLS, joined_shards
 from tasks.row_cache import ShardPair, shard_pairs
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from infra.fsio import Location
+from infra.storage.fsio import Location
 
 PAD = 4              # px between grid cells
 HEADER_LINES = 2     # lines of column header text in grid_png

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from infra.fsio import Location
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 
 META = "meta.json"
 # (stage A, stage B, shard id): two stores joined on key, shard by shard

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from infra.records import Sink
-from infra.shards import Item, ShardSpec
-from infra.stage import code_fingerprint
+from infra.storage.records import Sink
+from infra.runtime.shards import Item, ShardSpec
+from infra.runtime.stage import code_fingerprint
 from models import zoo
 from models.device import DeviceChoice, pick_device, set_cpu_threads
 from models.zoo import ModelSpec
-from tasks.imaging import encode_image, to_uint8
+from models.imaging import encode_image, to_uint8
 
 
 def sample_items(n: int, seed: int) -> list[Item]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from infra.config import TrainDiffusionConfig
-from infra.fsio import Location
+from infra.storage.fsio import Location
 from models.diffusion import DiffusionConfig, StyleUNet, simple_loss
 from tasks.checkpoints import Checkpointer
 from tasks.diffusion_data import ImageCache

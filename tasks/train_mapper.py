@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from infra.config import TrainMapperConfig
-from infra.fsio import Location
+from infra.storage.fsio import Location
 from models.delta_mapper import DeltaMapper, MapperConfig, StraightforwardMapper
 from tasks.checkpoints import Checkpointer, rng_state, seed_everything, set_rng_state
 from tasks.mapper_data import PairSampler, RowCache, nearest_rows, validation_pairs

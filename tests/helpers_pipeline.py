@@ -156,7 +156,7 @@ def tiny_mappers(folder: Path, clip_dim: int = TINY_CLIP["embed_dim"]) -> list[s
 
 def run_directly(builder: Any, specs: list[Any], root: str) -> None:
     """Run every shard of ``specs`` through ``builder``'s processor here (no Prefect, no Ray)."""
-    from infra.stage import execute_shard, open_store
+    from infra.runtime.stage import execute_shard, open_store
 
     proc, code_fp = builder.build(), builder.fingerprint()
     store = open_store(root, {}, builder.stage)

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from infra.records import Sink
-from infra.shards import Item, ShardSpec
+from infra.storage.records import Sink
+from infra.runtime.shards import Item, ShardSpec
 
 
 def png_bytes(seed: int, size: int = 8) -> bytes:

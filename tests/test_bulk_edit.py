@@ -14,11 +14,11 @@ from helpers_models import TINY_G
 from helpers_pipeline import kill_after_first_shard, store_snapshot, tiny_zoo, write_config
 from helpers_store import make_catalog
 from infra.config import ConfigError
-from infra.fsio import Location
-from infra.readers import iter_image_samples
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.readers import iter_image_samples
+from infra.storage.store import StageStore
 from models.layout import StyleLayout
-from tasks import edit_directions as ed
+from models import edit_directions as ed
 from tasks.prompts import PromptFileError, expand, load_prompts
 
 N_IMAGES = 8
@@ -318,7 +318,7 @@ def test_compiled_generator_makes_the_same_edits(prepared, tmp_path):
     """``bulk_edit.compile``: torch.compile'd decoding, padded batches, same items, records and pixels
     (~40 s, most of it compiling in a fresh actor; CI runs the compile path in tests/test_stylegan2.py)."""
     from flows.bulk_edit import bulk_edit_flow
-    from infra.readers import decode_image
+    from infra.storage.readers import decode_image
 
     configs = _copies(*prepared, tmp_path, ("eager", "compiled"))
     shards = ["00000-000", "00001-001"]                    # two images; one actor, so one compile
@@ -356,7 +356,7 @@ def test_evaluate_measures_every_edit_and_writes_the_report(prepared):
     from flows.bulk_edit import bulk_edit_flow
     from flows.evaluate import evaluate_flow
     from tasks.evaluation_report import load_metrics
-    from tasks.metrics import PSNR_CAP
+    from models.metrics import PSNR_CAP
 
     root, overrides = prepared
     overrides = overrides + [f"evaluate.oracle={ORACLE}", "evaluate.grid_images=3"]

@@ -61,9 +61,9 @@ def test_zoo_list_names_the_models():
 
 
 def test_store_ls_counts_stages_and_names_other_folders(tmp_path, capsys):
-    from infra.cli import main
-    from infra.fsio import Location
-    from infra.store import StageStore
+    from app.cli import main
+    from infra.storage.fsio import Location
+    from infra.storage.store import StageStore
 
     writer = StageStore(Location(str(tmp_path)), "codes").writer("00000")
     writer.add("a", "a.png")

@@ -144,7 +144,7 @@ def test_real_clip_deltas_align_far_better_than_shuffled(dataset):
 
 
 def test_cli_writes_json_and_figures(tmp_path, capsys):
-    from infra.cli import main
+    from app.cli import main
 
     i, t = gapped_pairs(n=60, d=16)
     np.save(tmp_path / "i.npy", i), np.save(tmp_path / "t.npy", t)
@@ -160,7 +160,7 @@ def test_cli_writes_json_and_figures(tmp_path, capsys):
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
-    from infra.cli import main
+    from app.cli import main
 
     rc = main(["analyze", "deltaspace", "--images", str(tmp_path / "no.npy"), "--texts", str(tmp_path / "no.npy"),
                "--out", str(tmp_path / "out")])
@@ -168,7 +168,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_cli_help_explains_what_is_measured(capsys):
-    from infra.cli import main
+    from app.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["analyze", "--help"])

@@ -18,13 +18,13 @@ import torch
 from helpers_models import TINY_G
 from helpers_pipeline import run_directly, tiny_mappers, tiny_zoo
 from helpers_store import make_catalog
-from infra.catalog import list_catalog
+from infra.storage.catalog import list_catalog
 from infra.config import RunConfig, load_config
-from infra.fsio import Location
-from infra.records import MemorySink
-from infra.shards import ShardSpec, plan_shards
-from infra.store import StageStore
-from infra.upstream import plan_downstream
+from infra.storage.fsio import Location
+from infra.storage.records import MemorySink
+from infra.runtime.shards import ShardSpec, plan_shards
+from infra.storage.store import StageStore
+from infra.runtime.upstream import plan_downstream
 from models.layout import StyleLayout
 
 PROMPTS = "- {id: red, source: a shape, target: a red shape}\n"
@@ -165,7 +165,7 @@ def test_cuda_edits_match_the_cpu_edits(tiny_run):
     """The edit processor on CUDA writes the CPU's records: same keys, statuses and counts, pixels
     within a grey level on average (float32 without TF32; PNG rounding may flip a level)."""
     from helpers_models import exact_float32
-    from infra.readers import decode_image
+    from infra.storage.readers import decode_image
 
     builder, spec = _stage(tiny_run, "edit")
     records = {}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from infra.config import ConfigError, load_config
-from infra.fsio import Location
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from models.stylegan2 import StyleCode
 from models.toy.counterfactual import ToyCounterfactuals, set_attribute
 from models.toy.domain import ATTRIBUTES, NAMES, uniforms_to_indices
@@ -172,7 +172,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 def test_cli_writes_both_tau_columns_and_the_report_reads_them(tiny_run, capsys):
-    from infra.cli import main
+    from app.cli import main
 
     root, overrides = tiny_run
     rc = main(["analyze", "edits", "-c", str(CONFIG), *overrides, "--images", "4",
@@ -236,7 +236,7 @@ def test_a_memory_too_small_for_retrieve_k_is_named(tiny_run):
 
 
 def test_help_names_both_actions_and_the_edits_flags(capsys):
-    from infra.cli import main
+    from app.cli import main
 
     with pytest.raises(SystemExit):
         main(["analyze", "--help"])

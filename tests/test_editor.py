@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from infra.config import ConfigError, load_config
-from infra.fsio import Location
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO, CONFIG = REPO / "zoo" / "toy", REPO / "configs" / "toy.yaml"
@@ -48,7 +48,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str], Path]:
     a toy render (64×64), a wide one (120×72) and a tall RGBA one (40×90)."""
     from models import zoo
     from models.delta_mapper import DeltaMapper, MapperConfig
-    from models.toy.domain import render_catalog
+    from models.toy.catalog import render_catalog
     from models.zoo import ModelSpec
 
     torch.manual_seed(0)
@@ -103,10 +103,10 @@ def _bulk_edit_stages(cfg, photos: Path) -> StageStore:
     bulk-edit flows run them (ingest, invert, embed, then the edit stage), in this process."""
     from flows.bulk_edit import edit_builder, edit_variants
     from flows.preprocess import embed_builder, invert_builder
-    from infra.catalog import list_catalog
-    from infra.shards import plan_shards
-    from infra.stage import execute_shard
-    from infra.upstream import plan_downstream
+    from infra.storage.catalog import list_catalog
+    from infra.runtime.shards import plan_shards
+    from infra.runtime.stage import execute_shard
+    from infra.runtime.upstream import plan_downstream
     from tasks.edit import plan_edits
     from tasks.ingest import IngestBuilder
 
@@ -311,7 +311,7 @@ def test_same_stems_get_told_apart_and_nothing_to_edit_is_fine(tiny_run, editor,
 # --- the command line ---------------------------------------------------------------------------
 
 def test_cli_writes_files_and_prints_where(tiny_run, tmp_path, capsys):
-    from infra.cli import main
+    from app.cli import main
 
     _, overrides, photos = tiny_run
     out = tmp_path / "out"

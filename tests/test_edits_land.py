@@ -20,13 +20,13 @@ from flows.preprocess import embed_builder, invert_builder, sample_builder
 from flows.relevance import relevance_builder, relevance_shards
 from flows.train_mapper import mapper_dir
 from helpers_pipeline import run_directly
-from infra.catalog import list_catalog
+from infra.storage.catalog import list_catalog
 from infra.config import load_config
-from infra.fsio import Location
-from infra.shards import plan_shards
-from infra.store import StageStore
-from infra.upstream import plan_downstream
-from models.toy.domain import render_catalog
+from infra.storage.fsio import Location
+from infra.runtime.shards import plan_shards
+from infra.storage.store import StageStore
+from infra.runtime.upstream import plan_downstream
+from models.toy.catalog import render_catalog
 from tasks.ingest import IngestBuilder
 from tasks.mapper_data import build_row_cache
 from tasks.sample import sample_items

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from infra.config import load_config
-from infra.fsio import Location
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO, CONFIG = REPO / "zoo" / "toy", REPO / "configs" / "toy.yaml"
@@ -39,13 +39,13 @@ def _names() -> list[str]:
 def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]], list[str]]:
     from flows.bulk_edit import edit_builder, edit_variants, input_stages
     from flows.preprocess import embed_builder, invert_builder
-    from infra.catalog import list_catalog
-    from infra.shards import plan_shards
-    from infra.stage import execute_shard
-    from infra.upstream import plan_downstream
+    from infra.storage.catalog import list_catalog
+    from infra.runtime.shards import plan_shards
+    from infra.runtime.stage import execute_shard
+    from infra.runtime.upstream import plan_downstream
     from models import zoo
     from models.delta_mapper import DeltaMapper, MapperConfig
-    from models.toy.domain import render_catalog
+    from models.toy.catalog import render_catalog
     from models.zoo import ModelSpec
     from tasks.edit import plan_edits
     from tasks.ingest import IngestBuilder
@@ -149,7 +149,7 @@ def test_generator_size_parquet_manifest_and_jpg(catalog_run, tmp_path):
 
 
 def test_cli_prints_where_each_file_went(catalog_run, tmp_path, capsys):
-    from infra.cli import main
+    from app.cli import main
 
     root, photos, _, _ = catalog_run
     out = tmp_path / "cli"
@@ -163,7 +163,7 @@ def test_cli_prints_where_each_file_went(catalog_run, tmp_path, capsys):
 
 
 def test_a_root_without_finished_edits_is_a_clear_error(tmp_path, capsys):
-    from infra.cli import main
+    from app.cli import main
     from tasks.export import ExportError, export_edits
 
     with pytest.raises(ExportError, match="no finished edits"):

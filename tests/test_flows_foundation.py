@@ -6,12 +6,12 @@ import pytest
 
 from helpers_store import make_catalog
 from infra.config import RayConfig
-from infra.fsio import Location
-from infra.ray_pool import ActorPool
-from infra.shards import plan_shards
-from infra.catalog import list_images
+from infra.storage.fsio import Location
+from infra.runtime.ray_pool import ActorPool
+from infra.runtime.shards import plan_shards
+from infra.storage.catalog import list_images
 from infra.config import IngestConfig
-from infra.store import StageStore
+from infra.storage.store import StageStore
 from tasks.ingest import IngestBuilder
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "ray_cluster")

@@ -1,4 +1,4 @@
-"""The one image encoder every stage writes with (tasks.imaging.encode_image)."""
+"""The one image encoder every stage writes with (models.imaging.encode_image)."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.imaging import LOSSY_QUALITY, encode_image
+from models.imaging import LOSSY_QUALITY, encode_image
 
 
 def _pixels(seed: int = 0) -> np.ndarray:
@@ -46,7 +46,7 @@ def test_lossy_formats_use_one_quality_for_arrays_and_pil_images(fmt, pil_format
 
 
 def test_decoded_batches_are_contiguous_nchw_in_the_generator_range():
-    from infra.readers import decode_images
+    from infra.storage.readers import decode_images
 
     pixels = _pixels()
     batch = decode_images([encode_image(pixels, "png", png_level=1)] * 2)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.metrics import (PSNR_CAP, MetricUnavailable, clip_direction, clip_extractor, frechet_distance, inception_extractor,
+from models.metrics import (PSNR_CAP, MetricUnavailable, clip_direction, clip_extractor, frechet_distance, inception_extractor,
                            identity_similarity, kernel_distance, lpips_metric, oracle_scores, pixel_metrics,
                            summarize)
 

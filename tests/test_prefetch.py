@@ -1,11 +1,11 @@
-"""infra.prefetch: a shard's next batch is produced while the current one is used."""
+"""infra.runtime.prefetch: a shard's next batch is produced while the current one is used."""
 from __future__ import annotations
 
 import threading
 
 import pytest
 
-from infra.prefetch import prefetch
+from infra.runtime.prefetch import prefetch
 
 
 def test_items_come_in_order_and_the_next_one_is_made_ahead():

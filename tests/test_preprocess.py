@@ -12,11 +12,11 @@ from helpers_pipeline import (bad_catalog, kill_after_first_shard, parquet_list,
                               write_config)
 from helpers_store import make_catalog
 from infra.config import load_config
-from infra.fsio import Location
-from infra.readers import read_vectors
-from infra.shards import plan_shards
-from infra.stage import execute_shard
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.readers import read_vectors
+from infra.runtime.shards import plan_shards
+from infra.runtime.stage import execute_shard
+from infra.storage.store import StageStore
 from models.layout import StyleLayout
 from tasks.sample import SampleBuilder, sample_items
 

@@ -9,13 +9,13 @@ import pytest
 
 from helpers_ray import other_ray, start_local_ray
 from helpers_store import make_catalog
-from infra.catalog import list_images
+from infra.storage.catalog import list_images
 from infra.config import IngestConfig, RayConfig
-from infra.fsio import Location
-from infra.ray_pool import (PACKAGES, ActorPool, PoolPlacementError, actor_bundle, gpus_per_actor,
+from infra.storage.fsio import Location
+from infra.runtime.ray_pool import (PACKAGES, ActorPool, PoolPlacementError, actor_bundle, gpus_per_actor,
                             placement_problem, runtime_env)
-from infra.shards import plan_shards
-from infra.store import StageStore
+from infra.runtime.shards import plan_shards
+from infra.storage.store import StageStore
 from tasks.ingest import IngestBuilder
 
 INGEST = IngestBuilder(IngestConfig(image_size=16))
@@ -158,7 +158,7 @@ def _shipped_code_on(node: str) -> str:
 def test_ingest_across_two_nodes_writes_the_one_node_store(two_nodes, tmp_path, monkeypatch):
     from helpers_pipeline import store_snapshot
     from helpers_ray import wait_alive
-    from infra.ray_pool import init_ray
+    from infra.runtime.ray_pool import init_ray
 
     specs = _specs(tmp_path, 8)
     with ActorPool(str(tmp_path / "one"), {}, RayConfig(actors=2)) as pool:

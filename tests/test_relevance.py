@@ -14,15 +14,14 @@ from conftest import REPO
 from helpers_models import TINY_G
 from helpers_pipeline import TINY_CLIP, tiny_zoo
 from infra.config import load_config
-from infra.fsio import Location
-from infra.shards import plan_shards
-from infra.stage import execute_shard
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.runtime.shards import plan_shards
+from infra.runtime.stage import execute_shard
+from infra.storage.store import StageStore
 from models.clip import ClipEncoder
 from models.stylegan2 import Generator, StyleCode
-from tasks.relevance import (channel_items, exact_rows, freeze, load_relevance, style_statistics,
-                             _z, _STATS_STREAM)
-from tasks.relevance_fast import fast_rows
+from models.relevance import _STATS_STREAM, _z, exact_rows, fast_rows, freeze, style_statistics
+from tasks.relevance import channel_items, load_relevance
 
 # Tiny random-weight models, 3 images: measured mean row cosine 0.860 (min -0.07). Random generators are
 # far less smooth along a channel than trained ones, so the tangent is a rougher stand-in for the ±5σ

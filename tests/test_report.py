@@ -7,7 +7,7 @@ import re
 import pandas as pd
 from PIL import Image
 
-from infra.fsio import Location
+from infra.storage.fsio import Location
 from tasks.report import PAD, Grid, GridCell, bar_plot_svg, grid_png, scatter_plot_svg, write_report
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from infra.config import RayConfig
-from infra.fsio import Location
-from infra.ray_train import train_storage
+from infra.storage.fsio import Location
+from infra.runtime.ray_train import train_storage
 from tasks import row_cache
 from tasks.row_cache import META, localize, materialize, publish, stored_fingerprint
 

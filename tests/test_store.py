@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from helpers_store import FlakyProcessor, items, png_bytes
-from infra.fsio import Location
-from infra.readers import encoded_batches, iter_image_samples, read_vectors, vectors_tensor
-from infra.shards import ShardSpec, key_for, plan_shards, select
-from infra.stage import execute_shard
-from infra.store import StageStore
-from infra.tables import decode_metadata
+from infra.storage.fsio import Location
+from infra.storage.readers import encoded_batches, iter_image_samples, read_vectors, vectors_tensor
+from infra.runtime.shards import ShardSpec, key_for, plan_shards, select
+from infra.runtime.stage import execute_shard
+from infra.storage.store import StageStore
+from infra.storage.tables import decode_metadata
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,8 +89,8 @@ KILLED_WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
     from helpers_store import png_bytes
-    from infra.fsio import Location
-    from infra.store import StageStore
+    from infra.storage.fsio import Location
+    from infra.storage.store import StageStore
     store = StageStore(Location({root!r}, {options!r}), "images")
     w = store.writer("00000")
     for i in range(50):

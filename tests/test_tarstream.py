@@ -1,4 +1,4 @@
-"""infra.tarstream: the same members as tarfile reads, for our shards and for any other valid tar."""
+"""infra.storage.tarstream: the same members as tarfile reads, for our shards and for any other valid tar."""
 from __future__ import annotations
 
 import gzip
@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from infra.tarstream import _Unsupported, _pax_members, _pax_records, tar_members
+from infra.storage.tarstream import _Unsupported, _pax_members, _pax_records, tar_members
 
 # Long (> 100 bytes) and non-ASCII names make tarfile write pax headers; sizes 0, 511, 512, 513 probe padding.
 NAMES = ["plain", "ünïcode_ñame", "x" * 150, "name.with.dots", "last"]

@@ -13,8 +13,8 @@ from PIL import Image
 
 from models.toy.captions import BACKGROUND_PATTERNS, all_edits, all_phrasings, attribute_prompt, caption, \
     edit_prompt, mentioned
-from models.toy.domain import ATTRIBUTES, NAMES, Attributes, read_catalog, render, render_batch, \
-    render_catalog, sample_attributes, to_tensor
+from models.toy.catalog import read_catalog, render_catalog
+from models.toy.domain import ATTRIBUTES, NAMES, Attributes, render, render_batch, sample_attributes, to_tensor
 
 BASE = Attributes("circle", "red", "white", "medium", "center")
 

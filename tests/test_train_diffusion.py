@@ -13,8 +13,8 @@ from PIL import Image
 
 from helpers_models import TINY_G
 from infra.config import load_config
-from infra.fsio import Location
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from models import zoo
 from models.checkpoint import load_safetensors
 from models.diffusion import StyleUNet

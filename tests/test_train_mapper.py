@@ -10,8 +10,8 @@ import torch
 
 from helpers_models import TINY_G
 from infra.config import load_config
-from infra.fsio import Location
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from models.checkpoint import load_safetensors
 from models.delta_mapper import DeltaMapper, StraightforwardMapper
 from models.layout import StyleLayout
@@ -202,7 +202,7 @@ def test_flow_trains_resumes_and_trains_the_baseline(tmp_path):
     assert DeltaMapper.from_checkpoint(str(tmp_path / "run" / "mapper" / "mapper.safetensors")).KIND == "delta_mapper"
 
 
-@pytest.mark.slow          # ~60 s of Ray Train start-up; CI runs the same launcher (infra/ray_train.py) in
+@pytest.mark.slow          # ~60 s of Ray Train start-up; CI runs the same launcher (infra/runtime/ray_train.py) in
 @pytest.mark.timeout(300)  # test_train_diffusion's two-worker resume test
 @pytest.mark.usefixtures("prefect_harness", "ray_cluster")
 def test_flow_on_ray_train_with_two_cpu_workers(tmp_path):

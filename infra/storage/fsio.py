@@ -20,6 +20,14 @@ from fsspec.implementations.local import LocalFileSystem
 TMP_MARK = ".tmp-"   # temporary names contain this; listings ignore them
 
 
+def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> IO[bytes]:
+    """The one opener for a single file at any local path or fsspec URI (s3://, gs://, memory://, ...).
+
+    Returns an open file object (use it in ``with``); a missing file raises FileNotFoundError.
+    """
+    return fsspec.open(str(uri), mode, **(storage_options or {})).open()
+
+
 class Location:
     """A folder on some filesystem: ``Location("s3://b/run", {"endpoint_url": ...})``."""
 

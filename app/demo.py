@@ -13,9 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flows.edit_analysis import analyze_edits
 from flows.registry import load_flow
 from infra.config import load_config
-from infra.prefect_runtime import ensure_prefect_api
+from infra.runtime.prefect_runtime import ensure_prefect_api
+from infra.storage.fsio import Location
+from models.toy.catalog import render_catalog
+from tasks import edit_analysis as EA
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 CATALOG_SIZE = 256
@@ -29,8 +33,6 @@ DEMO_STEPS: tuple[tuple[str, str, list[str]], ...] = (   # (label, flow, overrid
 
 
 def run_demo(config: Path = CONFIG) -> int:
-    from models.toy.domain import render_catalog
-
     cfg = load_config(config)
     catalog = Path(cfg.ingest.source)
     if not (catalog / "attributes.jsonl").exists():
@@ -54,10 +56,6 @@ def run_demo(config: Path = CONFIG) -> int:
 
 def analyze_run(cfg: Any, config: str) -> str:
     """`deltaedit analyze edits` on the run (where an edit is lost); returns where it wrote it."""
-    from flows.edit_analysis import analyze_edits
-    from infra.fsio import Location
-    from tasks import edit_analysis as EA
-
     result = analyze_edits(cfg, config, n_images=ANALYSIS_IMAGES)
     return EA.write_outputs(Location(cfg.root, cfg.storage_options).child(EA.OUT_DIR), result)[EA.JSON_FILE]
 

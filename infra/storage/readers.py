@@ -1,7 +1,7 @@
 """Reading stores back: image shards as torch batches, vector tables as Arrow/torch.
 
 Shards are opened with fsspec (webdataset has no s3:// opener of its own), their members read by
-``infra.tarstream`` and grouped into samples by webdataset; only finished shards (done-marker present)
+``infra.storage.tarstream`` and grouped into samples by webdataset; only finished shards (done-marker present)
 are read.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from infra.store import StageStore
-from infra.tables import column_to_numpy
-from infra.tarstream import tar_members
+from infra.storage.store import StageStore
+from infra.storage.tables import column_to_numpy
+from infra.storage.tarstream import tar_members
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 

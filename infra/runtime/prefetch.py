@@ -4,7 +4,7 @@ A stage's shard loop alternates reading + decoding a batch and running the model
 and torch's kernels run outside the GIL, so producing the next batch while the model works on this one
 overlaps the two, as a DataLoader worker would, without another process. The reader's pure-Python work
 (parsing tar headers) holds the GIL and stalls the model thread instead, so it is kept small
-(``infra.tarstream``). Reading ahead works within a shard: a shard of one batch has nothing to overlap.
+(``infra.storage.tarstream``). Reading ahead works within a shard: a shard of one batch has nothing to overlap.
 """
 from __future__ import annotations
 

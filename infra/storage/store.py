@@ -8,7 +8,7 @@ Layout of one stage under a run root (local path or any fsspec URI)::
     <root>/<stage>/<shard>.done.json         written LAST: counts, timings, fingerprints
 
 A shard counts as finished only when its done-marker exists and its fingerprints match; everything is
-written under temporary names and committed atomically (``infra.fsio``), so a killed writer leaves no
+written under temporary names and committed atomically (``infra.storage.fsio``), so a killed writer leaves no
 visible shard and no marker.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 import webdataset as wds
 
-from infra.fsio import Location
-from infra.records import Record, Sink
-from infra.shards import ShardSpec
-from infra.tarstream import tar_members
-from infra.tables import (STATUS_FAILED, STATUS_OK, column_to_numpy, decode_metadata, manifest_table,
+from infra.storage.fsio import Location
+from infra.storage.records import Record, Sink
+from infra.runtime.shards import ShardSpec
+from infra.storage.tarstream import tar_members
+from infra.storage.tables import (STATUS_FAILED, STATUS_OK, column_to_numpy, decode_metadata, manifest_table,
                           parquet_bytes_to_table, table_to_parquet_bytes, vector_table)
 
 TAR, VECTORS, MANIFEST, DONE = ".tar", ".parquet", ".manifest.parquet", ".done.json"

@@ -20,14 +20,14 @@ from typing import Any
 import ray
 
 from infra.config import RayConfig
-from infra.shards import ShardSpec
-from infra.stage import ShardReport, StageBuilder, execute_shard, open_store
+from infra.runtime.shards import ShardSpec
+from infra.runtime.stage import ShardReport, StageBuilder, execute_shard, open_store
 
 # Variables every Ray worker must see (the shared Prefect API, offline settings).
 FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED",
                  "RAY_AUTH_MODE", "HF_HUB_OFFLINE", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "OMP_NUM_THREADS")
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flows", "infra", "models", "tasks")       # what a worker imports of this project
 SHIP_EXCLUDES = ["__pycache__", "*.pyc"]
 

@@ -8,9 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from infra.cli_analyze import add_analyze, cmd_analyze
-from infra.cli_files import add_edit, add_export, cmd_edit, cmd_export
+from app.cli_analyze import add_analyze, cmd_analyze
+from app.cli_files import add_edit, add_export, cmd_edit, cmd_export
 from infra.config import ConfigError, dump_config, load_config
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
+from models import zoo
 
 OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
@@ -135,8 +138,8 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.registry import load_flow
-    from infra.prefect_runtime import ensure_prefect_api
+    from flows.registry import load_flow  # deferred: Prefect, Ray and torch load only for `run`
+    from infra.runtime.prefect_runtime import ensure_prefect_api
 
     load_config(args.config, args.overrides)          # fail fast, before any server starts
     try:
@@ -155,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
-    from flows.registry import FLOWS
+    from flows.registry import FLOWS  # deferred: loaded only by the command that needs it
 
     for entry in FLOWS.values():
         print(f"{entry.name:16s} {entry.summary}")
@@ -169,9 +172,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from infra.fsio import Location
-    from infra.store import StageStore
-
     root = Location(args.root)
     others = []
     for stage in root.listdir():
@@ -188,8 +188,6 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from models import zoo
-
     if args.action == "list":
         for name in zoo.list_models():
             entry = zoo.get(name)
@@ -198,14 +196,14 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     if args.target != "toy":
         print("error: `zoo train` needs a target: toy", file=sys.stderr)
         return 2
-    from models.toy.bootstrap import bootstrap
+    from models.toy.bootstrap import bootstrap  # deferred: loaded only by the command that needs it
 
     print(json.dumps(bootstrap(args.out, seed=args.seed), indent=1, default=str))
     return 0
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
-    from models.toy.domain import render_catalog
+    from models.toy.catalog import render_catalog  # deferred: loaded only by the command that needs it
 
     rows = render_catalog(args.out, args.n, seed=args.seed)
     print(f"wrote {len(rows)} images and attributes.jsonl to {args.out}")
@@ -213,7 +211,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 def cmd_relevance(args: argparse.Namespace) -> int:
-    from flows.relevance import compare_relevance, format_comparison
+    from flows.relevance import compare_relevance, format_comparison  # deferred: loaded only by the command that needs it
 
     cfg = load_config(args.config, args.overrides)
     result = compare_relevance(cfg, args.channels, args.top_k, args.prompt)
@@ -222,7 +220,7 @@ def cmd_relevance(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from infra.demo import run_demo
+    from app.demo import run_demo  # deferred: loaded only by the command that needs it
 
     return run_demo()
 

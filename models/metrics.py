@@ -5,6 +5,7 @@ Images are float (B, 3, H, W) in [-1, 1]. Nothing here downloads weights: every 
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Collection
 
@@ -12,6 +13,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models.checkpoint import read_bytes
+from models.errors import CheckpointError
+from models.imaging import resize_to
 
 FeatureExtractor = Callable[[Tensor], Tensor]   # images (B, 3, H, W) in [-1, 1] -> features (B, D)
 
@@ -165,16 +170,9 @@ def torchscript_extractor(uri: str, input_size: int, device: str | torch.device 
                           **storage_options: object) -> FeatureExtractor:
     """Features from a user's TorchScript network (e.g. a face-ID model such as ArcFace exported with
     ``torch.jit.save``): images are resized to ``input_size`` and kept in [-1, 1]."""
-    import io
-
-    import fsspec
-
-    from tasks.imaging import resize_to
-
     try:
-        with fsspec.open(uri, "rb", **storage_options) as f:
-            model = torch.jit.load(io.BytesIO(f.read()), map_location=device).eval()
-    except (FileNotFoundError, RuntimeError) as exc:
+        model = torch.jit.load(io.BytesIO(read_bytes(uri, **storage_options)), map_location=device).eval()
+    except (CheckpointError, RuntimeError) as exc:
         raise MetricUnavailable(f"{uri}: not a loadable TorchScript network ({exc})") from exc
 
     @torch.no_grad()

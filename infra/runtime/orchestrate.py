@@ -15,12 +15,12 @@ from prefect.utilities.annotations import quote
 from tqdm.auto import tqdm
 
 from infra.config import RunConfig
-from infra.fsio import Location
-from infra.prefect_runtime import configured_shard_task
-from infra.ray_pool import ActorPool, init_ray
-from infra.shards import ShardSpec
-from infra.stage import StageBuilder
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.runtime.prefect_runtime import configured_shard_task
+from infra.runtime.ray_pool import ActorPool, init_ray
+from infra.runtime.shards import ShardSpec
+from infra.runtime.stage import StageBuilder
+from infra.storage.store import StageStore
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from infra.prefetch import prefetch
-from infra.readers import encoded_batches, iter_image_samples
-from infra.shards import Item, ShardSpec
-from infra.store import StageStore
-from infra.tables import STATUS_OK
+from infra.runtime.prefetch import prefetch
+from infra.storage.readers import encoded_batches, iter_image_samples
+from infra.runtime.shards import Item, ShardSpec
+from infra.storage.store import StageStore
+from infra.storage.tables import STATUS_OK
 
 
 def plan_downstream(upstream: StageStore, shard_ids: Sequence[str] | None = None) -> list[ShardSpec]:

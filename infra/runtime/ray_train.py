@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.config import RayConfig
-from infra.fsio import Location
+from infra.runtime.ray_pool import init_ray
+from infra.storage.fsio import Location
 
 SUMMARY = "distributed_summary.json"
 WorkerFit = Callable[..., dict[str, Any]]
@@ -54,7 +55,6 @@ def train_data_parallel(name: str, worker_fit: WorkerFit, args: dict[str, Any], 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from infra.ray_pool import init_ray
 
     init_ray(ray_config)
     storage_path, storage_fs = train_storage(ray_config, out, scratch)

@@ -1,7 +1,11 @@
-"""Fast Rₛ: StyleCLIP's finite difference replaced by its derivative, every channel at once.
+"""The relevance matrix Rₛ as math: StyleCLIP's exact definition and its fast derivative, on any G and CLIP.
 
-StyleCLIP's direction for channel c on image i is normalise(e(m_c + kσ_c) − e(m_c − kσ_c)), with e the
-unit-norm CLIP embedding of the render (tasks.relevance). That is a central difference: to first order
+Exact (StyleCLIP's "fs3"; docs/relevance.md): for each conv channel c and each of n base images, set c to
+its mean ± kσ, render both, CLIP-embed and normalise; the image's direction is normalise(e₊ − e₋); the
+channel's row is normalise(mean of the n directions).
+
+Fast: StyleCLIP's direction for channel c on image i is normalise(e(m_c + kσ_c) − e(m_c − kσ_c)), with e the
+unit-norm CLIP embedding of the render. That is a central difference: to first order
 it equals 2kσ_c · J_i[:, c], with J_i = ∂e/∂s (D × C) the Jacobian of the normalised embedding w.r.t.
 the conv styles, and since σ_c > 0 its direction is that of the Jacobian column. Reverse mode gives
 all C columns of J_i from one forward and D backward passes — instead of 2·C renders per image — so
@@ -22,6 +26,8 @@ batch's Jacobians are differentiated (k backward passes instead of D) and J ≈ 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,12 +36,95 @@ from torch import Tensor
 
 from models.stylegan2 import StyleCode
 
+_STATS_STREAM, _IMAGES_STREAM = 101, 202       # seed tags: statistics codes vs base images
+
+
+@dataclass
+class StyleStats:
+    """What every relevance computation starts from, recomputable from the seed anywhere."""
+    mean: Tensor        # (C,) per-channel mean of conv styles over n_stat_samples codes
+    std: Tensor         # (C,) per-channel std (population, numpy's default as in StyleCLIP)
+    base: StyleCode     # n_images codes, each the base of one sample image
+
+    def images(self, part: slice) -> "StyleStats":
+        """The same statistics with only some of the base images."""
+        return StyleStats(self.mean, self.std, StyleCode(self.base.conv[part], self.base.rgb[part]))
+
+
+def _z(n: int, dim: int, seed: int, stream: int) -> Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed * 1_000 + stream))
+
+
+@torch.no_grad()
+def style_statistics(G: Any, n_stat_samples: int, n_images: int, seed: int, chunk: int = 4096) -> StyleStats:
+    """Per-channel mean/std over ``n_stat_samples`` codes z → w → s and ``n_images`` base codes (seeded)."""
+    device = next(G.parameters()).device
+    z_all = _z(n_stat_samples, G.style_dim, seed, _STATS_STREAM)
+    total = torch.zeros(G.layout.conv_total, dtype=torch.float64, device=device)
+    squares = torch.zeros_like(total)
+    for z in z_all.split(chunk):
+        s = G.style_space(G.mapping(z.to(device))).conv.double()       # (b, C)
+        total += s.sum(0)
+        squares += s.pow(2).sum(0)
+    mean = total / n_stat_samples
+    std = (squares / n_stat_samples - mean.pow(2)).clamp_min(0).sqrt()
+    base = G.style_space(G.mapping(_z(n_images, G.style_dim, seed, _IMAGES_STREAM).to(device)))
+    return StyleStats(mean.float(), std.float(), base)
+
+
+def clip_embed(clip: Any, images: Tensor) -> Tensor:
+    """Unit-norm CLIP embeddings (B, D) of images in [-1, 1]; differentiable, unlike encode_images."""
+    return F.normalize(clip.model.encode_image(clip.preprocess(images)).float(), dim=-1)
+
+
+def exact_rows(G: Any, clip: Any, stats: StyleStats, channels: Sequence[int], sigma_scale: float,
+               batch_size: int) -> Tensor:
+    """Rows of Rₛ for ``channels`` (len, D) by StyleCLIP's definition; ``batch_size`` renders per forward.
+
+    row = normalise(sum over images of d), which equals normalise(mean), as StyleCLIP averages.
+    """
+    return F.normalize(exact_sums(G, clip, stats, channels, sigma_scale, batch_size), dim=-1)
+
+
+@torch.no_grad()
+def exact_sums(G: Any, clip: Any, stats: StyleStats, channels: Sequence[int], sigma_scale: float,
+               batch_size: int) -> Tensor:
+    """Σ over the base images of StyleCLIP's per-image directions, (len(channels), D), unnormalised.
+
+    1. the (channel, image) pairs are cut into chunks of batch_size // 2 pairs (two renders each);
+    2. per pair: the base code with channel c := mean_c − kσ_c and := mean_c + kσ_c;
+    3. render, embed, normalise; d = normalise(e₊ − e₋), summed per channel.
+    """
+    device = stats.mean.device
+    chans = torch.as_tensor(list(channels), dtype=torch.long, device=device)
+    n = stats.base.batch_size
+    pair_ch = torch.arange(len(chans), device=device).repeat_interleave(n)   # (P,) row of each pair
+    pair_img = torch.arange(n, device=device).repeat(len(chans))             # (P,) image of each pair
+    sums = torch.zeros(len(chans), clip.embed_dim, device=device)
+    step = max(1, batch_size // 2)
+    for start in range(0, len(pair_ch), step):
+        j, i = pair_ch[start:start + step], pair_img[start:start + step]
+        c = chans[j].repeat(2)                                                # − half, then + half
+        sign = torch.cat([-torch.ones(len(j)), torch.ones(len(j))]).to(device)
+        conv = stats.base.conv[i].repeat(2, 1)
+        conv[torch.arange(len(c), device=device), c] = stats.mean[c] + sign * sigma_scale * stats.std[c]
+        e = clip_embed(clip, G.synthesize(StyleCode(conv, stats.base.rgb[i].repeat(2, 1))))
+        sums.index_add_(0, j, F.normalize(e[len(j):] - e[:len(j)], dim=-1))
+    return sums
+
+
+def freeze(*modules: torch.nn.Module) -> None:
+    """Inference only: no parameter keeps a gradient (the fast mode differentiates w.r.t. s alone)."""
+    for module in modules:
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
 
 def image_jacobian(G: Any, clip: Any, conv: Tensor, rgb: Tensor, basis: Tensor | None = None) -> Tensor:
     """∂ normalise(CLIP(G(s)))/∂s for a batch of codes: (B, C, D), one backward per CLIP dim; with
     ``basis`` Q (D, k) one backward per basis vector, J ≈ (J Q) Qᵀ."""
-    from tasks.relevance import clip_embed
-
     s = conv.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         e = clip_embed(clip, G.synthesize(StyleCode(s, rgb)))               # (B, D)
@@ -51,10 +140,10 @@ def leading_directions(jac: Tensor, rank: int) -> Tensor:
     return torch.linalg.svd(jac.reshape(-1, jac.shape[-1]), full_matrices=False).Vh[:rank].T
 
 
-def fast_rows(G: Any, clip: Any, stats: Any, batch_size: int, rank: int = 0) -> Tensor:
+def fast_rows(G: Any, clip: Any, stats: StyleStats, batch_size: int, rank: int = 0) -> Tensor:
     """All rows of Rₛ (C, D): per image, the unit Jacobian columns; averaged over images; normalised.
 
-    ``stats``: tasks.relevance.StyleStats. ``rank`` > 0: project on the leading directions of the first
+    ``stats``: StyleStats. ``rank`` > 0: project on the leading directions of the first
     batch (see the module notes). Channels with σ = 0 get a zero row, as in the exact mode.
     """
     base: StyleCode = stats.base
@@ -85,7 +174,7 @@ def top_k_overlap(exact: Tensor, fast: Tensor, delta: Tensor, k: int) -> float:
     return len(top_e & top_f) / k
 
 
-def timed_exact(G: Any, clip: Any, stats: Any, channels: list[int], sigma_scale: float,
+def timed_exact(G: Any, clip: Any, stats: StyleStats, channels: list[int], sigma_scale: float,
                 batch_size: int) -> tuple[Tensor, float, float]:
     """(exact rows of ``channels``, seconds they took, split-half cosine).
 
@@ -93,8 +182,6 @@ def timed_exact(G: Any, clip: Any, stats: Any, channels: list[int], sigma_scale:
     the images — is the noise floor of any comparison: how stable the rows are with these many images.
     Computed from the same renders (row = normalise(Σ_A + Σ_B)).
     """
-    from tasks.relevance import exact_sums
-
     start = time.perf_counter()
     half = max(1, stats.base.batch_size // 2)
     a = exact_sums(G, clip, stats.images(slice(0, half)), channels, sigma_scale, batch_size)
@@ -104,7 +191,7 @@ def timed_exact(G: Any, clip: Any, stats: Any, channels: list[int], sigma_scale:
     return F.normalize(a + b, dim=-1), seconds, split
 
 
-def compare_rows(G: Any, clip: Any, stats: Any, channels: list[int], sigma_scale: float,
+def compare_rows(G: Any, clip: Any, stats: StyleStats, channels: list[int], sigma_scale: float,
                  batches: tuple[int, int], deltas: dict[str, Tensor], top_k: int, rank: int = 0,
                  exact: tuple[Tensor, float, float] | None = None) -> dict[str, Any]:
     """Exact rows of ``channels`` vs the fast matrix: row cosines, top-k overlap per Δt, timings.

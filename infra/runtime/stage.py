@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from infra.fsio import Location
-from infra.records import MemorySink, Sink
-from infra.shards import ShardSpec
-from infra.store import StageStore
+from infra.storage.fsio import Location
+from infra.storage.records import MemorySink, Sink
+from infra.runtime.shards import ShardSpec
+from infra.storage.store import StageStore
 
 
 class Processor(Protocol):

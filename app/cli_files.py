@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from infra.cli_help import OVERRIDE, TOY_CONFIG, fill
+from app.cli_help import OVERRIDE, TOY_CONFIG, fill
 from infra.config import load_config
 
 EDIT_DESCRIPTION = (
@@ -82,9 +82,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from flows.editor import DECODERS, Editor
+    from flows.editor import DECODERS, Editor  # deferred: loaded only by the command that needs it
     from flows.editor_results import save_edits
-    from tasks.edit_directions import METHODS
+    from models.edit_directions import METHODS
 
     paths = []
     for arg in args.paths:          # argparse gives every positional to PATH; a config override is
@@ -125,7 +125,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tasks.export import ExportError, export_edits
+    from tasks.export import ExportError, export_edits  # deferred: loaded only by the command that needs it
 
     cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
     resize = args.resize or (cfg.ingest.resize if cfg is not None else "fit")

@@ -1,7 +1,7 @@
 """One sample's output as it travels from a stage to a store, and the sinks a stage writes into.
 
 A stage only calls ``sink.add`` or ``sink.add_failure``; whether the records stream into a
-shard on disk or S3 (``infra.store.ShardWriter``) or stay in memory (``MemorySink``, used to redo
+shard on disk or S3 (``infra.storage.store.ShardWriter``) or stay in memory (``MemorySink``, used to redo
 failed samples and in tests) is the caller's choice.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.tables import STATUS_FAILED, STATUS_OK
+from infra.storage.tables import STATUS_FAILED, STATUS_OK
 
 
 @dataclass

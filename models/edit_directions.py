@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.clip_templates import IMAGENET_TEMPLATES
-from tasks.prompts import Term
 
+Term = tuple[str, str, float]          # (source text, target text, weight of its Δt)
 Method = Literal["deltaedit", "straightforward", "styleclip_gd"]
 METHODS: tuple[Method, ...] = ("deltaedit", "straightforward", "styleclip_gd")
 TEMPLATES: dict[str, tuple[str, ...]] = {"imagenet": tuple(IMAGENET_TEMPLATES), "none": ("{}",)}

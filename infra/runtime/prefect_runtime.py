@@ -18,8 +18,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 
 from infra.config import PrefectConfig
-from infra.fsio import Location
-from infra.shards import ShardSpec
+from infra.storage.fsio import Location
+from infra.runtime.shards import ShardSpec
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from infra.cli_help import fill
+from app.cli_help import fill
 from infra.config import load_config
 
 ANALYZE_DESCRIPTION = (
@@ -122,7 +122,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from tasks import deltaspace as ds
+    from tasks import deltaspace as ds  # deferred: loaded only by the command that needs it
 
     try:
         feats = ds.load_features(args.images, args.texts, args.delta_images, args.delta_texts, args.parquet,
@@ -148,8 +148,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_edits(args: argparse.Namespace) -> int:
-    from flows.edit_analysis import analyze_edits
-    from infra.fsio import Location
+    from flows.edit_analysis import analyze_edits  # deferred: loaded only by the command that needs it
+    from infra.storage.fsio import Location
     from tasks import edit_analysis as EA
 
     if args.images < 1 or args.samples < 1:

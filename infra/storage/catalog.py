@@ -12,7 +12,7 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from infra.shards import Item, key_for
+from infra.runtime.shards import Item, key_for
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
