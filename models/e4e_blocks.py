@@ -56,6 +56,22 @@ class BottleneckIRSE(nn.Module):
         return self.res_layer(x) + self.shortcut_layer(x)
 
 
+def ir_se_stem(width: int) -> nn.Sequential:
+    """The IR-SE input layer: conv3 → BN → PReLU (``input_layer.{0,1,2}`` in e4e's and ArcFace's files)."""
+    return nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.PReLU(width))
+
+
+def ir_se_body(blocks: Sequence[int], widths: Sequence[int], se_reduction: int = 16) -> nn.Sequential:
+    """The IR-SE stages (``body.<unit>``): ``blocks[i]`` units of width ``widths[i]``; each stage halves the
+    side in its first unit. (3, 4, 14, 3) units of (64, 128, 256, 512) is IR-SE-50."""
+    units, in_ch = [], widths[0]
+    for n_units, depth in zip(blocks, widths):
+        for u in range(n_units):
+            units.append(BottleneckIRSE(in_ch, depth, 2 if u == 0 else 1, se_reduction))
+            in_ch = depth
+    return nn.Sequential(*units)
+
+
 class GradualStyleBlock(nn.Module):
     """Strided 3×3 convs down to 1×1, then an EqualLinear: a (B, C, s, s) map → one style vector (B, out)."""
 
@@ -88,14 +104,8 @@ class Encoder4Editing(nn.Module):
         if input_size % 16 or input_size < 32:  # 4 stride-2 stages; c3 must be ≥ 2×2 (a power of two)
             raise ValueError(f"input_size must be 16 × a power of two ≥ 2, got {input_size}")
         self.n_styles, self.coarse_ind, self.middle_ind = n_styles, coarse_ind, middle_ind
-        self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
-                                         nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
-        units, in_ch = [], widths[0]
-        for n_units, depth in zip(backbone_blocks, widths):
-            for u in range(n_units):  # each stage halves the side in its first unit
-                units.append(BottleneckIRSE(in_ch, depth, 2 if u == 0 else 1, se_reduction))
-                in_ch = depth
-        self.body = nn.Sequential(*units)
+        self.input_layer = ir_se_stem(widths[0])
+        self.body = ir_se_body(backbone_blocks, widths, se_reduction)
         ends = [sum(backbone_blocks[:i + 1]) - 1 for i in range(4)]
         self.taps = (ends[1], ends[2], ends[3])  # body indices whose outputs are c1, c2, c3
         side = input_size // 16                   # side of c3 (c2: 2×, c1: 4×)

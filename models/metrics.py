@@ -8,12 +8,14 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Collection
+from functools import partial
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.arcface import identity_features, load_arcface
 from models.checkpoint import read_bytes
 from models.errors import CheckpointError
 from models.imaging import resize_to
@@ -164,6 +166,16 @@ def identity_similarity(extractor: FeatureExtractor, a: Tensor, b: Tensor) -> Te
     with torch.no_grad():
         fa, fb = extractor(a).float().flatten(1), extractor(b).float().flatten(1)
     return F.cosine_similarity(fa, fb, dim=1, eps=1e-8)
+
+
+def arcface_extractor(uri: str, device: str | torch.device = "cpu", **storage_options: object) -> FeatureExtractor:
+    """The field's identity features: ArcFace IR-SE-50 from a ``model_ir_se50.pth``-format file (e4e's),
+    with e4e's face crop (models/arcface.py)."""
+    try:
+        model = load_arcface(uri, device, **storage_options)
+    except CheckpointError as exc:
+        raise MetricUnavailable(f"identity model: {exc}") from exc
+    return partial(identity_features, model)
 
 
 def torchscript_extractor(uri: str, input_size: int, device: str | torch.device = "cpu",
