@@ -106,7 +106,7 @@ def child(mode: str, root: Path, batches: int) -> None:
 def _peak() -> float:
     """Peak resident set (MB) since the last reset: VmHWM from /proc (Linux), else ru_maxrss."""
     try:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+        line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith("VmHWM"))
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

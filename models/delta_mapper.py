@@ -73,9 +73,9 @@ def plan_groups(layout: StyleLayout) -> tuple[GroupPlan, ...]:
         if not layers:
             continue
         start, stop = layers[0].offset, layers[-1].stop
-        if sum(l.channels for l in layers) != stop - start:
+        if sum(layer.channels for layer in layers) != stop - start:
             raise ValueError(f"layers of the {group} group are not contiguous in the style vector")
-        widths = {l.channels for l in layers}
+        widths = {layer.channels for layer in layers}
         shared = len(widths) == 1
         plans.append(GroupPlan(group, start, stop, len(layers) if shared else 0,
                                layers[0].channels if shared else stop - start))

@@ -67,34 +67,34 @@ class StyleLayout:
 
     @property
     def conv(self) -> tuple[StyleLayer, ...]:
-        return tuple(l for l in self.layers if l.kind == "conv")
+        return tuple(layer for layer in self.layers if layer.kind == "conv")
 
     @property
     def rgb(self) -> tuple[StyleLayer, ...]:
-        return tuple(l for l in self.layers if l.kind == "rgb")
+        return tuple(layer for layer in self.layers if layer.kind == "rgb")
 
     @property
     def conv_total(self) -> int:
-        return sum(l.channels for l in self.conv)
+        return sum(layer.channels for layer in self.conv)
 
     @property
     def rgb_total(self) -> int:
-        return sum(l.channels for l in self.rgb)
+        return sum(layer.channels for layer in self.rgb)
 
     @property
     def n_latent(self) -> int:
         """Rows of W+ (18 at 1024 px)."""
-        return max(l.wplus_index for l in self.layers) + 1
+        return max(layer.wplus_index for layer in self.layers) + 1
 
     def group_layers(self, group: Group) -> tuple[StyleLayer, ...]:
-        return tuple(l for l in self.conv if l.group == group)
+        return tuple(layer for layer in self.conv if layer.group == group)
 
     def to_dict(self) -> dict:
-        return {"layers": [asdict(l) for l in self.layers]}
+        return {"layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "StyleLayout":
-        return cls(tuple(StyleLayer(**l) for l in data["layers"]))
+        return cls(tuple(StyleLayer(**layer) for layer in data["layers"]))
 
 
 def _with_offsets(rows: list[tuple[str, int, int, int]], kind: LayerKind) -> tuple[StyleLayer, ...]:

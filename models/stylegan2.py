@@ -63,13 +63,13 @@ class StyleCode:
     def layers(self, layout: StyleLayout) -> dict[str, Tensor]:
         """Per-layer styles keyed by parameter prefix (conv1, convs.0, ..., to_rgb1, to_rgbs.0, ...)."""
         self.check(layout)
-        return {l.name: self.layer(l) for l in layout.layers}
+        return {layer.name: self.layer(layer) for layer in layout.layers}
 
     @classmethod
     def from_layers(cls, layout: StyleLayout, styles: Mapping[str, Tensor]) -> "StyleCode":
         """Inverse of `layers`: concatenate per-layer styles (B, channels) in generator order."""
-        conv = torch.cat([styles[l.name] for l in layout.conv], dim=1)
-        rgb = torch.cat([styles[l.name] for l in layout.rgb], dim=1)
+        conv = torch.cat([styles[layer.name] for layer in layout.conv], dim=1)
+        rgb = torch.cat([styles[layer.name] for layer in layout.rgb], dim=1)
         code = cls(conv, rgb)
         code.check(layout)
         return code
@@ -125,8 +125,8 @@ class Generator(nn.Module):
     def style_space(self, w_plus: Tensor) -> StyleCode:
         """W+ (B, n_latent, style_dim), or one w (B, style_dim) for every row → S code."""
         w = self._as_wplus(w_plus)
-        conv = [self._modulation(l)(w[:, l.wplus_index]) for l in self.layout.conv]
-        rgb = [self._modulation(l)(w[:, l.wplus_index]) for l in self.layout.rgb]
+        conv = [self._modulation(layer)(w[:, layer.wplus_index]) for layer in self.layout.conv]
+        rgb = [self._modulation(layer)(w[:, layer.wplus_index]) for layer in self.layout.rgb]
         return StyleCode(torch.cat(conv, dim=1), torch.cat(rgb, dim=1))
 
     # --- S → image ---------------------------------------------------------------------------------
@@ -137,8 +137,8 @@ class Generator(nn.Module):
         fresh noise, 'none' adds no noise.
         """
         code.check(self.layout)
-        conv = [code.layer(l) for l in self.layout.conv]
-        rgb = [code.layer(l) for l in self.layout.rgb]
+        conv = [code.layer(layer) for layer in self.layout.conv]
+        rgb = [code.layer(layer) for layer in self.layout.rgb]
         noise = self._noise(noise_mode, code.batch_size)
         x = self.conv1(self.input(code.batch_size), conv[0], noise[0])  # (B, C4, 4, 4)
         skip = self.to_rgb1(x, rgb[0])                                  # (B, 3, 4, 4)

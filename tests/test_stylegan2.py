@@ -25,9 +25,9 @@ def test_state_dict_matches_public_layout(name: str, size: int) -> None:
         gen = Generator(size)
     assert list(meta_shapes(gen).items()) == list(fmt["state_dict"].items())  # names, order and shapes
     layout = fmt["style_layout"]
-    assert [l.channels for l in gen.layout.conv] == layout["conv"]
-    assert [l.channels for l in gen.layout.rgb] == layout["rgb"]
-    assert {l.name: l.wplus_index for l in gen.layout.layers} == layout["wplus_row_per_modulation"]
+    assert [layer.channels for layer in gen.layout.conv] == layout["conv"]
+    assert [layer.channels for layer in gen.layout.rgb] == layout["rgb"]
+    assert {layer.name: layer.wplus_index for layer in gen.layout.layers} == layout["wplus_row_per_modulation"]
     assert gen.n_latent == fmt["n_latent"]
 
 
@@ -35,7 +35,7 @@ def test_1024_style_space_sizes() -> None:
     with torch.device("meta"):
         gen = Generator(1024)
     assert gen.layout.conv_total == 6048 and gen.layout.rgb_total == 3040
-    assert [l.channels for l in gen.layout.conv] == [512] * 10 + [256, 256, 128, 128, 64, 64, 32]
+    assert [layer.channels for layer in gen.layout.conv] == [512] * 10 + [256, 256, 128, 128, 64, 64, 32]
     # each layer's modulation really produces that many channels
     for layer in gen.layout.layers:
         assert gen.get_submodule(layer.name).conv.modulation.weight.shape == (layer.channels, 512)
@@ -202,7 +202,7 @@ def test_style_code_helpers() -> None:
     gen = tiny_generator()
     code = gen.style_space(torch.randn(2, gen.n_latent, gen.style_dim))
     layers = code.layers(gen.layout)
-    assert list(layers) == [l.name for l in gen.layout.layers]
+    assert list(layers) == [layer.name for layer in gen.layout.layers]
     assert layers["convs.2"].shape == (2, 48)
     back = StyleCode.from_layers(gen.layout, layers)
     assert torch.equal(back.conv, code.conv) and torch.equal(back.rgb, code.rgb)
