@@ -25,7 +25,7 @@ LATEST = "latest.json"
 
 
 class SavableModel(Protocol):
-    def save(self, uri: str) -> None: ...
+    def save(self, uri: str, lineage: dict[str, Any] | None = None) -> None: ...
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> Any: ...
 
 
@@ -67,9 +67,11 @@ class Checkpointer:
     def latest(self) -> dict[str, Any] | None:
         return json.loads(self.out.read_bytes(LATEST)) if self.out.exists(LATEST) else None
 
-    def save(self, step: int, model: SavableModel, state: dict[str, Any], final: bool = False) -> str:
+    def save(self, step: int, model: SavableModel, state: dict[str, Any], final: bool = False,
+             lineage: dict[str, Any] | None = None) -> str:
+        """Write checkpoint ``step``; ``lineage`` goes in the weights' header (None: the model's own)."""
         name = f"step-{step:08d}"
-        weights = _safetensors_bytes(model)
+        weights = _safetensors_bytes(model, lineage)
         self.out.write_bytes(f"{name}.safetensors", weights)
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -97,8 +99,8 @@ class Checkpointer:
                     self.out.remove(name + suffix)
 
 
-def _safetensors_bytes(model: SavableModel) -> bytes:
+def _safetensors_bytes(model: SavableModel, lineage: dict[str, Any] | None) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.safetensors"
-        model.save(str(path))
+        model.save(str(path), lineage)
         return path.read_bytes()

@@ -6,27 +6,23 @@ decay 0.01) and an exponential moving average of the weights, which is the model
 
 Checkpoints under ``<root>/diffusion/`` (``tasks.checkpoints``): ``step-XXXXXXXX.safetensors`` holds the
 EMA model (what ``StyleUNet.from_checkpoint`` and bulk-edit load), the ``.state.pt`` sidecar the raw
-weights, the optimizer and the validation history; ``diffusion.safetensors`` when training completes.
+weights, the optimizer, the RNGs and the validation history; ``diffusion.safetensors`` when training completes.
 Every random draw of step k (its batch, t and ε) is a pure function of (seed, rank, k), so restoring the
-step, both weight sets and the optimizer reproduces an uninterrupted run.
+step, both weight sets and the optimizer reproduces an uninterrupted run. The loop, its cadences and the
+resume are ``tasks.trainer``'s; ``DiffusionTrainer`` supplies the decoder's pieces.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
 from infra.config import TrainDiffusionConfig
-from infra.storage.fsio import Location
 from models.diffusion import DiffusionConfig, StyleUNet, simple_loss
-from tasks.checkpoints import Checkpointer
+from tasks import trainer
 from tasks.diffusion_data import ImageCache
 from tasks.row_cache import EpochSampler
 
@@ -86,78 +82,73 @@ def validation_loss(model: StyleUNet, cache: ImageCache, rows: np.ndarray, batch
 def run_fingerprint(dc: TrainDiffusionConfig, seed: int, config: DiffusionConfig, cache: ImageCache,
                     world: int) -> str:
     """What a resumed run must share with the run it continues (steps and intervals may change)."""
-    keys = {"lr": dc.lr, "warmup": dc.warmup_steps, "wd": dc.weight_decay, "betas": list(dc.betas),
-            "batch": dc.batch_size, "clip": dc.grad_clip, "ema": dc.ema_decay, "seed": seed, "world": world,
-            "model": config.to_dict(), "data": cache.meta["fingerprint"]}
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    return trainer.run_fingerprint({
+        "lr": dc.lr, "warmup": dc.warmup_steps, "wd": dc.weight_decay, "betas": list(dc.betas),
+        "batch": dc.batch_size, "clip": dc.grad_clip, "ema": dc.ema_decay, "seed": seed, "world": world,
+        "model": config.to_dict(), "data": cache.meta["fingerprint"]})
 
 
-def fit(dc: TrainDiffusionConfig, seed: int, cache: ImageCache, out: Location, *, rank: int = 0, world: int = 1,
-        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None, stop_at: int | None = None,
-        device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume) to ``dc.steps``; ``stop_at`` ends this call early without a checkpoint (a kill)."""
-    if dc.threads:
-        torch.set_num_threads(dc.threads)
-    config = model_config(dc, cache)
-    model = build_model(config, cache, seed).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=dc.lr, betas=dc.betas, weight_decay=dc.weight_decay)
-    ckpt, fp = Checkpointer(out, FINAL, dc.keep_checkpoints), run_fingerprint(dc, seed, config, cache, world)
-    step, history = _start(ckpt, model, ema, opt, fp)
-    net = wrap(model) if wrap else model
-    sampler = EpochSampler(cache.train_rows, dc.batch_size, seed, rank, world)
-    val = np.random.default_rng([seed, 7919]).permutation(cache.val_rows)[:dc.val_images] if rank == 0 else None
-    start, began, last, saving = step, time.perf_counter(), {}, 0.0
-    with ThreadPoolExecutor(1) as pool:                 # read step+1 while step trains
-        pending = pool.submit(cache.fetch, sampler.batch(step))
-        while step < dc.steps and (stop_at is None or step < stop_at):
-            s, x0 = pending.result()
-            if step + 1 < dc.steps:
-                pending = pool.submit(cache.fetch, sampler.batch(step + 1))
-            t, noise = step_noise(seed, rank, step, x0, config.timesteps)
-            for group in opt.param_groups:                # warm-up: a function of the step, so resume-safe
-                group["lr"] = dc.lr * min(1.0, (step + 1) / dc.warmup_steps) if dc.warmup_steps else dc.lr
-            loss = simple_loss(net, *(v.to(device) for v in (x0, s, t, noise)), schedule=model.schedule)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if dc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), dc.grad_clip)
-            opt.step()
-            update_ema(ema, model, dc.ema_decay, step)
-            step += 1
-            last = {"step": step, "loss": loss.item()}
-            if val is not None and val.size and (step % dc.val_every == 0 or step == dc.steps):
-                history.append({"step": step, "val_loss": validation_loss(ema, cache, val, dc.batch_size, seed)})
-                log(f"[train-diffusion] step {step}: loss {last['loss']:.4f} "
-                    f"val_loss (EMA) {history[-1]['val_loss']:.4f}")
-            if rank == 0 and (step % dc.checkpoint_every == 0 or step == dc.steps):
-                state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "sampler": sampler.state(step), "fingerprint": fp, "history": history}
-                t0 = time.perf_counter()
-                ema.lineage = {"trained_by": "deltaedit run train-diffusion", "step": step, "seed": seed,
-                               "workers": world, "data": cache.meta["fingerprint"], "counts": cache.meta["counts"],
-                               "settings": dc.model_dump(mode="json", exclude={"cache_dir", "threads"})}
-                ckpt.save(step, ema, state, final=step == dc.steps)
-                saving += time.perf_counter() - t0
-    seconds = time.perf_counter() - began
-    training = seconds - saving
-    return {"start_step": start, "step": step, "ran": step - start, "done": step >= dc.steps, **last,
-            "val": history[-1] if history else None, "seconds": round(seconds, 3),
-            "checkpoint_seconds": round(saving, 3),
-            "steps_per_s": round((step - start) / training, 3) if training > 0 else None,
-            "rows": len(cache), "train_rows": int(cache.train_rows.size), "val_rows": int(cache.val_rows.size),
-            "checkpoint": out.url(FINAL) if step >= dc.steps else None}
+class DiffusionTrainer(trainer.Trainer[TrainDiffusionConfig, ImageCache]):
+    """The decoder's pieces of the shared loop: AdamW with warm-up and gradient clipping on the simple loss,
+    and an EMA of the weights that validates and is what a checkpoint's weights file holds (the sidecar
+    keeps the raw weights)."""
+
+    name, final = "train-diffusion", FINAL
+
+    def __init__(self, dc: TrainDiffusionConfig, seed: int, cache: ImageCache, *, rank: int = 0, world: int = 1,
+                 device: str = "cpu") -> None:
+        super().__init__(dc, seed, cache, rank=rank, world=world, device=device)
+        self.config = model_config(dc, cache)
+        self.model = build_model(self.config, cache, seed).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=dc.lr, betas=dc.betas,
+                                           weight_decay=dc.weight_decay)
+        self.fingerprint = run_fingerprint(dc, seed, self.config, cache, world)
+        self.sampler = EpochSampler(cache.train_rows, dc.batch_size, seed, rank, world)
+        self.grad_clip = dc.grad_clip
+
+    @property
+    def saved(self) -> StyleUNet:
+        return self.ema
+
+    def lr(self, step: int) -> float:
+        """Linear warm-up to ``lr`` over ``warmup_steps``."""
+        dc = self.settings
+        return dc.lr * min(1.0, (step + 1) / dc.warmup_steps) if dc.warmup_steps else dc.lr
+
+    def fetch(self, step: int) -> tuple[torch.Tensor, ...]:
+        return self.cache.fetch(self.sampler.batch(step))
+
+    def loss(self, net: torch.nn.Module, batch: tuple[torch.Tensor, ...], step: int
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s, x0 = batch
+        t, noise = step_noise(self.seed, self.rank, step, x0, self.config.timesteps)
+        loss = simple_loss(net, x0, s, *(v.to(self.device) for v in (t, noise)), schedule=self.model.schedule)
+        return loss, {}
+
+    def after_step(self, step: int) -> None:
+        update_ema(self.ema, self.model, self.settings.ema_decay, step)
+
+    def validate(self) -> dict[str, float]:
+        """The EMA's loss on the fixed held-out images."""
+        return {"val_loss": validation_loss(self.ema, self.cache, self.val_images, self.settings.batch_size,
+                                            self.seed)}
+
+    @cached_property
+    def val_images(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, 7919]).permutation(self.cache.val_rows)[:self.settings.val_images]
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+
+    def lineage(self, step: int) -> dict[str, Any]:
+        meta = self.cache.meta
+        return {"trained_by": "deltaedit run train-diffusion", "step": step, "seed": self.seed,
+                "workers": self.world, "data": meta["fingerprint"], "counts": meta["counts"],
+                "settings": self.settings.model_dump(mode="json", exclude={"cache_dir", "threads"})}
 
 
-def _start(ckpt: Checkpointer, model: StyleUNet, ema: StyleUNet, opt: torch.optim.Optimizer,
-           fp: str) -> tuple[int, list[dict[str, float]]]:
-    """Resume from the latest checkpoint (same fingerprint) or start fresh. Returns (step, history)."""
-    if ckpt.latest() is None:
-        return 0, []
-    step, state = ckpt.load(ema)
-    if state["fingerprint"] != fp:
-        raise ValueError(f"{ckpt.out.uri} holds a run with other settings or data (fingerprint "
-                         f"{state['fingerprint']} ≠ {fp}); rerun with overwrite to start over")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    return step, list(state["history"])
+fit = DiffusionTrainer.fit     # fit(dc, seed, cache, out, *, rank, world, wrap, stop_at, device, log)

@@ -11,24 +11,19 @@ Checkpoints under ``<root>/mapper/``: ``step-XXXXXXXX.safetensors`` (weights + c
 validation history; tensors and plain values only, so ``torch.load(weights_only=True)`` reads it),
 ``latest.json`` written last, and ``mapper.safetensors`` when training completes. The data order is a
 function of the step, so restoring the step, weights, optimizer and RNGs reproduces an uninterrupted run.
+The loop, its cadences and the resume are ``tasks.trainer``'s; ``MapperTrainer`` supplies the mapper's pieces.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from infra.config import TrainMapperConfig
-from infra.storage.fsio import Location
 from models.delta_mapper import DeltaMapper, MapperConfig, StraightforwardMapper
-from tasks.checkpoints import Checkpointer, rng_state, seed_everything, set_rng_state
+from tasks import trainer
 from tasks.mapper_data import PairSampler, RowCache, nearest_rows, validation_pairs
 
 MODELS: dict[str, type[DeltaMapper]] = {"delta": DeltaMapper, "straightforward": StraightforwardMapper}
@@ -62,14 +57,12 @@ def pair_loss(pred: torch.Tensor, target: torch.Tensor, mse_weight: float = 1.0,
 
 def run_fingerprint(tm: TrainMapperConfig, seed: int, config: MapperConfig, cache: RowCache, world: int) -> str:
     """What a resumed run must share with the run it continues (steps and intervals may change)."""
-    keys = {"model": tm.model, "lr": tm.lr, "betas": list(tm.betas), "batch": tm.batch_size,
-            "mse": tm.mse_weight, "cos": tm.cos_weight, "seed": seed, "world": world,
-            "local_partners": tm.local_partners, "neighbours": tm.neighbours if tm.local_partners else None,
-            "mapper": config.to_dict(), "data": cache.meta["fingerprint"]}
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    return trainer.run_fingerprint({
+        "model": tm.model, "lr": tm.lr, "betas": list(tm.betas), "batch": tm.batch_size, "mse": tm.mse_weight,
+        "cos": tm.cos_weight, "seed": seed, "world": world, "local_partners": tm.local_partners,
+        "neighbours": tm.neighbours if tm.local_partners else None, "mapper": config.to_dict(),
+        "data": cache.meta["fingerprint"]})
 
-
-# --- training ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(model: DeltaMapper, kind: str, cache: RowCache, pairs: tuple[np.ndarray, np.ndarray],
@@ -87,72 +80,39 @@ def evaluate(model: DeltaMapper, kind: str, cache: RowCache, pairs: tuple[np.nda
     return {k: v / max(n, 1) for k, v in total.items()}
 
 
-def _fetch_pair(cache: RowCache, sampler: PairSampler, step: int) -> tuple[torch.Tensor, ...]:
-    primary, partner = sampler.batch(step)
-    return (*cache.fetch(primary), *cache.fetch(partner))
+class MapperTrainer(trainer.Trainer[TrainMapperConfig, RowCache]):
+    """The Delta Mapper's pieces of the shared loop: Adam on the pair loss, validation on fixed held-out pairs."""
+
+    name, final = "train-mapper", FINAL
+
+    def __init__(self, tm: TrainMapperConfig, seed: int, cache: RowCache, *, rank: int = 0, world: int = 1,
+                 device: str = "cpu") -> None:
+        super().__init__(tm, seed, cache, rank=rank, world=world, device=device)
+        config = mapper_config(cache)
+        self.model = build_model(tm.model, config, seed).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tm.lr, betas=tm.betas)
+        self.fingerprint = run_fingerprint(tm, seed, config, cache, world)
+        neighbours = nearest_rows(cache, tm.neighbours) if tm.local_partners else None
+        self.sampler = PairSampler(cache.train_rows, tm.batch_size, seed, rank, world, neighbours, tm.local_partners)
+
+    def fetch(self, step: int) -> tuple[torch.Tensor, ...]:
+        primary, partner = self.sampler.batch(step)
+        return (*self.cache.fetch(primary), *self.cache.fetch(partner))
+
+    def loss(self, net: torch.nn.Module, batch: tuple[torch.Tensor, ...], step: int
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s1, i1, s2, i2 = batch
+        tm = self.settings
+        loss, cos = pair_loss(net(*mapper_inputs(tm.model, s1, i1, i2)), s2 - s1, tm.mse_weight, tm.cos_weight)
+        return loss, {"cos": cos}
+
+    def validate(self) -> dict[str, float]:
+        tm = self.settings
+        return evaluate(self.model, tm.model, self.cache, self.val_pairs, tm.batch_size, tm.mse_weight, tm.cos_weight)
+
+    @cached_property
+    def val_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        return validation_pairs(self.cache.val_rows, self.settings.val_pairs, self.seed)
 
 
-def fit(tm: TrainMapperConfig, seed: int, cache: RowCache, out: Location, *, rank: int = 0, world: int = 1,
-        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None, stop_at: int | None = None,
-        device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume) to ``tm.steps``; ``stop_at`` ends this call early without a checkpoint (a kill)."""
-    if tm.threads:
-        torch.set_num_threads(tm.threads)
-    config = mapper_config(cache)
-    model = build_model(tm.model, config, seed).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=tm.lr, betas=tm.betas)
-    ckpt, fp = Checkpointer(out, FINAL, tm.keep_checkpoints), run_fingerprint(tm, seed, config, cache, world)
-    step, history = _start(ckpt, model, opt, fp, seed, rank)
-    net = wrap(model) if wrap else model
-    neighbours = nearest_rows(cache, tm.neighbours) if tm.local_partners else None
-    sampler = PairSampler(cache.train_rows, tm.batch_size, seed, rank, world, neighbours, tm.local_partners)
-    val = validation_pairs(cache.val_rows, tm.val_pairs, seed) if rank == 0 and cache.val_rows.size else None
-    start, began, last, saving = step, time.perf_counter(), {}, 0.0
-    with ThreadPoolExecutor(1) as pool:                 # read step+1 while step trains
-        pending = pool.submit(_fetch_pair, cache, sampler, step)
-        while step < tm.steps and (stop_at is None or step < stop_at):
-            s1, i1, s2, i2 = (t.to(device, non_blocking=True) for t in pending.result())
-            if step + 1 < tm.steps:
-                pending = pool.submit(_fetch_pair, cache, sampler, step + 1)
-            loss, cos = pair_loss(net(*mapper_inputs(tm.model, s1, i1, i2)), s2 - s1, tm.mse_weight, tm.cos_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            last = {"step": step, "loss": loss.item(), "cos": cos.item()}
-            if val is not None and (step % tm.val_every == 0 or step == tm.steps):
-                history.append({"step": step, **evaluate(model, tm.model, cache, val, tm.batch_size,
-                                                         tm.mse_weight, tm.cos_weight)})
-                log(f"[train-mapper] step {step}: loss {last['loss']:.4f} cos {last['cos']:.3f} "
-                    f"val_loss {history[-1]['val_loss']:.4f} val_cos {history[-1]['val_cos']:.3f}")
-            if rank == 0 and (step % tm.checkpoint_every == 0 or step == tm.steps):
-                state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(),
-                         "sampler": sampler.state(step), "fingerprint": fp, "history": history}
-                t0 = time.perf_counter()
-                ckpt.save(step, model, state, final=step == tm.steps)
-                saving += time.perf_counter() - t0
-    seconds = time.perf_counter() - began
-    training = seconds - saving                          # steps/s of data + step, checkpoint I/O apart
-    return {"start_step": start, "step": step, "ran": step - start, "done": step >= tm.steps, **last,
-            "val": history[-1] if history else None, "seconds": round(seconds, 3),
-            "checkpoint_seconds": round(saving, 3),
-            "steps_per_s": round((step - start) / training, 3) if training > 0 else None,
-            "rows": len(cache), "train_rows": int(cache.train_rows.size), "val_rows": int(cache.val_rows.size),
-            "checkpoint": out.url(FINAL) if step >= tm.steps else None}
-
-
-def _start(ckpt: Checkpointer, model: DeltaMapper, opt: torch.optim.Optimizer, fp: str, seed: int,
-           rank: int) -> tuple[int, list[dict[str, float]]]:
-    """Resume from the latest checkpoint (same fingerprint) or seed a fresh run. Returns (step, history)."""
-    if ckpt.latest() is None:
-        seed_everything(seed + rank)
-        return 0, []
-    step, state = ckpt.load(model)
-    if state["fingerprint"] != fp:
-        raise ValueError(f"{ckpt.out.uri} holds a run with other settings or data (fingerprint "
-                         f"{state['fingerprint']} ≠ {fp}); rerun with overwrite to start over")
-    opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    if rank:
-        seed_everything(seed + rank + step)             # only rank 0's RNGs are saved; the loop draws none
-    return step, list(state["history"])
+fit = MapperTrainer.fit     # fit(tm, seed, cache, out, *, rank, world, wrap, stop_at, device, log)
