@@ -151,6 +151,7 @@ def cmd_analyze_edits(args: argparse.Namespace) -> int:
     from flows.edit_analysis import analyze_edits  # deferred: loaded only by the command that needs it
     from infra.storage.fsio import Location
     from tasks import edit_analysis as EA
+    from tasks.layout import ANALYSIS_DIR
 
     if args.images < 1 or args.samples < 1:
         print("error: --images and --samples must be at least 1", file=sys.stderr)
@@ -159,7 +160,7 @@ def cmd_analyze_edits(args: argparse.Namespace) -> int:
     result = analyze_edits(cfg, args.config or "<defaults>", args.images, args.samples,
                            args.classifier, args.counterfactuals, args.seed)
     out = (Location(args.out, cfg.storage_options) if args.out
-           else Location(cfg.root, cfg.storage_options).child(EA.OUT_DIR))
+           else Location(cfg.root, cfg.storage_options).child(ANALYSIS_DIR))
     paths = EA.write_outputs(out, result)
     print(json.dumps(EA.jsonable(result), indent=1) if args.json else EA.format_result(result))
     log = sys.stderr if args.json else sys.stdout       # --json: stdout is the JSON alone

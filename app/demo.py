@@ -20,6 +20,7 @@ from infra.runtime.prefect_runtime import ensure_prefect_api
 from infra.storage.fsio import Location
 from models.toy.catalog import render_catalog
 from tasks import edit_analysis as EA
+from tasks.layout import ANALYSIS_DIR
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 CATALOG_SIZE = 256
@@ -57,7 +58,7 @@ def run_demo(config: Path = CONFIG) -> int:
 def analyze_run(cfg: Any, config: str) -> str:
     """`deltaedit analyze edits` on the run (where an edit is lost); returns where it wrote it."""
     result = analyze_edits(cfg, config, n_images=ANALYSIS_IMAGES)
-    return EA.write_outputs(Location(cfg.root, cfg.storage_options).child(EA.OUT_DIR), result)[EA.JSON_FILE]
+    return EA.write_outputs(Location(cfg.root, cfg.storage_options).child(ANALYSIS_DIR), result)[EA.JSON_FILE]
 
 
 def _line(summary: dict[str, Any]) -> str:

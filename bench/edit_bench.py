@@ -231,7 +231,7 @@ def main() -> int:
     n, n_loop, repeat = (64, 32, 1) if args.quick else (args.images, min(args.loop_images, args.images), args.repeat)
     cfg = BulkEditConfig(methods=["deltaedit"], reconstruction=True, images_per_shard=64 if not args.quick else 16,
                          batch_size=32)
-    variants = [EditVariant(pid, ((src, tgt, 1.0),)) for pid, src, tgt in PROMPTS[:args.prompts]]
+    variants = [EditVariant(pid, ((src, tgt, 1.0),), cfg.tau) for pid, src, tgt in PROMPTS[:args.prompts]]
     models = toy_models()
     per_image = len(variants) + 1                     # every edit and the original, on both sides
     rows, worst = [], 0.0

@@ -63,7 +63,7 @@ from tasks.embed import EmbedProcessor  # noqa: E402
 from tasks.prompts import EditVariant  # noqa: E402
 
 TOY_CLIP = str(REPO / "zoo" / "toy" / "clip.safetensors")
-VARIANT = EditVariant("red", (("a face", "a face with red hair", 1.0),))
+VARIANT = EditVariant("red", (("a face", "a face with red hair", 1.0),), BulkEditConfig().tau)
 
 
 def synced(device: str, fn: Callable[[], object]) -> Callable[[], None]:

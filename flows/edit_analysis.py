@@ -1,7 +1,7 @@
 """`deltaedit analyze edits`: where an edit is lost, on a run's own stores (not a Prefect flow).
 
 Builds what ``tasks.edit_analysis`` measures from a config, the way the bulk-edit stage does: the
-``EditBuilder`` of ``flows.bulk_edit.edit_builder`` (DeltaEdit-G only: the baselines, the diffusion
+``EditBuilder`` of ``tasks.edit_plan.edit_builder`` (DeltaEdit-G only: the baselines, the diffusion
 decoder and compilation do not change DeltaEdit's codes), the run's codes and CLIP image
 embeddings, and the classifier the evaluate stage reads edits with. Missing inputs are reported
 before any model runs.
@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flows.bulk_edit import edit_builder, edit_variants, input_stages
 from infra.config import RunConfig
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
@@ -28,6 +27,7 @@ from models.toy.domain import ATTRIBUTES
 from models.toy.oracle import Oracle
 from tasks import edit_analysis as EA
 from tasks.edit_analysis_condition import condition_rows
+from tasks.edit_plan import edit_builder, edit_variants, input_stages
 
 TOY = "toy"
 NONE = "none"

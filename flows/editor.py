@@ -11,7 +11,7 @@ embedding, and the edit stage (``tasks.edit.EditProcessor``) turns each prompt i
 mapper, applies the relevance mask and the strength, and decodes — with the shards, batches and
 item order of the bulk-edit flow. So an edit here equals the flow's edit of the same file under the
 same config, pixel for pixel (tests/test_editor.py). The models are located as the bulk-edit stage
-locates them (``flows.bulk_edit.edit_builder``: the run's trained mappers and relevance matrix).
+locates them (``tasks.edit_plan.edit_builder``: the run's trained mappers and relevance matrix).
 
 Bad input never stops a call: an unreadable or too small image, an empty or too long prompt, an
 unknown method or decoder fail only their own edits, each with its reason (``Edit.error``).
@@ -35,7 +35,6 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from flows.bulk_edit import edit_builder
 from flows.editor_inputs import (array_image, as_list, describe_source, is_prompt_pair_batch,
                                  pil_image, what_was_done)
 from flows.editor_results import Edit, EditResult, InputReport
@@ -49,10 +48,12 @@ from infra.runtime.upstream import plan_downstream
 from models import zoo
 from models import edit_directions as ed
 from tasks.edit import GENERATOR, EditModels, EditProcessor, edit_key, plan_edits, recon_key
+from tasks.edit_plan import edit_builder
 from tasks.embed import EmbedProcessor
 from tasks.ingest import IngestProcessor, to_rgb
 from tasks.invert import InvertProcessor
-from tasks.prompts import EditVariant, load_prompts
+from tasks.layout import Stages, relevance_stage
+from tasks.prompts import EditVariant, load_prompts, resolve_tau
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 Prompt = Union[str, tuple[str, str], EditVariant]
@@ -61,6 +62,7 @@ ARROWS = ("->", "→")
 DEMO_HINT = ("on the toy domain, `deltaedit demo` (make demo) makes every input of the edits: the "
              "relevance matrix and both mappers")
 _STAGE_FP = "editor"          # code fingerprint of the temporary stores (no run's is compared)
+RUN = Stages.of()             # the temporary run's stages
 
 
 class Editor:
@@ -106,7 +108,7 @@ class Editor:
             raise ConfigError(f"{exc}; {DEMO_HINT}" if "deltaedit run" in str(exc) else str(exc)
                               ) from None
         if builder.relevance_stage is None and _has_relevance(cfg):
-            builder = replace(builder, relevance_stage=f"relevance_{cfg.relevance.mode}")
+            builder = replace(builder, relevance_stage=relevance_stage(cfg.relevance.mode))
         # the stage sets torch's threads to its actor's CPUs; here the caller's setting stays
         models = replace(builder, cpus=torch.get_num_threads()).build().models
         opts = cfg.storage_options
@@ -204,7 +206,7 @@ class Editor:
                 report.error, source = f"cannot read input ({exc})", f"<image {n}>"
             reports.append(report)
             items.append(Item(key, source))
-        store = StageStore(root, "images")
+        store = StageStore(root, RUN.images)
         processor = IngestProcessor(self.cfg.ingest, self.cfg.storage_options)
         good = [i for i, r in zip(items, reports) if r.ok]
         specs = plan_shards(good, self.cfg.ingest.shard_size)
@@ -242,13 +244,13 @@ class Editor:
     def _invert(self, root: Location, inputs: list[InputReport], timings: dict[str, float],
                 bar: Any) -> None:
         """The invert and embed stages over the ingested images (their processors, batches)."""
-        images, codes = StageStore(root, "images"), StageStore(root, "codes")
+        images, codes = StageStore(root, RUN.images), StageStore(root, RUN.codes)
         m = self.models
         invert = InvertProcessor(self.encoder, m.generator, images, self.cfg.invert.batch_size,
                                  False, str(m.device))
         embed = EmbedProcessor(m.clip, images, self.cfg.embed.batch_size)
         for name, processor, out in (("invert", invert, codes),
-                                     ("embed", embed, StageStore(root, "clip_images"))):
+                                     ("embed", embed, StageStore(root, RUN.clip))):
             t0 = time.perf_counter()
             for spec in plan_downstream(images):
                 if spec.items:
@@ -268,9 +270,9 @@ class Editor:
                     ) -> tuple[dict[str, Record], dict[str, float]]:
         """The edit stage's processor over the bulk-edit flow's shards of these codes."""
         t0 = time.perf_counter()
-        codes = StageStore(root, "codes")
-        processor = EditProcessor(self.models, codes, StageStore(root, "clip_images"), be,
-                                  StageStore(root, "images"), _texts=self._texts)
+        codes = StageStore(root, RUN.codes)
+        processor = EditProcessor(self.models, codes, StageStore(root, RUN.clip), be,
+                                  StageStore(root, RUN.images), _texts=self._texts)
         records: dict[str, Record] = {}
         seconds: dict[str, float] = {}
         specs = [s for s in plan_edits(codes, variants, methods, be) if s.items]
@@ -297,10 +299,10 @@ class Editor:
             if isinstance(terms, str):
                 return terms
             variant = EditVariant(f"p{n:03d}", (terms,), tau, float(strength))
-        run_tau = self.cfg.bulk_edit.tau if variant.tau is None else variant.tau
-        if run_tau > 0 and self.models.relevance is None:
-            return (f"tau {run_tau} needs the relevance matrix "
-                    f"relevance_{self.cfg.relevance.mode}, "
+        [variant] = resolve_tau([variant], self.cfg.bulk_edit.tau)
+        if variant.tau > 0 and self.models.relevance is None:
+            return (f"tau {variant.tau} needs the relevance matrix "
+                    f"{relevance_stage(self.cfg.relevance.mode)}, "
                     f"which {self.cfg.root} does not have (run `deltaedit run relevance`; "
                     f"{DEMO_HINT})")
         return variant
@@ -378,7 +380,7 @@ def _neutral_source(cfg: RunConfig) -> str | None:
 
 def _has_relevance(cfg: RunConfig) -> bool:
     """Whether the run has finished blocks of Rₛ (the build then loads and checks them)."""
-    stage = StageStore(Location(cfg.root, cfg.storage_options), f"relevance_{cfg.relevance.mode}")
+    stage = StageStore(Location(cfg.root, cfg.storage_options), relevance_stage(cfg.relevance.mode))
     return bool(stage.finished())
 
 

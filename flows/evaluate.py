@@ -2,6 +2,9 @@
 
     edits + images ──metrics (per edit, on the actor pool)──► metrics
     metrics ──tables, FID/KID per prompt, grids, plots──► <root>/<evaluate.report_dir>/index.html
+
+What is measured is what bulk-edit recorded in the edits store (``tasks.edit_plan.read_plan``): its
+shards, variants, methods and decoders; the prompts file is not read again.
 """
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.bulk_edit import edit_variants, input_stages, planned_edits
 from flows.common import flow_config, worker_pool
 from infra.config import ConfigError, RunConfig
 from infra.storage.fsio import Location
@@ -20,6 +22,7 @@ from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
 from tasks import edit_analysis as EA
 from tasks import evaluation_report as ER
+from tasks.edit_plan import EditPlan, input_stages, read_plan
 from tasks.evaluate import MetricsBuilder
 
 
@@ -32,16 +35,16 @@ def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = 
     where = config_path or "<defaults>"
     stages = input_stages(cfg)
     edits = StageStore(Location(cfg.root, cfg.storage_options), stages.edits)
-    planned = [s.shard_id for s in planned_edits(cfg, edit_variants(cfg, where))]
-    specs = select(plan_downstream(edits, planned), shards)
+    plan = read_plan(edits)
+    specs = select(plan_downstream(edits, plan.shards), shards)
     if not specs:
-        raise ConfigError(f"{where}: none of the {len(planned)} edits shards of this config is finished under "
-                          f"{edits.loc.uri}; run `deltaedit run bulk-edit` first")
+        raise ConfigError(f"{where}: none of the {len(plan.shards)} edits shards bulk-edit planned is finished "
+                          f"under {edits.loc.uri}; run `deltaedit run bulk-edit` first")
     builder = metrics_builder(cfg, where)
     with worker_pool(cfg) as pool:
         summary = run_stage(builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool)
     print(summary.line())
-    uri = write_report(cfg, summary, [s.shard_id for s in specs])
+    uri = write_report(cfg, plan, summary, [s.shard_id for s in specs])
     print(f"report: {uri}")
     return {summary.stage: summary.to_dict(), "report": {"uri": uri}}
 
@@ -53,13 +56,11 @@ def metrics_builder(cfg: RunConfig, where: str) -> MetricsBuilder:
     if ev.features == "inception" and not ev.inception_weights:
         raise ConfigError(f"{where}: evaluate.features=inception needs evaluate.inception_weights (a local "
                           "file: nothing is downloaded); or use features: clip")
-    stages = input_stages(cfg)
-    return MetricsBuilder(cfg.models.clip, cfg.root, ev, cfg.bulk_edit.templates, stages.images, stages.edits,
-                          cfg.storage_options, cfg.device, cfg.ray.cpus_per_actor, stages.metrics)
+    return MetricsBuilder.from_config(cfg, input_stages(cfg))
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def write_report(cfg: RunConfig, metrics: StageSummary, shards: list[str]) -> str:
+def write_report(cfg: RunConfig, plan: EditPlan, metrics: StageSummary, shards: list[str]) -> str:
     root, stages = Location(cfg.root, cfg.storage_options), input_stages(cfg)
     rows, feats, feats_in = ER.load_metrics(StageStore(root, stages.metrics), shards)
     tabs = ER.tables(rows, feats, feats_in)
@@ -67,30 +68,31 @@ def write_report(cfg: RunConfig, metrics: StageSummary, shards: list[str]) -> st
     tabs.update(analysis)
     grid = ER.grids(rows, StageStore(root, stages.edits), StageStore(root, stages.images),
                     cfg.evaluate.grid_images)
-    summary = _summary(cfg, StageStore(root, stages.edits), shards, metrics)
-    notes = _notes(cfg) + ([EA.REPORT_NOTE] if analysis else [])
+    summary = _summary(cfg, plan, StageStore(root, stages.edits), shards, metrics)
+    notes = _notes(cfg, plan) + ([EA.REPORT_NOTE] if analysis else [])
     return ER.write(root.child(cfg.evaluate.report_dir), tabs, grid, summary, notes)
 
 
-def _summary(cfg: RunConfig, edits: StageStore, shards: list[str], metrics: StageSummary) -> dict[str, str]:
+def _summary(cfg: RunConfig, plan: EditPlan, edits: StageStore, shards: list[str], metrics: StageSummary
+             ) -> dict[str, str]:
     markers = [m for m in map(edits.marker, shards) if m]
     seen, ok, failed = (sum(m["counts"][k] for m in markers) for k in ("seen", "ok", "failed"))
     seconds = sum(m["timings"]["seconds"] for m in markers)
     ev = cfg.evaluate
     return {"run": cfg.root, "edits": f"{seen} seen = {ok} ok + {failed} failed",
             "edit time": f"{seconds:.1f} s in shards ({seen / seconds:.1f} edits/s per actor)" if seconds else "-",
-            "methods": ", ".join(cfg.bulk_edit.methods), "decoders": ", ".join(cfg.bulk_edit.decoder),
-            "tau": str(cfg.bulk_edit.tau),
+            "methods": ", ".join(plan.methods), "decoders": ", ".join(plan.decoders),
+            "tau": ", ".join(str(t) for t in sorted({v.tau for v in plan.variants})),
             "StyleCLIP-GD": f"alpha {cfg.bulk_edit.gd_alpha}, beta {cfg.bulk_edit.gd_beta}",
             "FID/KID features": ev.features, "metrics": metrics.line()}
 
 
-def _notes(cfg: RunConfig) -> list[str]:
+def _notes(cfg: RunConfig, plan: EditPlan) -> list[str]:
     ev = cfg.evaluate
     notes = ["preservation and edit accuracy compare the edit with the reconstruction by the same decoder (G(s), "
              "or DDIM encode → decode under s for +diffusion), so reconstruction errors are not charged to the "
              "edit; the reconstruction table shows those."]
-    if "diffusion_masked" in cfg.bulk_edit.decoder:
+    if "diffusion_masked" in plan.decoders:
         notes.append("psnr_outside_mask: PSNR against the diffusion reconstruction outside the edit mask of the "
                      "mask-guided decode, for that decode and for the plain diffusion decode of the same edit.")
     if not ev.oracle:

@@ -20,7 +20,7 @@ from infra.runtime.shards import ShardSpec, plan_shards, select
 from models import zoo
 from models.device import pick_device
 from models.relevance import compare_rows, freeze, style_statistics, subset_channels
-from tasks.relevance import Mode, RelevanceBuilder, channel_items
+from tasks.relevance import RelevanceBuilder, channel_items
 
 
 @flow(name="relevance", log_prints=True)
@@ -30,19 +30,12 @@ def relevance_flow(config_path: str | None = None, overrides: list[str] | None =
     """Compute the missing blocks of Rₛ (``relevance.mode``); finished blocks are skipped."""
     cfg = flow_config(config_path, overrides)
     _require_models(cfg, config_path)
-    builder = relevance_builder(cfg)
+    builder = RelevanceBuilder.from_config(cfg)
     specs = select(relevance_shards(cfg), shards)
     with worker_pool(cfg) as pool:
         summary = run_stage(builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool)
     print(summary.line())
     return {summary.stage: summary.to_dict()}
-
-
-def relevance_builder(cfg: RunConfig, mode: Mode | None = None) -> RelevanceBuilder:
-    r = cfg.relevance
-    return RelevanceBuilder(cfg.models.generator, cfg.models.clip, cfg.storage_options, mode or r.mode,
-                            r.n_images, r.n_stat_samples, r.sigma_scale, r.batch_size, r.jacobian_batch,
-                            r.fast_rank, cfg.root, tuple(r.pools), cfg.seed, cfg.device, cfg.ray.cpus_per_actor)
 
 
 def relevance_shards(cfg: RunConfig) -> list[ShardSpec]:

@@ -19,15 +19,15 @@ import torch
 from infra.storage.fsio import Location
 from infra.storage.readers import decode_rgb, encoded_image, iter_image_samples
 from infra.storage.tables import column_to_numpy, decode_metadata
+from tasks.layout import DIFFUSION_POOLS
 from tasks.row_cache import (FlatRows, ShardPair, SplitCache, is_validation, materialize, pairs_fingerprint,
                              read_columns, shard_pairs)
 
-# (images stage, codes stage) per pool
-POOLS: dict[str, tuple[str, str]] = {"codes": ("images", "codes"), "samples": ("samples", "samples")}
+POOLS = DIFFUSION_POOLS         # (images stage, codes stage) per pool
 ROWS, SPLIT, STATS = "rows.bin", "val.npy", "style_stats.npy"
 
 
-def build_image_cache(root: Location, cache_dir: str | Path, *, pools: Sequence[str] = ("codes", "samples"),
+def build_image_cache(root: Location, cache_dir: str | Path, *, pools: Sequence[str] = tuple(DIFFUSION_POOLS),
                       shards: Sequence[str] | None = None, val_fraction: float = 0.01) -> "ImageCache":
     """Join the pools' images and codes into a flat row file under ``cache_dir`` (reused if current)."""
     pairs = shard_pairs(root, pools, POOLS, shards)

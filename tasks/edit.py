@@ -57,7 +57,10 @@ def decoder_suffix(decoder: str) -> str:
 
 def plan_edits(codes: StageStore, variants: Sequence[EditVariant], methods: Sequence[str], cfg: BulkEditConfig
                ) -> list[ShardSpec]:
-    """Shards ``<codes shard>-<k>`` of ``images_per_shard`` images each, over the ok codes (sorted)."""
+    """Shards ``<codes shard>-<k>`` of ``images_per_shard`` images each, over the ok codes (sorted).
+    Each variant's τ is resolved already (``tasks.prompts.resolve_tau``): items record the τ they use."""
+    if any(v.tau is None for v in variants):
+        raise ValueError("plan_edits: every variant needs its τ resolved (tasks.prompts.resolve_tau)")
     specs, budget = [], cfg.max_images
     for upstream in plan_downstream(codes):
         items = upstream.items if budget is None else upstream.items[:max(budget, 0)]
@@ -136,11 +139,11 @@ class EditProcessor:
             try:
                 conv, changed = self._edit(method, variant, [inputs[i.meta["image"]] for i in items])
             except ed.PromptError as exc:
-                outcomes.update({i.key: ("failed", str(exc), _fields(i, variant, self.cfg.tau)) for i in items})
+                outcomes.update({i.key: ("failed", str(exc), _fields(i, variant)) for i in items})
                 continue
             rgb = torch.stack([inputs[i.meta["image"]][1] for i in items])
             counts = changed.tolist()                 # one copy to the host per batch
-            pending += [(item, conv[n], rgb[n], {**_fields(item, variant, self.cfg.tau),
+            pending += [(item, conv[n], rgb[n], {**_fields(item, variant),
                                                  "channels_changed": int(counts[n])})
                         for n, item in enumerate(items)]
         self._render([p for p in pending if p[0].meta["decoder"] == GENERATOR], outcomes)
@@ -173,7 +176,6 @@ class EditProcessor:
         if variant is None:                                       # the reconstruction
             return s, torch.zeros(len(rows), dtype=torch.long)
         dt, t_target = self._text(variant)
-        tau = self.cfg.tau if variant.tau is None else variant.tau
         if method == "styleclip_gd":
             step = ed.global_direction(self.models.relevance, dt, self.models.sigma, self.cfg.gd_beta)
             delta = (self.cfg.gd_alpha * step).expand_as(s)
@@ -185,7 +187,7 @@ class EditProcessor:
             cond = ed.retrieved_direction(self.models.memory, i, dt, self.cfg.retrieve_k) if retrieved else dt
             delta = ed.mapper_delta(self.models.mappers[method], method, s, i, cond, t_target)
             if self.models.relevance is not None:
-                mask = ed.relevance_mask(self.models.relevance, dt, tau, self.cfg.threshold)
+                mask = ed.relevance_mask(self.models.relevance, dt, variant.tau, self.cfg.threshold)
                 if retrieved and self.cfg.mask == "text+image":
                     mask = mask | ed.image_mask(self.models.relevance, cond, self._subspace(variant, dt),
                                                 self.cfg.image_mask_tau)
@@ -298,22 +300,21 @@ def _groups(spec: ShardSpec) -> dict[tuple[str, EditVariant | None], list[Item]]
     groups: dict[tuple[str, EditVariant | None], list[Item]] = {}
     for item in spec.items:
         v = item.meta.get("variant")
-        variant = None if v is None else EditVariant(v["prompt_id"], tuple(tuple(t) for t in v["terms"]),
-                                                     v["tau"], v["strength"], v["omega"], v["suffix"])
+        variant = None if v is None else EditVariant.from_dict(v)
         groups.setdefault((item.meta["method"], variant), []).append(item)
     return groups
 
 
-def _fields(item: Item, variant: EditVariant | None, default_tau: float) -> dict[str, Any]:
-    """The manifest columns of an edit (the same columns, types and order for every record)."""
+def _fields(item: Item, variant: EditVariant | None) -> dict[str, Any]:
+    """The manifest columns of an edit (the same columns, types and order for every record); ``tau``: the
+    variant's, resolved when the edits were planned."""
     method, decoder = item.meta["method"], item.meta["decoder"]
     masking = {"mask_fraction": NAN, "psnr_outside_mask": NAN}
     if variant is None:
         return {"prompt_id": "", "method": method, "decoder": decoder, "source_text": "", "target_text": "",
                 "terms": "[]", "tau": NAN, "strength": 0.0, "omega": NAN, "channels_changed": 0, **masking}
-    tau = default_tau if variant.tau is None else variant.tau
     return {"prompt_id": variant.prompt_id, "method": method, "decoder": decoder,
             "source_text": variant.source_text, "target_text": variant.target_text,
             "terms": json.dumps(variant.terms),          # [[source, target, weight], ...]: Δt exactly
-            "tau": NAN if method == "styleclip_gd" else float(tau), "strength": float(variant.strength),
+            "tau": NAN if method == "styleclip_gd" else float(variant.tau), "strength": float(variant.strength),
             "omega": NAN if variant.omega is None else float(variant.omega), "channels_changed": 0, **masking}

@@ -42,11 +42,11 @@ from models.stylegan2 import StyleCode
 from models import edit_directions as ed
 from models import metrics as M
 from tasks.edit import EditProcessor
+from tasks.layout import ANALYSIS_DIR
 from models.imaging import to_uint8
 from tasks.prompts import EditVariant
 
 MIXES = ("conv_only", "rgb_only", "full_swap")
-OUT_DIR = "analysis"
 JSON_FILE, MD_FILE = "analysis.json", "analysis.md"
 Classifier = Callable[[Tensor], Mapping[str, Tensor]]   # images (B, 3, H, W) in [-1, 1] → labels
 Expected = Callable[[str, str], dict[str, int]]         # (source, target text) → {attribute: label}
@@ -164,8 +164,7 @@ def kept_channels(processor: EditProcessor, variant: EditVariant) -> Tensor:
     relevance = processor.models.relevance
     if relevance is None:
         return torch.ones(processor.models.generator.layout.conv_total, dtype=torch.bool)
-    tau = processor.cfg.tau if variant.tau is None else variant.tau
-    return ed.relevance_mask(relevance, dt.to(relevance.device), tau, processor.cfg.threshold).cpu()
+    return ed.relevance_mask(relevance, dt.to(relevance.device), variant.tau, processor.cfg.threshold).cpu()
 
 
 def edit_scores(processor: EditProcessor, classifier: Classifier, variant: EditVariant,
@@ -195,10 +194,9 @@ def prompt_rows(processor: EditProcessor, classifier: Classifier, variants: Sequ
     before = read(processor.models.render, classifier, s, rgb, processor.cfg.batch_size)
     out = []
     for v in variants:
-        tau = processor.cfg.tau if v.tau is None else v.tau
         row: dict[str, Any] = {"variant": "__".join(p for p in (v.prompt_id, v.suffix) if p),
                                "source": v.source_text, "target": v.target_text,
-                               "strength": v.strength, "tau": tau}
+                               "strength": v.strength, "tau": v.tau}
         expected = {} if v.omega is not None else expected_of(v.source_text, v.target_text)
         row["expected"] = expected
         try:
@@ -353,7 +351,7 @@ REPORT_NOTE = ("analysis_* tables: `deltaedit analyze edits` (<root>/analysis/an
 def report_tables(root: Location) -> dict[str, pd.DataFrame]:
     """The analysis tables of a run (``<root>/analysis/analysis.json``) for the evaluate report;
     none when the analysis has not been run."""
-    loc = root.child(OUT_DIR)
+    loc = root.child(ANALYSIS_DIR)
     if not loc.exists(JSON_FILE):
         return {}
     return tables(json.loads(loc.read_bytes(JSON_FILE)))

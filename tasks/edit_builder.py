@@ -17,14 +17,16 @@ from infra.storage.store import StageStore
 from models import edit_directions as ed
 from models import zoo
 from models.compiled import FixedBatchCompiled
-from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.device import DeviceChoice
 from models.imaging import encode_image
 from models.relevance import style_statistics
 from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
+from tasks.actor import ActorModels
 from tasks.edit import EditModels, EditProcessor
 from tasks.edit_diffusion import DiffusionDecoder
 from tasks.edit_memory import load_memory, memory_identity
+from tasks.layout import CLIP_IMAGES, CODES, EDITS, IMAGES
 from tasks.relevance import load_relevance
 
 
@@ -43,19 +45,17 @@ class EditBuilder:
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     device: DeviceChoice = "auto"
     cpus: float = 1.0
-    codes_stage: str = "codes"                       # where the codes (and clip_<images>) come from
-    clip_stage: str = "clip_images"
-    images_stage: str = "images"                     # the photos the codes were inverted from
-    stage: str = "edits"
+    codes_stage: str = CODES                         # where the codes (and clip_<images>) come from
+    clip_stage: str = CLIP_IMAGES
+    images_stage: str = IMAGES                       # the photos the codes were inverted from
+    stage: str = EDITS
     memory_stages: tuple[str, ...] = ()              # CLIP stages searched by condition=retrieved (else none)
 
     def build(self) -> EditProcessor:
-        set_cpu_threads(self.cpus)
-        device = pick_device(self.device)
-        opts = self.storage_options
-        gen = zoo.build(self.generator, device=device, storage_options=opts).eval()
-        clip = zoo.build(self.clip, device=device, storage_options=opts)
-        mappers = {m: zoo.build(spec, device=device, storage_options=opts).eval() for m, spec in self.mappers}
+        models = ActorModels.start(self)
+        device, opts = models.device, self.storage_options
+        gen, clip = models.load(self.generator).eval(), models.load(self.clip)
+        mappers = {m: models.load(spec).eval() for m, spec in self.mappers}
         relevance = sigma = None
         if self.relevance_stage is not None:
             relevance = load_relevance(self.root, self.relevance_stage, opts).to(device)
@@ -64,8 +64,7 @@ class EditBuilder:
         synthesize = compiled_synthesis(gen, self.cfg.batch_size) if self.cfg.compile else None
         diffusion = None
         if self.diffusion is not None:
-            model = zoo.build(self.diffusion, device=device, storage_options=opts).eval()
-            diffusion = DiffusionDecoder(model, self.cfg.diffusion, self.cfg.batch_size)
+            diffusion = DiffusionDecoder(models.load(self.diffusion).eval(), self.cfg.diffusion, self.cfg.batch_size)
         root = Location(self.root, opts)
         memory = None
         if self.memory_stages:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from infra.config import RunConfig
 from infra.runtime.shards import ShardSpec
 from infra.runtime.stage import code_fingerprint
 from infra.runtime.upstream import spec_batches
@@ -11,8 +12,10 @@ from infra.storage.fsio import Location
 from infra.storage.records import Sink
 from infra.storage.store import StageStore
 from models import zoo
-from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.device import DeviceChoice
 from models.zoo import ModelSpec
+from tasks.actor import ActorModels
+from tasks.layout import clip_stage
 
 
 @dataclass
@@ -48,13 +51,19 @@ class EmbedBuilder:
     device: DeviceChoice = "auto"
     cpus: float = 1.0
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, upstream_stage: str) -> EmbedBuilder:
+        """The CLIP embeddings of ``upstream_stage``'s images under this config."""
+        return cls(clip=cfg.models.clip, upstream_root=cfg.root, upstream_stage=upstream_stage,
+                   storage_options=cfg.storage_options, batch_size=cfg.embed.batch_size, device=cfg.device,
+                   cpus=cfg.ray.cpus_per_actor)
+
     @property
     def stage(self) -> str:
-        return f"clip_{self.upstream_stage}"
+        return clip_stage(self.upstream_stage)
 
     def build(self) -> EmbedProcessor:
-        set_cpu_threads(self.cpus)
-        clip = zoo.build(self.clip, device=pick_device(self.device), storage_options=self.storage_options)
+        clip = ActorModels.start(self).load(self.clip)
         meta = {**clip.describe(), "normalised": True, "column": "embedding", "source_stage": self.upstream_stage}
         upstream = StageStore(Location(self.upstream_root, self.storage_options), self.upstream_stage)
         return EmbedProcessor(clip, upstream, self.batch_size, meta)

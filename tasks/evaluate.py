@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infra.config import EvaluateConfig
+from infra.config import EvaluateConfig, RunConfig
 from infra.runtime.shards import ShardSpec
 from infra.runtime.stage import code_fingerprint
 from infra.storage.fsio import Location
@@ -35,13 +35,15 @@ from infra.storage.records import Sink
 from infra.storage.store import StageStore
 from models import metrics as M
 from models import zoo
-from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.device import DeviceChoice
 from models.edit_directions import TEMPLATES, text_direction
 from models.imaging import resize_to
 from models.toy.captions import changed_attributes, expected_values
 from models.toy.oracle import Oracle
 from models.zoo import ModelSpec
+from tasks.actor import ActorModels
 from tasks.edit import RECON, recon_key
+from tasks.layout import EDITS, IMAGES, METRICS, Stages
 
 NAN = float("nan")
 _FILES = ("oracle", "inception_weights", "lpips_weights", "identity_model")   # fingerprinted by content
@@ -165,17 +167,24 @@ class MetricsBuilder:
     root: str
     cfg: EvaluateConfig
     templates: str = "imagenet"
-    images_stage: str = "images"
-    edits_stage: str = "edits"
+    images_stage: str = IMAGES
+    edits_stage: str = EDITS
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     device: DeviceChoice = "auto"
     cpus: float = 1.0
-    stage: str = "metrics"
+    stage: str = METRICS
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, stages: Stages) -> MetricsBuilder:
+        """The metrics of ``stages.edits`` (against ``stages.images``) under this config."""
+        return cls(clip=cfg.models.clip, root=cfg.root, cfg=cfg.evaluate, templates=cfg.bulk_edit.templates,
+                   images_stage=stages.images, edits_stage=stages.edits, storage_options=cfg.storage_options,
+                   device=cfg.device, cpus=cfg.ray.cpus_per_actor, stage=stages.metrics)
 
     def build(self) -> MetricsProcessor:
-        set_cpu_threads(self.cpus)
-        device, opts, c = pick_device(self.device), self.storage_options, self.cfg
-        clip = zoo.build(self.clip, device=device, storage_options=opts)
+        models = ActorModels.start(self)
+        device, opts, c = models.device, self.storage_options, self.cfg
+        clip = models.load(self.clip)
         features = (M.inception_extractor(c.inception_weights, device) if c.features == "inception"
                     else M.clip_extractor(clip))
         oracle = None

@@ -31,9 +31,9 @@ from infra.storage.readers import encoded_image, iter_image_samples
 from infra.storage.store import StageStore
 from infra.storage.tables import STATUS_OK, table_to_parquet_bytes
 from tasks.edit import RECON
+from tasks.layout import Stages
 from models.imaging import encode_image
 
-CATALOG = "catalog_"
 FORMATS = ("png", "jpg", "webp")
 MANIFESTS = ("csv", "parquet")
 RESIZES = ("fit", "center_crop", "none")
@@ -59,15 +59,9 @@ class ExportResult:
 
 # --- which stores ----------------------------------------------------------------------------------
 
-def stages_for(edits_stage: str) -> tuple[str, str]:
-    """(images, metrics) stages of an edits stage: ``catalog_edits`` → catalog_images, catalog_metrics."""
-    prefix = edits_stage[: -len("edits")] if edits_stage.endswith("edits") else ""
-    return f"{prefix}images", f"{prefix}metrics"
-
-
 def pick_edits_stage(root: Location, stage: str | None = None) -> str:
     """``stage`` if given, else a catalog's edits when they exist, else the run's; finished shards required."""
-    candidates = [stage] if stage else [f"{CATALOG}edits", "edits"]
+    candidates = [stage] if stage else [Stages.of(catalog=True).edits, Stages.of().edits]
     for name in candidates:
         if StageStore(root, name).finished():
             return name
@@ -178,7 +172,8 @@ def export_edits(root: str, dest: str, *, stage: str | None = None, original_siz
         raise ValueError(f"unknown resize policy {resize!r}; one of {RESIZES}")
     run = Location(root, storage_options)
     edits_stage = pick_edits_stage(run, stage)
-    images_stage, metrics_stage = stages_for(edits_stage)
+    stages = Stages.of_edits(edits_stage)
+    images_stage, metrics_stage = stages.images, stages.metrics
     edits = StageStore(run, edits_stage)
     rows = edit_rows(edits)
     if not rows:

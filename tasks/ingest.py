@@ -12,12 +12,13 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from infra.config import IngestConfig
+from infra.config import IngestConfig, RunConfig
 from infra.storage.fsio import open_uri
 from infra.storage.records import Sink
 from infra.runtime.shards import Item, ShardSpec
 from infra.runtime.stage import code_fingerprint
 from models.imaging import encode_image
+from tasks.layout import IMAGES
 
 
 class BadImage(ValueError):
@@ -113,7 +114,11 @@ class IngestProcessor:
 class IngestBuilder:
     cfg: IngestConfig
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
-    stage: str = "images"
+    stage: str = IMAGES
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, stage: str = IMAGES) -> IngestBuilder:
+        return cls(cfg=cfg.ingest, storage_options=cfg.storage_options, stage=stage)
 
     def build(self) -> IngestProcessor:
         return IngestProcessor(self.cfg, self.storage_options)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from infra.config import RunConfig
 from infra.runtime.shards import ShardSpec
 from infra.runtime.stage import code_fingerprint
 from infra.runtime.upstream import spec_batches
@@ -14,9 +15,11 @@ from infra.storage.fsio import Location
 from infra.storage.records import Sink
 from infra.storage.store import StageStore
 from models import zoo
-from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.device import DeviceChoice
 from models.imaging import psnr, resize_to
 from models.zoo import ModelSpec
+from tasks.actor import ActorModels
+from tasks.layout import CODES, IMAGES
 
 
 @dataclass
@@ -62,15 +65,21 @@ class InvertBuilder:
     keep_wplus: bool = False
     device: DeviceChoice = "auto"
     cpus: float = 1.0
-    upstream_stage: str = "images"
-    stage: str = "codes"
+    upstream_stage: str = IMAGES
+    stage: str = CODES
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, upstream_stage: str = IMAGES, stage: str = CODES) -> InvertBuilder:
+        """The inversion of ``upstream_stage``'s images into ``stage`` under this config."""
+        return cls(encoder=cfg.models.encoder, generator=cfg.models.generator, upstream_root=cfg.root,
+                   storage_options=cfg.storage_options, batch_size=cfg.invert.batch_size,
+                   keep_wplus=cfg.invert.keep_wplus, device=cfg.device, cpus=cfg.ray.cpus_per_actor,
+                   upstream_stage=upstream_stage, stage=stage)
 
     def build(self) -> InvertProcessor:
-        set_cpu_threads(self.cpus)
-        device = pick_device(self.device)
-        encoder = zoo.build(self.encoder, device=device, storage_options=self.storage_options).eval()
-        generator = (zoo.build(self.generator, device=device, storage_options=self.storage_options)
-                     if self.generator is not None else encoder.generator)
+        models = ActorModels.start(self)
+        encoder = models.load(self.encoder).eval()
+        generator = models.load(self.generator) if self.generator is not None else encoder.generator
         if generator is None:
             raise ValueError("invert needs a generator: set models.generator, or use an encoder "
                              "checkpoint that carries its decoder")
@@ -78,7 +87,7 @@ class InvertBuilder:
         meta = {"encoder": self.encoder.model_dump(mode="json"), "layout": generator.layout.to_dict(),
                 "columns": {"s": "conv styles", "s_rgb": "toRGB styles", "w_plus": "W+ (flattened)"}}
         upstream = StageStore(Location(self.upstream_root, self.storage_options), self.upstream_stage)
-        return InvertProcessor(encoder, generator, upstream, self.batch_size, self.keep_wplus, device, meta)
+        return InvertProcessor(encoder, generator, upstream, self.batch_size, self.keep_wplus, models.device, meta)
 
     def fingerprint(self) -> str:
         return code_fingerprint(InvertProcessor, config={"encoder": zoo.identity(self.encoder, self.storage_options),

@@ -21,16 +21,16 @@ import torch.nn.functional as F
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from infra.storage.tables import column_to_numpy, decode_metadata
+from tasks.layout import MAPPER_POOLS
 from tasks.row_cache import (EpochSampler, FlatRows, ShardPair, SplitCache, is_validation, materialize,
                              pairs_fingerprint, read_columns, shard_pairs)
 
-# (codes stage, CLIP stage) per pool: inverted real images and generator samples
-POOLS: dict[str, tuple[str, str]] = {"codes": ("codes", "clip_images"), "samples": ("samples", "clip_samples")}
+POOLS = MAPPER_POOLS            # (codes stage, CLIP stage) per pool: inverted real images and generator samples
 ROWS = "rows.f32"
 SPLIT = "val.npy"
 
 
-def build_row_cache(root: Location, cache_dir: str | Path, *, pools: Sequence[str] = ("codes", "samples"),
+def build_row_cache(root: Location, cache_dir: str | Path, *, pools: Sequence[str] = tuple(MAPPER_POOLS),
                     shards: Sequence[str] | None = None, val_fraction: float = 0.01) -> "RowCache":
     """Join the pools' codes and CLIP shards into a flat row file under ``cache_dir`` (reused if current)."""
     pairs = shard_pairs(root, pools, POOLS, shards)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import csv
 import io
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import yaml
@@ -37,7 +38,7 @@ class EditVariant:
     """One edit applied to every image: Δt = Σ weight·(t(target) − t(source)) over ``terms``."""
     prompt_id: str
     terms: tuple[Term, ...]
-    tau: float | None = None           # None: the run's bulk_edit.tau
+    tau: float | None = None           # None: the run's bulk_edit.tau, until ``resolve_tau`` sets it
     strength: float = 1.0
     omega: float | None = None         # interpolation weight, when the prompt is an ω sweep
     suffix: str = ""                   # key suffix that tells sweep points apart (no dots)
@@ -52,6 +53,16 @@ class EditVariant:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditVariant:
+        """The inverse of ``to_dict`` (after a JSON round trip: terms come back as lists)."""
+        return cls(**{**data, "terms": tuple(tuple(t) for t in data["terms"])})
+
+
+def resolve_tau(variants: Sequence[EditVariant], run_tau: float) -> list[EditVariant]:
+    """Each variant with the τ it is edited with: its own, else the run's ``bulk_edit.tau``."""
+    return [v if v.tau is not None else replace(v, tau=run_tau) for v in variants]
 
 
 def load_prompts(uri: str, storage_options: dict[str, Any] | None = None) -> list[EditVariant]:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from infra.config import RunConfig
 from infra.runtime.shards import Item, ShardSpec
 from infra.runtime.stage import code_fingerprint
 from infra.storage.fsio import Location
@@ -31,9 +32,11 @@ from infra.storage.records import Sink
 from infra.storage.store import StageStore
 from infra.storage.tables import decode_metadata
 from models import zoo
-from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.device import DeviceChoice
 from models.relevance import StyleStats, exact_rows, fast_rows, freeze, style_statistics
 from models.zoo import ModelSpec
+from tasks.actor import ActorModels
+from tasks.layout import SAMPLES, relevance_stage
 from tasks.relevance_covariance import covariance_pairs, covariance_rows
 from tasks.row_cache import pairs_fingerprint
 
@@ -106,14 +109,23 @@ class RelevanceBuilder:
     jacobian_batch: int = 8        # fast: images per Jacobian pass
     fast_rank: int = 0             # fast: 0 = full Jacobian, k = k leading CLIP directions (after batch 1)
     root: str | None = None        # covariance: the run whose pools it reads
-    pools: tuple[str, ...] = ("samples",)
+    pools: tuple[str, ...] = (SAMPLES,)
     seed: int = 0
     device: DeviceChoice = "auto"
     cpus: float = 1.0
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> RelevanceBuilder:
+        r = cfg.relevance
+        return cls(generator=cfg.models.generator, clip=cfg.models.clip, storage_options=cfg.storage_options,
+                   mode=r.mode, n_images=r.n_images, n_stat_samples=r.n_stat_samples,
+                   sigma_scale=r.sigma_scale, batch_size=r.batch_size, jacobian_batch=r.jacobian_batch,
+                   fast_rank=r.fast_rank, root=cfg.root, pools=tuple(r.pools), seed=cfg.seed, device=cfg.device,
+                   cpus=cfg.ray.cpus_per_actor)
+
     @property
     def stage(self) -> str:
-        return f"relevance_{self.mode}"
+        return relevance_stage(self.mode)
 
     def settings(self) -> dict[str, Any]:
         """What determines the numbers (not how fast they come): part of the fingerprint and metadata."""
@@ -134,10 +146,8 @@ class RelevanceBuilder:
         return {"pools": list(self.pools), "shards": pairs_fingerprint(self._pairs())}
 
     def build(self) -> RelevanceProcessor:
-        set_cpu_threads(self.cpus)
-        device = pick_device(self.device)
-        gen = zoo.build(self.generator, device=device, storage_options=self.storage_options)
-        clip = zoo.build(self.clip, device=device, storage_options=self.storage_options)
+        models = ActorModels.start(self)
+        gen, clip = models.load(self.generator), models.load(self.clip)
         freeze(gen, clip.model)
         covariance = self.mode == "covariance"
         stats = None if covariance else style_statistics(gen, self.n_stat_samples, self.n_images, self.seed)
@@ -153,7 +163,7 @@ class RelevanceBuilder:
         return code_fingerprint(RelevanceProcessor, fast_rows, covariance_rows, config=self.settings())
 
 
-def load_relevance(root: str, stage: str = "relevance_exact",
+def load_relevance(root: str, stage: str = relevance_stage("exact"),
                    storage_options: dict[str, Any] | None = None) -> Tensor:
     """Assemble Rₛ (C, D) from a run's finished blocks, in channel order; missing channels are an error."""
     table = read_vectors(StageStore(Location(root, storage_options or {}), stage))

@@ -10,13 +10,16 @@ from typing import Any
 
 import torch
 
+from infra.config import RunConfig
 from infra.storage.records import Sink
 from infra.runtime.shards import Item, ShardSpec
 from infra.runtime.stage import code_fingerprint
 from models import zoo
-from models.device import DeviceChoice, pick_device, set_cpu_threads
+from models.device import DeviceChoice
 from models.zoo import ModelSpec
 from models.imaging import encode_image, to_uint8
+from tasks.actor import ActorModels
+from tasks.layout import SAMPLES
 
 
 def sample_items(n: int, seed: int) -> list[Item]:
@@ -66,16 +69,22 @@ class SampleBuilder:
     image_format: str = "png"
     device: DeviceChoice = "auto"
     cpus: float = 1.0
-    stage: str = "samples"
+    stage: str = SAMPLES
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> SampleBuilder:
+        s = cfg.sample
+        return cls(generator=cfg.models.generator, storage_options=cfg.storage_options, batch_size=s.batch_size,
+                   truncation_psi=s.truncation_psi, image_format=s.image_format, device=cfg.device,
+                   cpus=cfg.ray.cpus_per_actor)
 
     def build(self) -> SampleProcessor:
-        set_cpu_threads(self.cpus)
-        device = pick_device(self.device)
-        gen = zoo.build(self.generator, device=device, storage_options=self.storage_options).eval()
+        models = ActorModels.start(self)
+        gen = models.load(self.generator).eval()
         meta = {"generator": self.generator.model_dump(mode="json"), "truncation_psi": self.truncation_psi,
                 "columns": {"s": "conv styles", "s_rgb": "toRGB styles", "w": "mapped w"},
                 "layout": gen.layout.to_dict()}
-        return SampleProcessor(gen, self.batch_size, self.truncation_psi, self.image_format, device, meta)
+        return SampleProcessor(gen, self.batch_size, self.truncation_psi, self.image_format, models.device, meta)
 
     def fingerprint(self) -> str:
         return code_fingerprint(SampleProcessor, encode_image,

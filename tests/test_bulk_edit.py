@@ -111,6 +111,45 @@ def test_csv_without_target_column_is_rejected(tmp_path):
         load_prompts(str(path))
 
 
+def test_each_variant_is_planned_with_its_own_tau_else_the_runs():
+    from tasks.prompts import resolve_tau
+
+    variants = expand([{"id": "a", "source": "x", "target": "y", "tau": 0.3},
+                       {"id": "b", "source": "x", "target": "z", "strengths": [1, 2]}], "p.yaml")
+    assert [v.tau for v in resolve_tau(variants, 0.0)] == [0.3, 0.0, 0.0]
+    assert [v.tau for v in resolve_tau(variants, 0.1)] == [0.3, 0.1, 0.1]
+
+
+# --- the run layout --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("catalog", [False, True])
+def test_builders_made_from_the_config_read_the_stages_the_layout_declares(catalog, tmp_path):
+    from infra.config import load_config
+    from tasks.edit_plan import edit_builder, input_stages
+    from tasks.embed import EmbedBuilder
+    from tasks.evaluate import MetricsBuilder
+    from tasks.invert import InvertBuilder
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    cfg = load_config(config, [f"root={tmp_path}", "bulk_edit.tau=0", "bulk_edit.methods=[deltaedit]",
+                               "bulk_edit.condition=text", "bulk_edit.mask=text",
+                               "models.mapper.name=delta_mapper"] + (["bulk_edit.catalog=photos"] if catalog else []))
+    stages = input_stages(cfg)
+    assert stages.edits == ("catalog_edits" if catalog else "edits")
+    invert, embed = InvertBuilder.from_config(cfg, stages.images, stages.codes), EmbedBuilder.from_config(cfg, stages.images)
+    edit, metrics = edit_builder(cfg, "toy.yaml"), MetricsBuilder.from_config(cfg, stages)
+    assert {invert.stage: (invert.upstream_stage,), embed.stage: (embed.upstream_stage,),
+            edit.stage: (edit.codes_stage, edit.clip_stage, edit.images_stage),
+            metrics.stage: (metrics.images_stage, metrics.edits_stage)} == stages.reads()
+
+
+def test_evaluate_without_a_recorded_plan_says_to_run_bulk_edit(tmp_path):
+    from tasks.edit_plan import read_plan
+
+    with pytest.raises(ConfigError, match="bulk-edit"):
+        read_plan(StageStore(Location(str(tmp_path)), "edits"))
+
+
 # --- edit directions -----------------------------------------------------------------------------------------
 
 def test_relevance_threshold_and_global_direction_follow_their_definitions():
@@ -228,7 +267,7 @@ def test_bulk_edit_ingests_and_inverts_a_new_catalog(prepared, tmp_path):
 
 
 def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
-    from flows.bulk_edit import edit_builder
+    from tasks.edit_plan import edit_builder
     from infra.config import load_config
 
     root, overrides = prepared
@@ -238,12 +277,12 @@ def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
 
 
 def test_retrieved_condition_searches_the_mappers_training_embeddings(prepared, tmp_path):
-    from flows.bulk_edit import edit_builder
+    from tasks.edit_plan import edit_builder
     from infra.config import load_config
     from tasks.prompts import EditVariant
 
     root, overrides = prepared
-    variant = EditVariant("red", (("a shape", "a red shape", 1.0),))
+    variant = EditVariant("red", (("a shape", "a red shape", 1.0),), tau=0.01)
     cfg = load_config(None, overrides + ["bulk_edit.methods=[deltaedit]", "bulk_edit.condition=retrieved",
                                          "bulk_edit.retrieve_k=2"])
     builder = edit_builder(cfg, "test.yaml", [variant])
@@ -264,22 +303,50 @@ def test_retrieved_condition_searches_the_mappers_training_embeddings(prepared, 
 
 
 def _edit_specs(cfg):
-    from flows.bulk_edit import planned_edits
+    from tasks.edit_plan import planned_edits
     return planned_edits(cfg, [])
 
 
 def test_a_prompts_own_tau_needs_the_relevance_matrix_when_the_runs_tau_is_zero(prepared, tmp_path):
-    from flows.bulk_edit import edit_builder
+    from tasks.edit_plan import edit_builder
     from infra.config import load_config
-    from tasks.prompts import EditVariant
+    from tasks.prompts import EditVariant, resolve_tau
 
     root, overrides = prepared
     cfg = load_config(None, overrides + ["bulk_edit.tau=0", "bulk_edit.methods=[deltaedit]",
                                          "relevance.mode=fast"])            # no such Rₛ in the prepared run
     terms = (("a shape", "a red shape", 1.0),)
-    assert edit_builder(cfg, "test.yaml", [EditVariant("red", terms)]).relevance_stage is None
+    assert edit_builder(cfg, "test.yaml", resolve_tau([EditVariant("red", terms)], 0.0)).relevance_stage is None
     with pytest.raises(ConfigError, match="relevance"):
         edit_builder(cfg, "test.yaml", [EditVariant("red", terms, tau=0.2)])
+
+
+def test_a_prompts_own_tau_is_planned_applied_and_recorded_when_the_runs_tau_is_zero(prepared, tmp_path):
+    """τ is resolved once, when the edits are planned: the items carry it, Rₛ is loaded for it, the mask
+    keeps fewer channels at it, and the manifest records it."""
+    from infra.config import load_config
+    from infra.storage.records import MemorySink
+    from tasks.edit_plan import edit_builder, edit_variants, planned_edits
+
+    root, overrides = prepared
+    prompts = tmp_path / "tau.yaml"
+    prompts.write_text("- {id: plain, source: a shape, target: a red shape}\n"
+                       "- {id: own, source: a shape, target: a red shape, tau: 0.5}\n")
+    cfg = load_config(None, overrides + ["bulk_edit.tau=0", "bulk_edit.methods=[deltaedit]",
+                                         f"bulk_edit.prompts={prompts}"])
+    variants = edit_variants(cfg, "test.yaml")
+    assert [(v.prompt_id, v.tau) for v in variants] == [("plain", 0.0), ("own", 0.5)]
+    spec = planned_edits(cfg, variants)[0]
+    planned = {i.meta["variant"]["prompt_id"]: i.meta["variant"]["tau"] for i in spec.items if "variant" in i.meta}
+    assert planned == {"plain": 0.0, "own": 0.5}
+    builder = edit_builder(cfg, "test.yaml", variants)
+    assert builder.relevance_stage == "relevance_exact"
+    sink = MemorySink()
+    builder.build()(spec, sink)
+    rows = [r.fields for r in sink.records if r.fields["prompt_id"]]
+    assert {(r["prompt_id"], r["tau"]) for r in rows} == {("plain", 0.0), ("own", 0.5)}
+    changed = {p: sum(r["channels_changed"] for r in rows if r["prompt_id"] == p) for p in ("plain", "own")}
+    assert changed["own"] < changed["plain"]
 
 
 def _copies(root: Path, overrides: list[str], tmp_path: Path, names: tuple[str, ...]) -> dict[str, Path]:
@@ -380,6 +447,13 @@ def test_evaluate_measures_every_edit_and_writes_the_report(prepared):
     import pandas as pd
     assert sorted(pd.read_parquet(report / "by_method.parquet")["method"]) == sorted(METHODS)
     assert evaluate_flow(None, overrides)["metrics"]["ran"] == 0
+    # evaluate measures what bulk-edit recorded in the edits store, whatever the prompts file says now
+    changed = root.parent / "changed.yaml"
+    changed.write_text("- {id: other, source: a shape, target: a blue shape}\n")
+    for prompts in (changed, root.parent / "removed.yaml"):
+        again = evaluate_flow(None, overrides + [f"bulk_edit.prompts={prompts}"])["metrics"]
+        assert (again["ran"], again["seen"], again["shards"]) == (0, result["metrics"]["seen"],
+                                                                result["metrics"]["shards"])
 
 
 @pytest.mark.usefixtures("prefect_harness", "ray_cluster")
@@ -388,7 +462,8 @@ def test_diffusion_decoders_edit_next_to_the_generator_and_are_evaluated(prepare
     evaluate: counts add up, every diffusion edit has its reconstruction, the report puts D next to G."""
     import pandas as pd
 
-    from flows.bulk_edit import bulk_edit_flow, edit_builder
+    from flows.bulk_edit import bulk_edit_flow
+    from tasks.edit_plan import edit_builder
     from flows.evaluate import evaluate_flow
     from flows.train_diffusion import train_diffusion_flow
     from infra.config import load_config

@@ -41,7 +41,7 @@ class TinyRun:
 
     def shards(self, stage: str) -> list[ShardSpec]:
         from tasks.edit import plan_edits
-        from tasks.prompts import load_prompts
+        from tasks.prompts import load_prompts, resolve_tau
         from tasks.relevance import channel_items
         from tasks.sample import sample_items
 
@@ -54,7 +54,7 @@ class TinyRun:
             layout = StyleLayout.for_generator(TINY_G["size"], channels=TINY_G["channels"])
             return plan_shards(channel_items(layout.conv_total), cfg.relevance.block_size)
         if stage == "edit":
-            variants = load_prompts(cfg.bulk_edit.prompts)
+            variants = resolve_tau(load_prompts(cfg.bulk_edit.prompts), cfg.bulk_edit.tau)
             return plan_edits(StageStore(root, "codes"), variants, METHODS, cfg.bulk_edit)
         upstream = {"invert": "images", "embed": "images", "metrics": "edits"}[stage]
         return plan_downstream(StageStore(root, upstream))

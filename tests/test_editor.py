@@ -101,8 +101,9 @@ def _pixels(image: Image.Image | None) -> np.ndarray:
 def _bulk_edit_stages(cfg, photos: Path) -> StageStore:
     """The pipeline's stages over the catalog with their builders, as the preprocess and
     bulk-edit flows run them (ingest, invert, embed, then the edit stage), in this process."""
-    from flows.bulk_edit import edit_builder, edit_variants
-    from flows.preprocess import embed_builder, invert_builder
+    from tasks.edit_plan import edit_builder, edit_variants
+    from tasks.embed import EmbedBuilder
+    from tasks.invert import InvertBuilder
     from infra.storage.catalog import list_catalog
     from infra.runtime.shards import plan_shards
     from infra.runtime.stage import execute_shard
@@ -112,11 +113,11 @@ def _bulk_edit_stages(cfg, photos: Path) -> StageStore:
 
     root = Location(cfg.root)
     images, codes = StageStore(root, "images"), StageStore(root, "codes")
-    ingest = IngestBuilder(cfg.ingest, cfg.storage_options)
+    ingest = IngestBuilder.from_config(cfg)
     for spec in plan_shards(list_catalog(str(photos)), cfg.ingest.shard_size):
         execute_shard(ingest.build(), spec, images, ingest.fingerprint())
-    for builder, out in ((invert_builder(cfg), codes),
-                         (embed_builder(cfg, "images"), StageStore(root, "clip_images"))):
+    for builder, out in ((InvertBuilder.from_config(cfg), codes),
+                         (EmbedBuilder.from_config(cfg, "images"), StageStore(root, "clip_images"))):
         processor = builder.build()
         for spec in plan_downstream(images):
             execute_shard(processor, spec, out, builder.fingerprint())

@@ -16,9 +16,7 @@ import pytest
 import torch
 
 from flows.edit_analysis import analyze_edits
-from flows.preprocess import embed_builder, invert_builder, sample_builder
-from flows.relevance import relevance_builder, relevance_shards
-from flows.train_mapper import mapper_dir
+from flows.relevance import relevance_shards
 from helpers_pipeline import run_directly
 from infra.storage.catalog import list_catalog
 from infra.config import load_config
@@ -27,9 +25,13 @@ from infra.runtime.shards import plan_shards
 from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
 from models.toy.catalog import render_catalog
+from tasks.embed import EmbedBuilder
 from tasks.ingest import IngestBuilder
+from tasks.invert import InvertBuilder
+from tasks.layout import mapper_dir
 from tasks.mapper_data import build_row_cache
-from tasks.sample import sample_items
+from tasks.relevance import RelevanceBuilder
+from tasks.sample import SampleBuilder, sample_items
 from tasks.train_mapper import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,11 +66,11 @@ def analysis(tmp_path_factory) -> dict:
         f"bulk_edit.prompts={base / 'prompts.yaml'}"])
     stores = Location(root)
     run_directly(IngestBuilder(cfg.ingest), plan_shards(list_catalog(cfg.ingest.source), 48), root)
-    run_directly(invert_builder(cfg), plan_downstream(StageStore(stores, "images")), root)
-    run_directly(embed_builder(cfg, "images"), plan_downstream(StageStore(stores, "images")), root)
-    run_directly(sample_builder(cfg), plan_shards(sample_items(1024, cfg.seed), 512), root)
-    run_directly(embed_builder(cfg, "samples"), plan_downstream(StageStore(stores, "samples")), root)
-    run_directly(relevance_builder(cfg), relevance_shards(cfg), root)
+    run_directly(InvertBuilder.from_config(cfg), plan_downstream(StageStore(stores, "images")), root)
+    run_directly(EmbedBuilder.from_config(cfg, "images"), plan_downstream(StageStore(stores, "images")), root)
+    run_directly(SampleBuilder.from_config(cfg), plan_shards(sample_items(1024, cfg.seed), 512), root)
+    run_directly(EmbedBuilder.from_config(cfg, "samples"), plan_downstream(StageStore(stores, "samples")), root)
+    run_directly(RelevanceBuilder.from_config(cfg), relevance_shards(cfg), root)
     cache = build_row_cache(stores, base / "cache", val_fraction=cfg.train_mapper.val_fraction)
     fit(cfg.train_mapper, cfg.seed, cache, stores.child(mapper_dir("delta")), log=lambda _: None)
     def variant(**bulk_edit) -> object:

@@ -37,8 +37,9 @@ def _names() -> list[str]:
 
 @pytest.fixture(scope="module")
 def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]], list[str]]:
-    from flows.bulk_edit import edit_builder, edit_variants, input_stages
-    from flows.preprocess import embed_builder, invert_builder
+    from tasks.edit_plan import edit_builder, edit_variants, input_stages
+    from tasks.embed import EmbedBuilder
+    from tasks.invert import InvertBuilder
     from infra.storage.catalog import list_catalog
     from infra.runtime.shards import plan_shards
     from infra.runtime.stage import execute_shard
@@ -78,11 +79,11 @@ def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]
     stages = input_stages(cfg)
     loc = Location(cfg.root)
     images, codes = StageStore(loc, stages.images), StageStore(loc, stages.codes)
-    ingest = IngestBuilder(cfg.ingest, cfg.storage_options, stage=stages.images)
+    ingest = IngestBuilder.from_config(cfg, stages.images)
     for spec in plan_shards(list_catalog(str(photos)), cfg.ingest.shard_size):
         execute_shard(ingest.build(), spec, images, ingest.fingerprint())
-    for builder, out in ((invert_builder(cfg, stages.images, stages.codes), codes),
-                         (embed_builder(cfg, stages.images), StageStore(loc, stages.clip))):
+    for builder, out in ((InvertBuilder.from_config(cfg, stages.images, stages.codes), codes),
+                         (EmbedBuilder.from_config(cfg, stages.images), StageStore(loc, stages.clip))):
         processor = builder.build()
         for spec in plan_downstream(images):
             execute_shard(processor, spec, out, builder.fingerprint())

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port
-from flows.registry import FLOWS
+from flows.registry import FLOWS, load_flow, prefect_yaml_mismatches
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -50,9 +50,25 @@ def _prefect(env, *args: str) -> str:
 def test_every_flow_has_a_deployment():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     entrypoints = {d["entrypoint"] for d in spec["deployments"]}
-    assert {f.entrypoint for f in FLOWS.values()} <= entrypoints
+    assert {f.entrypoint for f in FLOWS.values()} == entrypoints
+    assert prefect_yaml_mismatches(REPO / "prefect.yaml") == []
     nightly = [d for d in spec["deployments"] if d.get("schedules")]
     assert any(s["cron"] == "0 2 * * *" for d in nightly for s in d["schedules"])
+
+
+def test_registry_names_are_the_flows_own_names():
+    """`deltaedit run <name>` and the Prefect flow (its runs, its deployments) go by the same name."""
+    assert {name: load_flow(name).name for name in FLOWS} == {name: name for name in FLOWS}
+
+
+def test_a_deployment_of_no_registered_flow_is_reported(tmp_path):
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    spec["deployments"][0]["entrypoint"] = "flows/gone.py:gone_flow"
+    spec["deployments"][-1]["name"] = "nightly-evaluate"
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+    problems = prefect_yaml_mismatches(tmp_path / "prefect.yaml")
+    assert any("no deployment" in p and "'ingest'" in p for p in problems)
+    assert any("gone.py" in p for p in problems) and any("nightly-evaluate" in p for p in problems)
 
 
 @pytest.mark.timeout(600)

@@ -21,7 +21,7 @@ from infra.storage.store import StageStore
 from models.clip import ClipEncoder
 from models.stylegan2 import Generator, StyleCode
 from models.relevance import _STATS_STREAM, _z, exact_rows, fast_rows, freeze, style_statistics
-from tasks.relevance import channel_items, load_relevance
+from tasks.relevance import RelevanceBuilder, channel_items, load_relevance
 
 # Tiny random-weight models, 3 images: measured mean row cosine 0.860 (min -0.07). Random generators are
 # far less smooth along a channel than trained ones, so the tangent is a rougher stand-in for the ±5σ
@@ -107,11 +107,9 @@ def test_low_rank_fast_mode_stays_close_to_the_full_jacobian(tiny):
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_stage_writes_unit_rows_for_the_whole_layout(tmp_path, zoo_overrides, mode):
-    from flows.relevance import relevance_builder
-
     cfg = load_config(None, zoo_overrides + ["device=cpu", f"relevance.mode={mode}", "relevance.n_images=2",
                                              "relevance.n_stat_samples=256", "relevance.batch_size=32"])
-    builder = relevance_builder(cfg)
+    builder = RelevanceBuilder.from_config(cfg)
     proc = builder.build()
     store = StageStore(Location(str(tmp_path)), builder.stage)
     n = proc.generator.layout.conv_total
@@ -149,7 +147,7 @@ def test_cli_compare_prints_the_comparison(tmp_path, zoo_overrides):
 
 @pytest.mark.usefixtures("prefect_harness", "ray_cluster")
 def test_flow_resumes_by_block_and_matches_one_process(tmp_path, zoo_overrides):
-    from flows.relevance import relevance_builder, relevance_flow
+    from flows.relevance import relevance_flow
 
     overrides = zoo_overrides + [f"root={tmp_path / 'run'}", "device=cpu", "prefect.retries=0", "ray.actors=2",
                                  "relevance.mode=exact", "relevance.n_images=2", "relevance.n_stat_samples=256",
@@ -163,6 +161,6 @@ def test_flow_resumes_by_block_and_matches_one_process(tmp_path, zoo_overrides):
     assert (full["shards"], full["ran"], full["skipped"]) == (3, 2, 1)
     assert full["seen"] == full["ok"] == n and full["failed"] == 0
     matrix = load_relevance(str(tmp_path / "run"), "relevance_exact")
-    reference = relevance_builder(load_config(None, overrides)).build().rows(range(n))
+    reference = RelevanceBuilder.from_config(load_config(None, overrides)).build().rows(range(n))
     assert matrix.shape == reference.shape and torch.allclose(matrix, reference, atol=1e-5)
     assert torch.allclose(F.normalize(matrix, dim=1), matrix, atol=1e-5)
