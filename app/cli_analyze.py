@@ -107,7 +107,7 @@ def add_edits(actions: argparse._SubParsersAction) -> None:
                      help="counterfactual codes for the ceiling: 'toy' (default with the toy "
                           "classifier: models/toy/counterfactual.py), 'none' (skip the ceiling) or "
                           "module:function, called as function(generator, n, seed) → provider "
-                          "(tasks/edit_analysis.py: CounterfactualProvider)")
+                          "(tasks/analysis/edits.py: CounterfactualProvider)")
     ana.add_argument("--seed", type=int,
                      help="seed of the ceiling's samples (default: the config's)")
     ana.add_argument("--out", metavar="DIR",
@@ -122,7 +122,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from tasks import deltaspace as ds  # deferred: loaded only by the command that needs it
+    from tasks.analysis import deltaspace as ds  # deferred: loaded only by the command that needs it
 
     try:
         feats = ds.load_features(args.images, args.texts, args.delta_images, args.delta_texts, args.parquet,
@@ -150,7 +150,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_analyze_edits(args: argparse.Namespace) -> int:
     from flows.edit_analysis import analyze_edits  # deferred: loaded only by the command that needs it
     from infra.storage.fsio import Location
-    from tasks import edit_analysis as EA
+    from tasks.analysis import edits as EA
     from tasks.layout import ANALYSIS_DIR
 
     if args.images < 1 or args.samples < 1:

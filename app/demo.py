@@ -19,7 +19,7 @@ from infra.config import load_config
 from infra.runtime.prefect_runtime import ensure_prefect_api
 from infra.storage.fsio import Location
 from models.toy.catalog import render_catalog
-from tasks import edit_analysis as EA
+from tasks.analysis import edits as EA
 from tasks.layout import ANALYSIS_DIR
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"

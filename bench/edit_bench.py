@@ -58,8 +58,8 @@ from models.delta_mapper import DeltaMapper, MapperConfig  # noqa: E402
 from models.stylegan2 import Generator, StyleCode  # noqa: E402
 from models.zoo import ModelSpec  # noqa: E402
 from models import edit_directions as ed  # noqa: E402
-from tasks.edit import EditModels, EditProcessor, edit_key, plan_edits, recon_key  # noqa: E402
-from tasks.edit_builder import EditBuilder, compiled_synthesis  # noqa: E402
+from tasks.edit.processor import EditModels, EditProcessor, edit_key, plan_edits, recon_key  # noqa: E402
+from tasks.edit.builder import EditBuilder, compiled_synthesis  # noqa: E402
 from models.imaging import encode_image, to_uint8  # noqa: E402
 from tasks.prompts import EditVariant  # noqa: E402
 

@@ -58,7 +58,7 @@ from infra.storage.store import StageStore  # noqa: E402
 from models.clip import ClipEncoder  # noqa: E402
 from models.stylegan2 import Generator  # noqa: E402
 from models import edit_directions as ed  # noqa: E402
-from tasks.edit import EditModels, EditProcessor, plan_edits  # noqa: E402
+from tasks.edit.processor import EditModels, EditProcessor, plan_edits  # noqa: E402
 from tasks.embed import EmbedProcessor  # noqa: E402
 from tasks.prompts import EditVariant  # noqa: E402
 

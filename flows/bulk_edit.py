@@ -8,7 +8,7 @@ Decoders (``bulk_edit.decoder``): the generator G(ŝ) (DeltaEdit-G) and/or the d
 DDIM-encodes the photo under s and decodes under ŝ (DeltaEdit-D; ``diffusion_masked``: mask-guided).
 Needs the mapper(s) of train-mapper, for the threshold and StyleCLIP-GD the relevance matrix, and for
 DeltaEdit-D the model of train-diffusion (or ``models.diffusion``). The plan (shards, variants with
-their τ, methods, decoders) is recorded in the edits store for evaluate (``tasks.edit_plan``).
+their τ, methods, decoders) is recorded in the edits store for evaluate (``tasks.edit.plan``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from flows.common import flow_config, worker_pool
 from flows.stages import catalog_stages
 from infra.runtime.orchestrate import run_stage
 from infra.runtime.shards import select
-from tasks.edit_plan import edit_builder, edit_variants, input_stages, planned_edits, write_plan
+from tasks.edit.plan import edit_builder, edit_variants, input_stages, planned_edits, write_plan
 
 
 @flow(name="bulk-edit", log_prints=True)

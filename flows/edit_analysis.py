@@ -1,6 +1,6 @@
 """`deltaedit analyze edits`: where an edit is lost, on a run's own stores (not a Prefect flow).
 
-Builds what ``tasks.edit_analysis`` measures from a config, the way the bulk-edit stage does: the
+Builds what ``tasks.analysis.edits`` measures from a config, the way the bulk-edit stage does: the
 ``EditBuilder`` of ``tasks.edit_plan.edit_builder`` (DeltaEdit-G only: the baselines, the diffusion
 decoder and compilation do not change DeltaEdit's codes), the run's codes and CLIP image
 embeddings, and the classifier the evaluate stage reads edits with. Missing inputs are reported
@@ -25,9 +25,9 @@ from models.toy.captions import expected_values
 from models.toy.counterfactual import ToyCounterfactuals, channel_owners
 from models.toy.domain import ATTRIBUTES
 from models.toy.oracle import Oracle
-from tasks import edit_analysis as EA
-from tasks.edit_analysis_condition import condition_rows
-from tasks.edit_plan import edit_builder, edit_variants, input_stages
+from tasks.analysis import edits as EA
+from tasks.analysis.edits_condition import condition_rows
+from tasks.edit.plan import edit_builder, edit_variants, input_stages
 
 TOY = "toy"
 NONE = "none"

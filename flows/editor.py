@@ -7,7 +7,7 @@
 Every step is the pipeline's own stage code, run in this process on a temporary run root (no
 Prefect, no Ray): the ingest stage reads, validates and resizes each input (``ingest.resize`` into
 ``ingest.image_size``), the invert stage inverts it with e4e, the embed stage takes its CLIP image
-embedding, and the edit stage (``tasks.edit.EditProcessor``) turns each prompt into Δt, runs the
+embedding, and the edit stage (``tasks.edit.processor.EditProcessor``) turns each prompt into Δt, runs the
 mapper, applies the relevance mask and the strength, and decodes — with the shards, batches and
 item order of the bulk-edit flow. So an edit here equals the flow's edit of the same file under the
 same config, pixel for pixel (tests/test_editor.py). The models are located as the bulk-edit stage
@@ -47,8 +47,8 @@ from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
 from models import zoo
 from models import edit_directions as ed
-from tasks.edit import GENERATOR, EditModels, EditProcessor, edit_key, plan_edits, recon_key
-from tasks.edit_plan import edit_builder
+from tasks.edit.processor import GENERATOR, EditModels, EditProcessor, edit_key, plan_edits, recon_key
+from tasks.edit.plan import edit_builder
 from tasks.embed import EmbedProcessor
 from tasks.ingest import IngestProcessor, to_rgb
 from tasks.invert import InvertProcessor

@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from tasks.edit import GENERATOR
+from tasks.edit.processor import GENERATOR
 
 
 @dataclass

@@ -20,9 +20,9 @@ from infra.runtime.orchestrate import StageSummary, run_stage
 from infra.runtime.shards import select
 from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
-from tasks import edit_analysis as EA
-from tasks import evaluation_report as ER
-from tasks.edit_plan import EditPlan, input_stages, read_plan
+from tasks.analysis import edits as EA
+from tasks.reporting import evaluation as ER
+from tasks.edit.plan import EditPlan, input_stages, read_plan
 from tasks.evaluate import MetricsBuilder
 
 

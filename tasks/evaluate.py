@@ -42,7 +42,7 @@ from models.toy.captions import changed_attributes, expected_values
 from models.toy.oracle import Oracle
 from models.zoo import ModelSpec
 from tasks.actor import ActorModels
-from tasks.edit import RECON, recon_key
+from tasks.edit.processor import RECON, recon_key
 from tasks.layout import EDITS, IMAGES, METRICS, Stages
 
 NAN = float("nan")

@@ -30,7 +30,7 @@ from infra.storage.fsio import Location
 from infra.storage.readers import encoded_image, iter_image_samples
 from infra.storage.store import StageStore
 from infra.storage.tables import STATUS_OK, table_to_parquet_bytes
-from tasks.edit import RECON
+from tasks.edit.processor import RECON
 from tasks.layout import Stages
 from models.imaging import encode_image
 

@@ -125,7 +125,7 @@ def test_each_variant_is_planned_with_its_own_tau_else_the_runs():
 @pytest.mark.parametrize("catalog", [False, True])
 def test_builders_made_from_the_config_read_the_stages_the_layout_declares(catalog, tmp_path):
     from infra.config import load_config
-    from tasks.edit_plan import edit_builder, input_stages
+    from tasks.edit.plan import edit_builder, input_stages
     from tasks.embed import EmbedBuilder
     from tasks.evaluate import MetricsBuilder
     from tasks.invert import InvertBuilder
@@ -144,7 +144,7 @@ def test_builders_made_from_the_config_read_the_stages_the_layout_declares(catal
 
 
 def test_evaluate_without_a_recorded_plan_says_to_run_bulk_edit(tmp_path):
-    from tasks.edit_plan import read_plan
+    from tasks.edit.plan import read_plan
 
     with pytest.raises(ConfigError, match="bulk-edit"):
         read_plan(StageStore(Location(str(tmp_path)), "edits"))
@@ -267,7 +267,7 @@ def test_bulk_edit_ingests_and_inverts_a_new_catalog(prepared, tmp_path):
 
 
 def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
-    from tasks.edit_plan import edit_builder
+    from tasks.edit.plan import edit_builder
     from infra.config import load_config
 
     root, overrides = prepared
@@ -277,7 +277,7 @@ def test_missing_mapper_is_reported_before_any_work(prepared, tmp_path):
 
 
 def test_retrieved_condition_searches_the_mappers_training_embeddings(prepared, tmp_path):
-    from tasks.edit_plan import edit_builder
+    from tasks.edit.plan import edit_builder
     from infra.config import load_config
     from tasks.prompts import EditVariant
 
@@ -303,12 +303,12 @@ def test_retrieved_condition_searches_the_mappers_training_embeddings(prepared, 
 
 
 def _edit_specs(cfg):
-    from tasks.edit_plan import planned_edits
+    from tasks.edit.plan import planned_edits
     return planned_edits(cfg, [])
 
 
 def test_a_prompts_own_tau_needs_the_relevance_matrix_when_the_runs_tau_is_zero(prepared, tmp_path):
-    from tasks.edit_plan import edit_builder
+    from tasks.edit.plan import edit_builder
     from infra.config import load_config
     from tasks.prompts import EditVariant, resolve_tau
 
@@ -326,7 +326,7 @@ def test_a_prompts_own_tau_is_planned_applied_and_recorded_when_the_runs_tau_is_
     keeps fewer channels at it, and the manifest records it."""
     from infra.config import load_config
     from infra.storage.records import MemorySink
-    from tasks.edit_plan import edit_builder, edit_variants, planned_edits
+    from tasks.edit.plan import edit_builder, edit_variants, planned_edits
 
     root, overrides = prepared
     prompts = tmp_path / "tau.yaml"
@@ -422,7 +422,7 @@ def test_killed_bulk_edit_resumes_to_the_same_store(prepared, tmp_path):
 def test_evaluate_measures_every_edit_and_writes_the_report(prepared):
     from flows.bulk_edit import bulk_edit_flow
     from flows.evaluate import evaluate_flow
-    from tasks.evaluation_report import load_metrics
+    from tasks.reporting.evaluation import load_metrics
     from models.metrics import PSNR_CAP
 
     root, overrides = prepared
@@ -463,7 +463,7 @@ def test_diffusion_decoders_edit_next_to_the_generator_and_are_evaluated(prepare
     import pandas as pd
 
     from flows.bulk_edit import bulk_edit_flow
-    from tasks.edit_plan import edit_builder
+    from tasks.edit.plan import edit_builder
     from flows.evaluate import evaluate_flow
     from flows.train_diffusion import train_diffusion_flow
     from infra.config import load_config
@@ -504,7 +504,7 @@ def test_diffusion_decoders_edit_next_to_the_generator_and_are_evaluated(prepare
     recon = pd.read_parquet(report / "reconstruction.parquet").set_index("decoder")
     assert list(recon.index) == ["diffusion", "generator"] and recon.loc["diffusion", "n"] == shards
     assert (report / "grid_deltaedit_diffusion_masked.png").exists()
-    from tasks.evaluation_report import grids, load_metrics
+    from tasks.reporting.evaluation import grids, load_metrics
     metrics, _, _ = load_metrics(StageStore(Location(str(run)), "metrics"))
     grid = grids(metrics, StageStore(Location(str(run)), "edits"), StageStore(Location(str(run)), "images"),
                  N_IMAGES)["deltaedit+diffusion"]

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import deltaspace as ds
+from tasks.analysis import deltaspace as ds
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 

@@ -40,7 +40,7 @@ class TinyRun:
     builders: dict[str, Any]
 
     def shards(self, stage: str) -> list[ShardSpec]:
-        from tasks.edit import plan_edits
+        from tasks.edit.processor import plan_edits
         from tasks.prompts import load_prompts, resolve_tau
         from tasks.relevance import channel_items
         from tasks.sample import sample_items
@@ -62,7 +62,7 @@ class TinyRun:
 
 def _builders(cfg: RunConfig) -> dict[str, Any]:
     """Every stage's builder, as the flows make them (device from the config)."""
-    from tasks.edit_builder import EditBuilder
+    from tasks.edit.builder import EditBuilder
     from tasks.embed import EmbedBuilder
     from tasks.evaluate import MetricsBuilder
     from tasks.ingest import IngestBuilder
@@ -135,7 +135,7 @@ def test_processor_runs_its_models_on_their_device(tiny_run, stage):
 def test_every_edit_method_and_the_render_stay_on_the_models_device(tiny_run):
     """The bulk-edit path end to end up to the PNG encoder: codes and embeddings read from Parquet,
     Δt from CLIP, each method's Δŝ, the relevance mask, σ, then G(ŝ) — all on the models' device."""
-    from tasks.edit import _groups
+    from tasks.edit.processor import _groups
 
     builder, spec = _stage(tiny_run, "edit")
     processor = _on_meta(builder)

@@ -16,7 +16,7 @@ from infra.storage.store import StageStore
 from models.stylegan2 import StyleCode
 from models.toy.counterfactual import ToyCounterfactuals, set_attribute
 from models.toy.domain import ATTRIBUTES, NAMES, uniforms_to_indices
-from tasks import edit_analysis as EA
+from tasks.analysis import edits as EA
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo" / "toy"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"

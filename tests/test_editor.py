@@ -101,14 +101,14 @@ def _pixels(image: Image.Image | None) -> np.ndarray:
 def _bulk_edit_stages(cfg, photos: Path) -> StageStore:
     """The pipeline's stages over the catalog with their builders, as the preprocess and
     bulk-edit flows run them (ingest, invert, embed, then the edit stage), in this process."""
-    from tasks.edit_plan import edit_builder, edit_variants
+    from tasks.edit.plan import edit_builder, edit_variants
     from tasks.embed import EmbedBuilder
     from tasks.invert import InvertBuilder
     from infra.storage.catalog import list_catalog
     from infra.runtime.shards import plan_shards
     from infra.runtime.stage import execute_shard
     from infra.runtime.upstream import plan_downstream
-    from tasks.edit import plan_edits
+    from tasks.edit.processor import plan_edits
     from tasks.ingest import IngestBuilder
 
     root = Location(cfg.root)

@@ -37,7 +37,7 @@ def _names() -> list[str]:
 
 @pytest.fixture(scope="module")
 def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]], list[str]]:
-    from tasks.edit_plan import edit_builder, edit_variants, input_stages
+    from tasks.edit.plan import edit_builder, edit_variants, input_stages
     from tasks.embed import EmbedBuilder
     from tasks.invert import InvertBuilder
     from infra.storage.catalog import list_catalog
@@ -48,7 +48,7 @@ def catalog_run(tmp_path_factory) -> tuple[Path, Path, dict[str, tuple[int, int]
     from models.delta_mapper import DeltaMapper, MapperConfig
     from models.toy.catalog import render_catalog
     from models.zoo import ModelSpec
-    from tasks.edit import plan_edits
+    from tasks.edit.processor import plan_edits
     from tasks.ingest import IngestBuilder
 
     torch.manual_seed(0)

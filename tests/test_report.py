@@ -8,7 +8,7 @@ import pandas as pd
 from PIL import Image
 
 from infra.storage.fsio import Location
-from tasks.report import PAD, Grid, GridCell, bar_plot_svg, grid_png, scatter_plot_svg, write_report
+from tasks.reporting.html import PAD, Grid, GridCell, bar_plot_svg, grid_png, scatter_plot_svg, write_report
 
 
 def png(color, size=16) -> bytes:

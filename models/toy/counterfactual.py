@@ -5,7 +5,7 @@ the turn (``models.toy.train_generator.z_to_uniforms``): value v of an attribute
 the sector [v/n, (v+1)/n) of the turn, at angle u·2π − π. Turning the pair to the centre of value
 v's sector (its radius, and so ‖z‖ and the mapping's PixelNorm input scale, unchanged) gives a z'
 that differs from z in that attribute only; s' = G.style_space(G.mapping(z')) is then the code of
-the counterfactual image. ``tasks.edit_analysis`` needs it to measure how much of an attribute S
+the counterfactual image. ``tasks.analysis.edits`` needs it to measure how much of an attribute S
 can carry at all.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def set_attribute(z: Tensor, attribute: str, value: int) -> Tensor:
 class ToyCounterfactuals:
     """``n`` seeded sample codes s of a toy generator and, per (attribute, value), their s'.
 
-    Implements the counterfactual provider of ``tasks.edit_analysis``: ``attributes()`` and
+    Implements the counterfactual provider of ``tasks.analysis.edits``: ``attributes()`` and
     ``(attribute, value) -> (s, s')``.
     """
 

@@ -20,9 +20,9 @@ from infra.runtime.shards import ShardSpec
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from models.zoo import ModelSpec
-from tasks.edit import plan_edits
-from tasks.edit_builder import EditBuilder
-from tasks.edit_memory import memory_shards
+from tasks.edit.processor import plan_edits
+from tasks.edit.builder import EditBuilder
+from tasks.edit.memory import memory_shards
 from tasks.layout import DIFFUSION_DIR, EDIT_PLAN, MAPPER_POOLS, Stages, mapper_dir, relevance_stage
 from tasks.prompts import EditVariant, load_prompts, resolve_tau
 from tasks.relevance import load_relevance

@@ -22,8 +22,8 @@ from infra.storage.readers import encoded_image, iter_image_samples
 from infra.storage.store import StageStore
 from infra.storage.tables import column_to_numpy
 from models import metrics as M
-from tasks import report as R
-from tasks.edit import GENERATOR, RECON, recon_key
+from tasks.reporting import html as R
+from tasks.edit.processor import GENERATOR, RECON, recon_key
 
 HEADLINE = ["n", "edit_accuracy", "unedited_accuracy", "preservation", "clip_direction", "psnr", "ssim",
             "lpips", "identity", "fid", "kid", "channels_changed", "psnr_outside_mask", "mask_fraction"]

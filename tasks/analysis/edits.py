@@ -41,7 +41,7 @@ from infra.runtime.upstream import plan_downstream
 from models.stylegan2 import StyleCode
 from models import edit_directions as ed
 from models import metrics as M
-from tasks.edit import EditProcessor
+from tasks.edit.processor import EditProcessor
 from tasks.layout import ANALYSIS_DIR
 from models.imaging import to_uint8
 from tasks.prompts import EditVariant

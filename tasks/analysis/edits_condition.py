@@ -24,10 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasks import edit_analysis as EA
+from tasks.analysis import edits as EA
 from models import edit_directions as ed
 from models import metrics as M
-from tasks.edit import EditProcessor
+from tasks.edit.processor import EditProcessor
 from tasks.prompts import EditVariant
 
 

@@ -2,7 +2,7 @@
 
 One item per (image, variant, method, decoder), keyed ``<image>__<prompt id>[__<sweep point>]__<method>``
 for the generator (DeltaEdit-G) and the same plus ``__diffusion`` / ``__diffusion_masked`` for the diffusion
-decoder (DeltaEdit-D, ``tasks.edit_diffusion``), plus ``<image>__recon`` (G(s)) and ``<image>__recon__diffusion``
+decoder (DeltaEdit-D, ``tasks.edit.diffusion``), plus ``<image>__recon`` (G(s)) and ``<image>__recon__diffusion``
 (the DDIM reconstruction), the references every edit is compared with. A shard holds the items of
 ``bulk_edit.images_per_shard`` images of one codes shard, so a rerun resumes image group by image group.
 Within a shard, items that share a (variant, method) go through the mapper and the generator in
@@ -33,7 +33,7 @@ from infra.storage.readers import decode_image, encoded_image, iter_image_sample
 from models.device import module_device
 from models.stylegan2 import StyleCode
 from models import edit_directions as ed
-from tasks.edit_diffusion import DiffusionDecoder
+from tasks.edit.diffusion import DiffusionDecoder
 from models.imaging import encode_image, psnr_where, to_uint8
 from tasks.prompts import EditVariant
 

@@ -1,7 +1,7 @@
 """How the edit stage's models are loaded, once per actor, and what its output depends on (``EditBuilder``).
 
 ``build`` loads the generator, CLIP, the mappers, Rₛ, StyleCLIP-GD's σ, DeltaEdit-D's decoder and the
-image-embedding memory of ``bulk_edit.condition: retrieved`` into an ``EditProcessor`` (tasks/edit.py);
+image-embedding memory of ``bulk_edit.condition: retrieved`` into an ``EditProcessor`` (tasks/edit/processor.py);
 ``fingerprint`` names every input the edits depend on, so a changed model, Rₛ block or memory shard redoes
 the stage and nothing else does.
 """
@@ -23,9 +23,9 @@ from models.relevance import style_statistics
 from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
 from tasks.actor import ActorModels
-from tasks.edit import EditModels, EditProcessor
-from tasks.edit_diffusion import DiffusionDecoder
-from tasks.edit_memory import load_memory, memory_identity
+from tasks.edit.processor import EditModels, EditProcessor
+from tasks.edit.diffusion import DiffusionDecoder
+from tasks.edit.memory import load_memory, memory_identity
 from tasks.layout import CLIP_IMAGES, CODES, EDITS, IMAGES
 from tasks.relevance import load_relevance
 

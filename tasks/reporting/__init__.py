@@ -1,0 +1,1 @@
+"""Reports: HTML building blocks (html) and the evaluation report (evaluation)."""
