@@ -1,6 +1,6 @@
 """Delta Mapper training data path (issue: mapper training, memory-bounded). Two ratios, one process each:
 
-1. throughput: ``tasks.train_mapper.fit`` (row cache → pread pairs → step, prefetch thread) against a plain
+1. throughput: ``tasks.train.mapper.fit`` (row cache → pread pairs → step, prefetch thread) against a plain
    loop with the same model, batch and optimiser on in-memory tensors                    → ≥ 0.9
 2. peak RSS at N samples: our loader (cache build, then pair batches) against the in-memory approach
    (read every shard into one tensor, as the official loader does), each in its own subprocess.
@@ -29,8 +29,8 @@ from infra.storage.readers import read_vectors, vectors_tensor  # noqa: E402
 from infra.storage.store import StageStore  # noqa: E402
 from infra.storage.tables import table_to_parquet_bytes, vector_table  # noqa: E402
 from models.layout import StyleLayout  # noqa: E402
-from tasks.mapper_data import POOLS, build_row_cache  # noqa: E402
-from tasks.train_mapper import build_model, fit, mapper_config, mapper_inputs, pair_loss  # noqa: E402
+from tasks.train.mapper_data import POOLS, build_row_cache  # noqa: E402
+from tasks.train.mapper import build_model, fit, mapper_config, mapper_inputs, pair_loss  # noqa: E402
 
 LAYOUTS = {"small": (32, {4: 256, 8: 256, 16: 128, 32: 64}, 64),     # 1344 style channels, CLIP 64
            "256": (256, None, 512)}                                    # 5760 style channels, CLIP 512

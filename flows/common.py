@@ -11,7 +11,7 @@ from typing import TypeVar
 from infra.config import RunConfig, load_config
 from infra.storage.fsio import Location
 from infra.runtime.ray_pool import ActorPool, init_ray
-from tasks.row_cache import SplitCache, local_copy_folder, publish
+from tasks.train.row_cache import SplitCache, local_copy_folder, publish
 
 Cache = TypeVar("Cache", bound=SplitCache)
 

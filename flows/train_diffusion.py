@@ -11,9 +11,9 @@ on GPUs), each worker on its own slice of the images.
 from __future__ import annotations
 
 from flows.training import TrainingFlow, training_flow
-from tasks.diffusion_data import ImageCache, build_image_cache
+from tasks.train.diffusion_data import ImageCache, build_image_cache
 from tasks.layout import DIFFUSION_DIR
-from tasks.train_diffusion import DiffusionTrainer
+from tasks.train.diffusion import DiffusionTrainer
 
 train_diffusion_flow = training_flow(TrainingFlow(
     name="train-diffusion", section="train_diffusion", tag="diffusion", build_cache=build_image_cache,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from flows.training import TrainingFlow, training_flow
 from tasks.layout import mapper_dir
-from tasks.mapper_data import RowCache, build_row_cache
-from tasks.train_mapper import MapperTrainer
+from tasks.train.mapper_data import RowCache, build_row_cache
+from tasks.train.mapper import MapperTrainer
 
 train_mapper_flow = training_flow(TrainingFlow(
     name="train-mapper", section="train_mapper", tag="mapper", build_cache=build_row_cache, open_cache=RowCache,

@@ -21,8 +21,8 @@ from infra.config import RunConfig
 from infra.runtime.ray_train import train_data_parallel
 from infra.storage.fsio import Location
 from models.device import pick_device
-from tasks.row_cache import SplitCache, localize
-from tasks.trainer import Trainer
+from tasks.train.row_cache import SplitCache, localize
+from tasks.train.trainer import Trainer
 
 
 class CacheBuilder(Protocol):

@@ -38,7 +38,7 @@ from models.zoo import ModelSpec
 from tasks.actor import ActorModels
 from tasks.layout import SAMPLES, relevance_stage
 from tasks.relevance_covariance import covariance_pairs, covariance_rows
-from tasks.row_cache import pairs_fingerprint
+from tasks.train.row_cache import pairs_fingerprint
 
 Mode = Literal["exact", "fast", "covariance"]
 COLUMN = "direction"

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infra.storage.fsio import Location
-from tasks.mapper_data import POOLS, joined_shards
-from tasks.row_cache import ShardPair, shard_pairs
+from tasks.train.mapper_data import POOLS, joined_shards
+from tasks.train.row_cache import ShardPair, shard_pairs
 
 
 def covariance_pairs(root: Location, pools: Sequence[str]) -> list[ShardPair]:

@@ -29,10 +29,10 @@ from tasks.embed import EmbedBuilder
 from tasks.ingest import IngestBuilder
 from tasks.invert import InvertBuilder
 from tasks.layout import mapper_dir
-from tasks.mapper_data import build_row_cache
+from tasks.train.mapper_data import build_row_cache
 from tasks.relevance import RelevanceBuilder
 from tasks.sample import SampleBuilder, sample_items
-from tasks.train_mapper import fit
+from tasks.train.mapper import fit
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = """

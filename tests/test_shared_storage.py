@@ -11,8 +11,8 @@ import pytest
 from infra.config import RayConfig
 from infra.storage.fsio import Location
 from infra.runtime.ray_train import train_storage
-from tasks import row_cache
-from tasks.row_cache import META, localize, materialize, publish, stored_fingerprint
+from tasks.train import row_cache
+from tasks.train.row_cache import META, localize, materialize, publish, stored_fingerprint
 
 
 def _build(folder: Path, fingerprint: str, rows: bytes) -> Path:

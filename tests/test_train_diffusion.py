@@ -19,9 +19,9 @@ from models import zoo
 from models.checkpoint import load_safetensors
 from models.diffusion import StyleUNet
 from models.layout import StyleLayout
-from tasks.diffusion_data import build_image_cache
-from tasks.row_cache import is_validation
-from tasks.train_diffusion import build_model, fit, model_config, validation_loss
+from tasks.train.diffusion_data import build_image_cache
+from tasks.train.row_cache import is_validation
+from tasks.train.diffusion import build_model, fit, model_config, validation_loss
 
 torch.set_num_threads(1)
 LAYOUT = StyleLayout.for_generator(TINY_G["size"], channels=TINY_G["channels"])

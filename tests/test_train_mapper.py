@@ -15,10 +15,10 @@ from infra.storage.store import StageStore
 from models.checkpoint import load_safetensors
 from models.delta_mapper import DeltaMapper, StraightforwardMapper
 from models.layout import StyleLayout
-from tasks import mapper_data
-from tasks.mapper_data import PairSampler, build_row_cache, nearest_rows, validation_pairs
-from tasks.row_cache import is_validation
-from tasks.train_mapper import build_model, evaluate, fit, mapper_config
+from tasks.train import mapper_data
+from tasks.train.mapper_data import PairSampler, build_row_cache, nearest_rows, validation_pairs
+from tasks.train.row_cache import is_validation
+from tasks.train.mapper import build_model, evaluate, fit, mapper_config
 
 LAYOUT = StyleLayout.for_generator(TINY_G["size"], channels=TINY_G["channels"])
 CLIP_DIM = 8
@@ -220,7 +220,7 @@ def test_flow_with_its_row_cache_at_a_uri(tmp_path, s3_bucket):
     import json
 
     from flows.train_mapper import train_mapper_flow
-    from tasks.row_cache import stored_fingerprint
+    from tasks.train.row_cache import stored_fingerprint
 
     bucket, options = s3_bucket
     write_stores(tmp_path / "run")

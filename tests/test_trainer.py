@@ -1,4 +1,4 @@
-"""The shared training loop (tasks/trainer.py) on a toy trainer whose steps draw from the global RNG (dropout),
+"""The shared training loop (tasks/train/trainer.py) on a toy trainer whose steps draw from the global RNG (dropout),
 which neither real trainer does: RNG-exact resume, a kill at a checkpoint boundary, the cadences, the
 learning-rate schedule, lineage, and a non-zero rank (no validation, no checkpoints)."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from infra.storage.fsio import Location
 from models.checkpoint import load_safetensors, save_safetensors
-from tasks.row_cache import EpochSampler, SplitCache
-from tasks.trainer import Trainer, run_fingerprint
+from tasks.train.row_cache import EpochSampler, SplitCache
+from tasks.train.trainer import Trainer, run_fingerprint
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import Tensor
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from infra.storage.tables import column_to_numpy
-from tasks.row_cache import read_columns
+from tasks.train.row_cache import read_columns
 
 
 def memory_shards(root: Location, stages: Sequence[str]) -> list[tuple[StageStore, str]]:

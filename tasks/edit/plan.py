@@ -26,8 +26,8 @@ from tasks.edit.memory import memory_shards
 from tasks.layout import DIFFUSION_DIR, EDIT_PLAN, MAPPER_POOLS, Stages, mapper_dir, relevance_stage
 from tasks.prompts import EditVariant, load_prompts, resolve_tau
 from tasks.relevance import load_relevance
-from tasks.train_diffusion import FINAL as DIFFUSION_FILE
-from tasks.train_mapper import FINAL as MAPPER_FILE
+from tasks.train.diffusion import FINAL as DIFFUSION_FILE
+from tasks.train.mapper import FINAL as MAPPER_FILE
 
 
 def input_stages(cfg: RunConfig) -> Stages:

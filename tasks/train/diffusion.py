@@ -4,12 +4,12 @@ DeltaSpace (TPAMI, §4.2): the U-Net ε_θ(x_t, t, s) learns to denoise images x
 code s, with the "simple" objective |ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, s)| (L1), AdamW (lr 1e-4, weight
 decay 0.01) and an exponential moving average of the weights, which is the model that samples.
 
-Checkpoints under ``<root>/diffusion/`` (``tasks.checkpoints``): ``step-XXXXXXXX.safetensors`` holds the
+Checkpoints under ``<root>/diffusion/`` (``tasks.train.checkpoints``): ``step-XXXXXXXX.safetensors`` holds the
 EMA model (what ``StyleUNet.from_checkpoint`` and bulk-edit load), the ``.state.pt`` sidecar the raw
 weights, the optimizer, the RNGs and the validation history; ``diffusion.safetensors`` when training completes.
 Every random draw of step k (its batch, t and ε) is a pure function of (seed, rank, k), so restoring the
 step, both weight sets and the optimizer reproduces an uninterrupted run. The loop, its cadences and the
-resume are ``tasks.trainer``'s; ``DiffusionTrainer`` supplies the decoder's pieces.
+resume are ``tasks.train.trainer``'s; ``DiffusionTrainer`` supplies the decoder's pieces.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import torch
 
 from infra.config import TrainDiffusionConfig
 from models.diffusion import DiffusionConfig, StyleUNet, simple_loss
-from tasks import trainer
-from tasks.diffusion_data import ImageCache
-from tasks.row_cache import EpochSampler
+from tasks.train import trainer
+from tasks.train.diffusion_data import ImageCache
+from tasks.train.row_cache import EpochSampler
 
 FINAL = "diffusion.safetensors"
 

@@ -1,6 +1,6 @@
 """(image, style code) rows for DeltaEdit-D training, streamed from the stores with bounded memory.
 
-Two pools, joined on key shard by shard (``tasks.row_cache``):
+Two pools, joined on key shard by shard (``tasks.train.row_cache``):
   codes   — the ingested images (``images`` stage) with their e4e-inverted codes (``codes`` stage): real
             photos, whose details the diffusion decoder must learn to keep beyond what s encodes;
   samples — generator samples (``samples`` stage: images and their exact codes).
@@ -20,7 +20,7 @@ from infra.storage.fsio import Location
 from infra.storage.readers import decode_rgb, encoded_image, iter_image_samples
 from infra.storage.tables import column_to_numpy, decode_metadata
 from tasks.layout import DIFFUSION_POOLS
-from tasks.row_cache import (FlatRows, ShardPair, SplitCache, is_validation, materialize, pairs_fingerprint,
+from tasks.train.row_cache import (FlatRows, ShardPair, SplitCache, is_validation, materialize, pairs_fingerprint,
                              read_columns, shard_pairs)
 
 POOLS = DIFFUSION_POOLS         # (images stage, codes stage) per pool

@@ -1,4 +1,4 @@
-"""Pairs for Delta Mapper training, streamed from the stores with bounded memory (see ``tasks.row_cache``).
+"""Pairs for Delta Mapper training, streamed from the stores with bounded memory (see ``tasks.train.row_cache``).
 
 1. ``build_row_cache`` reads each (codes, CLIP) shard pair once — only the ``key``/``s``/``embedding``
    columns, one shard at a time — joins them on key and appends ``[s | embedding]`` float32 rows to one
@@ -22,7 +22,7 @@ from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from infra.storage.tables import column_to_numpy, decode_metadata
 from tasks.layout import MAPPER_POOLS
-from tasks.row_cache import (EpochSampler, FlatRows, ShardPair, SplitCache, is_validation, materialize,
+from tasks.train.row_cache import (EpochSampler, FlatRows, ShardPair, SplitCache, is_validation, materialize,
                              pairs_fingerprint, read_columns, shard_pairs)
 
 POOLS = MAPPER_POOLS            # (codes stage, CLIP stage) per pool: inverted real images and generator samples

@@ -1,8 +1,8 @@
 """The training loop both trainers share: resume, prefetched steps, validation and checkpoint cadence, summary.
 
-A trainer (a ``Trainer`` subclass: ``tasks.train_mapper``, ``tasks.train_diffusion``) brings its own pieces:
+A trainer (a ``Trainer`` subclass: ``tasks.train.mapper``, ``tasks.train.diffusion``) brings its own pieces:
 the model and optimizer, the batch of a step, the loss of a batch, validation, and what its checkpoint holds
-beyond the common state. ``Trainer.fit`` drives them. Checkpoints (``tasks.checkpoints``) hold the saved
+beyond the common state. ``Trainer.fit`` drives them. Checkpoints (``tasks.train.checkpoints``) hold the saved
 model's weights and a sidecar with the step, optimizer, every global RNG (rank 0's), the sampler position,
 the run fingerprint and the validation history; the batch of a step is a function of the step, so
 restoring these reproduces an uninterrupted run bit for bit.
@@ -24,8 +24,8 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import torch
 
 from infra.storage.fsio import Location
-from tasks.checkpoints import Checkpointer, SavableModel, rng_state, seed_everything, set_rng_state
-from tasks.row_cache import EpochSampler, SplitCache
+from tasks.train.checkpoints import Checkpointer, SavableModel, rng_state, seed_everything, set_rng_state
+from tasks.train.row_cache import EpochSampler, SplitCache
 
 
 class LoopSettings(Protocol):

@@ -11,7 +11,7 @@ Checkpoints under ``<root>/mapper/``: ``step-XXXXXXXX.safetensors`` (weights + c
 validation history; tensors and plain values only, so ``torch.load(weights_only=True)`` reads it),
 ``latest.json`` written last, and ``mapper.safetensors`` when training completes. The data order is a
 function of the step, so restoring the step, weights, optimizer and RNGs reproduces an uninterrupted run.
-The loop, its cadences and the resume are ``tasks.trainer``'s; ``MapperTrainer`` supplies the mapper's pieces.
+The loop, its cadences and the resume are ``tasks.train.trainer``'s; ``MapperTrainer`` supplies the mapper's pieces.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from infra.config import TrainMapperConfig
 from models.delta_mapper import DeltaMapper, MapperConfig, StraightforwardMapper
-from tasks import trainer
-from tasks.mapper_data import PairSampler, RowCache, nearest_rows, validation_pairs
+from tasks.train import trainer
+from tasks.train.mapper_data import PairSampler, RowCache, nearest_rows, validation_pairs
 
 MODELS: dict[str, type[DeltaMapper]] = {"delta": DeltaMapper, "straightforward": StraightforwardMapper}
 FINAL = "mapper.safetensors"
