@@ -11,7 +11,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench lock clean
+.PHONY: setup demo test lint format test-slow bench lock clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,17 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/deltaedit demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -m "not slow" --durations=15 tests
+
+# ruff's settings live in pyproject.toml ([tool.ruff]); `make format` rewrites what `lint` rejects.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow" tests

@@ -1,4 +1,5 @@
 """`deltaedit`: the command line. Every flow runs as `deltaedit run <flow> --config FILE [key=value ...]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,14 @@ from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from models import zoo
 
-OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-                    "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 EPILOG = """examples:
   deltaedit flows
@@ -36,86 +41,127 @@ EPILOG = """examples:
   deltaedit export runs/toy --to exported/ --original-size --manifest parquet
 """
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="deltaedit", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="deltaedit",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Text-guided image editing with DeltaEdit, as a batch pipeline: Prefect flows "
-                    "over Ray actor pools, with resumable sharded stores on disk or S3.")
+        "over Ray actor pools, with resumable sharded stores on disk or S3.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a flow (see `deltaedit flows`)",
-                         description="Run one flow on a config. Finished shards are skipped; "
-                                     "the summary counts every sample (seen = ok + failed).")
+    run = sub.add_parser(
+        "run",
+        help="run a flow (see `deltaedit flows`)",
+        description="Run one flow on a config. Finished shards are skipped; "
+        "the summary counts every sample (seen = ok + failed).",
+    )
     run.add_argument("flow", help="flow name, e.g. ingest")
     run.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
-    run.add_argument("overrides", nargs="*", metavar="key.path=value",
-                     help="override config fields, values parsed as YAML (e.g. ray.actors=4)")
-    run.add_argument("--redo-failed", action="store_true",
-                     help="retry only the failed samples of finished shards")
-    run.add_argument("--overwrite", action="store_true", help="delete the stage's outputs and start clean")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="override config fields, values parsed as YAML (e.g. ray.actors=4)",
+    )
+    run.add_argument(
+        "--redo-failed",
+        action="store_true",
+        help="retry only the failed samples of finished shards",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="delete the stage's outputs and start clean"
+    )
     run.add_argument("--shards", help="comma-separated shard ids to run (default: all)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     sub.add_parser("flows", help="list the flows", description="List the flows `run` accepts.")
 
-    cfg = sub.add_parser("config", help="validate or show a config",
-                         description="Validate a config file, or print it with defaults filled in.")
+    cfg = sub.add_parser(
+        "config",
+        help="validate or show a config",
+        description="Validate a config file, or print it with defaults filled in.",
+    )
     cfg.add_argument("action", choices=["validate", "show"])
     cfg.add_argument("file")
     cfg.add_argument("overrides", nargs="*", metavar="key.path=value")
 
-    store = sub.add_parser("store", help="inspect a run's stores",
-                           description="List the stages of a run root and their finished shards.")
+    store = sub.add_parser(
+        "store",
+        help="inspect a run's stores",
+        description="List the stages of a run root and their finished shards.",
+    )
     store.add_argument("action", choices=["ls"])
     store.add_argument("root", help="run root (local path or URI such as s3://bucket/run)")
 
-    zoo = sub.add_parser("zoo", help="list the model zoo or train the embedded toy models",
-                         description="`zoo list`: the registered models. `zoo train toy`: retrain the "
-                                     "toy generator, encoder and CLIP (the committed weights in zoo/toy; "
-                                     "≈ 27 min on 2 CPU cores, the CLIP in a second process).")
+    zoo = sub.add_parser(
+        "zoo",
+        help="list the model zoo or train the embedded toy models",
+        description="`zoo list`: the registered models. `zoo train toy`: retrain the "
+        "toy generator, encoder and CLIP (the committed weights in zoo/toy; "
+        "≈ 27 min on 2 CPU cores, the CLIP in a second process).",
+    )
     zoo.add_argument("action", choices=["list", "train"])
     zoo.add_argument("target", nargs="?", choices=["toy"], help="what to train (train only)")
     zoo.add_argument("--out", default="zoo/toy", help="output folder (default: zoo/toy)")
     zoo.add_argument("--seed", type=int, default=0)
 
-    toy = sub.add_parser("toy", help="render a catalog of the procedural toy domain",
-                         description="Write N rendered toy images (PNG) and attributes.jsonl into a folder "
-                                     "or URI, as a user's own image catalog would be; ingest it with "
-                                     "`deltaedit run preprocess`.")
+    toy = sub.add_parser(
+        "toy",
+        help="render a catalog of the procedural toy domain",
+        description="Write N rendered toy images (PNG) and attributes.jsonl into a folder "
+        "or URI, as a user's own image catalog would be; ingest it with "
+        "`deltaedit run preprocess`.",
+    )
     toy.add_argument("action", choices=["render"])
     toy.add_argument("n", type=int, help="number of images")
     toy.add_argument("--out", required=True, help="folder or URI for the catalog")
     toy.add_argument("--seed", type=int, default=0)
 
-    rel = sub.add_parser("relevance", help="check the fast relevance matrix against the exact one",
-                         description="`relevance compare`: compute Rs rows both ways (StyleCLIP's exact "
-                                     "definition and the fast Jacobian) on a subset of channels, in this "
-                                     "process, and print the mean row cosine, the top-k channel overlap per "
-                                     "prompt and the speed ratio. Compute the whole matrix with "
-                                     "`deltaedit run relevance`.")
+    rel = sub.add_parser(
+        "relevance",
+        help="check the fast relevance matrix against the exact one",
+        description="`relevance compare`: compute Rs rows both ways (StyleCLIP's exact "
+        "definition and the fast Jacobian) on a subset of channels, in this "
+        "process, and print the mean row cosine, the top-k channel overlap per "
+        "prompt and the speed ratio. Compute the whole matrix with "
+        "`deltaedit run relevance`.",
+    )
     rel.add_argument("action", choices=["compare"])
     rel.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
     rel.add_argument("overrides", nargs="*", metavar="key.path=value")
-    rel.add_argument("--channels", type=int, help="channels to compare (default: relevance.compare_channels)")
-    rel.add_argument("--top-k", type=int, help="top-k of the overlap (default: relevance.compare_top_k)")
-    rel.add_argument("--prompt", action="append", help="'source -> target' (repeatable; default: config)")
+    rel.add_argument(
+        "--channels", type=int, help="channels to compare (default: relevance.compare_channels)"
+    )
+    rel.add_argument(
+        "--top-k", type=int, help="top-k of the overlap (default: relevance.compare_top_k)"
+    )
+    rel.add_argument(
+        "--prompt", action="append", help="'source -> target' (repeatable; default: config)"
+    )
     rel.add_argument("--json", action="store_true", help="print the result as JSON")
 
     add_analyze(sub)
     add_edit(sub)
     add_export(sub)
 
-    sub.add_parser("demo", help="run the end-to-end demo on the embedded default",
-                   description="Set up a small catalog and run every pipeline stage that exists.")
+    sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on the embedded default",
+        description="Set up a small catalog and run every pipeline stage that exists.",
+    )
     return parser
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)      # one line per Prefect API call otherwise
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     args = parse(build_parser(), argv)
     try:
         return COMMANDS[args.command](args)
@@ -141,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.registry import load_flow  # deferred: Prefect, Ray and torch load only for `run`
     from infra.runtime.prefect_runtime import ensure_prefect_api
 
-    load_config(args.config, args.overrides)          # fail fast, before any server starts
+    load_config(args.config, args.overrides)  # fail fast, before any server starts
     try:
         flow = load_flow(args.flow)
     except KeyError as exc:
@@ -149,11 +195,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     ensure_prefect_api()
     shards = args.shards.split(",") if args.shards else None
-    result = flow(args.config, args.overrides, redo_failed=args.redo_failed, overwrite=args.overwrite,
-                  shards=shards)
+    result = flow(
+        args.config,
+        args.overrides,
+        redo_failed=args.redo_failed,
+        overwrite=args.overwrite,
+        shards=shards,
+    )
     if args.json:
         print(json.dumps(result, indent=1))
-    failed = [s for stage in result.values() if isinstance(stage, dict) for s in stage.get("failed_shards", [])]
+    failed = [
+        s
+        for stage in result.values()
+        if isinstance(stage, dict)
+        for s in stage.get("failed_shards", [])
+    ]
     return 1 if failed else 0
 
 
@@ -177,7 +233,7 @@ def cmd_store(args: argparse.Namespace) -> int:
     for stage in root.listdir():
         store = StageStore(root, stage)
         markers = [store.marker(s) for s in store.finished()]
-        if not markers:                      # a model folder, a report, a catalog: not a stage store
+        if not markers:  # a model folder, a report, a catalog: not a stage store
             others.append(stage)
             continue
         totals = {k: sum(m["counts"][k] for m in markers) for k in ("seen", "ok", "failed")}
@@ -203,7 +259,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
-    from models.toy.catalog import render_catalog  # deferred: loaded only by the command that needs it
+    from models.toy.catalog import (
+        render_catalog,  # deferred: loaded only by the command that needs it
+    )
 
     rows = render_catalog(args.out, args.n, seed=args.seed)
     print(f"wrote {len(rows)} images and attributes.jsonl to {args.out}")
@@ -211,7 +269,10 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 def cmd_relevance(args: argparse.Namespace) -> int:
-    from flows.relevance import compare_relevance, format_comparison  # deferred: loaded only by the command that needs it
+    from flows.relevance import (  # deferred: loaded only by the command that needs it
+        compare_relevance,
+        format_comparison,
+    )
 
     cfg = load_config(args.config, args.overrides)
     result = compare_relevance(cfg, args.channels, args.top_k, args.prompt)
@@ -225,9 +286,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
-COMMANDS = {"run": cmd_run, "flows": cmd_flows, "config": cmd_config, "store": cmd_store, "zoo": cmd_zoo,
-            "toy": cmd_toy, "demo": cmd_demo, "relevance": cmd_relevance,
-            "analyze": cmd_analyze, "edit": cmd_edit, "export": cmd_export}
+COMMANDS = {
+    "run": cmd_run,
+    "flows": cmd_flows,
+    "config": cmd_config,
+    "store": cmd_store,
+    "zoo": cmd_zoo,
+    "toy": cmd_toy,
+    "demo": cmd_demo,
+    "relevance": cmd_relevance,
+    "analyze": cmd_analyze,
+    "edit": cmd_edit,
+    "export": cmd_export,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
 """Help text shared by the CLI's modules."""
+
 from __future__ import annotations
 
 import re
@@ -6,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 TOY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
-OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")     # a key.path=value config override
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # a key.path=value config override
 
 
 def fill(*paragraphs: str) -> str:

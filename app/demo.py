@@ -8,6 +8,7 @@ diffusion decoder, plain and mask-guided), `analyze edits` (where an edit is los
 threshold) and evaluate — and ends with the path of the HTML report.
 The diffusion decoder is not retrained here (~30 min): `deltaedit run train-diffusion` does that.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,12 +25,16 @@ from tasks.layout import ANALYSIS_DIR
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 CATALOG_SIZE = 256
-ANALYSIS_IMAGES = 64       # inverted images the demo's `analyze edits` step edits (of the 64 bulk-edited)
-DEMO_STEPS: tuple[tuple[str, str, list[str]], ...] = (   # (label, flow, overrides)
-    ("preprocess", "preprocess", []), ("relevance", "relevance", []),
+ANALYSIS_IMAGES = (
+    64  # inverted images the demo's `analyze edits` step edits (of the 64 bulk-edited)
+)
+DEMO_STEPS: tuple[tuple[str, str, list[str]], ...] = (  # (label, flow, overrides)
+    ("preprocess", "preprocess", []),
+    ("relevance", "relevance", []),
     ("mapper", "train-mapper", []),
     ("straightforward", "train-mapper", ["train_mapper.model=straightforward"]),
-    ("bulk-edit", "bulk-edit", []), ("evaluate", "evaluate", []),
+    ("bulk-edit", "bulk-edit", []),
+    ("evaluate", "evaluate", []),
 )
 
 
@@ -42,7 +47,7 @@ def run_demo(config: Path = CONFIG) -> int:
     ensure_prefect_api()
     results: dict[str, Any] = {}
     for label, name, overrides in DEMO_STEPS:
-        if name == "evaluate":              # the report includes the analysis when it exists
+        if name == "evaluate":  # the report includes the analysis when it exists
             print(f"analysis: {analyze_run(cfg, str(config))}")
         for stage, summary in load_flow(name)(str(config), overrides).items():
             results[label if stage == "train_mapper" else stage] = summary
@@ -58,14 +63,20 @@ def run_demo(config: Path = CONFIG) -> int:
 def analyze_run(cfg: Any, config: str) -> str:
     """`deltaedit analyze edits` on the run (where an edit is lost); returns where it wrote it."""
     result = analyze_edits(cfg, config, n_images=ANALYSIS_IMAGES)
-    return EA.write_outputs(Location(cfg.root, cfg.storage_options).child(ANALYSIS_DIR), result)[EA.JSON_FILE]
+    return EA.write_outputs(Location(cfg.root, cfg.storage_options).child(ANALYSIS_DIR), result)[
+        EA.JSON_FILE
+    ]
 
 
 def _line(summary: dict[str, Any]) -> str:
     if "seen" in summary:
-        return (f"{summary['seen']:5d} seen = {summary['ok']} ok + {summary['failed']} failed; "
-                f"{summary['shards']} shards (ran {summary['ran']}, skipped {summary['skipped']})")
+        return (
+            f"{summary['seen']:5d} seen = {summary['ok']} ok + {summary['failed']} failed; "
+            f"{summary['shards']} shards (ran {summary['ran']}, skipped {summary['skipped']})"
+        )
     val = summary.get("val") or {}
-    return (f"steps {summary.get('start_step')} -> {summary.get('step')}, validation loss "
-            f"{val.get('val_loss', float('nan')):.3f} cos {val.get('val_cos', float('nan')):.3f}, "
-            f"checkpoint {summary.get('checkpoint')}")
+    return (
+        f"steps {summary.get('start_step')} -> {summary.get('step')}, validation loss "
+        f"{val.get('val_loss', float('nan')):.3f} cos {val.get('val_cos', float('nan')):.3f}, "
+        f"checkpoint {summary.get('checkpoint')}"
+    )

@@ -1,18 +1,18 @@
 """Pool scaling: the same shards through a Ray pool of 1 actor and of 2 actors (one torch thread each)."""
+
 from __future__ import annotations
 
 import contextlib
 import functools
 
 import ray
-
 from common import best_of_each
 
 from infra.config import RayConfig
-from infra.storage.fsio import Location
 from infra.runtime.ray_pool import ActorPool
-from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from models.zoo import ModelSpec
 from tasks.embed import EmbedBuilder
 from tasks.invert import InvertBuilder
@@ -20,10 +20,22 @@ from tasks.invert import InvertBuilder
 
 def _builder(kind: str, ckpt: str, root: str, batch_size: int):
     if kind == "embed":
-        return EmbedBuilder(ModelSpec(name="open_clip", checkpoint=ckpt), root, "images",
-                            batch_size=batch_size, device="cpu", cpus=1)
-    return InvertBuilder(ModelSpec(name="e4e", checkpoint=ckpt), None, root, batch_size=batch_size,
-                         device="cpu", cpus=1)
+        return EmbedBuilder(
+            ModelSpec(name="open_clip", checkpoint=ckpt),
+            root,
+            "images",
+            batch_size=batch_size,
+            device="cpu",
+            cpus=1,
+        )
+    return InvertBuilder(
+        ModelSpec(name="e4e", checkpoint=ckpt),
+        None,
+        root,
+        batch_size=batch_size,
+        device="cpu",
+        cpus=1,
+    )
 
 
 def actor_scaling(kind: str, ckpt: str, root: str, batch_size: int, repeat: int = 3) -> float:
@@ -43,9 +55,13 @@ def actor_scaling(kind: str, ckpt: str, root: str, batch_size: int, repeat: int 
         runs = {}
         for n in (1, 2):
             out = f"{root}-out{n}"
-            pool = stack.enter_context(ActorPool(out, {}, RayConfig(cpus_per_actor=0.5), actors=n)).load(builder)
-            runs[n] = functools.partial(_run_all, pool, StageStore(Location(out), builder.stage), specs)
-            runs[n]()                                                    # warm-up
+            pool = stack.enter_context(
+                ActorPool(out, {}, RayConfig(cpus_per_actor=0.5), actors=n)
+            ).load(builder)
+            runs[n] = functools.partial(
+                _run_all, pool, StageStore(Location(out), builder.stage), specs
+            )
+            runs[n]()  # warm-up
         times = best_of_each(runs, repeat)
     return times[1] / times[2]
 

@@ -32,6 +32,7 @@ embeddings from G(s). Best of --repeat runs. The same edits must give the same p
 Run: .venv/bin/python bench/edit_bench.py [--quick] [--images N] [--loop-images M] [--prompts P] [--repeat R]
      [--actors A]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,25 +50,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of_each, report  # noqa: E402
 
 from infra.config import BulkEditConfig, PrefectConfig, RayConfig, RunConfig  # noqa: E402
+from infra.runtime.stage import execute_shard  # noqa: E402
 from infra.storage.fsio import Location  # noqa: E402
 from infra.storage.readers import decode_image, iter_image_samples  # noqa: E402
-from infra.runtime.stage import execute_shard  # noqa: E402
 from infra.storage.store import StageStore  # noqa: E402
+from models import edit_directions as ed  # noqa: E402
 from models.clip import ClipEncoder  # noqa: E402
 from models.delta_mapper import DeltaMapper, MapperConfig  # noqa: E402
+from models.imaging import encode_image, to_uint8  # noqa: E402
 from models.stylegan2 import Generator, StyleCode  # noqa: E402
 from models.zoo import ModelSpec  # noqa: E402
-from models import edit_directions as ed  # noqa: E402
-from tasks.edit.processor import EditModels, EditProcessor, edit_key, plan_edits, recon_key  # noqa: E402
 from tasks.edit.builder import EditBuilder, compiled_synthesis  # noqa: E402
-from models.imaging import encode_image, to_uint8  # noqa: E402
+from tasks.edit.processor import EditModels, EditProcessor, edit_key, plan_edits, recon_key  # noqa: E402
 from tasks.prompts import EditVariant  # noqa: E402
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo" / "toy"
-PROMPTS = [("red", "a shape", "a red shape"), ("big", "a shape", "a large shape"),
-           ("circle", "a square", "a circle"), ("blue", "a shape", "a blue shape"),
-           ("small", "a shape", "a small shape"), ("green", "a shape", "a green shape"),
-           ("left", "a shape", "a shape on the left"), ("dark", "a light background", "a dark background")]
+PROMPTS = [
+    ("red", "a shape", "a red shape"),
+    ("big", "a shape", "a large shape"),
+    ("circle", "a square", "a circle"),
+    ("blue", "a shape", "a blue shape"),
+    ("small", "a shape", "a small shape"),
+    ("green", "a shape", "a green shape"),
+    ("left", "a shape", "a shape on the left"),
+    ("dark", "a light background", "a dark background"),
+]
 RELEVANCE, MAPPER = "relevance_exact", "mapper.safetensors"
 
 
@@ -88,7 +95,9 @@ def with_random_mapper(G: Generator, clip: ClipEncoder, seed: int = 0) -> EditMo
     return EditModels(G, clip, {"deltaedit": mapper}, relevance, None)
 
 
-def _commit(root: Path, stage: str, meta: dict, rows: dict[str, dict[str, np.ndarray]]) -> StageStore:
+def _commit(
+    root: Path, stage: str, meta: dict, rows: dict[str, dict[str, np.ndarray]]
+) -> StageStore:
     store = StageStore(Location(str(root)), stage)
     writer = store.writer("00000", meta)
     for key, vectors in rows.items():
@@ -104,22 +113,42 @@ def inputs(models: EditModels, n: int, root: Path) -> tuple[StageStore, StageSto
     G, clip = models.generator, models.clip
     z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(1)).to(models.device)
     code = G.style_space(G.mapping(z))
-    emb = clip.encode_images(torch.from_numpy(to_uint8(G.synthesize(code))).permute(0, 3, 1, 2) / 127.5 - 1)
+    emb = clip.encode_images(
+        torch.from_numpy(to_uint8(G.synthesize(code))).permute(0, 3, 1, 2) / 127.5 - 1
+    )
     host = (code.conv, code.rgb, emb, models.relevance)
     conv, rgb, emb, relevance = (x.cpu().numpy() for x in host)
     keys = [f"img_{i:05d}" for i in range(n)]
-    codes = _commit(root, "codes", {"layout": G.layout.to_dict()},
-                    {k: {"s": conv[i], "s_rgb": rgb[i]} for i, k in enumerate(keys)})
-    embeddings = _commit(root, "clip_images", {"model": "toy"}, {k: {"embedding": emb[i]}
-                                                                 for i, k in enumerate(keys)})
-    _commit(root, RELEVANCE, {"n_channels": len(relevance)},
-            {f"ch{c:06d}": {"direction": r} for c, r in enumerate(relevance)})
+    codes = _commit(
+        root,
+        "codes",
+        {"layout": G.layout.to_dict()},
+        {k: {"s": conv[i], "s_rgb": rgb[i]} for i, k in enumerate(keys)},
+    )
+    embeddings = _commit(
+        root,
+        "clip_images",
+        {"model": "toy"},
+        {k: {"embedding": emb[i]} for i, k in enumerate(keys)},
+    )
+    _commit(
+        root,
+        RELEVANCE,
+        {"n_channels": len(relevance)},
+        {f"ch{c:06d}": {"direction": r} for c, r in enumerate(relevance)},
+    )
     models.mappers["deltaedit"].save(str(root / MAPPER))
     return codes, embeddings
 
 
-def official_loop(models: EditModels, stored: dict, variants: list[EditVariant], texts: dict, cfg: BulkEditConfig,
-                  out: Path) -> None:
+def official_loop(
+    models: EditModels,
+    stored: dict,
+    variants: list[EditVariant],
+    texts: dict,
+    cfg: BulkEditConfig,
+    out: Path,
+) -> None:
     """scripts/inference.py: per image, batch 1: the mapper per prompt, then decode the original and each edit."""
     G, mapper, R = models.generator, models.mappers["deltaedit"], models.relevance
     selects = {pid: ed.relevance_mask(R, dt, cfg.tau) for pid, dt in texts.items()}
@@ -127,26 +156,41 @@ def official_loop(models: EditModels, stored: dict, variants: list[EditVariant],
     for key, (s, rgb, i) in stored.items():
         s, rgb, i = s[None], rgb[None], i[None]
         deltas = [mapper(s, i, texts[v.prompt_id][None]) * selects[v.prompt_id] for v in variants]
-        images = [G.synthesize(StyleCode(s, rgb))] + [G.synthesize(StyleCode(s + v.strength * d, rgb))
-                                                      for v, d in zip(variants, deltas)]
+        images = [G.synthesize(StyleCode(s, rgb))] + [
+            G.synthesize(StyleCode(s + v.strength * d, rgb)) for v, d in zip(variants, deltas)
+        ]
         names = [recon_key(key)] + [edit_key(key, v, "deltaedit") for v in variants]
         for name, image in zip(names, images):
-            (out / f"{name}.png").write_bytes(encode_image(to_uint8(image)[0], "png", cfg.png_level))
+            (out / f"{name}.png").write_bytes(
+                encode_image(to_uint8(image)[0], "png", cfg.png_level)
+            )
 
 
 @torch.no_grad()
-def breakdown(models: EditModels, stored: dict, dt: torch.Tensor, cfg: BulkEditConfig, compiled: Callable,
-              repeat: int) -> dict[str, tuple[float, float]]:
+def breakdown(
+    models: EditModels,
+    stored: dict,
+    dt: torch.Tensor,
+    cfg: BulkEditConfig,
+    compiled: Callable,
+    repeat: int,
+) -> dict[str, tuple[float, float]]:
     """ms per edit of each step at batch 1 and at the stage's batch size (best of ``repeat``)."""
-    keys = list(stored)[:cfg.batch_size]
+    keys = list(stored)[: cfg.batch_size]
     s, rgb, emb = (torch.stack([stored[k][n] for k in keys]) for n in range(3))
     G, mapper = models.generator, models.mappers["deltaedit"]
     pixels = to_uint8(G.synthesize(StyleCode(s, rgb)))
     steps = {
-        "Delta Mapper": (lambda: [mapper(s[n:n + 1], emb[n:n + 1], dt[None]) for n in range(len(keys))],
-                         lambda: mapper(s, emb, dt.expand(len(keys), -1))),
-        "G.synthesize (eager)": (lambda: [G.synthesize(StyleCode(s[n:n + 1], rgb[n:n + 1]))
-                                          for n in range(len(keys))], lambda: G.synthesize(StyleCode(s, rgb))),
+        "Delta Mapper": (
+            lambda: [mapper(s[n : n + 1], emb[n : n + 1], dt[None]) for n in range(len(keys))],
+            lambda: mapper(s, emb, dt.expand(len(keys), -1)),
+        ),
+        "G.synthesize (eager)": (
+            lambda: [
+                G.synthesize(StyleCode(s[n : n + 1], rgb[n : n + 1])) for n in range(len(keys))
+            ],
+            lambda: G.synthesize(StyleCode(s, rgb)),
+        ),
         "G.synthesize (compiled)": (lambda: None, lambda: compiled(s, rgb)),
         "PNG encode": (lambda: [encode_image(p, "png", cfg.png_level) for p in pixels],) * 2,
     }
@@ -154,10 +198,14 @@ def breakdown(models: EditModels, stored: dict, dt: torch.Tensor, cfg: BulkEditC
     for fn in fns.values():
         fn()
     t = best_of_each(fns, repeat)
-    return {name: (t[(name, 0)] / len(keys) * 1e3, t[(name, 1)] / len(keys) * 1e3) for name in steps}
+    return {
+        name: (t[(name, 0)] / len(keys) * 1e3, t[(name, 1)] / len(keys) * 1e3) for name in steps
+    }
 
 
-def pool_flows(root: Path, specs: list, cfg: BulkEditConfig, actors: int) -> dict[str, Callable[[], None]]:
+def pool_flows(
+    root: Path, specs: list, cfg: BulkEditConfig, actors: int
+) -> dict[str, Callable[[], None]]:
     """The flow's ``run_stage`` (Prefect task per shard, Ray pool of ``actors`` × 1 CPU), eager and compiled.
 
     Both share one pool; each call of a flow loads its stage on the actors when the other ran last
@@ -176,17 +224,31 @@ def pool_flows(root: Path, specs: list, cfg: BulkEditConfig, actors: int) -> dic
     assert len(specs) >= actors, "fewer shards than actors: a warm-up would not reach every actor"
 
     def make(compile: bool) -> Callable[[], None]:
-        run_cfg = RunConfig(root=str(root), ray=ray_cfg, prefect=PrefectConfig(cache=False, retries=0),
-                            bulk_edit=cfg.model_copy(update={"compile": compile}))
-        builder = EditBuilder(ModelSpec(name="stylegan2", checkpoint=str(ZOO / "generator.safetensors")),
-                              ModelSpec(name="open_clip", checkpoint=str(ZOO / "clip.safetensors")),
-                              (("deltaedit", ModelSpec(name="delta_mapper", checkpoint=str(root / MAPPER))),),
-                              str(root), run_cfg.bulk_edit, RELEVANCE, device="cpu", cpus=1, stage="edits_pool")
+        run_cfg = RunConfig(
+            root=str(root),
+            ray=ray_cfg,
+            prefect=PrefectConfig(cache=False, retries=0),
+            bulk_edit=cfg.model_copy(update={"compile": compile}),
+        )
+        builder = EditBuilder(
+            ModelSpec(name="stylegan2", checkpoint=str(ZOO / "generator.safetensors")),
+            ModelSpec(name="open_clip", checkpoint=str(ZOO / "clip.safetensors")),
+            (("deltaedit", ModelSpec(name="delta_mapper", checkpoint=str(root / MAPPER))),),
+            str(root),
+            run_cfg.bulk_edit,
+            RELEVANCE,
+            device="cpu",
+            cpus=1,
+            stage="edits_pool",
+        )
 
         @flow(name="edit-bench", log_prints=False)
         def edit_flow() -> None:
             summary = run_stage(builder, specs, run_cfg, overwrite=True, progress=False, pool=pool)
-            assert summary.ok == sum(len(s.items) for s in specs) and not summary.failed_shards, summary.line()
+            assert summary.ok == sum(len(s.items) for s in specs) and not summary.failed_shards, (
+                summary.line()
+            )
+
         return edit_flow
 
     return {"eager": make(False), "compiled": make(True)}
@@ -194,6 +256,7 @@ def pool_flows(root: Path, specs: list, cfg: BulkEditConfig, actors: int) -> dic
 
 def threads(n: int, fn: Callable[[], None]) -> Callable[[], None]:
     """``fn`` run with ``n`` torch intra-op threads (the rest of the benchmark keeps one)."""
+
     def run() -> None:
         before = torch.get_num_threads()
         torch.set_num_threads(n)
@@ -201,6 +264,7 @@ def threads(n: int, fn: Callable[[], None]) -> Callable[[], None]:
             fn()
         finally:
             torch.set_num_threads(before)
+
     return run
 
 
@@ -213,27 +277,53 @@ def same_pixels(ours: StageStore, theirs: Path) -> float:
             other = decode_image(files[sample["__key__"]].read_bytes())
             worst = max(worst, (decode_image(sample["png"]) - other).abs().max().item() * 127.5)
             seen += 1
-    assert seen == len(files), f"{len(files) - seen} of the loop's images are missing from our store"
+    assert seen == len(files), (
+        f"{len(files) - seen} of the loop's images are missing from our store"
+    )
     return worst
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer images, one round (a smoke run)")
-    parser.add_argument("--images", type=int, default=1024, help="images the flow edits (whole machine)")
-    parser.add_argument("--loop-images", type=int, default=256,
-                        help="the first N of them for the loops and the in-process stage (rates are per edit)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer images, one round (a smoke run)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=1024, help="images the flow edits (whole machine)"
+    )
+    parser.add_argument(
+        "--loop-images",
+        type=int,
+        default=256,
+        help="the first N of them for the loops and the in-process stage (rates are per edit)",
+    )
     parser.add_argument("--prompts", type=int, default=4, choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the fastest counts")
-    parser.add_argument("--actors", type=int, default=os.cpu_count() or 1,
-                        help="actors (= cores) for the whole-machine comparison (0: skip it)")
+    parser.add_argument(
+        "--actors",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="actors (= cores) for the whole-machine comparison (0: skip it)",
+    )
     args = parser.parse_args()
-    n, n_loop, repeat = (64, 32, 1) if args.quick else (args.images, min(args.loop_images, args.images), args.repeat)
-    cfg = BulkEditConfig(methods=["deltaedit"], reconstruction=True, images_per_shard=64 if not args.quick else 16,
-                         batch_size=32)
-    variants = [EditVariant(pid, ((src, tgt, 1.0),), cfg.tau) for pid, src, tgt in PROMPTS[:args.prompts]]
+    n, n_loop, repeat = (
+        (64, 32, 1)
+        if args.quick
+        else (args.images, min(args.loop_images, args.images), args.repeat)
+    )
+    cfg = BulkEditConfig(
+        methods=["deltaedit"],
+        reconstruction=True,
+        images_per_shard=64 if not args.quick else 16,
+        batch_size=32,
+    )
+    variants = [
+        EditVariant(pid, ((src, tgt, 1.0),), cfg.tau) for pid, src, tgt in PROMPTS[: args.prompts]
+    ]
     models = toy_models()
-    per_image = len(variants) + 1                     # every edit and the original, on both sides
+    per_image = len(variants) + 1  # every edit and the original, on both sides
     rows, worst = [], 0.0
 
     with tempfile.TemporaryDirectory() as tmp_dir, torch.no_grad():
@@ -241,15 +331,20 @@ def main() -> int:
         torch.set_num_threads(1)
         codes, embeddings = inputs(models, n, tmp / "run")
         eager = EditProcessor(models, codes, embeddings, cfg)
-        compiled_models = EditModels(**{**vars(models), "synthesize": compiled_synthesis(models.generator,
-                                                                                         cfg.batch_size)})
+        compiled_models = EditModels(
+            **{**vars(models), "synthesize": compiled_synthesis(models.generator, cfg.batch_size)}
+        )
         compiled = EditProcessor(compiled_models, codes, embeddings, cfg)
         specs = plan_edits(codes, variants, cfg.methods, cfg)
-        small = plan_edits(codes, variants, cfg.methods, cfg.model_copy(update={"max_images": n_loop}))
+        small = plan_edits(
+            codes, variants, cfg.methods, cfg.model_copy(update={"max_images": n_loop})
+        )
         assert sum(len(s.items) for s in specs) == n * per_image
         n_small = sum(len(s.items) for s in small)
-        texts = {v.prompt_id: ed.text_direction(models.clip, v.terms, ed.TEMPLATES[cfg.templates])[0]
-                 for v in variants}
+        texts = {
+            v.prompt_id: ed.text_direction(models.clip, v.terms, ed.TEMPLATES[cfg.templates])[0]
+            for v in variants
+        }
         images = sorted({i.meta["image"] for spec in small for i in spec.items})
         stored = {k: v for k, v in eager._inputs(specs[0]).items() if k in images}
         runs = iter(range(10_000))
@@ -261,6 +356,7 @@ def main() -> int:
                 for spec in small:
                     execute_shard(processor, spec, store, "bench")
                 out[name] = store
+
             return run
 
         def loop(name: str) -> Callable[[], None]:
@@ -268,55 +364,101 @@ def main() -> int:
                 target = tmp / f"{name}-{next(runs)}"
                 official_loop(models, stored, variants, texts, cfg, target)
                 out[name] = target
+
             return run
 
-        one = {"eager": stage(eager, "eager"), "compiled": stage(compiled, "compiled"), "loop": loop("loop")}
-        for fn in one.values():                  # warm-up (compiles)
+        one = {
+            "eager": stage(eager, "eager"),
+            "compiled": stage(compiled, "compiled"),
+            "loop": loop("loop"),
+        }
+        for fn in one.values():  # warm-up (compiles)
             fn()
         times = best_of_each(one, repeat)
-        worst = max(same_pixels(out["eager"], out["loop"]), same_pixels(out["compiled"], out["loop"]))
-        parts = breakdown(models, stored, texts[variants[0].prompt_id], cfg, compiled_models.synthesize, repeat)
+        worst = max(
+            same_pixels(out["eager"], out["loop"]), same_pixels(out["compiled"], out["loop"])
+        )
+        parts = breakdown(
+            models, stored, texts[variants[0].prompt_id], cfg, compiled_models.synthesize, repeat
+        )
         rate = {k: n_small / t for k, t in times.items()}
-        print(f"\n{len(variants)} prompts + the original per image (deltaedit, toy 64 px models); best of {repeat}")
+        print(
+            f"\n{len(variants)} prompts + the original per image (deltaedit, toy 64 px models); best of {repeat}"
+        )
         print(f"  one torch thread each, {n_loop} images = {n_small} decodes:")
-        for k, label in (("eager", "ours: edit stage, eager"), ("compiled", "ours: edit stage, compiled"),
-                         ("loop", "official loop (batch 1)")):
-            print(f"    {label:44s} {rate[k]:8.1f} edits/s  ({times[k] * 1e3 / n_small:.2f} ms/edit)")
+        for k, label in (
+            ("eager", "ours: edit stage, eager"),
+            ("compiled", "ours: edit stage, compiled"),
+            ("loop", "official loop (batch 1)"),
+        ):
+            print(
+                f"    {label:44s} {rate[k]:8.1f} edits/s  ({times[k] * 1e3 / n_small:.2f} ms/edit)"
+            )
         print(f"  where the time goes (ms per edit, batch 1 vs batch {cfg.batch_size}):")
         for name, (b1, many) in parts.items():
-            print(f"    {name:28s} {b1:6.2f}  vs {many:6.2f}" if name != "G.synthesize (compiled)"
-                  else f"    {name:28s}    –    vs {many:6.2f}")
-        rows += [("(info) one thread: ours eager vs official loop", rate["eager"] / rate["loop"], 0.0),
-                 ("(info) one thread: ours compiled vs official loop", rate["compiled"] / rate["loop"], 0.0)]
+            print(
+                f"    {name:28s} {b1:6.2f}  vs {many:6.2f}"
+                if name != "G.synthesize (compiled)"
+                else f"    {name:28s}    –    vs {many:6.2f}"
+            )
+        rows += [
+            ("(info) one thread: ours eager vs official loop", rate["eager"] / rate["loop"], 0.0),
+            (
+                "(info) one thread: ours compiled vs official loop",
+                rate["compiled"] / rate["loop"],
+                0.0,
+            ),
+        ]
 
         if args.actors > 0:
             cores = args.actors
             t_flow = {}
             for name, flow_fn in pool_flows(tmp / "run", specs, cfg, cores).items():
-                flow_fn()                                    # warm-up: this stage loads (and compiles)
+                flow_fn()  # warm-up: this stage loads (and compiles)
                 t_flow[name] = best_of_each({name: flow_fn}, repeat)[name]
-            worst = max(worst, same_pixels(StageStore(Location(str(tmp / "run")), "edits_pool"), out["loop"]))
+            worst = max(
+                worst,
+                same_pixels(StageStore(Location(str(tmp / "run")), "edits_pool"), out["loop"]),
+            )
             loop_all = threads(cores, loop("loop_all"))
             loop_all()
             t_loop = best_of_each({"loop_all": loop_all}, repeat)["loop_all"]
             r_flow = {name: n * per_image / t for name, t in t_flow.items()}
             r_loop = n_small / t_loop
-            best_loop = max(r_loop, rate["loop"])        # the loop at its better thread count
-            print(f"  the whole machine ({cores} cores), {n} images = {n * per_image} decodes in the flow:")
+            best_loop = max(r_loop, rate["loop"])  # the loop at its better thread count
+            print(
+                f"  the whole machine ({cores} cores), {n} images = {n * per_image} decodes in the flow:"
+            )
             for name in ("compiled", "eager"):
-                print(f"    {'flow: run_stage, %d actors × 1 CPU, %s' % (cores, name):44s} {r_flow[name]:8.1f} edits/s")
-            print(f"    {'official loop, %d intra-op threads' % cores:44s} {r_loop:8.1f} edits/s "
-                  f"(1 thread: {rate['loop']:.1f})")
-            rows[:0] = [(f"flow ({cores} actors, compiled) vs official loop (best of 1 and {cores} threads)",
-                         r_flow["compiled"] / best_loop, 5.0),
-                        ("(info) the same, flow eager (bulk_edit.compile: false, the default)",
-                         r_flow["eager"] / best_loop, 0.0)]
+                print(
+                    f"    {'flow: run_stage, %d actors × 1 CPU, %s' % (cores, name):44s} {r_flow[name]:8.1f} edits/s"
+                )
+            print(
+                f"    {'official loop, %d intra-op threads' % cores:44s} {r_loop:8.1f} edits/s "
+                f"(1 thread: {rate['loop']:.1f})"
+            )
+            rows[:0] = [
+                (
+                    f"flow ({cores} actors, compiled) vs official loop (best of 1 and {cores} threads)",
+                    r_flow["compiled"] / best_loop,
+                    5.0,
+                ),
+                (
+                    "(info) the same, flow eager (bulk_edit.compile: false, the default)",
+                    r_flow["eager"] / best_loop,
+                    0.0,
+                ),
+            ]
             shutil.rmtree(tmp / "run" / "edits_pool", ignore_errors=True)
     same = worst <= 2.0
-    print(f"  same pixels: every image of the loops vs ours, max |diff| = {worst:.0f}/255 "
-          f"({'ok' if same else 'MISMATCH'}, allowed 2/255)")
-    ok = report(f"edit: {len(variants)} prompts, images_per_shard {cfg.images_per_shard}, batch {cfg.batch_size}",
-                rows)
+    print(
+        f"  same pixels: every image of the loops vs ours, max |diff| = {worst:.0f}/255 "
+        f"({'ok' if same else 'MISMATCH'}, allowed 2/255)"
+    )
+    ok = report(
+        f"edit: {len(variants)} prompts, images_per_shard {cfg.images_per_shard}, batch {cfg.batch_size}",
+        rows,
+    )
     return 0 if ok and same else 1
 
 

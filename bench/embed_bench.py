@@ -13,6 +13,7 @@ With --device cuda, ratios 1 and 2 run the model on the GPU (every side copies i
 host, which also waits for the GPU); the actor comparison stays on CPU, as the target is for 2 cores.
 Run: .venv/bin/python bench/embed_bench.py [--quick] [--shard-batches N] [--device cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,35 +30,59 @@ from common import SHARDS, add_layout_args, layout, report, stage_ratios  # noqa
 from models.clip import ClipEncoder  # noqa: E402
 from tasks.embed import EmbedProcessor  # noqa: E402
 
-TOY_CLIP = str(Path(__file__).resolve().parents[1] / "zoo" / "toy" / "clip.safetensors")   # the embedded default
+TOY_CLIP = str(
+    Path(__file__).resolve().parents[1] / "zoo" / "toy" / "clip.safetensors"
+)  # the embedded default
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_layout_args(parser)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="where the model runs for the stage, bare and naive sides (default cpu)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the model runs for the stage, bare and naive sides (default cpu)",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device on this machine")
     shard_batches, repeat = layout(args)
-    torch.set_num_threads(1)                 # one CPU, as one actor gets
+    torch.set_num_threads(1)  # one CPU, as one actor gets
     ok = True
-    models = [("toy CLIP (zoo/toy, 64 px)", {"checkpoint": TOY_CLIP}, 64, 64),
-              ("ViT-B-32, random weights (224 px)", {"name": "ViT-B-32"}, 224, 16)]
+    models = [
+        ("toy CLIP (zoo/toy, 64 px)", {"checkpoint": TOY_CLIP}, 64, 64),
+        ("ViT-B-32, random weights (224 px)", {"name": "ViT-B-32"}, 224, 16),
+    ]
     with tempfile.TemporaryDirectory() as tmp_dir:
         for title, kwargs, size, bs in models:
             tmp = Path(tmp_dir) / title.split()[0]
             torch.manual_seed(0)
             clip = ClipEncoder.load(**kwargs, device=args.device)
-            rows = stage_ratios(lambda images: EmbedProcessor(clip, images, bs),
-                                lambda x: clip.encode_images(x, batch_size=len(x)).cpu(),
-                                tmp, size, bs, shard_batches, "clip_images", repeat)
+            rows = stage_ratios(
+                lambda images: EmbedProcessor(clip, images, bs),
+                lambda x: clip.encode_images(x, batch_size=len(x)).cpu(),
+                tmp,
+                size,
+                bs,
+                shard_batches,
+                "clip_images",
+                repeat,
+            )
             ckpt = str(tmp / "clip.safetensors")
             clip.save(ckpt)
-            rows.append((f"2 actors vs 1 actor over the {SHARDS} shards",
-                         actor_scaling("embed", ckpt, str(tmp / "src"), bs), 1.6))
-            ok &= report(f"embed: {title}, batch {bs}, {SHARDS} shards of {shard_batches * bs} images", rows)
+            rows.append(
+                (
+                    f"2 actors vs 1 actor over the {SHARDS} shards",
+                    actor_scaling("embed", ckpt, str(tmp / "src"), bs),
+                    1.6,
+                )
+            )
+            ok &= report(
+                f"embed: {title}, batch {bs}, {SHARDS} shards of {shard_batches * bs} images", rows
+            )
     return 0 if ok else 1
 
 

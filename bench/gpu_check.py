@@ -16,6 +16,7 @@ Run on a GPU machine:   python bench/gpu_check.py                (exit 1 if a ta
 Smoke run on a CPU:     python bench/gpu_check.py --device cpu --quick   (toy models, tiny sizes;
                         ratios printed for information, the CUDA tests skipped)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,16 +49,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
 from common import best_of_each, report, stage_ratios  # noqa: E402
 from edit_bench import inputs, toy_models, with_random_mapper  # noqa: E402
+
 from infra.config import BulkEditConfig  # noqa: E402
-from infra.storage.fsio import Location  # noqa: E402
 from infra.runtime.stage import execute_shard  # noqa: E402
+from infra.storage.fsio import Location  # noqa: E402
 from infra.storage.store import StageStore  # noqa: E402
+from models import edit_directions as ed  # noqa: E402
 from models.clip import ClipEncoder  # noqa: E402
 from models.stylegan2 import Generator  # noqa: E402
-from models import edit_directions as ed  # noqa: E402
 from tasks.edit.processor import EditModels, EditProcessor, plan_edits  # noqa: E402
 from tasks.embed import EmbedProcessor  # noqa: E402
 from tasks.prompts import EditVariant  # noqa: E402
@@ -68,10 +69,12 @@ VARIANT = EditVariant("red", (("a face", "a face with red hair", 1.0),), BulkEdi
 
 def synced(device: str, fn: Callable[[], object]) -> Callable[[], None]:
     """``fn`` followed by a wait for the GPU, so a timing covers the work, not its launch."""
+
     def run() -> None:
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
+
     return run
 
 
@@ -79,14 +82,31 @@ def embed_rows(device: str, quick: bool, tmp: Path) -> list[Row]:
     """Embed stage vs bare forward (batch 256) and vs a one-image loop: ViT-B-32 (quick: toy)."""
     torch.manual_seed(0)
     if quick:
-        clip, size, batch, shard_batches, repeat = ClipEncoder.load(
-            checkpoint=TOY_CLIP, device=device), 64, 8, 2, 1
+        clip, size, batch, shard_batches, repeat = (
+            ClipEncoder.load(checkpoint=TOY_CLIP, device=device),
+            64,
+            8,
+            2,
+            1,
+        )
     else:
-        clip, size, batch, shard_batches, repeat = ClipEncoder.load(
-            name="ViT-B-32", device=device), 224, 256, 2, 2
-    rows = stage_ratios(lambda images: EmbedProcessor(clip, images, batch),
-                        lambda x: clip.encode_images(x, batch_size=len(x)).cpu(),
-                        tmp / "embed", size, batch, shard_batches, "clip_images", repeat)
+        clip, size, batch, shard_batches, repeat = (
+            ClipEncoder.load(name="ViT-B-32", device=device),
+            224,
+            256,
+            2,
+            2,
+        )
+    rows = stage_ratios(
+        lambda images: EmbedProcessor(clip, images, batch),
+        lambda x: clip.encode_images(x, batch_size=len(x)).cpu(),
+        tmp / "embed",
+        size,
+        batch,
+        shard_batches,
+        "clip_images",
+        repeat,
+    )
     retarget = {"stage vs naive one-image-at-a-time loop": 10.0}
     return [(name, ratio, retarget.get(name, target)) for name, ratio, target in rows]
 
@@ -103,8 +123,13 @@ def edit_rows(device: str, quick: bool, tmp: Path) -> list[Row]:
     """The bulk-edit processor vs bare G + CLIP (Δt) + mapper at batch 32 (toy models: quick)."""
     models = toy_models(device=device) if quick else paper_models(device)
     n, batch, repeat = (8, 4, 1) if quick else (128, 32, 2)
-    cfg = BulkEditConfig(methods=["deltaedit"], reconstruction=False, batch_size=batch,
-                         images_per_shard=n // 2, templates="none")
+    cfg = BulkEditConfig(
+        methods=["deltaedit"],
+        reconstruction=False,
+        batch_size=batch,
+        images_per_shard=n // 2,
+        templates="none",
+    )
     with torch.no_grad():
         codes, embeddings = inputs(models, n, tmp / "edit")
     processor = EditProcessor(models, codes, embeddings, cfg)
@@ -130,10 +155,12 @@ def edit_rows(device: str, quick: bool, tmp: Path) -> list[Row]:
 
     fns = {"stage": synced(device, stage), "bare": synced(device, bare)}
     for fn in fns.values():
-        fn()                                             # warm-up: kernels, Δt cache, allocator
+        fn()  # warm-up: kernels, Δt cache, allocator
     t = best_of_each(fns, repeat)
-    print(f"  edit: {n} images, stage {t['stage'] / n * 1e3:.2f} ms/image, bare "
-          f"{t['bare'] / n * 1e3:.2f} ms/image; per step at batch {batch}:")
+    print(
+        f"  edit: {n} images, stage {t['stage'] / n * 1e3:.2f} ms/image, bare "
+        f"{t['bare'] / n * 1e3:.2f} ms/image; per step at batch {batch}:"
+    )
     for name, ms in step_times(models, s[:batch], rgb[:batch], emb[:batch], device, repeat).items():
         print(f"    {name:24s} {ms:8.3f} ms/image")
     name = f"bulk-edit processor vs bare G + CLIP + mapper, batch {batch}"
@@ -141,14 +168,22 @@ def edit_rows(device: str, quick: bool, tmp: Path) -> list[Row]:
 
 
 @torch.no_grad()
-def step_times(models: EditModels, s: torch.Tensor, rgb: torch.Tensor, emb: torch.Tensor,
-               device: str, repeat: int) -> dict[str, float]:
+def step_times(
+    models: EditModels,
+    s: torch.Tensor,
+    rgb: torch.Tensor,
+    emb: torch.Tensor,
+    device: str,
+    repeat: int,
+) -> dict[str, float]:
     """ms per image of each model on one batch (for reference)."""
     dt = emb[0] - emb[1]
     images = models.render(s, rgb)
-    steps = {"generator": lambda: models.render(s, rgb),
-             "CLIP image encoder": lambda: models.clip.encode_images(images),
-             "Delta Mapper": lambda: models.mappers["deltaedit"](s, emb, dt.expand(len(s), -1))}
+    steps = {
+        "generator": lambda: models.render(s, rgb),
+        "CLIP image encoder": lambda: models.clip.encode_images(images),
+        "Delta Mapper": lambda: models.mappers["deltaedit"](s, emb, dt.expand(len(s), -1)),
+    }
     fns = {name: synced(device, fn) for name, fn in steps.items()}
     for fn in fns.values():
         fn()
@@ -163,8 +198,17 @@ def cuda_tests() -> list[Row]:
         print("  pytest is not installed: the CUDA test variants were not run")
         return []
     start = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-               *GPU_TESTS]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        *GPU_TESTS,
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
     print(f"  pytest -m gpu ({time.perf_counter() - start:.0f} s):\n    " + "\n    ".join(tail))
@@ -172,12 +216,17 @@ def cuda_tests() -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help="toy models, tiny sizes, one round: a smoke run (no targets)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="toy models, tiny sizes, one round: a smoke run (no targets)",
+    )
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -187,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = ", quick" if args.quick else ""
     print(f"gpu_check on {args.device}{gpu}{quick}; torch {torch.__version__}")
     sections = {"embed stage": embed_rows, "bulk-edit stage": edit_rows}
-    judged = args.device == "cuda" and not args.quick           # the targets are GPU targets
+    judged = args.device == "cuda" and not args.quick  # the targets are GPU targets
     ok = True
     with tempfile.TemporaryDirectory() as tmp_dir:
         for title, measure in sections.items():

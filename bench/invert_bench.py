@@ -8,6 +8,7 @@
 
 Run: .venv/bin/python bench/invert_bench.py [--quick] [--shard-batches N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ from common import SHARDS, add_layout_args, layout, report, stage_ratios  # noqa
 from models.e4e import Encoder  # noqa: E402
 from tasks.invert import InvertProcessor  # noqa: E402
 
-
 TOY_ENCODER = Path(__file__).resolve().parents[1] / "zoo" / "toy" / "encoder.safetensors"
 
 
@@ -34,7 +34,9 @@ def toy_models() -> Encoder:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_layout_args(parser)
     args = parser.parse_args()
     shard_batches, repeat = layout(args)
@@ -44,9 +46,16 @@ def main() -> int:
     gen = enc.generator
     with tempfile.TemporaryDirectory() as tmp_dir, torch.no_grad():
         tmp = Path(tmp_dir)
-        rows = stage_ratios(lambda images: InvertProcessor(enc, gen, images, bs, keep_wplus=False, device="cpu"),
-                            lambda x: gen.synthesize(gen.style_space(enc(x))),
-                            tmp, 64, bs, shard_batches, "codes", repeat)
+        rows = stage_ratios(
+            lambda images: InvertProcessor(enc, gen, images, bs, keep_wplus=False, device="cpu"),
+            lambda x: gen.synthesize(gen.style_space(enc(x))),
+            tmp,
+            64,
+            bs,
+            shard_batches,
+            "codes",
+            repeat,
+        )
         ckpt = str(tmp / "e.safetensors")
         enc.save(ckpt)
         scaling = actor_scaling("invert", ckpt, str(tmp / "src"), bs)

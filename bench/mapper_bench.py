@@ -7,6 +7,7 @@
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/mapper_bench.py [--quick] [--rows 50000] [--layout small|256]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,13 @@ from infra.storage.readers import read_vectors, vectors_tensor  # noqa: E402
 from infra.storage.store import StageStore  # noqa: E402
 from infra.storage.tables import table_to_parquet_bytes, vector_table  # noqa: E402
 from models.layout import StyleLayout  # noqa: E402
-from tasks.train.mapper_data import POOLS, build_row_cache  # noqa: E402
 from tasks.train.mapper import build_model, fit, mapper_config, mapper_inputs, pair_loss  # noqa: E402
+from tasks.train.mapper_data import POOLS, build_row_cache  # noqa: E402
 
-LAYOUTS = {"small": (32, {4: 256, 8: 256, 16: 128, 32: 64}, 64),     # 1344 style channels, CLIP 64
-           "256": (256, None, 512)}                                    # 5760 style channels, CLIP 512
+LAYOUTS = {
+    "small": (32, {4: 256, 8: 256, 16: 128, 32: 64}, 64),  # 1344 style channels, CLIP 64
+    "256": (256, None, 512),
+}  # 5760 style channels, CLIP 512
 
 
 def write_store(root: Path, rows: int, layout: str, shard_size: int = 1000) -> None:
@@ -47,19 +50,31 @@ def write_store(root: Path, rows: int, layout: str, shard_size: int = 1000) -> N
             keys = [f"{pool}_{i:07d}" for i in range(lo, min(rows // 2, lo + shard_size))]
             s = rng.normal(size=(len(keys), lay.conv_total)).astype(np.float32)
             e = rng.normal(size=(len(keys), clip_dim)).astype(np.float32)
-            for stage, cols, meta in ((codes, {"s": s}, {"layout": lay.to_dict()}), (clip, {"embedding": e}, {})):
+            for stage, cols, meta in (
+                (codes, {"s": s}, {"layout": lay.to_dict()}),
+                (clip, {"embedding": e}, {}),
+            ):
                 loc = StageStore(Location(str(root)), stage).loc
-                loc.write_bytes(f"{sid}.parquet", table_to_parquet_bytes(vector_table(keys, cols, meta)))
-                loc.write_bytes(f"{sid}.done.json", json.dumps({"counts": {"ok": len(keys)}}).encode())
+                loc.write_bytes(
+                    f"{sid}.parquet", table_to_parquet_bytes(vector_table(keys, cols, meta))
+                )
+                loc.write_bytes(
+                    f"{sid}.done.json", json.dumps({"counts": {"ok": len(keys)}}).encode()
+                )
 
 
-def plain_loop(model: torch.nn.Module, s: torch.Tensor, e: torch.Tensor, steps: int, batch: int) -> float:
+def plain_loop(
+    model: torch.nn.Module, s: torch.Tensor, e: torch.Tensor, steps: int, batch: int
+) -> float:
     """Steps/s of the same training step on in-memory tensors with random pairs."""
     opt = torch.optim.Adam(model.parameters(), lr=0.5)
     g = torch.Generator().manual_seed(0)
     began = time.perf_counter()
     for _ in range(steps):
-        a, b = torch.randint(0, len(s), (batch,), generator=g), torch.randint(0, len(s), (batch,), generator=g)
+        a, b = (
+            torch.randint(0, len(s), (batch,), generator=g),
+            torch.randint(0, len(s), (batch,), generator=g),
+        )
         loss, _ = pair_loss(model(*mapper_inputs("delta", s[a], e[a], e[b])), s[b] - s[a])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -69,11 +84,18 @@ def plain_loop(model: torch.nn.Module, s: torch.Tensor, e: torch.Tensor, steps: 
 
 def throughput(root: Path, steps: int, batch: int) -> tuple[float, float]:
     cache = build_row_cache(Location(str(root)), root / "cache", val_fraction=0.0)
-    tm = load_config(None, [f"train_mapper.steps={steps}", f"train_mapper.batch_size={batch}",
-                            "train_mapper.val_fraction=0", f"train_mapper.checkpoint_every={10 ** 9}"]).train_mapper
+    tm = load_config(
+        None,
+        [
+            f"train_mapper.steps={steps}",
+            f"train_mapper.batch_size={batch}",
+            "train_mapper.val_fraction=0",
+            f"train_mapper.checkpoint_every={10**9}",
+        ],
+    ).train_mapper
     rows = cache.fetch(np.arange(min(len(cache), 4096)))
     ours, plain = [], []
-    for trial in range(2):                                  # interleaved, best of two
+    for trial in range(2):  # interleaved, best of two
         out = Location(str(root / f"out{trial}"))
         out.remove_all()
         ours.append(fit(tm, 0, cache, out, log=lambda _: None)["steps_per_s"])
@@ -83,19 +105,26 @@ def throughput(root: Path, steps: int, batch: int) -> tuple[float, float]:
 
 def child(mode: str, root: Path, batches: int) -> None:
     """One approach alone in this process; prints its peak RSS (MB) after ``batches`` pair batches."""
-    StageStore(Location(str(root)), "codes").vectors("00000")      # warm up Arrow/Parquet for both modes
+    StageStore(Location(str(root)), "codes").vectors(
+        "00000"
+    )  # warm up Arrow/Parquet for both modes
     base = _reset_peak()
     rng = np.random.default_rng(0)
     if mode == "ours":
         cache = build_row_cache(Location(str(root)), root / "cache_rss", val_fraction=0.01)
         built = _peak()
         for _ in range(batches):
-            cache.fetch(rng.integers(0, len(cache), 64)), cache.fetch(rng.integers(0, len(cache), 64))
+            (
+                cache.fetch(rng.integers(0, len(cache), 64)),
+                cache.fetch(rng.integers(0, len(cache), 64)),
+            )
     else:
+
         def load(stage: str, column: str) -> torch.Tensor:
             return vectors_tensor(read_vectors(StageStore(Location(str(root)), stage)), column)
-        s = torch.cat([load(c, "s") for c, _ in POOLS.values()])                 # (N, S) all in RAM
-        e = torch.cat([load(c, "embedding") for _, c in POOLS.values()])         # (N, D)
+
+        s = torch.cat([load(c, "s") for c, _ in POOLS.values()])  # (N, S) all in RAM
+        e = torch.cat([load(c, "embedding") for _, c in POOLS.values()])  # (N, D)
         built = _peak()
         for _ in range(batches):
             a, b = rng.integers(0, len(s), 64), rng.integers(0, len(s), 64)
@@ -106,7 +135,11 @@ def child(mode: str, root: Path, batches: int) -> None:
 def _peak() -> float:
     """Peak resident set (MB) since the last reset: VmHWM from /proc (Linux), else ru_maxrss."""
     try:
-        line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith("VmHWM"))
+        line = next(
+            row
+            for row in Path("/proc/self/status").read_text().splitlines()
+            if row.startswith("VmHWM")
+        )
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -122,8 +155,13 @@ def _reset_peak() -> float:
 
 
 def rss(root: Path, mode: str) -> dict[str, float]:
-    done = subprocess.run([sys.executable, __file__, "--child", mode, "--root", str(root)],
-                          capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", mode, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -144,15 +182,21 @@ def main() -> None:
         root = Path(tmp) / "run"
         t0 = time.perf_counter()
         write_store(root, rows, args.layout)
-        print(f"synthetic store: {rows} rows, layout {args.layout}, written in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"synthetic store: {rows} rows, layout {args.layout}, written in {time.perf_counter() - t0:.1f} s"
+        )
         ours, plain = throughput(root, steps, 64)
-        print(f"1. throughput  flow data path + step {ours:.2f} it/s vs in-memory loop {plain:.2f} it/s "
-              f"→ ratio {ours / plain:.2f} (target ≥ 0.9)")
+        print(
+            f"1. throughput  flow data path + step {ours:.2f} it/s vs in-memory loop {plain:.2f} it/s "
+            f"→ ratio {ours / plain:.2f} (target ≥ 0.9)"
+        )
         mine, theirs = rss(root, "ours"), rss(root, "memory")
         ours_mb, theirs_mb = (r["peak_mb"] - r["base_mb"] for r in (mine, theirs))
-        print(f"2. peak RSS at {rows} rows: our loader {mine['peak_mb']:.0f} MB (baseline {mine['base_mb']:.0f}) "
-              f"vs in-memory {theirs['peak_mb']:.0f} MB (baseline {theirs['base_mb']:.0f}) → above baseline "
-              f"{ours_mb:.0f} vs {theirs_mb:.0f} MB, ratio {theirs_mb / max(ours_mb, 1):.1f}×")
+        print(
+            f"2. peak RSS at {rows} rows: our loader {mine['peak_mb']:.0f} MB (baseline {mine['base_mb']:.0f}) "
+            f"vs in-memory {theirs['peak_mb']:.0f} MB (baseline {theirs['base_mb']:.0f}) → above baseline "
+            f"{ours_mb:.0f} vs {theirs_mb:.0f} MB, ratio {theirs_mb / max(ours_mb, 1):.1f}×"
+        )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ tangent follows the ±5σ secant depends on the models (see models/relevance.py)
 generator responds far more linearly than the previous one.
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/relevance_bench.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models.clip import ClipEncoder  # noqa: E402
+from models.relevance import compare_rows, freeze, style_statistics, subset_channels, timed_exact  # noqa: E402
 from models.stylegan2 import Generator  # noqa: E402
 from models.toy.train_clip import TOY_CLIP_CONFIG  # noqa: E402
-from models.relevance import compare_rows, freeze, style_statistics, subset_channels, timed_exact  # noqa: E402
 
 TOY_G = dict(size=64, style_dim=64, n_mlp=4, channels={4: 128, 8: 128, 16: 64, 32: 64, 64: 32})
-PROMPTS = ["a circle -> a square", "a shape -> a red shape", "a shape -> a large shape",
-           "a shape -> a shape on the left"]
+PROMPTS = [
+    "a circle -> a square",
+    "a shape -> a red shape",
+    "a shape -> a large shape",
+    "a shape -> a shape on the left",
+]
 
 
 def random_models() -> tuple[Generator, ClipEncoder]:
@@ -65,18 +70,36 @@ def measure(name: str, G: Generator, clip: ClipEncoder, args: argparse.Namespace
     channels = subset_channels(G.layout.conv_total, args.channels, seed=0)
     deltas = {p: clip.delta_text(*(s.strip() for s in p.split("->"))) for p in PROMPTS}
     exact = timed_exact(G, clip, stats, channels, 5.0, args.batch_size)
-    print(f"\n== {name}: {G.layout.conv_total} conv channels, CLIP dim {clip.embed_dim}, "
-          f"{args.images} images; exact {exact[1]:.1f}s for {len(channels)} channels "
-          f"(→ {exact[1] * G.layout.conv_total / len(channels):.1f}s for all)")
-    print(f"  noise floor: exact rows from one half of the images vs the other, mean cosine {exact[2]:.3f}")
+    print(
+        f"\n== {name}: {G.layout.conv_total} conv channels, CLIP dim {clip.embed_dim}, "
+        f"{args.images} images; exact {exact[1]:.1f}s for {len(channels)} channels "
+        f"(→ {exact[1] * G.layout.conv_total / len(channels):.1f}s for all)"
+    )
+    print(
+        f"  noise floor: exact rows from one half of the images vs the other, mean cosine {exact[2]:.3f}"
+    )
     for rank in args.ranks:
-        r = compare_rows(G, clip, stats, channels, 5.0, (args.batch_size, args.jacobian_batch), deltas,
-                         args.top_k, rank, exact)
-        print(f"  fast, {'full Jacobian' if not rank else f'rank {rank}'}: {r['seconds_fast_all']:.1f}s for all")
+        r = compare_rows(
+            G,
+            clip,
+            stats,
+            channels,
+            5.0,
+            (args.batch_size, args.jacobian_batch),
+            deltas,
+            args.top_k,
+            rank,
+            exact,
+        )
+        print(
+            f"  fast, {'full Jacobian' if not rank else f'rank {rank}'}: {r['seconds_fast_all']:.1f}s for all"
+        )
         _line("speed ratio fast vs exact", r["speed_ratio"], 20, "x")
         _line("mean row cosine fast vs exact", r["mean_row_cosine"], 0.95, "")
-        print(f"    min row cosine {r['min_row_cosine']:.3f}; top-{args.top_k} overlap of |Rs·Δt| per prompt: "
-              + ", ".join(f"{v:.2f}" for v in r["top_k_overlap"].values()))
+        print(
+            f"    min row cosine {r['min_row_cosine']:.3f}; top-{args.top_k} overlap of |Rs·Δt| per prompt: "
+            + ", ".join(f"{v:.2f}" for v in r["top_k_overlap"].values())
+        )
 
 
 def _line(label: str, value: float, target: float, unit: str) -> None:
@@ -85,23 +108,35 @@ def _line(label: str, value: float, target: float, unit: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer images and channels (a smoke run)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer images and channels (a smoke run)"
+    )
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--channels", type=int, default=64, help="channels computed exactly")
     parser.add_argument("--stat-samples", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=32, help="exact: renders per forward")
-    parser.add_argument("--jacobian-batch", type=int, default=8, help="fast: images per Jacobian pass")
+    parser.add_argument(
+        "--jacobian-batch", type=int, default=8, help="fast: images per Jacobian pass"
+    )
     parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--ranks", type=lambda t: [int(x) for x in t.split(",")], default=[0, 16, 32],
-                        help="fast-mode ranks to measure, 0 = full Jacobian (default: 0,16,32)")
+    parser.add_argument(
+        "--ranks",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[0, 16, 32],
+        help="fast-mode ranks to measure, 0 = full Jacobian (default: 0,16,32)",
+    )
     parser.add_argument("--only", choices=["random", "trained"], help="one model pair only")
     args = parser.parse_args()
     if args.quick:
         args.images, args.channels = 4, 24
-    torch.set_num_threads(1)                 # one CPU, as one actor gets
+    torch.set_num_threads(1)  # one CPU, as one actor gets
     pairs = {"random": ("toy-sized, random weights", random_models)}
-    trained_g = "trained" if (REPO / "zoo/toy/generator.safetensors").exists() else "random toy-sized"
+    trained_g = (
+        "trained" if (REPO / "zoo/toy/generator.safetensors").exists() else "random toy-sized"
+    )
     pairs["trained"] = (f"trained toy CLIP + {trained_g} generator (zoo/toy)", trained_models)
     for key, (name, make) in pairs.items():
         if args.only and key != args.only:

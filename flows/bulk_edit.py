@@ -10,6 +10,7 @@ Needs the mapper(s) of train-mapper, for the threshold and StyleCLIP-GD the rele
 DeltaEdit-D the model of train-diffusion (or ``models.diffusion``). The plan (shards, variants with
 their τ, methods, decoders) is recorded in the edits store for evaluate (``tasks.edit.plan``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,9 +25,13 @@ from tasks.edit.plan import edit_builder, edit_variants, input_stages, planned_e
 
 
 @flow(name="bulk-edit", log_prints=True)
-def bulk_edit_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                   redo_failed: bool = False, overwrite: bool = False,
-                   shards: list[str] | None = None) -> dict[str, Any]:
+def bulk_edit_flow(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    redo_failed: bool = False,
+    overwrite: bool = False,
+    shards: list[str] | None = None,
+) -> dict[str, Any]:
     """Edit every image with every prompt and method; finished image groups are skipped."""
     cfg = flow_config(config_path, overrides)
     where = config_path or "<defaults>"
@@ -37,13 +42,17 @@ def bulk_edit_flow(config_path: str | None = None, overrides: list[str] | None =
         summaries = []
         stages = input_stages(cfg)
         if cfg.bulk_edit.catalog:
-            summaries += catalog_stages(cfg, cfg.bulk_edit.catalog, None, {**opts, "pool": pool}, stages)
+            summaries += catalog_stages(
+                cfg, cfg.bulk_edit.catalog, None, {**opts, "pool": pool}, stages
+            )
         planned = planned_edits(cfg, variants)
         specs = select(planned, shards)
-        print(f"bulk-edit: {len(variants)} prompt variants × {len(cfg.bulk_edit.methods)} methods × decoders "
-              f"{cfg.bulk_edit.decoder}, {len(specs)} shards")
+        print(
+            f"bulk-edit: {len(variants)} prompt variants × {len(cfg.bulk_edit.methods)} methods × decoders "
+            f"{cfg.bulk_edit.decoder}, {len(specs)} shards"
+        )
         summaries.append(run_stage(builder, specs, cfg, pool=pool, **opts))
-    write_plan(cfg, planned, variants)          # after the run: overwrite empties the store first
+    write_plan(cfg, planned, variants)  # after the run: overwrite empties the store first
     for s in summaries:
         print(s.line())
     return {s.stage: s.to_dict() for s in summaries}

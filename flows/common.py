@@ -1,4 +1,5 @@
 """What every flow does first: load its config, start one pool of workers for its stages, find local scratch."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from infra.config import RunConfig, load_config
-from infra.storage.fsio import Location
 from infra.runtime.ray_pool import ActorPool, init_ray
+from infra.storage.fsio import Location
 from tasks.train.row_cache import SplitCache, local_copy_folder, publish
 
 Cache = TypeVar("Cache", bound=SplitCache)
@@ -35,11 +36,15 @@ def local_cache_folder(cfg: RunConfig, configured: str | None, name: str) -> Pat
     root = Location(cfg.root, cfg.storage_options)
     if root.is_local:
         return Path(root.path) / name
-    return Path(tempfile.gettempdir()) / f"deltaedit-{name}-{hashlib.sha256(root.uri.encode()).hexdigest()[:12]}"
+    return (
+        Path(tempfile.gettempdir())
+        / f"deltaedit-{name}-{hashlib.sha256(root.uri.encode()).hexdigest()[:12]}"
+    )
 
 
-def prepare_cache(cfg: RunConfig, configured: str | None, name: str, build: Callable[[Path], Cache]
-                  ) -> tuple[str, Cache]:
+def prepare_cache(
+    cfg: RunConfig, configured: str | None, name: str, build: Callable[[Path], Cache]
+) -> tuple[str, Cache]:
     """Build a trainer's row cache; returns (where workers open it, the cache). For a URI
     ``configured`` (s3://...) it is built in this node's local copy folder and published there
     (``localize`` fetches it on the other nodes); a local or shared path is built in place."""

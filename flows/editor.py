@@ -16,6 +16,7 @@ locates them (``tasks.edit_plan.edit_builder``: the run's trained mappers and re
 Bad input never stops a call: an unreadable or too small image, an empty or too long prompt, an
 unknown method or decoder fail only their own edits, each with its reason (``Edit.error``).
 """
+
 from __future__ import annotations
 
 import io
@@ -35,20 +36,33 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from flows.editor_inputs import (array_image, as_list, describe_source, is_prompt_pair_batch,
-                                 pil_image, what_was_done)
+from flows.editor_inputs import (
+    array_image,
+    as_list,
+    describe_source,
+    is_prompt_pair_batch,
+    pil_image,
+    what_was_done,
+)
 from flows.editor_results import Edit, EditResult, InputReport
 from infra.config import ConfigError, RunConfig, load_config
-from infra.storage.fsio import Location
-from infra.storage.records import MemorySink, Record
 from infra.runtime.shards import Item, plan_shards
 from infra.runtime.stage import execute_shard
-from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
-from models import zoo
+from infra.storage.fsio import Location
+from infra.storage.records import MemorySink, Record
+from infra.storage.store import StageStore
 from models import edit_directions as ed
-from tasks.edit.processor import GENERATOR, EditModels, EditProcessor, edit_key, plan_edits, recon_key
+from models import zoo
 from tasks.edit.plan import edit_builder
+from tasks.edit.processor import (
+    GENERATOR,
+    EditModels,
+    EditProcessor,
+    edit_key,
+    plan_edits,
+    recon_key,
+)
 from tasks.embed import EmbedProcessor
 from tasks.ingest import IngestProcessor, to_rgb
 from tasks.invert import InvertProcessor
@@ -59,25 +73,38 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 Prompt = Union[str, tuple[str, str], EditVariant]
 DECODERS = ("generator", "diffusion", "diffusion_masked")
 ARROWS = ("->", "→")
-DEMO_HINT = ("on the toy domain, `deltaedit demo` (make demo) makes every input of the edits: the "
-             "relevance matrix and both mappers")
-_STAGE_FP = "editor"          # code fingerprint of the temporary stores (no run's is compared)
-RUN = Stages.of()             # the temporary run's stages
+DEMO_HINT = (
+    "on the toy domain, `deltaedit demo` (make demo) makes every input of the edits: the "
+    "relevance matrix and both mappers"
+)
+_STAGE_FP = "editor"  # code fingerprint of the temporary stores (no run's is compared)
+RUN = Stages.of()  # the temporary run's stages
 
 
 class Editor:
     """The edit stage of a run, loaded once, for images and prompts given in Python."""
 
-    def __init__(self, cfg: RunConfig, models: EditModels, encoder: Any, where: str,
-                 neutral_source: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        models: EditModels,
+        encoder: Any,
+        where: str,
+        neutral_source: str | None = None,
+    ) -> None:
         self.cfg, self.models, self.encoder, self.where = cfg, models, encoder, where
-        self.neutral_source = neutral_source   # the source of a prompt given as a target alone
-        self._texts: dict[Any, Any] = {}        # Δt per prompt, kept across calls (stage's cache)
+        self.neutral_source = neutral_source  # the source of a prompt given as a target alone
+        self._texts: dict[Any, Any] = {}  # Δt per prompt, kept across calls (stage's cache)
 
     @classmethod
-    def from_config(cls, config: str | Path | RunConfig | None, overrides: Sequence[str] = (),
-                    methods: Sequence[str] | None = None, decoders: Sequence[str] | None = None,
-                    neutral_source: str | None = None) -> Editor:
+    def from_config(
+        cls,
+        config: str | Path | RunConfig | None,
+        overrides: Sequence[str] = (),
+        methods: Sequence[str] | None = None,
+        decoders: Sequence[str] | None = None,
+        neutral_source: str | None = None,
+    ) -> Editor:
         """Load the generator, e4e, CLIP, the mappers of ``methods`` (default: the config's
         bulk_edit.methods) and Rₛ as the bulk-edit stage finds them, and the diffusion decoder when
         ``decoders`` (default: bulk_edit.decoder) asks for it. A missing model, mapper or Rₛ is a
@@ -88,25 +115,31 @@ class Editor:
             cfg, where = config, "<config>"
         else:
             cfg, where = load_config(config, list(overrides)), str(config or "<defaults>")
-        for name, given, known in (("method", methods, ed.METHODS),
-                                   ("decoder", decoders, DECODERS)):
+        for name, given, known in (
+            ("method", methods, ed.METHODS),
+            ("decoder", decoders, DECODERS),
+        ):
             unknown = [v for v in given or () if v not in known]
             if unknown:
                 raise ConfigError(f"unknown {name} {unknown}: one of {', '.join(known)}")
         if cfg.models.encoder is None:
             raise ConfigError(f"{where}: editing images needs models.encoder (e4e) to invert them")
         be = cfg.bulk_edit
-        be = be.model_copy(update={
-            "methods": list(be.methods if methods is None else methods),
-            "decoder": list(be.decoder if decoders is None else decoders),
-            "max_images": None, "diffusion": be.diffusion.model_copy(
-                update={"methods": None, "max_images": None})})
+        be = be.model_copy(
+            update={
+                "methods": list(be.methods if methods is None else methods),
+                "decoder": list(be.decoder if decoders is None else decoders),
+                "max_images": None,
+                "diffusion": be.diffusion.model_copy(update={"methods": None, "max_images": None}),
+            }
+        )
         cfg = cfg.model_copy(update={"bulk_edit": be})
         try:
             builder = edit_builder(cfg, where)
-        except ConfigError as exc:          # a missing mapper or Rₛ: say how the demo makes it
-            raise ConfigError(f"{exc}; {DEMO_HINT}" if "deltaedit run" in str(exc) else str(exc)
-                              ) from None
+        except ConfigError as exc:  # a missing mapper or Rₛ: say how the demo makes it
+            raise ConfigError(
+                f"{exc}; {DEMO_HINT}" if "deltaedit run" in str(exc) else str(exc)
+            ) from None
         if builder.relevance_stage is None and _has_relevance(cfg):
             builder = replace(builder, relevance_stage=relevance_stage(cfg.relevance.mode))
         # the stage sets torch's threads to its actor's CPUs; here the caller's setting stays
@@ -128,18 +161,29 @@ class Editor:
     def requirements(self) -> str:
         """What the generator needs of an input image and what ingest does to give it that."""
         ing, size = self.cfg.ingest, self.models.generator.size
-        how = {"fit": "fitted into a square (aspect ratio kept, padded with black)",
-               "center_crop": "center-cropped to a square",
-               "none": "kept as it is (the encoder squashes it to a square)"}[ing.resize]
-        return (f"the generator makes {size}x{size} RGB images; each input (any size, at least "
-                f"{ing.min_side} px a side) is {how} at {ing.image_size}x{ing.image_size} "
-                f"(ingest.resize={ing.resize}), then inverted by e4e at "
-                f"{self.encoder.input_size} px")
+        how = {
+            "fit": "fitted into a square (aspect ratio kept, padded with black)",
+            "center_crop": "center-cropped to a square",
+            "none": "kept as it is (the encoder squashes it to a square)",
+        }[ing.resize]
+        return (
+            f"the generator makes {size}x{size} RGB images; each input (any size, at least "
+            f"{ing.min_side} px a side) is {how} at {ing.image_size}x{ing.image_size} "
+            f"(ingest.resize={ing.resize}), then inverted by e4e at "
+            f"{self.encoder.input_size} px"
+        )
 
-    def edit(self, images: ImageInput | Sequence[ImageInput], prompts: Prompt | Sequence[Prompt],
-             method: str | Sequence[str] = "deltaedit", strength: float = 1.0,
-             tau: float | None = None, decoder: str | Sequence[str] = GENERATOR, seed: int = 0,
-             progress: bool = False) -> EditResult:
+    def edit(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: Prompt | Sequence[Prompt],
+        method: str | Sequence[str] = "deltaedit",
+        strength: float = 1.0,
+        tau: float | None = None,
+        decoder: str | Sequence[str] = GENERATOR,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> EditResult:
         """Edit every image with every prompt, method and decoder (image-major order).
 
         ``images``: paths or URIs, PIL images or (H, W[, 3|4]) uint8 arrays, one or a list.
@@ -166,13 +210,17 @@ class Editor:
         be = self.cfg.bulk_edit.model_copy(update={"methods": ok_methods, "decoder": ok_decoders})
         timings: dict[str, float] = {}
         bar = tqdm(desc="deltaedit edit", unit="shard", total=0, disable=not progress)
-        with tempfile.TemporaryDirectory(prefix="deltaedit-edit-") as tmp, \
-                _seeded(seed, self.models.device), bar:
+        with (
+            tempfile.TemporaryDirectory(prefix="deltaedit-edit-") as tmp,
+            _seeded(seed, self.models.device),
+            bar,
+        ):
             root = Location(tmp)
             inputs, items = self._ingest(images, root, timings, bar)
             self._invert(root, inputs, timings, bar)
-            records, seconds = self._edit_stage(root, be, ok_variants if ok_methods else [],
-                                                ok_methods, timings, bar)
+            records, seconds = self._edit_stage(
+                root, be, ok_variants if ok_methods else [], ok_methods, timings, bar
+            )
         for report in inputs:
             recon = records.get(recon_key(items[report.index].key))
             if recon is not None and recon.image is not None:
@@ -183,22 +231,39 @@ class Editor:
             for p, variant in enumerate(variants):
                 for m in methods:
                     for d in decoders:
-                        error = (report.error or (variant if isinstance(variant, str) else None)
-                                 or method_errors[m] or decoder_errors[d])
-                        edits.append(self._outcome(report, p, prompt_list[p], variant, m, d, error,
-                                                   records, seconds, key))
+                        error = (
+                            report.error
+                            or (variant if isinstance(variant, str) else None)
+                            or method_errors[m]
+                            or decoder_errors[d]
+                        )
+                        edits.append(
+                            self._outcome(
+                                report,
+                                p,
+                                prompt_list[p],
+                                variant,
+                                m,
+                                d,
+                                error,
+                                records,
+                                seconds,
+                                key,
+                            )
+                        )
         timings["total"] = round(time.perf_counter() - start, 4)
         return EditResult(edits, inputs, timings, self.requirements(), seed)
 
     # --- inputs ---------------------------------------------------------------------------------
 
-    def _ingest(self, images: list[Any], root: Location, timings: dict[str, float], bar: Any
-                ) -> tuple[list[InputReport], list[Item]]:
+    def _ingest(
+        self, images: list[Any], root: Location, timings: dict[str, float], bar: Any
+    ) -> tuple[list[InputReport], list[Item]]:
         """The ingest stage over the inputs (in-memory ones written as PNG first)."""
         t0 = time.perf_counter()
         reports, items = [], []
         for n, image in enumerate(images):
-            key = f"i{n:06d}"                       # sorts in input order, as plan_shards sorts
+            key = f"i{n:06d}"  # sorts in input order, as plan_shards sorts
             report = InputReport(n, describe_source(image, n))
             try:
                 source = self._source(image, root, key)
@@ -210,7 +275,7 @@ class Editor:
         processor = IngestProcessor(self.cfg.ingest, self.cfg.storage_options)
         good = [i for i, r in zip(items, reports) if r.ok]
         specs = plan_shards(good, self.cfg.ingest.shard_size)
-        _grow(bar, 3 * len(specs))                      # ingest, invert and embed each shard
+        _grow(bar, 3 * len(specs))  # ingest, invert and embed each shard
         for spec in specs:
             execute_shard(processor, spec, store, _STAGE_FP)
             bar.update(1)
@@ -222,7 +287,8 @@ class Editor:
                 report.original_size = (row["orig_width"], row["orig_height"])
                 report.size = (row["width"], row["height"])
                 report.done, report.content_box = what_was_done(
-                    report.original_size, self.cfg.ingest.image_size, self.cfg.ingest.resize)
+                    report.original_size, self.cfg.ingest.image_size, self.cfg.ingest.resize
+                )
         timings["ingest"] = round(time.perf_counter() - t0, 4)
         return reports, items
 
@@ -234,23 +300,27 @@ class Editor:
             image = array_image(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a path, a PIL image or an array, got {type(image).__name__}")
-        image = to_rgb(ImageOps.exif_transpose(image))   # as ingest treats a file's pixels
+        image = to_rgb(ImageOps.exif_transpose(image))  # as ingest treats a file's pixels
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=1)
         folder = root.child("inputs")
         folder.write_bytes(f"{key}.png", buf.getvalue())
         return folder.url(f"{key}.png")
 
-    def _invert(self, root: Location, inputs: list[InputReport], timings: dict[str, float],
-                bar: Any) -> None:
+    def _invert(
+        self, root: Location, inputs: list[InputReport], timings: dict[str, float], bar: Any
+    ) -> None:
         """The invert and embed stages over the ingested images (their processors, batches)."""
         images, codes = StageStore(root, RUN.images), StageStore(root, RUN.codes)
         m = self.models
-        invert = InvertProcessor(self.encoder, m.generator, images, self.cfg.invert.batch_size,
-                                 False, str(m.device))
+        invert = InvertProcessor(
+            self.encoder, m.generator, images, self.cfg.invert.batch_size, False, str(m.device)
+        )
         embed = EmbedProcessor(m.clip, images, self.cfg.embed.batch_size)
-        for name, processor, out in (("invert", invert, codes),
-                                     ("embed", embed, StageStore(root, RUN.clip))):
+        for name, processor, out in (
+            ("invert", invert, codes),
+            ("embed", embed, StageStore(root, RUN.clip)),
+        ):
             t0 = time.perf_counter()
             for spec in plan_downstream(images):
                 if spec.items:
@@ -265,14 +335,26 @@ class Editor:
                 else:
                     report.inversion_psnr = row["psnr"]
 
-    def _edit_stage(self, root: Location, be: Any, variants: list[EditVariant], methods: list[str],
-                    timings: dict[str, float], bar: Any
-                    ) -> tuple[dict[str, Record], dict[str, float]]:
+    def _edit_stage(
+        self,
+        root: Location,
+        be: Any,
+        variants: list[EditVariant],
+        methods: list[str],
+        timings: dict[str, float],
+        bar: Any,
+    ) -> tuple[dict[str, Record], dict[str, float]]:
         """The edit stage's processor over the bulk-edit flow's shards of these codes."""
         t0 = time.perf_counter()
         codes = StageStore(root, RUN.codes)
-        processor = EditProcessor(self.models, codes, StageStore(root, RUN.clip), be,
-                                  StageStore(root, RUN.images), _texts=self._texts)
+        processor = EditProcessor(
+            self.models,
+            codes,
+            StageStore(root, RUN.clip),
+            be,
+            StageStore(root, RUN.images),
+            _texts=self._texts,
+        )
         records: dict[str, Record] = {}
         seconds: dict[str, float] = {}
         specs = [s for s in plan_edits(codes, variants, methods, be) if s.items]
@@ -289,8 +371,9 @@ class Editor:
 
     # --- prompts, methods, outcomes ---------------------------------------------------------------
 
-    def _variant(self, n: int, prompt: Any, strength: float, tau: float | None
-                 ) -> EditVariant | str:
+    def _variant(
+        self, n: int, prompt: Any, strength: float, tau: float | None
+    ) -> EditVariant | str:
         """The edit variant of a prompt, or why it cannot be one."""
         if isinstance(prompt, EditVariant):
             variant = replace(prompt, prompt_id=f"p{n:03d}")
@@ -301,10 +384,12 @@ class Editor:
             variant = EditVariant(f"p{n:03d}", (terms,), tau, float(strength))
         [variant] = resolve_tau([variant], self.cfg.bulk_edit.tau)
         if variant.tau > 0 and self.models.relevance is None:
-            return (f"tau {variant.tau} needs the relevance matrix "
-                    f"{relevance_stage(self.cfg.relevance.mode)}, "
-                    f"which {self.cfg.root} does not have (run `deltaedit run relevance`; "
-                    f"{DEMO_HINT})")
+            return (
+                f"tau {variant.tau} needs the relevance matrix "
+                f"{relevance_stage(self.cfg.relevance.mode)}, "
+                f"which {self.cfg.root} does not have (run `deltaedit run relevance`; "
+                f"{DEMO_HINT})"
+            )
         return variant
 
     def _terms(self, prompt: Any) -> tuple[str, str, float] | str:
@@ -312,45 +397,66 @@ class Editor:
         if isinstance(prompt, tuple) and not is_prompt_pair_batch(prompt):
             return prompt[0], prompt[1], 1.0
         if not isinstance(prompt, str):
-            return ("a prompt must be 'source -> target', a target text or a (source, target) "
-                    f"pair, got {prompt!r}")
+            return (
+                "a prompt must be 'source -> target', a target text or a (source, target) "
+                f"pair, got {prompt!r}"
+            )
         for arrow in ARROWS:
             if arrow in prompt:
                 source, target = prompt.split(arrow, 1)
                 return source.strip(), target.strip(), 1.0
         if self.neutral_source is None:
-            return (f"prompt {prompt!r} has no source text: write 'source -> target', pass a "
-                    "(source, target) pair, or set a neutral source (Editor.neutral_source, "
-                    "--source)")
+            return (
+                f"prompt {prompt!r} has no source text: write 'source -> target', pass a "
+                "(source, target) pair, or set a neutral source (Editor.neutral_source, "
+                "--source)"
+            )
         return self.neutral_source, prompt.strip(), 1.0
 
     def _method_error(self, method: str) -> str | None:
         if method not in ed.METHODS:
             return f"unknown method {method!r}: one of {', '.join(ed.METHODS)}"
         if method not in self.methods:
-            return (f"method {method!r} was not loaded (this editor has {self.methods}): "
-                    f"Editor.from_config(..., methods=[..., {method!r}])")
+            return (
+                f"method {method!r} was not loaded (this editor has {self.methods}): "
+                f"Editor.from_config(..., methods=[..., {method!r}])"
+            )
         return None
 
     def _decoder_error(self, decoder: str) -> str | None:
         if decoder not in DECODERS:
             return f"unknown decoder {decoder!r}: one of {', '.join(DECODERS)}"
         if decoder not in self.decoders:
-            return (f"decoder {decoder!r} was not loaded (this editor has {self.decoders}): "
-                    f"Editor.from_config(..., decoders=[..., {decoder!r}])")
+            return (
+                f"decoder {decoder!r} was not loaded (this editor has {self.decoders}): "
+                f"Editor.from_config(..., decoders=[..., {decoder!r}])"
+            )
         return None
 
-    def _outcome(self, report: InputReport, p: int, prompt: Any, variant: EditVariant | str,
-                 method: str, decoder: str, error: str | None, records: dict[str, Record],
-                 seconds: dict[str, float], image_key: str) -> Edit:
-        text = (f"{variant.source_text} -> {variant.target_text}"
-                if isinstance(variant, EditVariant) else str(prompt))
+    def _outcome(
+        self,
+        report: InputReport,
+        p: int,
+        prompt: Any,
+        variant: EditVariant | str,
+        method: str,
+        decoder: str,
+        error: str | None,
+        records: dict[str, Record],
+        seconds: dict[str, float],
+        image_key: str,
+    ) -> Edit:
+        text = (
+            f"{variant.source_text} -> {variant.target_text}"
+            if isinstance(variant, EditVariant)
+            else str(prompt)
+        )
         edit = Edit(report.index, p, report.source, text, method, decoder, error=error)
         if error is not None:
             return edit
-        key = edit_key(image_key, variant, method, decoder)     # variant: an EditVariant here
+        key = edit_key(image_key, variant, method, decoder)  # variant: an EditVariant here
         record = records.get(key)
-        if record is None:                                       # not planned: cannot happen
+        if record is None:  # not planned: cannot happen
             edit.error = "the edit stage made no record of this edit"
             return edit
         f = record.fields
@@ -365,6 +471,7 @@ class Editor:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
 
 def _neutral_source(cfg: RunConfig) -> str | None:
     """The source text most single-term prompts of bulk_edit.prompts use ("a shape" on the toy)."""

@@ -1,5 +1,6 @@
 """The inputs `Editor.edit` accepts: one or many images (paths, PIL images, arrays) and prompts, and
 what the ingest stage's fitting does to an image, in words."""
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,9 @@ def is_prompt_pair_batch(value: tuple) -> bool:
 def array_image(array: np.ndarray) -> Image.Image:
     """(H, W), (H, W, 3) or (H, W, 4) uint8 (or float in [0, 1]) → a PIL image."""
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ValueError("an image array must be (H, W), (H, W, 3) or (H, W, 4), got "
-                         f"{array.shape}")
+        raise ValueError(
+            f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got {array.shape}"
+        )
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
             raise ValueError("the image array has non-finite values")
@@ -42,8 +44,9 @@ def describe_source(image: Any, n: int) -> str:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<image {n}>"
 
 
-def what_was_done(size: tuple[int, int], side: int, policy: str
-                   ) -> tuple[str, tuple[float, float, float, float]]:
+def what_was_done(
+    size: tuple[int, int], side: int, policy: str
+) -> tuple[str, tuple[float, float, float, float]]:
     """ingest.resize's work on a (width, height) image, in words, and where the picture lies."""
     w, h = size
     full = (0.0, 0.0, 1.0, 1.0)
@@ -53,18 +56,29 @@ def what_was_done(size: tuple[int, int], side: int, policy: str
         return f"{w}x{h}: used as it is", full
     if policy == "center_crop" or w == h:
         c = min(w, h)
-        crop = "" if w == h else (f"cropped to its central {c}x{c} ({w - c} px off the width), "
-                                  if w > h else f"cropped to its central {c}x{c} ({h - c} px off "
-                                                "the height), ")
+        crop = (
+            ""
+            if w == h
+            else (
+                f"cropped to its central {c}x{c} ({w - c} px off the width), "
+                if w > h
+                else f"cropped to its central {c}x{c} ({h - c} px off the height), "
+            )
+        )
         return f"{w}x{h}: {crop}resized to {side}x{side}", full
     # ImageOps.contain's arithmetic, then the canvas offset of tasks.ingest.resize
     fw, fh = (side, round(h / w * side)) if w > h else (round(w / h * side), side)
     left, top = (side - fw) // 2, (side - fh) // 2
-    bars = (f"{top} px top, {side - fh - top} px bottom" if fw == side
-            else f"{left} px left, {side - fw - left} px right")
+    bars = (
+        f"{top} px top, {side - fh - top} px bottom"
+        if fw == side
+        else f"{left} px left, {side - fw - left} px right"
+    )
     box = (left / side, top / side, (left + fw) / side, (top + fh) / side)
-    return (f"{w}x{h}: resized to {fw}x{fh} (aspect ratio kept), padded to {side}x{side} with "
-            f"black bars ({bars})"), box
+    return (
+        f"{w}x{h}: resized to {fw}x{fh} (aspect ratio kept), padded to {side}x{side} with "
+        f"black bars ({bars})"
+    ), box
 
 
 def pil_image(data: bytes) -> Image.Image:

@@ -6,6 +6,7 @@
 What is measured is what bulk-edit recorded in the edits store (``tasks.edit_plan.read_plan``): its
 shards, variants, methods and decoders; the prompts file is not read again.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,21 +16,25 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import flow_config, worker_pool
 from infra.config import ConfigError, RunConfig
-from infra.storage.fsio import Location
 from infra.runtime.orchestrate import StageSummary, run_stage
 from infra.runtime.shards import select
-from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from tasks.analysis import edits as EA
-from tasks.reporting import evaluation as ER
 from tasks.edit.plan import EditPlan, input_stages, read_plan
 from tasks.evaluate import MetricsBuilder
+from tasks.reporting import evaluation as ER
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                  redo_failed: bool = False, overwrite: bool = False,
-                  shards: list[str] | None = None) -> dict[str, Any]:
+def evaluate_flow(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    redo_failed: bool = False,
+    overwrite: bool = False,
+    shards: list[str] | None = None,
+) -> dict[str, Any]:
     """Measure every edit (finished metric shards are skipped), then write the report."""
     cfg = flow_config(config_path, overrides)
     where = config_path or "<defaults>"
@@ -38,11 +43,15 @@ def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = 
     plan = read_plan(edits)
     specs = select(plan_downstream(edits, plan.shards), shards)
     if not specs:
-        raise ConfigError(f"{where}: none of the {len(plan.shards)} edits shards bulk-edit planned is finished "
-                          f"under {edits.loc.uri}; run `deltaedit run bulk-edit` first")
+        raise ConfigError(
+            f"{where}: none of the {len(plan.shards)} edits shards bulk-edit planned is finished "
+            f"under {edits.loc.uri}; run `deltaedit run bulk-edit` first"
+        )
     builder = metrics_builder(cfg, where)
     with worker_pool(cfg) as pool:
-        summary = run_stage(builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool)
+        summary = run_stage(
+            builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool
+        )
     print(summary.line())
     uri = write_report(cfg, plan, summary, [s.shard_id for s in specs])
     print(f"report: {uri}")
@@ -52,10 +61,14 @@ def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = 
 def metrics_builder(cfg: RunConfig, where: str) -> MetricsBuilder:
     ev = cfg.evaluate
     if cfg.models.clip is None:
-        raise ConfigError(f"{where}: evaluate needs models.clip (CLIP direction, and FID features by default)")
+        raise ConfigError(
+            f"{where}: evaluate needs models.clip (CLIP direction, and FID features by default)"
+        )
     if ev.features == "inception" and not ev.inception_weights:
-        raise ConfigError(f"{where}: evaluate.features=inception needs evaluate.inception_weights (a local "
-                          "file: nothing is downloaded); or use features: clip")
+        raise ConfigError(
+            f"{where}: evaluate.features=inception needs evaluate.inception_weights (a local "
+            "file: nothing is downloaded); or use features: clip"
+        )
     return MetricsBuilder.from_config(cfg, input_stages(cfg))
 
 
@@ -64,45 +77,67 @@ def write_report(cfg: RunConfig, plan: EditPlan, metrics: StageSummary, shards: 
     root, stages = Location(cfg.root, cfg.storage_options), input_stages(cfg)
     rows, feats, feats_in = ER.load_metrics(StageStore(root, stages.metrics), shards)
     tabs = ER.tables(rows, feats, feats_in)
-    analysis = EA.report_tables(root)           # `deltaedit analyze edits`, when it has been run
+    analysis = EA.report_tables(root)  # `deltaedit analyze edits`, when it has been run
     tabs.update(analysis)
-    grid = ER.grids(rows, StageStore(root, stages.edits), StageStore(root, stages.images),
-                    cfg.evaluate.grid_images)
+    grid = ER.grids(
+        rows,
+        StageStore(root, stages.edits),
+        StageStore(root, stages.images),
+        cfg.evaluate.grid_images,
+    )
     summary = _summary(cfg, plan, StageStore(root, stages.edits), shards, metrics)
     notes = _notes(cfg, plan) + ([EA.REPORT_NOTE] if analysis else [])
     return ER.write(root.child(cfg.evaluate.report_dir), tabs, grid, summary, notes)
 
 
-def _summary(cfg: RunConfig, plan: EditPlan, edits: StageStore, shards: list[str], metrics: StageSummary
-             ) -> dict[str, str]:
+def _summary(
+    cfg: RunConfig, plan: EditPlan, edits: StageStore, shards: list[str], metrics: StageSummary
+) -> dict[str, str]:
     markers = [m for m in map(edits.marker, shards) if m]
     seen, ok, failed = (sum(m["counts"][k] for m in markers) for k in ("seen", "ok", "failed"))
     seconds = sum(m["timings"]["seconds"] for m in markers)
     ev = cfg.evaluate
-    return {"run": cfg.root, "edits": f"{seen} seen = {ok} ok + {failed} failed",
-            "edit time": f"{seconds:.1f} s in shards ({seen / seconds:.1f} edits/s per actor)" if seconds else "-",
-            "methods": ", ".join(plan.methods), "decoders": ", ".join(plan.decoders),
-            "tau": ", ".join(str(t) for t in sorted({v.tau for v in plan.variants})),
-            "StyleCLIP-GD": f"alpha {cfg.bulk_edit.gd_alpha}, beta {cfg.bulk_edit.gd_beta}",
-            "FID/KID features": ev.features, "metrics": metrics.line()}
+    return {
+        "run": cfg.root,
+        "edits": f"{seen} seen = {ok} ok + {failed} failed",
+        "edit time": f"{seconds:.1f} s in shards ({seen / seconds:.1f} edits/s per actor)"
+        if seconds
+        else "-",
+        "methods": ", ".join(plan.methods),
+        "decoders": ", ".join(plan.decoders),
+        "tau": ", ".join(str(t) for t in sorted({v.tau for v in plan.variants})),
+        "StyleCLIP-GD": f"alpha {cfg.bulk_edit.gd_alpha}, beta {cfg.bulk_edit.gd_beta}",
+        "FID/KID features": ev.features,
+        "metrics": metrics.line(),
+    }
 
 
 def _notes(cfg: RunConfig, plan: EditPlan) -> list[str]:
     ev = cfg.evaluate
-    notes = ["preservation and edit accuracy compare the edit with the reconstruction by the same decoder (G(s), "
-             "or DDIM encode → decode under s for +diffusion), so reconstruction errors are not charged to the "
-             "edit; the reconstruction table shows those."]
+    notes = [
+        "preservation and edit accuracy compare the edit with the reconstruction by the same decoder (G(s), "
+        "or DDIM encode → decode under s for +diffusion), so reconstruction errors are not charged to the "
+        "edit; the reconstruction table shows those."
+    ]
     if "diffusion_masked" in plan.decoders:
-        notes.append("psnr_outside_mask: PSNR against the diffusion reconstruction outside the edit mask of the "
-                     "mask-guided decode, for that decode and for the plain diffusion decode of the same edit.")
+        notes.append(
+            "psnr_outside_mask: PSNR against the diffusion reconstruction outside the edit mask of the "
+            "mask-guided decode, for that decode and for the plain diffusion decode of the same edit."
+        )
     if not ev.oracle:
-        notes.append("edit accuracy / preservation: no attribute oracle configured (evaluate.oracle).")
+        notes.append(
+            "edit accuracy / preservation: no attribute oracle configured (evaluate.oracle)."
+        )
     if not ev.lpips_weights:
         notes.append("LPIPS: not computed (set evaluate.lpips_weights to a local backbone file).")
     if not ev.identity_model:
-        notes.append("identity similarity: not computed (set evaluate.identity_model to a TorchScript face-ID "
-                     "network).")
+        notes.append(
+            "identity similarity: not computed (set evaluate.identity_model to a TorchScript face-ID "
+            "network)."
+        )
     if ev.features == "clip":
-        notes.append("FID/KID are computed on the run's CLIP image features, not Inception: compare them "
-                     "only within this report.")
+        notes.append(
+            "FID/KID are computed on the run's CLIP image features, not Inception: compare them "
+            "only within this report."
+        )
     return notes

@@ -1,9 +1,10 @@
 """Preprocessing flow: ingest a catalog, invert it with e4e, sample the generator, CLIP-embed every image.
 
-    catalog ──ingest──► images ──invert──► codes
-                          └─────embed───► clip_images
-    generator ──sample──► samples (images + codes) ──embed──► clip_samples
+catalog ──ingest──► images ──invert──► codes
+                      └─────embed───► clip_images
+generator ──sample──► samples (images + codes) ──embed──► clip_samples
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,28 +22,39 @@ from tasks.sample import SampleBuilder, sample_items
 
 
 @flow(name="preprocess", log_prints=True)
-def preprocess_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                    redo_failed: bool = False, overwrite: bool = False,
-                    shards: list[str] | None = None) -> dict[str, Any]:
+def preprocess_flow(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    redo_failed: bool = False,
+    overwrite: bool = False,
+    shards: list[str] | None = None,
+) -> dict[str, Any]:
     """Run every preprocessing stage the config asks for; finished shards are skipped."""
     cfg = flow_config(config_path, overrides)
     _require_models(cfg, config_path)
     with worker_pool(cfg) as pool:
-        summaries = _run_stages(cfg, shards, {"redo_failed": redo_failed, "overwrite": overwrite,
-                                              "pool": pool})
+        summaries = _run_stages(
+            cfg, shards, {"redo_failed": redo_failed, "overwrite": overwrite, "pool": pool}
+        )
     for s in summaries:
         print(s.line())
     return {s.stage: s.to_dict() for s in summaries}
 
 
-def _run_stages(cfg: RunConfig, shards: list[str] | None, opts: dict[str, Any]) -> list[StageSummary]:
+def _run_stages(
+    cfg: RunConfig, shards: list[str] | None, opts: dict[str, Any]
+) -> list[StageSummary]:
     summaries: list[StageSummary] = []
     if cfg.ingest.source:
         summaries += catalog_stages(cfg, cfg.ingest.source, shards, opts)
     if cfg.sample.n:
-        specs = select(plan_shards(sample_items(cfg.sample.n, cfg.seed), cfg.sample.shard_size), shards)
+        specs = select(
+            plan_shards(sample_items(cfg.sample.n, cfg.seed), cfg.sample.shard_size), shards
+        )
         summaries.append(run_stage(SampleBuilder.from_config(cfg), specs, cfg, **opts))
-        summaries.append(downstream(EmbedBuilder.from_config(cfg, SAMPLES), SAMPLES, cfg, shards, opts))
+        summaries.append(
+            downstream(EmbedBuilder.from_config(cfg, SAMPLES), SAMPLES, cfg, shards, opts)
+        )
     return summaries
 
 

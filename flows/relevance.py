@@ -6,6 +6,7 @@ Each block of ``relevance.block_size`` channels is a shard with a done-marker, r
 through per-shard Prefect tasks, so a crashed run resumes block by block. ``load_relevance`` assembles
 the matrix; ``compare_relevance`` (``deltaedit relevance compare``) checks the fast mode against exact.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,16 +25,22 @@ from tasks.relevance import RelevanceBuilder, channel_items
 
 
 @flow(name="relevance", log_prints=True)
-def relevance_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                   redo_failed: bool = False, overwrite: bool = False,
-                   shards: list[str] | None = None) -> dict[str, Any]:
+def relevance_flow(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    redo_failed: bool = False,
+    overwrite: bool = False,
+    shards: list[str] | None = None,
+) -> dict[str, Any]:
     """Compute the missing blocks of Rₛ (``relevance.mode``); finished blocks are skipped."""
     cfg = flow_config(config_path, overrides)
     _require_models(cfg, config_path)
     builder = RelevanceBuilder.from_config(cfg)
     specs = select(relevance_shards(cfg), shards)
     with worker_pool(cfg) as pool:
-        summary = run_stage(builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool)
+        summary = run_stage(
+            builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool
+        )
     print(summary.line())
     return {summary.stage: summary.to_dict()}
 
@@ -44,8 +51,12 @@ def relevance_shards(cfg: RunConfig) -> list[ShardSpec]:
     return plan_shards(channel_items(gen.layout.conv_total), cfg.relevance.block_size)
 
 
-def compare_relevance(cfg: RunConfig, channels: int | None = None, top_k: int | None = None,
-                      prompts: list[str] | None = None) -> dict[str, Any]:
+def compare_relevance(
+    cfg: RunConfig,
+    channels: int | None = None,
+    top_k: int | None = None,
+    prompts: list[str] | None = None,
+) -> dict[str, Any]:
     """Exact vs fast on ``channels`` channels (seeded, across all layers), in this process: mean row
     cosine, top-k overlap of |Rₛ·Δt| per "source -> target" prompt, and the estimated speed ratio."""
     _require_models(cfg, None)
@@ -56,17 +67,28 @@ def compare_relevance(cfg: RunConfig, channels: int | None = None, top_k: int | 
     stats = style_statistics(gen, r.n_stat_samples, r.n_images, cfg.seed)
     subset = subset_channels(gen.layout.conv_total, channels or r.compare_channels, cfg.seed)
     deltas = {p: _delta(clip, p) for p in (prompts or r.compare_prompts)}
-    return compare_rows(gen, clip, stats, subset, r.sigma_scale, (r.batch_size, r.jacobian_batch), deltas,
-                        top_k or r.compare_top_k, r.fast_rank)
+    return compare_rows(
+        gen,
+        clip,
+        stats,
+        subset,
+        r.sigma_scale,
+        (r.batch_size, r.jacobian_batch),
+        deltas,
+        top_k or r.compare_top_k,
+        r.fast_rank,
+    )
 
 
 def format_comparison(result: dict[str, Any]) -> str:
     rank = f", rank {result['rank']}" if result["rank"] else ""
-    lines = [f"relevance exact vs fast{rank} on {result['channels']} of {result['n_channels']} channels:",
-             f"  mean row cosine {result['mean_row_cosine']:.4f} (min {result['min_row_cosine']:.4f}); "
-             f"noise floor: exact on one half of the images vs the other {result['exact_split_half_cosine']:.4f}",
-             f"  speed ratio {result['speed_ratio']:.1f}x (exact, all channels est. "
-             f"{result['seconds_exact_all_est']:.1f}s; fast {result['seconds_fast_all']:.1f}s)"]
+    lines = [
+        f"relevance exact vs fast{rank} on {result['channels']} of {result['n_channels']} channels:",
+        f"  mean row cosine {result['mean_row_cosine']:.4f} (min {result['min_row_cosine']:.4f}); "
+        f"noise floor: exact on one half of the images vs the other {result['exact_split_half_cosine']:.4f}",
+        f"  speed ratio {result['speed_ratio']:.1f}x (exact, all channels est. "
+        f"{result['seconds_exact_all_est']:.1f}s; fast {result['seconds_fast_all']:.1f}s)",
+    ]
     for prompt, overlap in result["top_k_overlap"].items():
         lines.append(f"  top-{result['top_k']} overlap {overlap:.2f}  {prompt}")
     return "\n".join(lines)
@@ -83,5 +105,6 @@ def _delta(clip: Any, prompt: str) -> torch.Tensor:
 def _require_models(cfg: RunConfig, where: str | None) -> None:
     missing = [name for name in ("generator", "clip") if getattr(cfg.models, name) is None]
     if missing:
-        raise ConfigError(f"{where or '<defaults>'}: relevance needs " +
-                          ", ".join(f"models.{m}" for m in missing))
+        raise ConfigError(
+            f"{where or '<defaults>'}: relevance needs " + ", ".join(f"models.{m}" for m in missing)
+        )

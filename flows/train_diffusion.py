@@ -8,13 +8,22 @@ The flow body is ``flows.training``'s: a rerun continues from the last checkpoin
 with ``train_diffusion.workers > 1`` the same ``fit`` runs on Ray Train (TorchTrainer, DDP; gloo on CPU, nccl
 on GPUs), each worker on its own slice of the images.
 """
+
 from __future__ import annotations
 
 from flows.training import TrainingFlow, training_flow
-from tasks.train.diffusion_data import ImageCache, build_image_cache
 from tasks.layout import DIFFUSION_DIR
 from tasks.train.diffusion import DiffusionTrainer
+from tasks.train.diffusion_data import ImageCache, build_image_cache
 
-train_diffusion_flow = training_flow(TrainingFlow(
-    name="train-diffusion", section="train_diffusion", tag="diffusion", build_cache=build_image_cache,
-    open_cache=ImageCache, trainer=DiffusionTrainer, out_dir=lambda _: DIFFUSION_DIR))
+train_diffusion_flow = training_flow(
+    TrainingFlow(
+        name="train-diffusion",
+        section="train_diffusion",
+        tag="diffusion",
+        build_cache=build_image_cache,
+        open_cache=ImageCache,
+        trainer=DiffusionTrainer,
+        out_dir=lambda _: DIFFUSION_DIR,
+    )
+)

@@ -6,6 +6,7 @@ continues from the last checkpoint; ``overwrite`` starts over. With ``<section>.
 ``fit`` runs on Ray Train (TorchTrainer, DDP; gloo on CPU, nccl on GPUs), each worker on its own slice of
 the rows.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -28,28 +29,41 @@ from tasks.train.trainer import Trainer
 class CacheBuilder(Protocol):
     """``build_row_cache`` / ``build_image_cache``: the pools' rows joined into a cache folder (reused if current)."""
 
-    def __call__(self, root: Location, cache_dir: str | Path, *, pools: Sequence[str],
-                 shards: Sequence[str] | None, val_fraction: float) -> SplitCache: ...
+    def __call__(
+        self,
+        root: Location,
+        cache_dir: str | Path,
+        *,
+        pools: Sequence[str],
+        shards: Sequence[str] | None,
+        val_fraction: float,
+    ) -> SplitCache: ...
 
 
 @dataclass(frozen=True)
 class TrainingFlow:
     """What one training flow declares; the rest is this module's."""
-    name: str                                    # the flow's name: "train-mapper"
-    section: str                                 # its RunConfig section: "train_mapper"
-    tag: str                                     # task names "<tag>-rows", "<tag>-fit"…; cache "<root>/<tag>_cache"
+
+    name: str  # the flow's name: "train-mapper"
+    section: str  # its RunConfig section: "train_mapper"
+    tag: str  # task names "<tag>-rows", "<tag>-fit"…; cache "<root>/<tag>_cache"
     build_cache: CacheBuilder
-    open_cache: Callable[[Path], SplitCache]     # a built cache folder → the cache ``fit`` reads
-    trainer: type[Trainer]                       # its ``fit`` trains (a class: Ray pickles it by reference)
-    out_dir: Callable[[Any], str]                # the section's settings → its folder under the run root
+    open_cache: Callable[[Path], SplitCache]  # a built cache folder → the cache ``fit`` reads
+    trainer: type[Trainer]  # its ``fit`` trains (a class: Ray pickles it by reference)
+    out_dir: Callable[[Any], str]  # the section's settings → its folder under the run root
 
 
 def training_flow(spec: TrainingFlow) -> Flow:
     """The Prefect flow ``spec.name`` that trains (or resumes) ``spec``'s model; returns {section: summary}."""
 
     @flow(name=spec.name, log_prints=True)
-    def train(config_path: str | None = None, overrides: list[str] | None = None, redo_failed: bool = False,
-              overwrite: bool = False, shards: list[str] | None = None) -> dict[str, Any]:
+    def train(
+        config_path: str | None = None,
+        overrides: list[str] | None = None,
+        redo_failed: bool = False,
+        overwrite: bool = False,
+        shards: list[str] | None = None,
+    ) -> dict[str, Any]:
         """Train (or resume) to the configured steps; ``shards`` limits the shards the cache reads
         (``redo_failed``: no-op)."""
         cfg = flow_config(config_path, overrides)
@@ -59,12 +73,16 @@ def training_flow(spec: TrainingFlow) -> Flow:
             out.remove_all()
         cache_dir = prepare_rows.with_options(name=f"{spec.tag}-rows")(spec, cfg, shards)
         if settings.workers > 1:
-            summary = fit_distributed.with_options(name=f"{spec.tag}-fit-distributed")(spec, cfg, cache_dir, out)
+            summary = fit_distributed.with_options(name=f"{spec.tag}-fit-distributed")(
+                spec, cfg, cache_dir, out
+            )
         else:
             summary = fit_single.with_options(name=f"{spec.tag}-fit")(spec, cfg, cache_dir, out)
-        print(f"{spec.name}: steps {summary['start_step']}→{summary['step']} ({summary['ran']} run, "
-              f"{summary['steps_per_s']} steps/s), loss {summary.get('loss')}, val {summary.get('val')}, "
-              f"{summary['rows']} rows")
+        print(
+            f"{spec.name}: steps {summary['start_step']}→{summary['step']} ({summary['ran']} run, "
+            f"{summary['steps_per_s']} steps/s), loss {summary.get('loss')}, val {summary.get('val')}, "
+            f"{summary['rows']} rows"
+        )
         return {spec.section: summary}
 
     return train
@@ -75,9 +93,17 @@ def prepare_rows(spec: TrainingFlow, cfg: RunConfig, shards: list[str] | None) -
     """Build (or reuse) the row cache of the configured pools; returns where the fit opens it."""
     settings = getattr(cfg, spec.section)
     root = Location(cfg.root, cfg.storage_options)
-    where, cache = prepare_cache(cfg, settings.cache_dir, f"{spec.tag}_cache", lambda folder: spec.build_cache(
-        root, folder, pools=settings.pools, shards=shards, val_fraction=settings.val_fraction))
-    print(f"{spec.tag} rows: {len(cache)} ({cache.meta['counts']}), {cache.meta['validation']} held out")
+    where, cache = prepare_cache(
+        cfg,
+        settings.cache_dir,
+        f"{spec.tag}_cache",
+        lambda folder: spec.build_cache(
+            root, folder, pools=settings.pools, shards=shards, val_fraction=settings.val_fraction
+        ),
+    )
+    print(
+        f"{spec.tag} rows: {len(cache)} ({cache.meta['counts']}), {cache.meta['validation']} held out"
+    )
     return where
 
 
@@ -85,25 +111,53 @@ def prepare_rows(spec: TrainingFlow, cfg: RunConfig, shards: list[str] | None) -
 def fit_single(spec: TrainingFlow, cfg: RunConfig, cache_dir: str, out: Location) -> dict[str, Any]:
     """``fit`` in this process."""
     cache = spec.open_cache(localize(cache_dir, cfg.storage_options))
-    return spec.trainer.fit(getattr(cfg, spec.section), cfg.seed, cache, out, device=pick_device(cfg.device))
+    return spec.trainer.fit(
+        getattr(cfg, spec.section), cfg.seed, cache, out, device=pick_device(cfg.device)
+    )
 
 
-def _fit_worker(args: dict[str, Any], *, rank: int, world: int, wrap: Any, device: str) -> dict[str, Any]:
+def _fit_worker(
+    args: dict[str, Any], *, rank: int, world: int, wrap: Any, device: str
+) -> dict[str, Any]:
     """One Ray Train worker: its rank's slice of the rows, DDP-averaged gradients."""
     settings = args["settings_type"].model_validate(args["settings"])
     cache = args["open_cache"](localize(args["cache_dir"], args["storage_options"]))
-    return args["trainer"].fit(settings, args["seed"], cache, Location(args["out"], args["storage_options"]),
-                               rank=rank, world=world, wrap=wrap, device=device)
+    return args["trainer"].fit(
+        settings,
+        args["seed"],
+        cache,
+        Location(args["out"], args["storage_options"]),
+        rank=rank,
+        world=world,
+        wrap=wrap,
+        device=device,
+    )
 
 
 @task(cache_policy=NO_CACHE)
-def fit_distributed(spec: TrainingFlow, cfg: RunConfig, cache_dir: str, out: Location) -> dict[str, Any]:
+def fit_distributed(
+    spec: TrainingFlow, cfg: RunConfig, cache_dir: str, out: Location
+) -> dict[str, Any]:
     """The same ``fit`` on ``<section>.workers`` Ray Train workers (the cache: a shared path or a URI)."""
     settings = getattr(cfg, spec.section)
-    cache = Location(cache_dir, cfg.storage_options)   # workers run elsewhere: absolute paths
-    args = {"trainer": spec.trainer, "open_cache": spec.open_cache, "settings_type": type(settings),
-            "settings": settings.model_dump(mode="json"), "seed": cfg.seed, "cache_dir": cache.absolute_uri,
-            "out": out.absolute_uri, "storage_options": out.storage_options}
-    return train_data_parallel(spec.name, _fit_worker, args, workers=settings.workers, ray_config=cfg.ray,
-                               use_gpu=pick_device(cfg.device) == "cuda", out=out,
-                               scratch=cache_scratch(cache_dir, cfg.storage_options))
+    cache = Location(cache_dir, cfg.storage_options)  # workers run elsewhere: absolute paths
+    args = {
+        "trainer": spec.trainer,
+        "open_cache": spec.open_cache,
+        "settings_type": type(settings),
+        "settings": settings.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "cache_dir": cache.absolute_uri,
+        "out": out.absolute_uri,
+        "storage_options": out.storage_options,
+    }
+    return train_data_parallel(
+        spec.name,
+        _fit_worker,
+        args,
+        workers=settings.workers,
+        ray_config=cfg.ray,
+        use_gpu=pick_device(cfg.device) == "cuda",
+        out=out,
+        scratch=cache_scratch(cache_dir, cfg.storage_options),
+    )

@@ -4,6 +4,7 @@ A config is data passed down explicitly. ``load_config`` reads a YAML file, appl
 overrides, and validates it; a bad field raises ConfigError naming the file, the field and what was
 expected.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,20 +26,22 @@ class Strict(BaseModel):
 
 
 class RayConfig(Strict):
-    address: str | None = None        # None: start a local cluster; "auto", "ray://host:10001" or host:port: attach
-    num_cpus: int | None = None       # CPUs of a local cluster (None: all)
-    actors: int = Field(2, ge=1)      # actors in a stage's pool
-    cpus_per_actor: float = Field(0.5, gt=0)   # fractional, so readers are never starved
-    gpus_per_actor: float | Literal["auto"] = "auto"   # auto: the cluster's GPUs shared by the
-                                      # actors (≤ 1 each, 0 without GPUs); < 1 shares one GPU
-    use_gpu_if_available: bool = True   # false: auto asks for no GPU
-    resources_per_actor: dict[str, float] = Field(default_factory=dict)   # custom Ray resources
-                                      # per actor ({slot: 1} + `ray start --resources` pins nodes)
-    ready_timeout_s: float = Field(600, gt=0)   # actors not placed by then fail the pool
-    ship_code: bool | None = None     # runtime_env py_modules: flows, infra, models, tasks to
-                                      # the workers; None: when attaching to an address
+    address: str | None = (
+        None  # None: start a local cluster; "auto", "ray://host:10001" or host:port: attach
+    )
+    num_cpus: int | None = None  # CPUs of a local cluster (None: all)
+    actors: int = Field(2, ge=1)  # actors in a stage's pool
+    cpus_per_actor: float = Field(0.5, gt=0)  # fractional, so readers are never starved
+    gpus_per_actor: float | Literal["auto"] = "auto"  # auto: the cluster's GPUs shared by the
+    # actors (≤ 1 each, 0 without GPUs); < 1 shares one GPU
+    use_gpu_if_available: bool = True  # false: auto asks for no GPU
+    resources_per_actor: dict[str, float] = Field(default_factory=dict)  # custom Ray resources
+    # per actor ({slot: 1} + `ray start --resources` pins nodes)
+    ready_timeout_s: float = Field(600, gt=0)  # actors not placed by then fail the pool
+    ship_code: bool | None = None  # runtime_env py_modules: flows, infra, models, tasks to
+    # the workers; None: when attaching to an address
     train_storage: str | None = None  # Ray Train's storage_path: a shared path or URI (s3://...)
-                                      # for multi-node training; None: local scratch (one node)
+    # for multi-node training; None: local scratch (one node)
 
     @field_validator("gpus_per_actor")
     @classmethod
@@ -49,32 +52,34 @@ class RayConfig(Strict):
 
 
 class PrefectConfig(Strict):
-    retries: int = Field(1, ge=0)         # per-shard task retries
+    retries: int = Field(1, ge=0)  # per-shard task retries
     retry_delay_seconds: float = Field(2, ge=0)
-    cache: bool = True                    # cross-run caching of per-shard results (INPUTS + TASK_SOURCE)
+    cache: bool = True  # cross-run caching of per-shard results (INPUTS + TASK_SOURCE)
 
 
 class IngestConfig(Strict):
-    source: str | None = None             # dir, glob, s3:// prefix, *.tar (WebDataset) or *.parquet list
-    shard_size: int = Field(1000, ge=1)   # samples per shard
-    image_size: int = Field(256, ge=8)    # output side length
-    resize: Literal["fit", "center_crop", "none"] = "fit"  # fit: keep aspect, pad; center_crop; none
+    source: str | None = None  # dir, glob, s3:// prefix, *.tar (WebDataset) or *.parquet list
+    shard_size: int = Field(1000, ge=1)  # samples per shard
+    image_size: int = Field(256, ge=8)  # output side length
+    resize: Literal["fit", "center_crop", "none"] = (
+        "fit"  # fit: keep aspect, pad; center_crop; none
+    )
     image_format: Literal["png", "jpg", "webp"] = "png"
-    max_pixels: int = Field(178_956_970, ge=1)   # decompression-bomb guard (PIL's default limit)
-    min_side: int = Field(8, ge=1)        # smaller images are rejected
+    max_pixels: int = Field(178_956_970, ge=1)  # decompression-bomb guard (PIL's default limit)
+    min_side: int = Field(8, ge=1)  # smaller images are rejected
 
 
 class SampleConfig(Strict):
-    n: int = Field(0, ge=0)                # generator samples z → w → s (0: none)
+    n: int = Field(0, ge=0)  # generator samples z → w → s (0: none)
     shard_size: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
-    truncation_psi: float = Field(1.0, gt=0, le=1)   # 1: no truncation (the paper samples without)
+    truncation_psi: float = Field(1.0, gt=0, le=1)  # 1: no truncation (the paper samples without)
     image_format: Literal["png", "jpg", "webp"] = "png"
 
 
 class InvertConfig(Strict):
     batch_size: int = Field(16, ge=1)
-    keep_wplus: bool = False               # also store W+ (the mapper needs only S)
+    keep_wplus: bool = False  # also store W+ (the mapper needs only S)
 
 
 class EmbedConfig(Strict):
@@ -83,133 +88,207 @@ class EmbedConfig(Strict):
 
 class TrainMapperConfig(Strict):
     """Delta Mapper training (official recipe by default: Adam lr 0.5 × lr_mul 0.01, batch 64, MSE + cosine)."""
-    model: Literal["delta", "straightforward"] = "delta"   # straightforward: the paper's (s₁, i₁, i₂) baseline
-    pools: list[Literal["codes", "samples"]] = ["codes", "samples"]   # inverted images and/or generator samples
-    steps: int = Field(201_562, ge=1)          # optimiser steps (the paper: one pass, 201,562 iterations)
-    batch_size: int = Field(64, ge=1)          # per worker
-    lr: float = Field(0.5, gt=0)               # Adam; EqualLinear's lr_mul 0.01 makes it 0.005 in effect
+
+    model: Literal["delta", "straightforward"] = (
+        "delta"  # straightforward: the paper's (s₁, i₁, i₂) baseline
+    )
+    pools: list[Literal["codes", "samples"]] = [
+        "codes",
+        "samples",
+    ]  # inverted images and/or generator samples
+    steps: int = Field(201_562, ge=1)  # optimiser steps (the paper: one pass, 201,562 iterations)
+    batch_size: int = Field(64, ge=1)  # per worker
+    lr: float = Field(0.5, gt=0)  # Adam; EqualLinear's lr_mul 0.01 makes it 0.005 in effect
     betas: tuple[float, float] = (0.9, 0.999)
-    mse_weight: float = Field(1.0, ge=0)       # loss = mse_weight·MSE(Δŝ, Δs) + cos_weight·(1 − cos(Δŝ, Δs))
+    mse_weight: float = Field(
+        1.0, ge=0
+    )  # loss = mse_weight·MSE(Δŝ, Δs) + cos_weight·(1 − cos(Δŝ, Δs))
     cos_weight: float = Field(1.0, ge=0)
-    local_partners: float = Field(0.0, ge=0, le=1)   # share of partners drawn from the primary's nearest
-                                               # neighbours in CLIP image space (official: 0, all uniform)
-    neighbours: int = Field(16, ge=1)          # ... out of its this many nearest rows
-    val_fraction: float = Field(0.01, ge=0, lt=1)   # held out by key hash
-    val_every: int = Field(1000, ge=1)         # steps between validation passes
-    val_pairs: int = Field(512, ge=1)          # fixed validation pairs
+    local_partners: float = Field(
+        0.0, ge=0, le=1
+    )  # share of partners drawn from the primary's nearest
+    # neighbours in CLIP image space (official: 0, all uniform)
+    neighbours: int = Field(16, ge=1)  # ... out of its this many nearest rows
+    val_fraction: float = Field(0.01, ge=0, lt=1)  # held out by key hash
+    val_every: int = Field(1000, ge=1)  # steps between validation passes
+    val_pairs: int = Field(512, ge=1)  # fixed validation pairs
     checkpoint_every: int = Field(5000, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)     # older step checkpoints are deleted
-    workers: int = Field(1, ge=1)              # > 1: Ray Train data-parallel (gloo on CPU, nccl on GPU)
-    threads: int | None = Field(None, ge=1)    # torch CPU threads per worker (None: torch's default)
-    cache_dir: str | None = None               # row cache: a local or shared path, or a URI (s3://:
-                                               # built here, fetched by each node); None:
-                                               # <root>/mapper_cache, or a temp dir
+    keep_checkpoints: int = Field(2, ge=1)  # older step checkpoints are deleted
+    workers: int = Field(1, ge=1)  # > 1: Ray Train data-parallel (gloo on CPU, nccl on GPU)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads per worker (None: torch's default)
+    cache_dir: str | None = None  # row cache: a local or shared path, or a URI (s3://:
+    # built here, fetched by each node); None:
+    # <root>/mapper_cache, or a temp dir
 
 
 class DiffusionModelConfig(Strict):
     """The DeltaEdit-D U-Net (``models.diffusion.DiffusionConfig``; layout and image size come from the stores)."""
+
     base_channels: int = Field(64, ge=4)
-    channel_mult: tuple[int, ...] = (1, 2, 2, 4)   # one entry per resolution level, highest first
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # one entry per resolution level, highest first
     num_res_blocks: int = Field(2, ge=1)
     norm_groups: int = Field(32, ge=1)
-    emb_dim: int = Field(0, ge=0)                  # 0: 4 × base_channels
+    emb_dim: int = Field(0, ge=0)  # 0: 4 × base_channels
     schedule: Literal["linear", "cosine"] = "linear"
     timesteps: int = Field(1000, ge=1)
 
 
 class TrainDiffusionConfig(Strict):
     """DeltaEdit-D training: ε-prediction with the L1 simple loss (the paper: AdamW lr 1e-4, wd 0.01, EMA)."""
-    pools: list[Literal["codes", "samples"]] = ["codes", "samples"]   # inverted images and/or generator samples
+
+    pools: list[Literal["codes", "samples"]] = [
+        "codes",
+        "samples",
+    ]  # inverted images and/or generator samples
     model: DiffusionModelConfig = DiffusionModelConfig()
     steps: int = Field(100_000, ge=1)
-    batch_size: int = Field(32, ge=1)         # per worker
+    batch_size: int = Field(32, ge=1)  # per worker
     lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)        # linear lr warm-up from lr/warmup_steps (0: none)
+    warmup_steps: int = Field(0, ge=0)  # linear lr warm-up from lr/warmup_steps (0: none)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = Field(1.0, gt=0)   # max gradient norm (None: off)
-    ema_decay: float = Field(0.9999, ge=0, lt=1)   # warmed up as min(decay, (1 + step) / (10 + step))
+    grad_clip: float | None = Field(1.0, gt=0)  # max gradient norm (None: off)
+    ema_decay: float = Field(
+        0.9999, ge=0, lt=1
+    )  # warmed up as min(decay, (1 + step) / (10 + step))
     val_fraction: float = Field(0.01, ge=0, lt=1)  # held out by key hash
     val_every: int = Field(1000, ge=1)
-    val_images: int = Field(256, ge=1)        # fixed held-out images, fixed t and noise: a comparable loss
+    val_images: int = Field(
+        256, ge=1
+    )  # fixed held-out images, fixed t and noise: a comparable loss
     checkpoint_every: int = Field(5000, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    workers: int = Field(1, ge=1)             # > 1: Ray Train data-parallel (gloo on CPU, nccl on GPU)
-    threads: int | None = Field(None, ge=1)   # torch CPU threads per worker (None: torch's default)
-    cache_dir: str | None = None              # row cache: a local or shared path, or a URI (s3://:
-                                              # built here, fetched by each node); None:
-                                              # <root>/diffusion_cache, or a temp dir
+    workers: int = Field(1, ge=1)  # > 1: Ray Train data-parallel (gloo on CPU, nccl on GPU)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads per worker (None: torch's default)
+    cache_dir: str | None = None  # row cache: a local or shared path, or a URI (s3://:
+    # built here, fetched by each node); None:
+    # <root>/diffusion_cache, or a temp dir
 
 
 class RelevanceConfig(Strict):
     """Rₛ (StyleCLIP's fs3) for the run's generator and CLIP; stage `relevance_<mode>`, sharded by channel blocks."""
-    mode: Literal["exact", "fast", "covariance"] = "exact"  # exact: StyleCLIP's ±kσ renders; fast: Jacobian,
-                                              # check it first with `deltaedit relevance compare`; covariance:
-                                              # from the run's samples (tasks/relevance_covariance.py)
-    pools: list[Literal["codes", "samples"]] = ["samples"]   # covariance: the codes + CLIP stores it reads
-    n_images: int = Field(100, ge=1)          # base images averaged over (StyleCLIP: 100)
-    n_stat_samples: int = Field(100_000, ge=2)  # codes for the per-channel mean/std (StyleCLIP: 100k)
-    sigma_scale: float = Field(5.0, gt=0)     # k in mean ± kσ
-    block_size: int = Field(256, ge=1)        # channels per shard (the unit of resume)
-    batch_size: int = Field(32, ge=1)         # exact: renders per forward
-    jacobian_batch: int = Field(8, ge=1)      # fast: images per Jacobian pass (its graph is kept for D backwards)
-    fast_rank: int = Field(0, ge=0)           # fast: 0 = full Jacobian; k = only k leading CLIP directions after batch 1
-    compare_channels: int = Field(64, ge=1)   # `deltaedit relevance compare`: channels computed both ways
-    compare_top_k: int = Field(10, ge=1)      # ... and the top-k overlap per prompt
-    compare_prompts: list[str] = ["face -> face with smile", "a circle -> a square",   # "source -> target"
-                                  "a shape -> a red shape", "a shape -> a large shape"]
+
+    mode: Literal["exact", "fast", "covariance"] = (
+        "exact"  # exact: StyleCLIP's ±kσ renders; fast: Jacobian,
+    )
+    # check it first with `deltaedit relevance compare`; covariance:
+    # from the run's samples (tasks/relevance_covariance.py)
+    pools: list[Literal["codes", "samples"]] = [
+        "samples"
+    ]  # covariance: the codes + CLIP stores it reads
+    n_images: int = Field(100, ge=1)  # base images averaged over (StyleCLIP: 100)
+    n_stat_samples: int = Field(
+        100_000, ge=2
+    )  # codes for the per-channel mean/std (StyleCLIP: 100k)
+    sigma_scale: float = Field(5.0, gt=0)  # k in mean ± kσ
+    block_size: int = Field(256, ge=1)  # channels per shard (the unit of resume)
+    batch_size: int = Field(32, ge=1)  # exact: renders per forward
+    jacobian_batch: int = Field(
+        8, ge=1
+    )  # fast: images per Jacobian pass (its graph is kept for D backwards)
+    fast_rank: int = Field(
+        0, ge=0
+    )  # fast: 0 = full Jacobian; k = only k leading CLIP directions after batch 1
+    compare_channels: int = Field(
+        64, ge=1
+    )  # `deltaedit relevance compare`: channels computed both ways
+    compare_top_k: int = Field(10, ge=1)  # ... and the top-k overlap per prompt
+    compare_prompts: list[str] = [
+        "face -> face with smile",
+        "a circle -> a square",  # "source -> target"
+        "a shape -> a red shape",
+        "a shape -> a large shape",
+    ]
 
 
 class DiffusionEditConfig(Strict):
     """How DeltaEdit-D decodes: DDIM-encode the input photo under s, decode under the edited ŝ."""
-    steps: int = Field(50, ge=1)               # DDIM steps (encode and decode)
-    refine: int = Field(0, ge=0)               # fixed-point refinements per encoding step (exact inversion)
-    encode_depth: float = Field(1.0, gt=0, le=1)   # fraction of T to encode to (1: x_T; less keeps more)
-    guidance: float = Field(1.0, ge=0)         # ε(s) + w·(ε(ŝ) − ε(s)); 1: the plain ε(ŝ), > 1: stronger edits
-    mask_threshold: float = Field(0.5, gt=0, lt=1)  # diffusion_masked: |ε(ŝ) − ε(s)| above this × its max
-    mask_smooth: int = Field(3, ge=1)          # ... box-smoothed over this many pixels (odd)
-    methods: list[Literal["deltaedit", "straightforward", "styleclip_gd"]] | None = None   # None: all methods
-    max_images: int | None = Field(None, ge=1)   # decode only the first N images of each edits shard
+
+    steps: int = Field(50, ge=1)  # DDIM steps (encode and decode)
+    refine: int = Field(0, ge=0)  # fixed-point refinements per encoding step (exact inversion)
+    encode_depth: float = Field(
+        1.0, gt=0, le=1
+    )  # fraction of T to encode to (1: x_T; less keeps more)
+    guidance: float = Field(
+        1.0, ge=0
+    )  # ε(s) + w·(ε(ŝ) − ε(s)); 1: the plain ε(ŝ), > 1: stronger edits
+    mask_threshold: float = Field(
+        0.5, gt=0, lt=1
+    )  # diffusion_masked: |ε(ŝ) − ε(s)| above this × its max
+    mask_smooth: int = Field(3, ge=1)  # ... box-smoothed over this many pixels (odd)
+    methods: list[Literal["deltaedit", "straightforward", "styleclip_gd"]] | None = (
+        None  # None: all methods
+    )
+    max_images: int | None = Field(None, ge=1)  # decode only the first N images of each edits shard
 
 
 class BulkEditConfig(Strict):
     """Bulk text-guided edits: every image of the codes store × every prompt × every method × every decoder."""
-    prompts: str | None = None             # YAML or CSV file/URI (see tasks/prompts.py)
-    catalog: str | None = None             # new images: ingested, inverted and embedded first (else: the run's)
+
+    prompts: str | None = None  # YAML or CSV file/URI (see tasks/prompts.py)
+    catalog: str | None = (
+        None  # new images: ingested, inverted and embedded first (else: the run's)
+    )
     methods: list[Literal["deltaedit", "straightforward", "styleclip_gd"]] = ["deltaedit"]
-    tau: float = Field(0.03, ge=0)         # relevance threshold: zero channels with |Rs·Δt| < tau (paper: 0.03)
-    threshold: Literal["absolute", "normalized", "relative"] = "absolute"   # the paper's |Rs·Δt| < tau;
-                                           # normalized: |Rs·Δt|/‖Δt‖ < tau; relative: < tau × the prompt's
-                                           # largest (scale-free; models/edit_directions.relevance_mask)
-    condition: Literal["text", "retrieved"] = "text"   # the Delta Mapper's condition: Δt itself (the paper),
-                                           # or the mean of the retrieve_k image-pair directions from the
-                                           # mapper's training images that Δt points along best
-                                           # (models/edit_directions.retrieved_direction, docs/text-condition.md)
-    retrieve_k: int = Field(8, ge=1)       # image pairs averaged per edit (condition: retrieved)
-    memory_rows: int = Field(65_536, ge=1)   # at most this many training embeddings searched (seeded subset)
-    mask: Literal["text", "text+image"] = "text"   # DeltaEdit's channels: those relevant to Δt (the paper), or
-                                           # also, per image, those its retrieved direction needs within the
-                                           # prompt's image subspace (condition: retrieved; models/edit_directions
-                                           # .image_mask, docs/relevance.md "Per-image mask")
-    image_mask_rank: int = Field(2, ge=1)  # dimensions of the prompt's image subspace (mask: text+image)
-    image_mask_tau: float = Field(0.3, gt=0, le=1)   # cosine a channel needs with the projected direction
-    gd_alpha: float = 4.0                  # StyleCLIP global direction: step α (its demo: 4)
-    gd_beta: float = Field(0.15, ge=0, lt=1)   # ... and disentanglement threshold β (its demo: 0.15)
-    templates: Literal["imagenet", "none"] = "imagenet"   # prompt templates averaged (79 ImageNet ones)
-    long_prompts: Literal["fail", "truncate"] = "fail"     # past the text context: fail those edits, or cut
-    reconstruction: bool = True            # also store G(s) of every image (the report's baseline column)
-    images_per_shard: int = Field(64, ge=1)   # images per edits shard (the unit of resume; each costs a
-                                              # Prefect task and a Ray call, so not too few)
-    max_images: int | None = Field(None, ge=1)   # edit only the first N images of the codes store
-    batch_size: int = Field(32, ge=1)      # codes per mapper / generator forward
-    compile: bool = False                  # torch.compile the generator (one compile per actor: seconds with a
-                                           # warm Inductor cache, ~1 min cold; toy G decodes 1.9× faster on CPU)
+    tau: float = Field(
+        0.03, ge=0
+    )  # relevance threshold: zero channels with |Rs·Δt| < tau (paper: 0.03)
+    threshold: Literal["absolute", "normalized", "relative"] = (
+        "absolute"  # the paper's |Rs·Δt| < tau;
+    )
+    # normalized: |Rs·Δt|/‖Δt‖ < tau; relative: < tau × the prompt's
+    # largest (scale-free; models/edit_directions.relevance_mask)
+    condition: Literal["text", "retrieved"] = (
+        "text"  # the Delta Mapper's condition: Δt itself (the paper),
+    )
+    # or the mean of the retrieve_k image-pair directions from the
+    # mapper's training images that Δt points along best
+    # (models/edit_directions.retrieved_direction, docs/text-condition.md)
+    retrieve_k: int = Field(8, ge=1)  # image pairs averaged per edit (condition: retrieved)
+    memory_rows: int = Field(
+        65_536, ge=1
+    )  # at most this many training embeddings searched (seeded subset)
+    mask: Literal["text", "text+image"] = (
+        "text"  # DeltaEdit's channels: those relevant to Δt (the paper), or
+    )
+    # also, per image, those its retrieved direction needs within the
+    # prompt's image subspace (condition: retrieved; models/edit_directions
+    # .image_mask, docs/relevance.md "Per-image mask")
+    image_mask_rank: int = Field(
+        2, ge=1
+    )  # dimensions of the prompt's image subspace (mask: text+image)
+    image_mask_tau: float = Field(
+        0.3, gt=0, le=1
+    )  # cosine a channel needs with the projected direction
+    gd_alpha: float = 4.0  # StyleCLIP global direction: step α (its demo: 4)
+    gd_beta: float = Field(0.15, ge=0, lt=1)  # ... and disentanglement threshold β (its demo: 0.15)
+    templates: Literal["imagenet", "none"] = (
+        "imagenet"  # prompt templates averaged (79 ImageNet ones)
+    )
+    long_prompts: Literal["fail", "truncate"] = (
+        "fail"  # past the text context: fail those edits, or cut
+    )
+    reconstruction: bool = True  # also store G(s) of every image (the report's baseline column)
+    images_per_shard: int = Field(
+        64, ge=1
+    )  # images per edits shard (the unit of resume; each costs a
+    # Prefect task and a Ray call, so not too few)
+    max_images: int | None = Field(None, ge=1)  # edit only the first N images of the codes store
+    batch_size: int = Field(32, ge=1)  # codes per mapper / generator forward
+    compile: bool = False  # torch.compile the generator (one compile per actor: seconds with a
+    # warm Inductor cache, ~1 min cold; toy G decodes 1.9× faster on CPU)
     image_format: Literal["png", "jpg", "webp"] = "png"
-    png_level: int = Field(1, ge=0, le=9)  # zlib level of PNG edits (lossless at any level): 1 writes 2.7× faster
-                                           # than PIL's default 6 for 19% more bytes (toy); 9 for archives
-    straightforward_mapper: ModelSpec | None = None   # default: <root>/mapper_straightforward/mapper.safetensors
-    decoder: list[Literal["generator", "diffusion", "diffusion_masked"]] = ["generator"]   # DeltaEdit-G and/or
-                                           # -D (models.diffusion); diffusion_masked: mask-guided decoding
+    png_level: int = Field(
+        1, ge=0, le=9
+    )  # zlib level of PNG edits (lossless at any level): 1 writes 2.7× faster
+    # than PIL's default 6 for 19% more bytes (toy); 9 for archives
+    straightforward_mapper: ModelSpec | None = (
+        None  # default: <root>/mapper_straightforward/mapper.safetensors
+    )
+    decoder: list[Literal["generator", "diffusion", "diffusion_masked"]] = [
+        "generator"
+    ]  # DeltaEdit-G and/or
+    # -D (models.diffusion); diffusion_masked: mask-guided decoding
     diffusion: DiffusionEditConfig = DiffusionEditConfig()
 
     @field_validator("decoder", mode="before")
@@ -220,48 +299,65 @@ class BulkEditConfig(Strict):
     @model_validator(mode="after")
     def _image_mask_needs_retrieval(self) -> BulkEditConfig:
         if self.mask == "text+image" and self.condition != "retrieved":
-            raise ValueError("mask: text+image needs condition: retrieved (the per-image part uses the image's "
-                             "retrieved direction)")
+            raise ValueError(
+                "mask: text+image needs condition: retrieved (the per-image part uses the image's "
+                "retrieved direction)"
+            )
         return self
 
 
 class EvaluateConfig(Strict):
     """Metrics of the edits store and the HTML report. Learned metrics run only on weights the user gives."""
-    features: Literal["clip", "inception"] = "clip"   # FID/KID feature extractor: the run's CLIP, or Inception
-    inception_weights: str | None = None   # FID Inception weights file (needs torch-fidelity installed)
-    lpips_weights: str | None = None       # torchvision backbone state dict (e.g. alexnet-owt-7be5be79.pth)
+
+    features: Literal["clip", "inception"] = (
+        "clip"  # FID/KID feature extractor: the run's CLIP, or Inception
+    )
+    inception_weights: str | None = (
+        None  # FID Inception weights file (needs torch-fidelity installed)
+    )
+    lpips_weights: str | None = (
+        None  # torchvision backbone state dict (e.g. alexnet-owt-7be5be79.pth)
+    )
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
-    identity_model: str | None = None      # TorchScript face-ID network: images in [-1, 1] -> embeddings
+    identity_model: str | None = (
+        None  # TorchScript face-ID network: images in [-1, 1] -> embeddings
+    )
     identity_input_size: int = Field(112, ge=8)
-    oracle: str | None = None              # toy attribute oracle (edit accuracy, preservation)
+    oracle: str | None = None  # toy attribute oracle (edit accuracy, preservation)
     batch_size: int = Field(64, ge=1)
-    grid_images: int = Field(8, ge=1)      # rows of the report's image grids
-    report_dir: str = "report"             # under the run root
+    grid_images: int = Field(8, ge=1)  # rows of the report's image grids
+    report_dir: str = "report"  # under the run root
 
 
 class ModelsConfig(Strict):
     """Which models a run uses: zoo specs such as ``{name: stylegan2, checkpoint: s3://b/ffhq.pt, size: 1024}``."""
+
     generator: ModelSpec | None = None
     encoder: ModelSpec | None = None
     clip: ModelSpec | None = None
     mapper: ModelSpec | None = None
-    diffusion: ModelSpec | None = None    # DeltaEdit-D decoder (default: <root>/diffusion/diffusion.safetensors)
+    diffusion: ModelSpec | None = (
+        None  # DeltaEdit-D decoder (default: <root>/diffusion/diffusion.safetensors)
+    )
 
     @field_validator("generator", "encoder", "clip", "mapper", "diffusion")
     @classmethod
     def _known_to_the_zoo(cls, spec: ModelSpec | None) -> ModelSpec | None:
         if spec is not None:
-            zoo.validate(spec)      # unknown names/options fail here, with the field's path
+            zoo.validate(spec)  # unknown names/options fail here, with the field's path
         return spec
 
 
 class RunConfig(Strict):
     """Everything a run needs; sections grow with the stages."""
+
     name: str = "default"
-    root: str = "runs/default"            # run root: a local path or any fsspec URI (s3://bucket/prefix)
-    storage_options: dict[str, Any] = Field(default_factory=dict)   # fsspec options (endpoint_url, key, ...)
+    root: str = "runs/default"  # run root: a local path or any fsspec URI (s3://bucket/prefix)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict
+    )  # fsspec options (endpoint_url, key, ...)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when present
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     ray: RayConfig = RayConfig()
     prefect: PrefectConfig = PrefectConfig()
     models: ModelsConfig = ModelsConfig()
@@ -288,7 +384,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping at the top level, got {type(data).__name__}"
+            )
     for item in overrides or []:
         _apply_override(data, item, where)
     return validate(data, where)

@@ -6,6 +6,7 @@ parameters). Identity similarity is the cosine of two images' embeddings, after 
 as e4e's ID loss: resize to 256 (area average), crop rows 35:223 and columns 32:220 (the face of an
 FFHQ-aligned image), average-pool to 112. The file is given by path or URI; nothing is downloaded.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,7 @@ from models.errors import CheckpointError
 
 BLOCKS, WIDTHS = (3, 4, 14, 3), (64, 128, 256, 512)
 INPUT_SIZE, ALIGNED_SIZE = 112, 256
-FACE_CROP = (slice(35, 223), slice(32, 220))      # rows, columns of a 256-px FFHQ-aligned face
+FACE_CROP = (slice(35, 223), slice(32, 220))  # rows, columns of a 256-px FFHQ-aligned face
 EMBED_DIM = 512
 
 
@@ -32,9 +33,13 @@ class IRSE50(nn.Module):
         self.input_layer = ir_se_stem(WIDTHS[0])
         self.body = ir_se_body(BLOCKS, WIDTHS)
         side = INPUT_SIZE // 16
-        self.output_layer = nn.Sequential(nn.BatchNorm2d(WIDTHS[-1]), nn.Dropout(drop_ratio), nn.Flatten(),
-                                          nn.Linear(WIDTHS[-1] * side * side, EMBED_DIM),
-                                          nn.BatchNorm1d(EMBED_DIM))
+        self.output_layer = nn.Sequential(
+            nn.BatchNorm2d(WIDTHS[-1]),
+            nn.Dropout(drop_ratio),
+            nn.Flatten(),
+            nn.Linear(WIDTHS[-1] * side * side, EMBED_DIM),
+            nn.BatchNorm1d(EMBED_DIM),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, 3, 112, 112) in [-1, 1] → (B, 512), unit norm."""
@@ -55,7 +60,9 @@ def load_arcface(uri: str, device: str | torch.device = "cpu", **storage_options
     """
     state = load_torch(uri, **storage_options)
     if not isinstance(state, dict):
-        raise CheckpointError(f"{uri}: expected a state dict (model_ir_se50.pth format), got {type(state).__name__}")
+        raise CheckpointError(
+            f"{uri}: expected a state dict (model_ir_se50.pth format), got {type(state).__name__}"
+        )
     model = IRSE50()
     load_strict(model, with_batch_counters(model, state), f"ArcFace IR-SE-50 weights {uri}")
     return model.eval().to(device)

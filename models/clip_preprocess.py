@@ -3,6 +3,7 @@
 ``clip`` is the model's own preprocessing; ``deltaedit`` is the official DeltaEdit code's (×7 nearest
 upsampling then average pooling, no mean/std), needed to reuse the released mapper's CLIP space.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,23 +14,38 @@ import torch
 import torch.nn.functional as F
 
 
-def clip_preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
-                    interpolation: str = "bicubic", resize_mode: str = "shortest") -> torch.Tensor:
+def clip_preprocess(
+    images: torch.Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    resize_mode: str = "shortest",
+) -> torch.Tensor:
     """The model's preprocessing on tensors: [-1, 1] → [0, 1], resize, centre crop, normalise."""
     x = ((images.float() + 1) / 2).clamp(0, 1)
     h, w = x.shape[-2:]
     if resize_mode == "squash":
         new = (size, size)
-    elif resize_mode == "shortest":  # torchvision Resize(int): shorter side = size, longer side truncated
+    elif (
+        resize_mode == "shortest"
+    ):  # torchvision Resize(int): shorter side = size, longer side truncated
         new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     else:
-        raise ValueError(f"resize_mode {resize_mode!r} is not supported on tensors (use shortest or squash)")
+        raise ValueError(
+            f"resize_mode {resize_mode!r} is not supported on tensors (use shortest or squash)"
+        )
     if (h, w) != new:
         smooth = interpolation in ("bilinear", "bicubic")
-        x = F.interpolate(x, size=new, mode=interpolation, antialias=smooth,
-                          align_corners=False if smooth else None).clamp(0, 1)  # uint8 images clip too
+        x = F.interpolate(
+            x,
+            size=new,
+            mode=interpolation,
+            antialias=smooth,
+            align_corners=False if smooth else None,
+        ).clamp(0, 1)  # uint8 images clip too
     top, left = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
-    x = x[..., top:top + size, left:left + size]
+    x = x[..., top : top + size, left : left + size]
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
@@ -46,24 +62,28 @@ def deltaedit_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     if h != w:
         raise ValueError(f"deltaedit preprocessing needs square images, got {h}×{w}")
     if (7 * h) % size:
-        raise ValueError(f"deltaedit preprocessing needs 7·H divisible by the CLIP image size: "
-                         f"7·{h} = {7 * h} is not a multiple of {size}; use preprocess='clip'")
+        raise ValueError(
+            f"deltaedit preprocessing needs 7·H divisible by the CLIP image size: "
+            f"7·{h} = {7 * h} is not a multiple of {size}; use preprocess='clip'"
+        )
     a = _upsample_pool_matrix(h, size).to(images.device)
     return torch.einsum("sh,bchw,tw->bcst", a, images.float(), a)
 
 
 def _upsample_pool_matrix(n: int, size: int, factor: int = 7) -> torch.Tensor:
-    k = factor * n // size                                       # pooling kernel (32 at 1024 → 224)
-    out = torch.arange(size).view(-1, 1) * k                     # window starts (size, 1)
-    src = torch.arange(n).view(1, -1) * factor                   # upsampled block starts (1, n)
+    k = factor * n // size  # pooling kernel (32 at 1024 → 224)
+    out = torch.arange(size).view(-1, 1) * k  # window starts (size, 1)
+    src = torch.arange(n).view(1, -1) * factor  # upsampled block starts (1, n)
     overlap = (torch.minimum(out + k, src + factor) - torch.maximum(out, src)).clamp_min(0)
-    return overlap.float() / k                                   # (size, n), rows sum to 1
+    return overlap.float() / k  # (size, n), rows sum to 1
 
 
 def pixels_to_tensor(images: Any) -> torch.Tensor:
     """PIL images, uint8 (B, H, W, 3) array/tensor or one (H, W, 3) image → float (B, 3, H, W) in [-1, 1]."""
     if isinstance(images, (list, tuple)):
-        images = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+        images = np.stack(
+            [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
+        )
     elif hasattr(images, "convert"):  # a single PIL image
         images = np.asarray(images.convert("RGB"))[None]
     x = torch.as_tensor(np.asarray(images))

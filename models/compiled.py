@@ -7,6 +7,7 @@ convolutions themselves at small resolutions (``bench/edit_bench.py`` measures t
 padded to ``batch_size`` rows, so one compiled graph serves a whole run: a new batch size would compile
 again, and the last batch of a shard is usually short.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,8 +29,10 @@ class FixedBatchCompiled:
     def __call__(self, *tensors: Tensor) -> Tensor:
         n = tensors[0].shape[0]
         if not 1 <= n <= self.batch_size or any(t.shape[0] != n for t in tensors):
-            raise ValueError(f"expected 1 to {self.batch_size} rows in every input, got "
-                             f"{[t.shape[0] for t in tensors]}")
+            raise ValueError(
+                f"expected 1 to {self.batch_size} rows in every input, got "
+                f"{[t.shape[0] for t in tensors]}"
+            )
         pad = self.batch_size - n
         if pad:
             tensors = tuple(torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in tensors)

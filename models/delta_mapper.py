@@ -13,6 +13,7 @@ Architecture (official ``delta_mapper.py``), for each of the coarse / medium / f
 The layout comes from the generator, so any StyleGAN2 resolution works; the FFHQ 1024 layout with
 D = 512 reproduces the released ``net_face.pth`` key for key.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -21,8 +22,14 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from models.checkpoint import CheckpointError, is_safetensors, load_safetensors, load_strict, load_torch, \
-    save_safetensors
+from models.checkpoint import (
+    CheckpointError,
+    is_safetensors,
+    load_safetensors,
+    load_strict,
+    load_torch,
+    save_safetensors,
+)
 from models.layout import Group, StyleLayout
 from models.mapper_blocks import Mapper, NormAxis
 
@@ -31,15 +38,24 @@ GROUPS: tuple[Group, ...] = ("coarse", "medium", "fine")
 
 @dataclass(frozen=True)
 class MapperConfig:
-    layout: dict[str, Any]          # StyleLayout.to_dict() of the generator; only its conv layers are edited
-    clip_dim: int = 512             # CLIP embedding size D; the condition has 2·D features
-    num_layers: int = 4             # EqualLinear layers per Mapper
-    lr_mul: float = 0.01            # equalised-learning-rate multiplier of every EqualLinear
-    norm_axis: NormAxis = "layer"   # PixelNorm axis on (B, L, C) style blocks; "layer" = official quirk
+    layout: dict[
+        str, Any
+    ]  # StyleLayout.to_dict() of the generator; only its conv layers are edited
+    clip_dim: int = 512  # CLIP embedding size D; the condition has 2·D features
+    num_layers: int = 4  # EqualLinear layers per Mapper
+    lr_mul: float = 0.01  # equalised-learning-rate multiplier of every EqualLinear
+    norm_axis: NormAxis = (
+        "layer"  # PixelNorm axis on (B, L, C) style blocks; "layer" = official quirk
+    )
 
     @classmethod
-    def for_generator(cls, size: int, channel_multiplier: int = 2, channels: dict[int, int] | None = None,
-                      **kwargs: Any) -> "MapperConfig":
+    def for_generator(
+        cls,
+        size: int,
+        channel_multiplier: int = 2,
+        channels: dict[int, int] | None = None,
+        **kwargs: Any,
+    ) -> "MapperConfig":
         """Config for rosinality's Generator(size, channel_multiplier) (or custom per-resolution channels)."""
         layout = StyleLayout.for_generator(size, channel_multiplier, channels=channels)
         return cls(layout=layout.to_dict(), **kwargs)
@@ -59,10 +75,10 @@ class MapperConfig:
 
 class GroupPlan(NamedTuple):
     name: Group
-    start: int      # slice of the flat conv style vector
+    start: int  # slice of the flat conv style vector
     stop: int
-    n_layers: int   # L: > 0 when the style module is shared over layers, else 0 (flat)
-    width: int      # C: per-layer channels when shared, else the group's total channels
+    n_layers: int  # L: > 0 when the style module is shared over layers, else 0 (flat)
+    width: int  # C: per-layer channels when shared, else the group's total channels
 
 
 def plan_groups(layout: StyleLayout) -> tuple[GroupPlan, ...]:
@@ -77,8 +93,15 @@ def plan_groups(layout: StyleLayout) -> tuple[GroupPlan, ...]:
             raise ValueError(f"layers of the {group} group are not contiguous in the style vector")
         widths = {layer.channels for layer in layers}
         shared = len(widths) == 1
-        plans.append(GroupPlan(group, start, stop, len(layers) if shared else 0,
-                               layers[0].channels if shared else stop - start))
+        plans.append(
+            GroupPlan(
+                group,
+                start,
+                stop,
+                len(layers) if shared else 0,
+                layers[0].channels if shared else stop - start,
+            )
+        )
     if plans[0].start != 0 or plans[-1].stop != layout.conv_total:
         raise ValueError("coarse/medium/fine groups must cover the conv style vector in order")
     return tuple(plans)
@@ -121,7 +144,9 @@ class DeltaMapper(nn.Module):
         delta = delta_clip / delta_clip.norm(dim=-1, keepdim=True).clamp_min(1e-5)
         return torch.cat([img, delta], dim=-1)
 
-    def forward(self, s: torch.Tensor, clip_img: torch.Tensor, delta_clip: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, s: torch.Tensor, clip_img: torch.Tensor, delta_clip: torch.Tensor
+    ) -> torch.Tensor:
         return self.fuse(s, self.condition(clip_img, delta_clip))
 
     def fuse(self, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -129,31 +154,39 @@ class DeltaMapper(nn.Module):
         self._check_inputs(s, cond)
         outs = []
         for g in self.groups:
-            x = s[:, g.start:g.stop]                                  # (B, N)
-            c = getattr(self, f"cm_{g.name}")(cond)                   # (B, C)
+            x = s[:, g.start : g.stop]  # (B, N)
+            c = getattr(self, f"cm_{g.name}")(cond)  # (B, C)
             if g.n_layers:
-                x = x.reshape(-1, g.n_layers, g.width)                # (B, L, C)
-                c = c.unsqueeze(1).expand(-1, g.n_layers, -1)         # (B, L, C)
+                x = x.reshape(-1, g.n_layers, g.width)  # (B, L, C)
+                c = c.unsqueeze(1).expand(-1, g.n_layers, -1)  # (B, L, C)
             x = getattr(self, f"sm_{g.name}")(x)
             y = getattr(self, f"fm_{g.name}")(torch.cat([x, c], dim=-1))
-            outs.append(y.reshape(s.shape[0], -1))                   # (B, N)
-        return torch.cat(outs, dim=1)                                 # (B, conv_total)
+            outs.append(y.reshape(s.shape[0], -1))  # (B, N)
+        return torch.cat(outs, dim=1)  # (B, conv_total)
 
     def _check_inputs(self, s: torch.Tensor, cond: torch.Tensor) -> None:
         if s.ndim != 2 or s.shape[1] != self.style_dim:
             raise ValueError(f"s must be (B, {self.style_dim}), got {tuple(s.shape)}")
         if cond.shape != (s.shape[0], 2 * self.config.clip_dim):
-            raise ValueError(f"condition must be ({s.shape[0]}, {2 * self.config.clip_dim}) "
-                             f"(two CLIP embeddings of {self.config.clip_dim}), got {tuple(cond.shape)}")
+            raise ValueError(
+                f"condition must be ({s.shape[0]}, {2 * self.config.clip_dim}) "
+                f"(two CLIP embeddings of {self.config.clip_dim}), got {tuple(cond.shape)}"
+            )
 
     def save(self, uri: str, lineage: dict[str, Any] | None = None) -> None:
         """Safetensors with the config in the header, so ``from_checkpoint`` rebuilds this exact model."""
-        save_safetensors(uri, self.state_dict(), config=self.config.to_dict(),
-                         lineage=lineage if lineage is not None else self.lineage, kind=self.KIND)
+        save_safetensors(
+            uri,
+            self.state_dict(),
+            config=self.config.to_dict(),
+            lineage=lineage if lineage is not None else self.lineage,
+            kind=self.KIND,
+        )
 
     @classmethod
-    def from_checkpoint(cls, uri: str, config: MapperConfig | None = None,
-                        **storage_options: Any) -> "DeltaMapper":
+    def from_checkpoint(
+        cls, uri: str, config: MapperConfig | None = None, **storage_options: Any
+    ) -> "DeltaMapper":
         """Load our safetensors (kind checked) or a torch-saved bare state dict such as ``net_face.pth``.
 
         A torch state dict carries no config: ``config`` defaults to the official FFHQ 1024 / D=512 layout.
@@ -162,7 +195,9 @@ class DeltaMapper(nn.Module):
         if is_safetensors(uri):
             tensors, header = load_safetensors(uri, **storage_options)
             if header["kind"] != cls.KIND:
-                raise CheckpointError(f"{uri} holds a '{header['kind']}' checkpoint, not a '{cls.KIND}'")
+                raise CheckpointError(
+                    f"{uri} holds a '{header['kind']}' checkpoint, not a '{cls.KIND}'"
+                )
             model = cls(MapperConfig.from_dict(header["config"]))
             model.lineage = header["lineage"]
         else:
@@ -192,6 +227,10 @@ class StraightforwardMapper(DeltaMapper):
         second = clip_img2 / clip_img2.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return torch.cat([first, second], dim=-1)
 
-    def forward(self, s: torch.Tensor, clip_img: torch.Tensor,  # type: ignore[override]
-                clip_img2: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        s: torch.Tensor,
+        clip_img: torch.Tensor,  # type: ignore[override]
+        clip_img2: torch.Tensor,
+    ) -> torch.Tensor:
         return self.fuse(s, self.condition(clip_img, clip_img2))

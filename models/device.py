@@ -1,4 +1,5 @@
 """Where a model runs: ``auto`` takes CUDA when present, else the CPU."""
+
 from __future__ import annotations
 
 from typing import Literal

@@ -7,6 +7,7 @@ width and depth is an argument so a toy domain can train a tiny encoder with the
 
     Encoder(n_styles=10, style_dim=64, input_size=64, backbone_blocks=(1, 1, 1, 1), widths=(16, 32, 32, 64))
 """
+
 from __future__ import annotations
 
 import math
@@ -27,10 +28,18 @@ KIND = "e4e"
 class Encoder(nn.Module):
     """Images (B, 3, input_size, input_size) in [-1, 1] → W+ (B, n_styles, style_dim), latent_avg included."""
 
-    def __init__(self, n_styles: int = 18, style_dim: int = 512, input_size: int = 256,
-                 backbone_blocks: Sequence[int] = (3, 4, 14, 3), widths: Sequence[int] = (64, 128, 256, 512),
-                 se_reduction: int = 16, coarse_ind: int = 3, middle_ind: int = 7,
-                 generator: Generator | None = None):
+    def __init__(
+        self,
+        n_styles: int = 18,
+        style_dim: int = 512,
+        input_size: int = 256,
+        backbone_blocks: Sequence[int] = (3, 4, 14, 3),
+        widths: Sequence[int] = (64, 128, 256, 512),
+        se_reduction: int = 16,
+        coarse_ind: int = 3,
+        middle_ind: int = 7,
+        generator: Generator | None = None,
+    ):
         """
         Args:
             n_styles: rows of W+ = the paired generator's n_latent (18 at 1024 px, 10 at 64 px).
@@ -43,12 +52,27 @@ class Encoder(nn.Module):
             generator: the paired StyleGAN2 generator (stored as the `decoder` sub-module), or None.
         """
         super().__init__()
-        self.config: dict[str, Any] = dict(n_styles=n_styles, style_dim=style_dim, input_size=input_size,
-                                           backbone_blocks=list(backbone_blocks), widths=list(widths),
-                                           se_reduction=se_reduction, coarse_ind=coarse_ind, middle_ind=middle_ind)
+        self.config: dict[str, Any] = dict(
+            n_styles=n_styles,
+            style_dim=style_dim,
+            input_size=input_size,
+            backbone_blocks=list(backbone_blocks),
+            widths=list(widths),
+            se_reduction=se_reduction,
+            coarse_ind=coarse_ind,
+            middle_ind=middle_ind,
+        )
         self.n_styles, self.style_dim, self.input_size = n_styles, style_dim, input_size
-        self.encoder = Encoder4Editing(n_styles, style_dim, input_size, backbone_blocks, widths,
-                                       se_reduction, coarse_ind, middle_ind)
+        self.encoder = Encoder4Editing(
+            n_styles,
+            style_dim,
+            input_size,
+            backbone_blocks,
+            widths,
+            se_reduction,
+            coarse_ind,
+            middle_ind,
+        )
         self.register_module("decoder", generator)
         # Added to the network output (pSp's start_from_latent_avg); kept outside the state dict like e4e.
         self.register_buffer("latent_avg", torch.zeros(n_styles, style_dim), persistent=False)
@@ -62,14 +86,17 @@ class Encoder(nn.Module):
         """images (B, 3, S, S) in [-1, 1], S = input_size → w_plus (B, n_styles, style_dim)."""
         expected = (3, self.input_size, self.input_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), "
-                             f"got {tuple(images.shape)}; resize to {self.input_size} px first")
+            raise ValueError(
+                f"expected images of shape (B, {', '.join(map(str, expected))}), "
+                f"got {tuple(images.shape)}; resize to {self.input_size} px first"
+            )
         return self.encoder(images) + self.latent_avg
 
     # --- checkpoints -------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path_or_uri: str, *, storage_options: Mapping[str, Any] | None = None,
-                        **arch: Any) -> "Encoder":
+    def from_checkpoint(
+        cls, path_or_uri: str, *, storage_options: Mapping[str, Any] | None = None, **arch: Any
+    ) -> "Encoder":
         """Load an official e4e checkpoint (``{'state_dict', 'latent_avg', 'opts'}``) or one of ours.
 
         Official checkpoints get the official architecture (``arch`` overrides constructor arguments for
@@ -81,12 +108,16 @@ class Encoder(nn.Module):
         uri, opts = str(path_or_uri), dict(storage_options or {})
         if is_safetensors(uri):
             if arch:
-                raise TypeError("architecture overrides apply to e4e .pt files; ours carry their config")
+                raise TypeError(
+                    "architecture overrides apply to e4e .pt files; ours carry their config"
+                )
             return cls._from_ours(uri, opts)
         ckpt = load_public(uri, **opts)
         if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
             found = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-            raise CheckpointError(f"{uri}: expected an e4e checkpoint with 'state_dict', got {found}")
+            raise CheckpointError(
+                f"{uri}: expected an e4e checkpoint with 'state_dict', got {found}"
+            )
         state, opts = dict(ckpt["state_dict"]), dict(ckpt.get("opts") or {})
         n_styles = _n_styles(state, opts, uri)
         enc_state, dec_state = _split(state, uri)
@@ -116,40 +147,54 @@ class Encoder(nn.Module):
     def _from_ours(cls, uri: str, storage_options: Mapping[str, Any]) -> "Encoder":
         tensors, header = load_safetensors(uri, **storage_options)
         if header["kind"] != KIND:
-            raise CheckpointError(f"{uri}: checkpoint kind is {header['kind']!r}, expected {KIND!r}")
+            raise CheckpointError(
+                f"{uri}: checkpoint kind is {header['kind']!r}, expected {KIND!r}"
+            )
         config = dict(header["config"])
         gen_config = config.pop("generator", None)
         latent_avg = tensors.pop("latent_avg", None)
         gen_avg = tensors.pop("generator_latent_avg", None)
         enc_state, dec_state = _split(tensors, uri)
         enc = build_and_load(lambda: cls(**config), enc_state, uri, copy=False)
-        enc.latent_avg = latent_avg if latent_avg is not None else torch.zeros(enc.n_styles, enc.style_dim)
+        enc.latent_avg = (
+            latent_avg if latent_avg is not None else torch.zeros(enc.n_styles, enc.style_dim)
+        )
         if gen_config is not None:
-            enc.decoder = Generator.from_state_dict(dec_state, gen_avg, config=config_from_json(gen_config),
-                                                    source=f"{uri} (decoder.*)", copy=False)
+            enc.decoder = Generator.from_state_dict(
+                dec_state,
+                gen_avg,
+                config=config_from_json(gen_config),
+                source=f"{uri} (decoder.*)",
+                copy=False,
+            )
         elif dec_state:
             raise CheckpointError(f"{uri}: has decoder.* tensors but no generator config")
         return enc.eval()
 
 
-def _paired_generator(state: Mapping[str, Tensor], enc: Encoder, latent_avg: Tensor | None,
-                      source: str) -> Generator:
+def _paired_generator(
+    state: Mapping[str, Tensor], enc: Encoder, latent_avg: Tensor | None, source: str
+) -> Generator:
     """The decoder, strictly loaded; its W+ rows must match the encoder's styles."""
     config = infer_config(state, source)
     n_latent = 2 * int(math.log2(config["size"])) - 2
     if n_latent != enc.n_styles or config["style_dim"] != enc.style_dim:
-        raise CheckpointError(f"{source}: decoder has {n_latent} W+ rows of {config['style_dim']}, "
-                              f"encoder predicts {enc.n_styles} of {enc.style_dim}")
+        raise CheckpointError(
+            f"{source}: decoder has {n_latent} W+ rows of {config['style_dim']}, "
+            f"encoder predicts {enc.n_styles} of {enc.style_dim}"
+        )
     return Generator.from_state_dict(state, latent_avg, config=config, source=source, copy=False)
 
 
 def _split(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(encoder.* with prefix kept, decoder.* with prefix stripped); anything else is an error."""
     enc = {k: v for k, v in state.items() if k.startswith("encoder.")}
-    dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    dec = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     other = [k for k in state if not k.startswith(("encoder.", "decoder."))]
     if other:
-        raise CheckpointError(f"{source}: unexpected keys {other[:8]} (expected encoder.* and decoder.*)")
+        raise CheckpointError(
+            f"{source}: unexpected keys {other[:8]} (expected encoder.* and decoder.*)"
+        )
     return enc, dec
 
 
@@ -157,9 +202,15 @@ def _n_styles(state: Mapping[str, Tensor], opts: Mapping[str, Any], source: str)
     """2·log2(stylegan_size) − 2 when the options say, else the number of style blocks in the weights."""
     if opts.get("stylegan_size"):
         return 2 * int(math.log2(int(opts["stylegan_size"]))) - 2
-    idx = [int(m.group(1)) for k in state if (m := re.fullmatch(r"encoder\.styles\.(\d+)\.linear\.weight", k))]
+    idx = [
+        int(m.group(1))
+        for k in state
+        if (m := re.fullmatch(r"encoder\.styles\.(\d+)\.linear\.weight", k))
+    ]
     if not idx:
-        raise CheckpointError(f"{source}: no 'encoder.styles.N.linear.weight' keys and no opts['stylegan_size']")
+        raise CheckpointError(
+            f"{source}: no 'encoder.styles.N.linear.weight' keys and no opts['stylegan_size']"
+        )
     return max(idx) + 1
 
 
@@ -167,6 +218,8 @@ def _broadcast_avg(latent_avg: Tensor, n_styles: int, style_dim: int, source: st
     """(style_dim,), (1, style_dim) or (n_styles, style_dim) → (n_styles, style_dim)."""
     rows = latent_avg.reshape(-1, style_dim) if latent_avg.numel() % style_dim == 0 else None
     if rows is None or rows.shape[0] not in (1, n_styles):
-        raise CheckpointError(f"{source}: 'latent_avg' has shape {tuple(latent_avg.shape)}, "
-                              f"model expects ({n_styles}, {style_dim}) or ({style_dim},)")
+        raise CheckpointError(
+            f"{source}: 'latent_avg' has shape {tuple(latent_avg.shape)}, "
+            f"model expects ({n_styles}, {style_dim}) or ({style_dim},)"
+        )
     return rows.expand(n_styles, style_dim).float().clone()

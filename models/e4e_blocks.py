@@ -5,6 +5,7 @@ Feature maps after stages 2, 3 and 4 (c1, c2, c3) feed an FPN-like pyramid: coar
 middle styles c3 + lateral(c2), fine styles that + lateral(c1). Style 0 predicts w0 and every other
 style predicts a delta added to w0 — e4e's "progressive deltas", which keep W+ close to W.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,9 @@ class BottleneckIRSE(nn.Module):
         if in_channels == depth:  # MaxPool2d(1, stride) is a parameter-free subsampling
             self.shortcut_layer: nn.Module = nn.MaxPool2d(1, stride)
         else:
-            self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channels, depth, 1, stride, bias=False),
-                                                nn.BatchNorm2d(depth))
+            self.shortcut_layer = nn.Sequential(
+                nn.Conv2d(in_channels, depth, 1, stride, bias=False), nn.BatchNorm2d(depth)
+            )
         self.res_layer = nn.Sequential(
             nn.BatchNorm2d(in_channels),
             nn.Conv2d(in_channels, depth, 3, 1, 1, bias=False),
@@ -58,10 +60,14 @@ class BottleneckIRSE(nn.Module):
 
 def ir_se_stem(width: int) -> nn.Sequential:
     """The IR-SE input layer: conv3 → BN → PReLU (``input_layer.{0,1,2}`` in e4e's and ArcFace's files)."""
-    return nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.PReLU(width))
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.PReLU(width)
+    )
 
 
-def ir_se_body(blocks: Sequence[int], widths: Sequence[int], se_reduction: int = 16) -> nn.Sequential:
+def ir_se_body(
+    blocks: Sequence[int], widths: Sequence[int], se_reduction: int = 16
+) -> nn.Sequential:
     """The IR-SE stages (``body.<unit>``): ``blocks[i]`` units of width ``widths[i]``; each stage halves the
     side in its first unit. (3, 4, 14, 3) units of (64, 128, 256, 512) is IR-SE-50."""
     units, in_ch = [], widths[0]
@@ -78,12 +84,16 @@ class GradualStyleBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, spatial: int):
         super().__init__()
         n_down = int(math.log2(spatial))
-        if 2 ** n_down != spatial or n_down < 1:
+        if 2**n_down != spatial or n_down < 1:
             raise ValueError(f"GradualStyleBlock needs a power-of-two side ≥ 2, got {spatial}")
         layers: list[nn.Module] = []
         for i in range(n_down):
-            layers += [nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, stride=2, padding=1),
-                       nn.LeakyReLU()]
+            layers += [
+                nn.Conv2d(
+                    in_channels if i == 0 else out_channels, out_channels, 3, stride=2, padding=1
+                ),
+                nn.LeakyReLU(),
+            ]
         self.convs = nn.Sequential(*layers)
         self.linear = EqualLinear(out_channels, out_channels)
         self.out_channels = out_channels
@@ -95,24 +105,39 @@ class GradualStyleBlock(nn.Module):
 class Encoder4Editing(nn.Module):
     """e4e's encoder network: images → W+ offsets (B, n_styles, style_dim), before adding latent_avg."""
 
-    def __init__(self, n_styles: int, style_dim: int = 512, input_size: int = 256,
-                 backbone_blocks: Sequence[int] = (3, 4, 14, 3), widths: Sequence[int] = (64, 128, 256, 512),
-                 se_reduction: int = 16, coarse_ind: int = 3, middle_ind: int = 7):
+    def __init__(
+        self,
+        n_styles: int,
+        style_dim: int = 512,
+        input_size: int = 256,
+        backbone_blocks: Sequence[int] = (3, 4, 14, 3),
+        widths: Sequence[int] = (64, 128, 256, 512),
+        se_reduction: int = 16,
+        coarse_ind: int = 3,
+        middle_ind: int = 7,
+    ):
         super().__init__()
         if len(backbone_blocks) != 4 or len(widths) != 4:
-            raise ValueError("the IR-SE backbone has exactly 4 stages (backbone_blocks and widths of length 4)")
-        if input_size % 16 or input_size < 32:  # 4 stride-2 stages; c3 must be ≥ 2×2 (a power of two)
+            raise ValueError(
+                "the IR-SE backbone has exactly 4 stages (backbone_blocks and widths of length 4)"
+            )
+        if (
+            input_size % 16 or input_size < 32
+        ):  # 4 stride-2 stages; c3 must be ≥ 2×2 (a power of two)
             raise ValueError(f"input_size must be 16 × a power of two ≥ 2, got {input_size}")
         self.n_styles, self.coarse_ind, self.middle_ind = n_styles, coarse_ind, middle_ind
         self.input_layer = ir_se_stem(widths[0])
         self.body = ir_se_body(backbone_blocks, widths, se_reduction)
-        ends = [sum(backbone_blocks[:i + 1]) - 1 for i in range(4)]
+        ends = [sum(backbone_blocks[: i + 1]) - 1 for i in range(4)]
         self.taps = (ends[1], ends[2], ends[3])  # body indices whose outputs are c1, c2, c3
-        side = input_size // 16                   # side of c3 (c2: 2×, c1: 4×)
+        side = input_size // 16  # side of c3 (c2: 2×, c1: 4×)
         top = widths[3]
         self.styles = nn.ModuleList(
-            GradualStyleBlock(top, style_dim, side if i < coarse_ind else 2 * side if i < middle_ind else 4 * side)
-            for i in range(n_styles))
+            GradualStyleBlock(
+                top, style_dim, side if i < coarse_ind else 2 * side if i < middle_ind else 4 * side
+            )
+            for i in range(n_styles)
+        )
         self.latlayer1 = nn.Conv2d(widths[2], top, kernel_size=1)
         self.latlayer2 = nn.Conv2d(widths[1], top, kernel_size=1)
 

@@ -15,6 +15,7 @@ unit-norm mean over prompt templates (docs/paper-setting.md, "Text prompts"):
 - **StyleCLIP global direction**: r = Rₛ·Δt/‖Δt‖, zero |r| < β, divide by max|r|, scale by each channel's
   σ; ŝ = s + α·strength·r. No mapper, the same direction for every image.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from models.clip_templates import IMAGENET_TEMPLATES
 
-Term = tuple[str, str, float]          # (source text, target text, weight of its Δt)
+Term = tuple[str, str, float]  # (source text, target text, weight of its Δt)
 Method = Literal["deltaedit", "straightforward", "styleclip_gd"]
 METHODS: tuple[Method, ...] = ("deltaedit", "straightforward", "styleclip_gd")
 TEMPLATES: dict[str, tuple[str, ...]] = {"imagenet": tuple(IMAGENET_TEMPLATES), "none": ("{}",)}
@@ -36,7 +37,9 @@ class PromptError(ValueError):
     """A prompt's text cannot be encoded (empty, or longer than the text encoder's context)."""
 
 
-def check_terms(clip: Any, terms: Sequence[Term], templates: Sequence[str], allow_truncation: bool) -> None:
+def check_terms(
+    clip: Any, terms: Sequence[Term], templates: Sequence[str], allow_truncation: bool
+) -> None:
     """Raise PromptError for an empty prompt, or one that the longest template makes exceed the context."""
     longest = max(templates, key=len)
     for source, target, _ in terms:
@@ -48,11 +51,14 @@ def check_terms(clip: Any, terms: Sequence[Term], templates: Sequence[str], allo
                 raise PromptError(
                     f"prompt {text[:60]!r}{'…' if len(text) > 60 else ''} is {check.n_tokens} tokens with "
                     f"the template {longest!r}; the text encoder's context is {check.context_length} "
-                    "(shorten it, or set bulk_edit.long_prompts=truncate to let the tokenizer cut it)")
+                    "(shorten it, or set bulk_edit.long_prompts=truncate to let the tokenizer cut it)"
+                )
 
 
 @torch.no_grad()
-def text_direction(clip: Any, terms: Sequence[Term], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
+def text_direction(
+    clip: Any, terms: Sequence[Term], templates: Sequence[str]
+) -> tuple[Tensor, Tensor]:
     """(Δt unnormalised (D,), unit-norm target embedding (D,)) of a prompt's weighted terms."""
     dt, target = 0, 0
     for source, text, weight in terms:
@@ -65,7 +71,9 @@ def text_direction(clip: Any, terms: Sequence[Term], templates: Sequence[str]) -
 Threshold = Literal["absolute", "normalized", "relative"]
 
 
-def relevance_mask(relevance: Tensor, dt: Tensor, tau: float, rule: Threshold = "absolute") -> Tensor:
+def relevance_mask(
+    relevance: Tensor, dt: Tensor, tau: float, rule: Threshold = "absolute"
+) -> Tensor:
     """(C,) bool: the channels DeltaEdit keeps, r = |Rₛ·Δt| ≥ τ under ``rule`` (all of them when τ = 0).
 
     - ``absolute``: r ≥ τ, the paper's rule; its τ = 0.03 is tied to ViT-B/32's typical ‖Δt‖.
@@ -87,8 +95,9 @@ def relevance_mask(relevance: Tensor, dt: Tensor, tau: float, rule: Threshold = 
 
 
 @torch.no_grad()
-def mapper_delta(mapper: torch.nn.Module, method: Method, s: Tensor, i: Tensor, dt: Tensor,
-                 t_target: Tensor) -> Tensor:
+def mapper_delta(
+    mapper: torch.nn.Module, method: Method, s: Tensor, i: Tensor, dt: Tensor, t_target: Tensor
+) -> Tensor:
     """Δŝ (B, C) of DeltaEdit (condition Δt) or of the straightforward baseline (condition t_target)."""
     cond = dt if method == "deltaedit" else t_target
     return mapper(s, i, cond.expand(s.shape[0], -1))
@@ -109,15 +118,15 @@ def retrieved_direction(memory: Tensor, i: Tensor, dt: Tensor, k: int) -> Tensor
         raise ValueError(f"retrieve_k must be in 1..{len(memory)} (the memory's rows), got {k}")
     img = F.normalize(i.float(), dim=-1)
     direction = F.normalize(dt.float(), dim=-1)
-    along = memory @ direction - (img @ direction)[:, None]                   # (B, P): (m − î)·Δt̂
-    dist = (2 - 2 * img @ memory.T).clamp_min(0).sqrt()                       # (B, P): ‖m − î‖ (unit rows)
+    along = memory @ direction - (img @ direction)[:, None]  # (B, P): (m − î)·Δt̂
+    dist = (2 - 2 * img @ memory.T).clamp_min(0).sqrt()  # (B, P): ‖m − î‖ (unit rows)
     score = torch.where(dist > 1e-4, along / dist.clamp_min(1e-4), torch.full_like(along, -2.0))
-    top = score.topk(k, dim=1).indices                                        # (B, k)
-    steps = memory[top] - img[:, None]                                        # (B, k, D)
+    top = score.topk(k, dim=1).indices  # (B, k)
+    steps = memory[top] - img[:, None]  # (B, k, D)
     return F.normalize(steps, dim=-1).mean(dim=1)
 
 
-SUBSPACE_PROBES = 1024   # memory rows whose retrieved directions span a prompt's image subspace
+SUBSPACE_PROBES = 1024  # memory rows whose retrieved directions span a prompt's image subspace
 
 
 @torch.no_grad()
@@ -142,8 +151,12 @@ def image_mask(relevance: Tensor, directions: Tensor, subspace: Tensor, tau: flo
     The Δt mask (``relevance_mask``) is one set of channels for every image: those Δt points along. An edit
     to a value between others, or a Δt that mostly says "not X", needs channels Δt is nearly orthogonal to
     (growing a small shape to medium moves the small ↔ large axis); this mask adds them image by image."""
-    projected = (F.normalize(directions.float(), dim=-1) @ subspace.T) @ subspace   # not renormalised: a
-    return (projected @ F.normalize(relevance, dim=-1).T).abs() >= tau                 # direction outside keeps none
+    projected = (
+        F.normalize(directions.float(), dim=-1) @ subspace.T
+    ) @ subspace  # not renormalised: a
+    return (
+        projected @ F.normalize(relevance, dim=-1).T
+    ).abs() >= tau  # direction outside keeps none
 
 
 def global_direction(relevance: Tensor, dt: Tensor, sigma: Tensor, beta: float) -> Tensor:
@@ -151,4 +164,4 @@ def global_direction(relevance: Tensor, dt: Tensor, sigma: Tensor, beta: float) 
     r = relevance @ F.normalize(dt, dim=-1)
     r = torch.where(r.abs() < beta, torch.zeros_like(r), r)
     peak = r.abs().max()
-    return r / torch.where(peak > 0, peak, torch.ones_like(peak)) * sigma   # no sync with the host
+    return r / torch.where(peak > 0, peak, torch.ones_like(peak)) * sigma  # no sync with the host

@@ -1,4 +1,5 @@
 """Tensor ↔ image-file helpers shared by the stages that produce images."""
+
 from __future__ import annotations
 
 import io
@@ -15,7 +16,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-LOSSY_QUALITY = 95    # JPEG/WebP quality of every image we write (PIL's default, 75, visibly blurs edits)
+LOSSY_QUALITY = (
+    95  # JPEG/WebP quality of every image we write (PIL's default, 75, visibly blurs edits)
+)
 
 
 def encode_image(image: np.ndarray | Image.Image, fmt: str = "png", png_level: int = 6) -> bytes:
@@ -35,7 +38,9 @@ def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
     """Square images to ``size`` px (antialiased when shrinking); unchanged if already that size."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

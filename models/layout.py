@@ -4,6 +4,7 @@ Every modulated layer of the synthesis network owns a slice of the style space S
 conv layers only; toRGB styles come from W+. The layout is derived from the generator's architecture,
 so any resolution works (FFHQ 1024: 17 conv layers, 6048 channels; 9 toRGB layers, 3040 channels).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,12 +17,12 @@ Group = Literal["coarse", "medium", "fine"]
 
 @dataclass(frozen=True)
 class StyleLayer:
-    name: str          # parameter prefix in the rosinality state dict: conv1, convs.3, to_rgb1, to_rgbs.2
-    kind: LayerKind    # conv (edited by DeltaEdit) or rgb (toRGB, taken from W+)
-    channels: int      # style channels = input channels of the modulated conv
-    resolution: int    # output resolution of the layer
-    wplus_index: int   # row of W+ that feeds its modulation
-    offset: int        # start of its slice in the flattened conv (or rgb) vector
+    name: str  # parameter prefix in the rosinality state dict: conv1, convs.3, to_rgb1, to_rgbs.2
+    kind: LayerKind  # conv (edited by DeltaEdit) or rgb (toRGB, taken from W+)
+    channels: int  # style channels = input channels of the modulated conv
+    resolution: int  # output resolution of the layer
+    wplus_index: int  # row of W+ that feeds its modulation
+    offset: int  # start of its slice in the flattened conv (or rgb) vector
 
     @property
     def group(self) -> Group:
@@ -38,27 +39,39 @@ class StyleLayer:
 def rosinality_channels(channel_multiplier: int = 2) -> dict[int, int]:
     """Feature channels per resolution in rosinality's Generator."""
     cm = channel_multiplier
-    return {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm,
-            256: 64 * cm, 512: 32 * cm, 1024: 16 * cm}
+    return {
+        4: 512,
+        8: 512,
+        16: 512,
+        32: 512,
+        64: 256 * cm,
+        128: 128 * cm,
+        256: 64 * cm,
+        512: 32 * cm,
+        1024: 16 * cm,
+    }
 
 
 @dataclass(frozen=True)
 class StyleLayout:
-    layers: tuple[StyleLayer, ...]  # conv layers in generator order, then rgb layers in generator order
+    layers: tuple[
+        StyleLayer, ...
+    ]  # conv layers in generator order, then rgb layers in generator order
 
     @classmethod
-    def for_generator(cls, size: int, channel_multiplier: int = 2,
-                      channels: dict[int, int] | None = None) -> "StyleLayout":
+    def for_generator(
+        cls, size: int, channel_multiplier: int = 2, channels: dict[int, int] | None = None
+    ) -> "StyleLayout":
         """Layout of rosinality's Generator(size, channel_multiplier) (or of custom per-resolution channels)."""
         log_size = int(math.log2(size))
-        if 2 ** log_size != size or size < 8:
+        if 2**log_size != size or size < 8:
             raise ValueError(f"generator size must be a power of two ≥ 8, got {size}")
         ch = channels or rosinality_channels(channel_multiplier)
         conv: list[tuple[str, int, int, int]] = [("conv1", ch[4], 4, 0)]
         rgb: list[tuple[str, int, int, int]] = [("to_rgb1", ch[4], 4, 1)]
         in_ch = ch[4]
         for k, lvl in enumerate(range(3, log_size + 1)):
-            res = 2 ** lvl
+            res = 2**lvl
             conv.append((f"convs.{2 * k}", in_ch, res, 2 * k + 1))
             conv.append((f"convs.{2 * k + 1}", ch[res], res, 2 * k + 2))
             rgb.append((f"to_rgbs.{k}", ch[res], res, 2 * k + 3))

@@ -4,6 +4,7 @@ They follow rosinality's StyleGAN2 modules, which DeltaEdit imports, in plain to
 released ``net_face.pth`` loads into them and runs anywhere. Parameter names (``weight``, ``bias``,
 ``mapping.<i>``) are those of the released checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ from torch import nn
 
 NormAxis = Literal["layer", "channel"]
 
-LEAKY_SLOPE = 0.2          # fused_leaky_relu negative slope
+LEAKY_SLOPE = 0.2  # fused_leaky_relu negative slope
 LEAKY_GAIN = math.sqrt(2)  # fused_leaky_relu output scale, keeps unit variance after the ReLU
 
 
@@ -32,7 +33,7 @@ class PixelNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(torch.mean(x ** 2, dim=self.dim, keepdim=True) + 1e-8)
+        return x * torch.rsqrt(torch.mean(x**2, dim=self.dim, keepdim=True) + 1e-8)
 
 
 class EqualLinear(nn.Module):
@@ -44,11 +45,18 @@ class EqualLinear(nn.Module):
     rosinality's ``fused_leaky_relu``; the bias sits on the last axis for 2-D and 3-D inputs alike.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, lr_mul: float = 1.0, bias_init: float = 0.0,
-                 activation: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        lr_mul: float = 1.0,
+        bias_init: float = 0.0,
+        activation: bool = False,
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))   # (out, in)
-        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))      # (out,)
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))  # (out, in)
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))  # (out,)
         self.scale = lr_mul / math.sqrt(in_dim)
         self.lr_mul = lr_mul
         self.activation = activation
@@ -71,8 +79,16 @@ class Mapper(nn.Module):
     ``mapping.0..n-1`` — the key names of the released checkpoint depend on this.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, norm: bool = True, num_layers: int = 4,
-                 lr_mul: float = 0.01, norm_axis: NormAxis = "layer") -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        norm: bool = True,
+        num_layers: int = 4,
+        lr_mul: float = 0.01,
+        norm_axis: NormAxis = "layer",
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [PixelNorm(1 if norm_axis == "layer" else -1)] if norm else []
         dims = [in_dim] + [out_dim] * num_layers

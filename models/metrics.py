@@ -3,6 +3,7 @@
 Images are float (B, 3, H, W) in [-1, 1]. Nothing here downloads weights: every learned backbone
 (Inception, LPIPS' AlexNet/VGG, a face-ID network, CLIP) comes from a file or object the caller gives.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,10 +21,10 @@ from models.checkpoint import read_bytes
 from models.errors import CheckpointError
 from models.imaging import resize_to
 
-FeatureExtractor = Callable[[Tensor], Tensor]   # images (B, 3, H, W) in [-1, 1] -> features (B, D)
+FeatureExtractor = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [-1, 1] -> features (B, D)
 
 
-PSNR_CAP = 100.0   # dB; 8-bit images that differ at all stay below ~60 dB
+PSNR_CAP = 100.0  # dB; 8-bit images that differ at all stay below ~60 dB
 
 
 class MetricUnavailable(RuntimeError):
@@ -33,7 +34,9 @@ class MetricUnavailable(RuntimeError):
 def _match_size(pred: Tensor, ref: Tensor) -> Tensor:
     if pred.shape[-2:] == ref.shape[-2:]:
         return pred
-    return F.interpolate(pred, size=tuple(ref.shape[-2:]), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(
+        pred, size=tuple(ref.shape[-2:]), mode="bilinear", antialias=True, align_corners=False
+    )
 
 
 def pixel_metrics(pred: Tensor, ref: Tensor) -> dict[str, Tensor]:
@@ -45,10 +48,15 @@ def pixel_metrics(pred: Tensor, ref: Tensor) -> dict[str, Tensor]:
     generator's output can be compared with an input photo of another resolution.
     """
     # torchmetrics is imported here, not at the top: its import pulls torchvision/dynamo (~10 s on 2 cores)
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
 
     if pred.ndim != 4 or ref.ndim != 4 or pred.shape[:2] != ref.shape[:2]:
-        raise ValueError(f"expected two (B, 3, H, W) batches, got {tuple(pred.shape)} and {tuple(ref.shape)}")
+        raise ValueError(
+            f"expected two (B, 3, H, W) batches, got {tuple(pred.shape)} and {tuple(ref.shape)}"
+        )
     pred, ref = _match_size(pred.float(), ref), ref.float()
     mse = (pred - ref).square().mean(dim=(1, 2, 3))
     psnr = peak_signal_noise_ratio(pred, ref, data_range=2.0, reduction="none", dim=(1, 2, 3))
@@ -59,7 +67,9 @@ def pixel_metrics(pred: Tensor, ref: Tensor) -> dict[str, Tensor]:
 def _pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
     for name, x in (("real", real), ("fake", fake)):
         if x.ndim != 2 or x.shape[0] < 2:
-            raise ValueError(f"{name}: need a feature matrix (N, D) with N >= 2 rows, got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: need a feature matrix (N, D) with N >= 2 rows, got {tuple(x.shape)}"
+            )
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sizes differ: {real.shape[1]} vs {fake.shape[1]}")
     return real.detach().to("cpu", torch.float64), fake.detach().to("cpu", torch.float64)
@@ -84,12 +94,16 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
 def _mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
     n, m, kernel = len(x), len(y), lambda u, v: (u @ v.T / u.shape[1] + 1.0) ** 3
     kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
-    return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-            + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+    return (
+        (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+        + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        - 2 * kxy.mean()
+    )
 
 
-def kernel_distance(real: Tensor, fake: Tensor, subset_size: int | None = None,
-                    subsets: int = 100, seed: int = 0) -> float:
+def kernel_distance(
+    real: Tensor, fake: Tensor, subset_size: int | None = None, subsets: int = 100, seed: int = 0
+) -> float:
     """KID: unbiased MMD² with the cubic polynomial kernel (x·y/D + 1)³, on feature matrices (N, D).
 
     Unbiased, so unlike FID it has no bias that depends on N: the better number for the few dozen
@@ -103,8 +117,13 @@ def kernel_distance(real: Tensor, fake: Tensor, subset_size: int | None = None,
     if not 2 <= subset_size <= min(len(a), len(b)):
         raise ValueError(f"subset_size must be in [2, {min(len(a), len(b))}], got {subset_size}")
     gen = torch.Generator().manual_seed(seed)
-    values = [_mmd2_unbiased(a[torch.randperm(len(a), generator=gen)[:subset_size]],
-                             b[torch.randperm(len(b), generator=gen)[:subset_size]]) for _ in range(subsets)]
+    values = [
+        _mmd2_unbiased(
+            a[torch.randperm(len(a), generator=gen)[:subset_size]],
+            b[torch.randperm(len(b), generator=gen)[:subset_size]],
+        )
+        for _ in range(subsets)
+    ]
     return float(torch.stack(values).mean())
 
 
@@ -119,20 +138,29 @@ def inception_extractor(weights_path: str, device: str | torch.device = "cpu") -
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not _TORCH_FIDELITY_AVAILABLE:
-        raise MetricUnavailable("Inception features need the torch-fidelity package (pip install torch-fidelity) "
-                                "and a local weights file weights-inception-2015-12-05-6726825d.pth; "
-                                "use clip_extractor(...) for FID/KID in CLIP space instead")
+        raise MetricUnavailable(
+            "Inception features need the torch-fidelity package (pip install torch-fidelity) "
+            "and a local weights file weights-inception-2015-12-05-6726825d.pth; "
+            "use clip_extractor(...) for FID/KID in CLIP space instead"
+        )
     if not weights_path or not os.path.isfile(weights_path):
-        raise MetricUnavailable(f"Inception weights file not found: {weights_path!r} "
-                                "(expected weights-inception-2015-12-05-6726825d.pth)")
+        raise MetricUnavailable(
+            f"Inception weights file not found: {weights_path!r} "
+            "(expected weights-inception-2015-12-05-6726825d.pth)"
+        )
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                             feature_extractor_weights_path=weights_path).to(device)
+    net = NoTrainInceptionV3(
+        name="inception-v3-compat",
+        features_list=["2048"],
+        feature_extractor_weights_path=weights_path,
+    ).to(device)
 
     @torch.no_grad()
     def extract(images: Tensor) -> Tensor:
-        as_bytes = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)   # what it was trained on
+        as_bytes = (
+            ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        )  # what it was trained on
         return net(as_bytes.to(device)).float().cpu()
 
     return extract
@@ -168,7 +196,9 @@ def identity_similarity(extractor: FeatureExtractor, a: Tensor, b: Tensor) -> Te
     return F.cosine_similarity(fa, fb, dim=1, eps=1e-8)
 
 
-def arcface_extractor(uri: str, device: str | torch.device = "cpu", **storage_options: object) -> FeatureExtractor:
+def arcface_extractor(
+    uri: str, device: str | torch.device = "cpu", **storage_options: object
+) -> FeatureExtractor:
     """The field's identity features: ArcFace IR-SE-50 from a ``model_ir_se50.pth``-format file (e4e's),
     with e4e's face crop (models/arcface.py)."""
     try:
@@ -178,12 +208,15 @@ def arcface_extractor(uri: str, device: str | torch.device = "cpu", **storage_op
     return partial(identity_features, model)
 
 
-def torchscript_extractor(uri: str, input_size: int, device: str | torch.device = "cpu",
-                          **storage_options: object) -> FeatureExtractor:
+def torchscript_extractor(
+    uri: str, input_size: int, device: str | torch.device = "cpu", **storage_options: object
+) -> FeatureExtractor:
     """Features from a user's TorchScript network (e.g. a face-ID model such as ArcFace exported with
     ``torch.jit.save``): images are resized to ``input_size`` and kept in [-1, 1]."""
     try:
-        model = torch.jit.load(io.BytesIO(read_bytes(uri, **storage_options)), map_location=device).eval()
+        model = torch.jit.load(
+            io.BytesIO(read_bytes(uri, **storage_options)), map_location=device
+        ).eval()
     except (CheckpointError, RuntimeError) as exc:
         raise MetricUnavailable(f"{uri}: not a loadable TorchScript network ({exc})") from exc
 
@@ -197,18 +230,27 @@ def torchscript_extractor(uri: str, input_size: int, device: str | torch.device 
 class Lpips:
     """LPIPS per image pair, (B,): ``Lpips(...)(a, b)``; lower is more similar. Built by ``lpips_metric``."""
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", batch_size: int = 32
+    ):
         self.model, self.device, self.batch_size = model.to(device).eval(), device, batch_size
 
     @torch.no_grad()
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
         k, a = self.batch_size, _match_size(a.float(), b).clamp(-1, 1).to(self.device)
         b = b.float().clamp(-1, 1).to(self.device)
-        return torch.cat([torch.empty(0)] + [self.model(a[i:i + k], b[i:i + k]).reshape(-1).cpu()
-                                             for i in range(0, len(a), k)])
+        return torch.cat(
+            [torch.empty(0)]
+            + [
+                self.model(a[i : i + k], b[i : i + k]).reshape(-1).cpu()
+                for i in range(0, len(a), k)
+            ]
+        )
 
 
-def lpips_metric(weights_path: str | None, net: str = "alex", device: str | torch.device = "cpu") -> Lpips:
+def lpips_metric(
+    weights_path: str | None, net: str = "alex", device: str | torch.device = "cpu"
+) -> Lpips:
     """LPIPS (torchmetrics' implementation) from a local backbone file; nothing is downloaded.
 
     ``weights_path``: a ``torch.save``'d state dict of either the torchvision backbone (``alexnet``,
@@ -218,41 +260,61 @@ def lpips_metric(weights_path: str | None, net: str = "alex", device: str | torc
     Raises ``MetricUnavailable`` without a path or when the file lacks backbone weights.
     """
     if not weights_path:
-        raise MetricUnavailable(f"LPIPS needs the ImageNet {net} backbone weights as a local file (torchvision's "
-                                "state dict); none given, and they are never downloaded")
+        raise MetricUnavailable(
+            f"LPIPS needs the ImageNet {net} backbone weights as a local file (torchvision's "
+            "state dict); none given, and they are never downloaded"
+        )
     if net not in ("alex", "vgg", "squeeze"):
         raise ValueError(f"net must be alex, vgg or squeeze, got {net!r}")
     from torchmetrics.functional.image import lpips as tm_lpips
+
     # pnet_rand: backbone built with weights=None (no download); pretrained=False: we load the linears.
     model = tm_lpips._NoTrainLpips(net=net, pretrained=False, pnet_rand=True)  # type: ignore[arg-type]
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    state, wanted, loaded = {k.removeprefix("module."): v for k, v in state.items()}, model.state_dict(), {}
+    state, wanted, loaded = (
+        {k.removeprefix("module."): v for k, v in state.items()},
+        model.state_dict(),
+        {},
+    )
     if not any(k.startswith("lin") for k in state):
         shipped = os.path.join(os.path.dirname(tm_lpips.__file__), "lpips_models", f"{net}.pth")
         state.update(torch.load(shipped, map_location="cpu", weights_only=True))
-    for key in wanted:   # net.sliceK.N.x <- features.N.x (torchvision); lins.K.x <- linK.x (same module)
-        alias = ("features." + key.split(".", 2)[2] if key.startswith("net.")
-                 else "lin" + key[len("lins."):] if key.startswith("lins.") else key)
+    for (
+        key
+    ) in wanted:  # net.sliceK.N.x <- features.N.x (torchvision); lins.K.x <- linK.x (same module)
+        alias = (
+            "features." + key.split(".", 2)[2]
+            if key.startswith("net.")
+            else "lin" + key[len("lins.") :]
+            if key.startswith("lins.")
+            else key
+        )
         if key in state or alias in state:
             loaded[key] = state.get(key, state.get(alias))
     missing = sorted(set(wanted) - set(loaded))
     if missing:
-        raise MetricUnavailable(f"{weights_path}: no LPIPS/{net} weights for {missing[:4]}"
-                                f"{' ...' if len(missing) > 4 else ''} ({len(missing)} missing)")
+        raise MetricUnavailable(
+            f"{weights_path}: no LPIPS/{net} weights for {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''} ({len(missing)} missing)"
+        )
     try:
         model.load_state_dict(loaded, strict=True)
-    except RuntimeError as e:   # shape mismatch: a different network's file
+    except RuntimeError as e:  # shape mismatch: a different network's file
         raise MetricUnavailable(f"{weights_path}: not {net} weights: {e}") from e
     return Lpips(model, device)
 
 
 def _indices(x: Tensor) -> Tensor:
-    return x.argmax(-1) if x.ndim == 2 else x.reshape(-1)   # accept logits (B, C) or indices (B,)
+    return x.argmax(-1) if x.ndim == 2 else x.reshape(-1)  # accept logits (B, C) or indices (B,)
 
 
-def oracle_scores(before: dict[str, Tensor], after: dict[str, Tensor],
-                  expected: dict[str, int], changing: Collection[str] = ()) -> dict[str, Tensor]:
+def oracle_scores(
+    before: dict[str, Tensor],
+    after: dict[str, Tensor],
+    expected: dict[str, int],
+    changing: Collection[str] = (),
+) -> dict[str, Tensor]:
     """Per-image ``edit_accuracy`` and ``preservation`` from attribute-oracle readings (B,) per attribute.
 
     ``edit_accuracy``: 1.0 where every attribute in ``expected`` is read as its expected index, else 0.0.
@@ -264,13 +326,17 @@ def oracle_scores(before: dict[str, Tensor], after: dict[str, Tensor],
     """
     unknown = sorted(set(expected) - set(after))
     if unknown:
-        raise ValueError(f"expected attributes {unknown} are not among the readings {sorted(after)}")
+        raise ValueError(
+            f"expected attributes {unknown} are not among the readings {sorted(after)}"
+        )
     nan = torch.full((len(next(iter(after.values()))) if after else 0,), float("nan"))
     others = [k for k in after if k in before and k not in expected and k not in changing]
     hits = [_indices(after[k]) == int(v) for k, v in expected.items()]
     same = [_indices(after[k]) == _indices(before[k]) for k in others]
-    return {"edit_accuracy": torch.stack(hits).all(0).float() if hits else nan,
-            "preservation": torch.stack(same).float().mean(0) if same else nan}
+    return {
+        "edit_accuracy": torch.stack(hits).all(0).float() if hits else nan,
+        "preservation": torch.stack(same).float().mean(0) if same else nan,
+    }
 
 
 def summarize(rows: pd.DataFrame, by: list[str], overall: str | None = "method") -> pd.DataFrame:
@@ -282,8 +348,13 @@ def summarize(rows: pd.DataFrame, by: list[str], overall: str | None = "method")
     missing = [c for c in by if c not in rows.columns]
     if missing:
         raise KeyError(f"group columns {missing} not in {list(rows.columns)}")
-    metrics = [c for c in rows.columns if c not in by and c != "n" and (pd.api.types.is_numeric_dtype(rows[c])
-                                                                         or pd.api.types.is_bool_dtype(rows[c]))]
+    metrics = [
+        c
+        for c in rows.columns
+        if c not in by
+        and c != "n"
+        and (pd.api.types.is_numeric_dtype(rows[c]) or pd.api.types.is_bool_dtype(rows[c]))
+    ]
     data = rows[by + metrics].copy()
     data[metrics] = data[metrics].astype("float64")
 

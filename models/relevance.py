@@ -23,6 +23,7 @@ Optional ``rank`` k < D: the normalised-embedding Jacobian has a low effective r
 energy in 16 of 64 dims), so after the first batch of images only the k leading directions Q of that
 batch's Jacobians are differentiated (k backward passes instead of D) and J ≈ (J Q) Qᵀ.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,15 +37,16 @@ from torch import Tensor
 
 from models.stylegan2 import StyleCode
 
-_STATS_STREAM, _IMAGES_STREAM = 101, 202       # seed tags: statistics codes vs base images
+_STATS_STREAM, _IMAGES_STREAM = 101, 202  # seed tags: statistics codes vs base images
 
 
 @dataclass
 class StyleStats:
     """What every relevance computation starts from, recomputable from the seed anywhere."""
-    mean: Tensor        # (C,) per-channel mean of conv styles over n_stat_samples codes
-    std: Tensor         # (C,) per-channel std (population, numpy's default as in StyleCLIP)
-    base: StyleCode     # n_images codes, each the base of one sample image
+
+    mean: Tensor  # (C,) per-channel mean of conv styles over n_stat_samples codes
+    std: Tensor  # (C,) per-channel std (population, numpy's default as in StyleCLIP)
+    base: StyleCode  # n_images codes, each the base of one sample image
 
     def images(self, part: slice) -> "StyleStats":
         """The same statistics with only some of the base images."""
@@ -56,14 +58,16 @@ def _z(n: int, dim: int, seed: int, stream: int) -> Tensor:
 
 
 @torch.no_grad()
-def style_statistics(G: Any, n_stat_samples: int, n_images: int, seed: int, chunk: int = 4096) -> StyleStats:
+def style_statistics(
+    G: Any, n_stat_samples: int, n_images: int, seed: int, chunk: int = 4096
+) -> StyleStats:
     """Per-channel mean/std over ``n_stat_samples`` codes z → w → s and ``n_images`` base codes (seeded)."""
     device = next(G.parameters()).device
     z_all = _z(n_stat_samples, G.style_dim, seed, _STATS_STREAM)
     total = torch.zeros(G.layout.conv_total, dtype=torch.float64, device=device)
     squares = torch.zeros_like(total)
     for z in z_all.split(chunk):
-        s = G.style_space(G.mapping(z.to(device))).conv.double()       # (b, C)
+        s = G.style_space(G.mapping(z.to(device))).conv.double()  # (b, C)
         total += s.sum(0)
         squares += s.pow(2).sum(0)
     mean = total / n_stat_samples
@@ -77,8 +81,14 @@ def clip_embed(clip: Any, images: Tensor) -> Tensor:
     return F.normalize(clip.model.encode_image(clip.preprocess(images)).float(), dim=-1)
 
 
-def exact_rows(G: Any, clip: Any, stats: StyleStats, channels: Sequence[int], sigma_scale: float,
-               batch_size: int) -> Tensor:
+def exact_rows(
+    G: Any,
+    clip: Any,
+    stats: StyleStats,
+    channels: Sequence[int],
+    sigma_scale: float,
+    batch_size: int,
+) -> Tensor:
     """Rows of Rₛ for ``channels`` (len, D) by StyleCLIP's definition; ``batch_size`` renders per forward.
 
     row = normalise(sum over images of d), which equals normalise(mean), as StyleCLIP averages.
@@ -87,8 +97,14 @@ def exact_rows(G: Any, clip: Any, stats: StyleStats, channels: Sequence[int], si
 
 
 @torch.no_grad()
-def exact_sums(G: Any, clip: Any, stats: StyleStats, channels: Sequence[int], sigma_scale: float,
-               batch_size: int) -> Tensor:
+def exact_sums(
+    G: Any,
+    clip: Any,
+    stats: StyleStats,
+    channels: Sequence[int],
+    sigma_scale: float,
+    batch_size: int,
+) -> Tensor:
     """Σ over the base images of StyleCLIP's per-image directions, (len(channels), D), unnormalised.
 
     1. the (channel, image) pairs are cut into chunks of batch_size // 2 pairs (two renders each);
@@ -98,18 +114,20 @@ def exact_sums(G: Any, clip: Any, stats: StyleStats, channels: Sequence[int], si
     device = stats.mean.device
     chans = torch.as_tensor(list(channels), dtype=torch.long, device=device)
     n = stats.base.batch_size
-    pair_ch = torch.arange(len(chans), device=device).repeat_interleave(n)   # (P,) row of each pair
-    pair_img = torch.arange(n, device=device).repeat(len(chans))             # (P,) image of each pair
+    pair_ch = torch.arange(len(chans), device=device).repeat_interleave(n)  # (P,) row of each pair
+    pair_img = torch.arange(n, device=device).repeat(len(chans))  # (P,) image of each pair
     sums = torch.zeros(len(chans), clip.embed_dim, device=device)
     step = max(1, batch_size // 2)
     for start in range(0, len(pair_ch), step):
-        j, i = pair_ch[start:start + step], pair_img[start:start + step]
-        c = chans[j].repeat(2)                                                # − half, then + half
+        j, i = pair_ch[start : start + step], pair_img[start : start + step]
+        c = chans[j].repeat(2)  # − half, then + half
         sign = torch.cat([-torch.ones(len(j)), torch.ones(len(j))]).to(device)
         conv = stats.base.conv[i].repeat(2, 1)
-        conv[torch.arange(len(c), device=device), c] = stats.mean[c] + sign * sigma_scale * stats.std[c]
+        conv[torch.arange(len(c), device=device), c] = (
+            stats.mean[c] + sign * sigma_scale * stats.std[c]
+        )
         e = clip_embed(clip, G.synthesize(StyleCode(conv, stats.base.rgb[i].repeat(2, 1))))
-        sums.index_add_(0, j, F.normalize(e[len(j):] - e[:len(j)], dim=-1))
+        sums.index_add_(0, j, F.normalize(e[len(j) :] - e[: len(j)], dim=-1))
     return sums
 
 
@@ -121,17 +139,21 @@ def freeze(*modules: torch.nn.Module) -> None:
             p.requires_grad_(False)
 
 
-
-def image_jacobian(G: Any, clip: Any, conv: Tensor, rgb: Tensor, basis: Tensor | None = None) -> Tensor:
+def image_jacobian(
+    G: Any, clip: Any, conv: Tensor, rgb: Tensor, basis: Tensor | None = None
+) -> Tensor:
     """∂ normalise(CLIP(G(s)))/∂s for a batch of codes: (B, C, D), one backward per CLIP dim; with
     ``basis`` Q (D, k) one backward per basis vector, J ≈ (J Q) Qᵀ."""
     s = conv.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        e = clip_embed(clip, G.synthesize(StyleCode(s, rgb)))               # (B, D)
-        out = e if basis is None else e @ basis                             # (B, D or k)
+        e = clip_embed(clip, G.synthesize(StyleCode(s, rgb)))  # (B, D)
+        out = e if basis is None else e @ basis  # (B, D or k)
         dims = out.shape[1]
-        cols = [torch.autograd.grad(out[:, d].sum(), s, retain_graph=d < dims - 1)[0] for d in range(dims)]
-    jac = torch.stack(cols, dim=2)                                          # images are independent
+        cols = [
+            torch.autograd.grad(out[:, d].sum(), s, retain_graph=d < dims - 1)[0]
+            for d in range(dims)
+        ]
+    jac = torch.stack(cols, dim=2)  # images are independent
     return jac if basis is None else jac @ basis.T
 
 
@@ -151,7 +173,7 @@ def fast_rows(G: Any, clip: Any, stats: StyleStats, batch_size: int, rank: int =
     basis = None
     for start in range(0, base.batch_size, batch_size):
         part = slice(start, start + batch_size)
-        jac = image_jacobian(G, clip, base.conv[part], base.rgb[part], basis)   # (b, C, D)
+        jac = image_jacobian(G, clip, base.conv[part], base.rgb[part], basis)  # (b, C, D)
         sums += F.normalize(jac, dim=-1).sum(0)
         if basis is None and 0 < rank < clip.embed_dim:
             basis = leading_directions(jac, rank)
@@ -163,7 +185,7 @@ def fast_rows(G: Any, clip: Any, stats: StyleStats, batch_size: int, rank: int =
 def subset_channels(n_channels: int, n: int, seed: int) -> list[int]:
     """``n`` channels drawn (seeded) across every layer, sorted."""
     perm = torch.randperm(n_channels, generator=torch.Generator().manual_seed(seed))
-    return sorted(perm[:min(n, n_channels)].tolist())
+    return sorted(perm[: min(n, n_channels)].tolist())
 
 
 def top_k_overlap(exact: Tensor, fast: Tensor, delta: Tensor, k: int) -> float:
@@ -174,8 +196,9 @@ def top_k_overlap(exact: Tensor, fast: Tensor, delta: Tensor, k: int) -> float:
     return len(top_e & top_f) / k
 
 
-def timed_exact(G: Any, clip: Any, stats: StyleStats, channels: list[int], sigma_scale: float,
-                batch_size: int) -> tuple[Tensor, float, float]:
+def timed_exact(
+    G: Any, clip: Any, stats: StyleStats, channels: list[int], sigma_scale: float, batch_size: int
+) -> tuple[Tensor, float, float]:
     """(exact rows of ``channels``, seconds they took, split-half cosine).
 
     The split-half cosine — mean row cosine between the exact rows of the first and the second half of
@@ -191,9 +214,18 @@ def timed_exact(G: Any, clip: Any, stats: StyleStats, channels: list[int], sigma
     return F.normalize(a + b, dim=-1), seconds, split
 
 
-def compare_rows(G: Any, clip: Any, stats: StyleStats, channels: list[int], sigma_scale: float,
-                 batches: tuple[int, int], deltas: dict[str, Tensor], top_k: int, rank: int = 0,
-                 exact: tuple[Tensor, float, float] | None = None) -> dict[str, Any]:
+def compare_rows(
+    G: Any,
+    clip: Any,
+    stats: StyleStats,
+    channels: list[int],
+    sigma_scale: float,
+    batches: tuple[int, int],
+    deltas: dict[str, Tensor],
+    top_k: int,
+    rank: int = 0,
+    exact: tuple[Tensor, float, float] | None = None,
+) -> dict[str, Any]:
     """Exact rows of ``channels`` vs the fast matrix: row cosines, top-k overlap per Δt, timings.
 
     ``batches``: (renders per forward of the exact mode, images per Jacobian pass of the fast mode).
@@ -201,15 +233,28 @@ def compare_rows(G: Any, clip: Any, stats: StyleStats, channels: list[int], sigm
     ``speed_ratio`` extrapolates the exact time to every channel (its cost is linear in channels) and
     divides by the fast time for the whole matrix.
     """
-    reference, t_exact, split_half = exact or timed_exact(G, clip, stats, channels, sigma_scale, batches[0])
+    reference, t_exact, split_half = exact or timed_exact(
+        G, clip, stats, channels, sigma_scale, batches[0]
+    )
     start = time.perf_counter()
     fast = fast_rows(G, clip, stats, batches[1], rank)[torch.as_tensor(channels)]
     t_fast = time.perf_counter() - start
     cos = (reference * fast).sum(1)
-    overlap = {name: top_k_overlap(reference, fast, d.to(fast), top_k) for name, d in deltas.items()}
+    overlap = {
+        name: top_k_overlap(reference, fast, d.to(fast), top_k) for name, d in deltas.items()
+    }
     exact_all = t_exact * G.layout.conv_total / len(channels)
-    return {"channels": len(channels), "n_channels": G.layout.conv_total, "rank": rank,
-            "mean_row_cosine": cos.mean().item(), "min_row_cosine": cos.min().item(),
-            "exact_split_half_cosine": split_half, "top_k": top_k, "top_k_overlap": overlap,
-            "seconds_exact_subset": round(t_exact, 3), "seconds_exact_all_est": round(exact_all, 3),
-            "seconds_fast_all": round(t_fast, 3), "speed_ratio": exact_all / t_fast}
+    return {
+        "channels": len(channels),
+        "n_channels": G.layout.conv_total,
+        "rank": rank,
+        "mean_row_cosine": cos.mean().item(),
+        "min_row_cosine": cos.min().item(),
+        "exact_split_half_cosine": split_half,
+        "top_k": top_k,
+        "top_k_overlap": overlap,
+        "seconds_exact_subset": round(t_exact, 3),
+        "seconds_exact_all_est": round(exact_all, 3),
+        "seconds_fast_all": round(t_fast, 3),
+        "speed_ratio": exact_all / t_fast,
+    }

@@ -9,6 +9,7 @@ strictly; our own checkpoints are safetensors with the constructor config in the
 Small configs use the same code: ``Generator(32, style_dim=64, n_mlp=2, channels={4: 64, 8: 64, 16: 32,
 32: 32})`` is a toy generator that runs in milliseconds on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from models.checkpoint import (CheckpointError, check_state_dict, is_safetensors, load_safetensors,
-                               load_torch, save_safetensors)
+from models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    is_safetensors,
+    load_safetensors,
+    load_torch,
+    save_safetensors,
+)
 from models.layout import StyleLayer, StyleLayout, rosinality_channels
 from models.stylegan2_layers import ConstantInput, EqualLinear, PixelNorm, StyledConv, ToRGB
 
@@ -34,7 +41,7 @@ class StyleCode:
     """A batch of points in S, flattened in generator order (see `StyleLayout` for the slices)."""
 
     conv: Tensor  # (B, layout.conv_total): conv1, convs.0, convs.1, ...
-    rgb: Tensor   # (B, layout.rgb_total): to_rgb1, to_rgbs.0, ...
+    rgb: Tensor  # (B, layout.rgb_total): to_rgb1, to_rgbs.0, ...
 
     @property
     def batch_size(self) -> int:
@@ -50,15 +57,19 @@ class StyleCode:
     def check(self, layout: StyleLayout) -> None:
         """Raise ValueError unless the widths match the layout."""
         if self.conv.ndim != 2 or self.conv.shape[1] != layout.conv_total:
-            raise ValueError(f"StyleCode.conv has shape {tuple(self.conv.shape)}, expected (B, {layout.conv_total})")
+            raise ValueError(
+                f"StyleCode.conv has shape {tuple(self.conv.shape)}, expected (B, {layout.conv_total})"
+            )
         if self.rgb.shape != (self.batch_size, layout.rgb_total):
-            raise ValueError(f"StyleCode.rgb has shape {tuple(self.rgb.shape)}, "
-                             f"expected ({self.batch_size}, {layout.rgb_total})")
+            raise ValueError(
+                f"StyleCode.rgb has shape {tuple(self.rgb.shape)}, "
+                f"expected ({self.batch_size}, {layout.rgb_total})"
+            )
 
     def layer(self, layer: StyleLayer) -> Tensor:
         """Style of one layer: (B, layer.channels)."""
         flat = self.conv if layer.kind == "conv" else self.rgb
-        return flat[:, layer.offset:layer.stop]
+        return flat[:, layer.offset : layer.stop]
 
     def layers(self, layout: StyleLayout) -> dict[str, Tensor]:
         """Per-layer styles keyed by parameter prefix (conv1, convs.0, ..., to_rgb1, to_rgbs.0, ...)."""
@@ -78,8 +89,15 @@ class StyleCode:
 class Generator(nn.Module):
     """rosinality's StyleGAN2 Generator with an explicit S space; state-dict compatible."""
 
-    def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2,
-                 channels: Mapping[int, int] | None = None, lr_mlp: float = 0.01):
+    def __init__(
+        self,
+        size: int,
+        style_dim: int = 512,
+        n_mlp: int = 8,
+        channel_multiplier: int = 2,
+        channels: Mapping[int, int] | None = None,
+        lr_mlp: float = 0.01,
+    ):
         """
         Args:
             size: output resolution, a power of two ≥ 8.
@@ -91,29 +109,41 @@ class Generator(nn.Module):
         """
         super().__init__()
         ch = _channel_table(size, channel_multiplier, channels)
-        self.config: dict[str, Any] = dict(size=size, style_dim=style_dim, n_mlp=n_mlp,
-                                           channel_multiplier=channel_multiplier, lr_mlp=lr_mlp,
-                                           channels=dict(channels) if channels else None)
+        self.config: dict[str, Any] = dict(
+            size=size,
+            style_dim=style_dim,
+            n_mlp=n_mlp,
+            channel_multiplier=channel_multiplier,
+            lr_mlp=lr_mlp,
+            channels=dict(channels) if channels else None,
+        )
         self.size, self.style_dim = size, style_dim
         self.layout = StyleLayout.for_generator(size, channel_multiplier, channels=ch)
         self.num_layers = len(self.layout.conv)
         self.n_latent = self.layout.n_latent
 
-        self.style = nn.Sequential(PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation=True)
-                                                  for _ in range(n_mlp)])
+        self.style = nn.Sequential(
+            PixelNorm(),
+            *[
+                EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation=True)
+                for _ in range(n_mlp)
+            ],
+        )
         self.input = ConstantInput(ch[4])
         self.conv1 = StyledConv(ch[4], ch[4], style_dim)
         self.to_rgb1 = ToRGB(ch[4], style_dim, upsample=False)
         self.convs, self.to_rgbs = nn.ModuleList(), nn.ModuleList()
         in_ch = ch[4]
-        for res in (2 ** i for i in range(3, size.bit_length())):
+        for res in (2**i for i in range(3, size.bit_length())):
             self.convs.append(StyledConv(in_ch, ch[res], style_dim, upsample=True))
             self.convs.append(StyledConv(ch[res], ch[res], style_dim))
             self.to_rgbs.append(ToRGB(ch[res], style_dim))
             in_ch = ch[res]
         self.noises = nn.Module()  # fixed per-layer noise maps, part of the checkpoint
         for i, layer in enumerate(self.layout.conv):
-            self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, layer.resolution, layer.resolution))
+            self.noises.register_buffer(
+                f"noise_{i}", torch.randn(1, 1, layer.resolution, layer.resolution)
+            )
         # W mean of the training run (rosinality keeps it beside g_ema, not inside it): not in state_dict.
         self.register_buffer("latent_avg", None, persistent=False)
 
@@ -141,8 +171,8 @@ class Generator(nn.Module):
         rgb = [code.layer(layer) for layer in self.layout.rgb]
         noise = self._noise(noise_mode, code.batch_size)
         x = self.conv1(self.input(code.batch_size), conv[0], noise[0])  # (B, C4, 4, 4)
-        skip = self.to_rgb1(x, rgb[0])                                  # (B, 3, 4, 4)
-        for k, to_rgb in enumerate(self.to_rgbs):                        # one resolution per step
+        skip = self.to_rgb1(x, rgb[0])  # (B, 3, 4, 4)
+        for k, to_rgb in enumerate(self.to_rgbs):  # one resolution per step
             x = self.convs[2 * k](x, conv[2 * k + 1], noise[2 * k + 1])  # up-sampling conv
             x = self.convs[2 * k + 1](x, conv[2 * k + 2], noise[2 * k + 2])
             skip = to_rgb(x, rgb[k + 1], skip)
@@ -168,9 +198,16 @@ class Generator(nn.Module):
 
     # --- checkpoints -------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path_or_uri: str, size: int | None = None, style_dim: int = 512, n_mlp: int = 8,
-                        channel_multiplier: int = 2, *,
-                        storage_options: Mapping[str, Any] | None = None) -> "Generator":
+    def from_checkpoint(
+        cls,
+        path_or_uri: str,
+        size: int | None = None,
+        style_dim: int = 512,
+        n_mlp: int = 8,
+        channel_multiplier: int = 2,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> "Generator":
         """Load a rosinality checkpoint (``{'g_ema', 'latent_avg', ...}`` or a bare state dict) or ours.
 
         With ``size=None`` the architecture is inferred from the state dict; otherwise the given
@@ -182,19 +219,37 @@ class Generator(nn.Module):
         if is_safetensors(uri):
             tensors, header = load_safetensors(uri, **opts)
             if header["kind"] != KIND:
-                raise CheckpointError(f"{uri}: checkpoint kind is {header['kind']!r}, expected {KIND!r}")
+                raise CheckpointError(
+                    f"{uri}: checkpoint kind is {header['kind']!r}, expected {KIND!r}"
+                )
             latent_avg = tensors.pop("latent_avg", None)
-            return cls.from_state_dict(tensors, latent_avg, config=config_from_json(header["config"]),
-                                       source=uri, copy=False)
+            return cls.from_state_dict(
+                tensors,
+                latent_avg,
+                config=config_from_json(header["config"]),
+                source=uri,
+                copy=False,
+            )
         state_dict, latent_avg = split_rosinality(load_public(uri, **opts), uri)
-        config = None if size is None else dict(size=size, style_dim=style_dim, n_mlp=n_mlp,
-                                                 channel_multiplier=channel_multiplier)
+        config = (
+            None
+            if size is None
+            else dict(
+                size=size, style_dim=style_dim, n_mlp=n_mlp, channel_multiplier=channel_multiplier
+            )
+        )
         return cls.from_state_dict(state_dict, latent_avg, config=config, source=uri, copy=False)
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor], latent_avg: Tensor | None = None, *,
-                        config: Mapping[str, Any] | None = None, source: str = "state dict",
-                        copy: bool = True) -> "Generator":
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, Tensor],
+        latent_avg: Tensor | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        source: str = "state dict",
+        copy: bool = True,
+    ) -> "Generator":
         """Build (inferring the config when None) and load strictly; the result is in eval mode.
 
         copy=False adopts the given tensors without copying (for freshly read checkpoints).
@@ -203,8 +258,10 @@ class Generator(nn.Module):
         gen = build_and_load(lambda: cls(**config), state_dict, source, copy=copy)
         if latent_avg is not None:
             if latent_avg.numel() != gen.style_dim:
-                raise CheckpointError(f"{source}: 'latent_avg' has shape {tuple(latent_avg.shape)}, "
-                                      f"model expects ({gen.style_dim},)")
+                raise CheckpointError(
+                    f"{source}: 'latent_avg' has shape {tuple(latent_avg.shape)}, "
+                    f"model expects ({gen.style_dim},)"
+                )
             gen.latent_avg = latent_avg.reshape(gen.style_dim).float()
         return gen
 
@@ -223,8 +280,10 @@ class Generator(nn.Module):
         if w_plus.ndim == 2:
             w_plus = w_plus[:, None].expand(-1, self.n_latent, -1)
         if w_plus.ndim != 3 or w_plus.shape[1:] != (self.n_latent, self.style_dim):
-            raise ValueError(f"expected W+ of shape (B, {self.n_latent}, {self.style_dim}) or (B, {self.style_dim}), "
-                             f"got {tuple(w_plus.shape)}")
+            raise ValueError(
+                f"expected W+ of shape (B, {self.n_latent}, {self.style_dim}) or (B, {self.style_dim}), "
+                f"got {tuple(w_plus.shape)}"
+            )
         return w_plus
 
     def _noise(self, mode: NoiseMode, batch: int) -> list[Tensor | None]:
@@ -234,16 +293,20 @@ class Generator(nn.Module):
         if mode == "none":
             return [None] * self.num_layers
         if mode == "random":
-            return [torch.randn(batch, 1, *n.shape[-2:], device=n.device, dtype=n.dtype) for n in fixed]
+            return [
+                torch.randn(batch, 1, *n.shape[-2:], device=n.device, dtype=n.dtype) for n in fixed
+            ]
         raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {mode!r}")
 
 
-def _channel_table(size: int, channel_multiplier: int, channels: Mapping[int, int] | None) -> dict[int, int]:
+def _channel_table(
+    size: int, channel_multiplier: int, channels: Mapping[int, int] | None
+) -> dict[int, int]:
     """Channels for every resolution 4..size; custom tables must cover all of them."""
     if channels is None:
         return rosinality_channels(channel_multiplier)
     table = {int(k): int(v) for k, v in channels.items()}
-    missing = [2 ** i for i in range(2, size.bit_length()) if 2 ** i not in table]
+    missing = [2**i for i in range(2, size.bit_length()) if 2**i not in table]
     if missing:
         raise ValueError(f"channels must give every resolution 4..{size}; missing {missing}")
     return table
@@ -270,24 +333,35 @@ def split_rosinality(ckpt: Any, source: str) -> tuple[dict[str, Tensor], Tensor 
     if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
         return dict(ckpt), None
     keys = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-    raise CheckpointError(f"{source}: expected a rosinality checkpoint with 'g_ema' or a bare state dict, got {keys}")
+    raise CheckpointError(
+        f"{source}: expected a rosinality checkpoint with 'g_ema' or a bare state dict, got {keys}"
+    )
 
 
 def infer_config(state_dict: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Any]:
     """Generator constructor args from a rosinality state dict (size from the toRGB count, widths from shapes)."""
+
     def need(key: str) -> Tensor:
         if key not in state_dict:
-            raise CheckpointError(f"{source}: missing key '{key}' (needed to infer the architecture)")
+            raise CheckpointError(
+                f"{source}: missing key '{key}' (needed to infer the architecture)"
+            )
         return state_dict[key]
 
-    n_rgbs = 1 + max((int(m.group(1)) for k in state_dict if (m := re.fullmatch(r"to_rgbs\.(\d+)\.bias", k))),
-                     default=-1)
+    n_rgbs = 1 + max(
+        (int(m.group(1)) for k in state_dict if (m := re.fullmatch(r"to_rgbs\.(\d+)\.bias", k))),
+        default=-1,
+    )
     n_mlp = sum(1 for k in state_dict if re.fullmatch(r"style\.\d+\.weight", k))
     size = 2 ** (n_rgbs + 2)
     channels = {4: need("input.input").shape[1]}
-    channels.update({2 ** (k + 3): need(f"to_rgbs.{k}.conv.weight").shape[2] for k in range(n_rgbs)})
+    channels.update(
+        {2 ** (k + 3): need(f"to_rgbs.{k}.conv.weight").shape[2] for k in range(n_rgbs)}
+    )
     style_dim = need("conv1.conv.modulation.weight").shape[1]
-    config: dict[str, Any] = dict(size=size, style_dim=style_dim, n_mlp=n_mlp, channel_multiplier=2, channels=channels)
+    config: dict[str, Any] = dict(
+        size=size, style_dim=style_dim, n_mlp=n_mlp, channel_multiplier=2, channels=channels
+    )
     for cm in (2, 1, 4):  # prefer a standard multiplier when the widths are rosinality's
         if all(rosinality_channels(cm)[r] == c for r, c in channels.items()):
             config.update(channel_multiplier=cm, channels=None)
@@ -295,8 +369,12 @@ def infer_config(state_dict: Mapping[str, Tensor], source: str = "state dict") -
     return config
 
 
-def build_and_load(factory: Callable[[], nn.Module], state_dict: Mapping[str, Tensor], source: str,
-                   copy: bool = True) -> Any:
+def build_and_load(
+    factory: Callable[[], nn.Module],
+    state_dict: Mapping[str, Tensor],
+    source: str,
+    copy: bool = True,
+) -> Any:
     """Build on the meta device (no random init), check strictly, then adopt the checkpoint's tensors."""
     with torch.device("meta"):
         module = factory()

@@ -6,6 +6,7 @@ code runs on CPU and CUDA. Parameters use the equalised-learning-rate trick (sto
 load unchanged. Modulated convolutions take the *style* (the modulation output, a point of S) rather
 than w, so the generator can decode edited S codes directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,9 @@ def make_kernel(k: Sequence[float]) -> Tensor:
     return t / t.sum()
 
 
-def upfirdn2d(x: Tensor, kernel: Tensor, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)) -> Tensor:
+def upfirdn2d(
+    x: Tensor, kernel: Tensor, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)
+) -> Tensor:
     """Upsample by zero insertion, pad (negative = crop), FIR-filter, downsample — on every channel.
 
     x: (B, C, H, W); kernel: (kh, kw). Output side: (H * up + pad0 + pad1 - k + 1) // down.
@@ -43,12 +46,13 @@ def upfirdn2d(x: Tensor, kernel: Tensor, up: int = 1, down: int = 1, pad: tuple[
     # conv2d is a correlation: flip the kernel to convolve (a no-op for symmetric kernels).
     # A depthwise conv (one group per channel) — far faster on CPUs than folding channels into the batch.
     k = torch.flip(kernel, [0, 1]).to(dtype=x.dtype, device=x.device)
-    x = F.conv2d(x, k.expand(c, 1, *k.shape), groups=c)                            # (B, C, H', W')
+    x = F.conv2d(x, k.expand(c, 1, *k.shape), groups=c)  # (B, C, H', W')
     return x[:, :, ::down, ::down] if down > 1 else x
 
 
-def fused_leaky_relu(x: Tensor, bias: Tensor | None = None, slope: float = LRELU_SLOPE,
-                     gain: float = LRELU_GAIN) -> Tensor:
+def fused_leaky_relu(
+    x: Tensor, bias: Tensor | None = None, slope: float = LRELU_SLOPE, gain: float = LRELU_GAIN
+) -> Tensor:
     """leaky_relu(x + bias) · gain; the bias broadcasts over the channel axis (dim 1)."""
     if bias is not None:
         x = x + bias.view(1, -1, *([1] * (x.ndim - 2)))
@@ -76,8 +80,15 @@ class FusedLeakyReLU(nn.Module):
 class EqualLinear(nn.Module):
     """Linear layer with equalised learning rate: y = x (W·lr_mul/√in)ᵀ + b·lr_mul."""
 
-    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, bias_init: float = 0.0,
-                 lr_mul: float = 1.0, activation: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        bias: bool = True,
+        bias_init: float = 0.0,
+        lr_mul: float = 1.0,
+        activation: bool = False,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
         self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
@@ -98,7 +109,7 @@ class Upsample(nn.Module):
     def __init__(self, kernel: Sequence[float] = BLUR_KERNEL, factor: int = 2):
         super().__init__()
         self.factor = factor
-        self.register_buffer("kernel", make_kernel(kernel) * factor ** 2)
+        self.register_buffer("kernel", make_kernel(kernel) * factor**2)
         p = len(kernel) - factor
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
 
@@ -111,7 +122,7 @@ class Blur(nn.Module):
 
     def __init__(self, kernel: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1):
         super().__init__()
-        self.register_buffer("kernel", make_kernel(kernel) * upsample_factor ** 2)
+        self.register_buffer("kernel", make_kernel(kernel) * upsample_factor**2)
         self.pad = pad
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,17 +135,33 @@ class ModulatedConv2d(nn.Module):
     `modulation` maps w → s (bias init 1); `forward` takes s itself so S-space edits decode directly.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,
-                 demodulate: bool = True, upsample: bool = False, blur_kernel: Sequence[float] = BLUR_KERNEL):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        style_dim: int,
+        demodulate: bool = True,
+        upsample: bool = False,
+        blur_kernel: Sequence[float] = BLUR_KERNEL,
+    ):
         super().__init__()
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.in_channels, self.out_channels, self.kernel_size = (
+            in_channels,
+            out_channels,
+            kernel_size,
+        )
         self.demodulate, self.upsample = demodulate, upsample
-        if upsample:  # pads that make transposed-conv(stride 2) + blur give exactly 2× the input side
+        if (
+            upsample
+        ):  # pads that make transposed-conv(stride 2) + blur give exactly 2× the input side
             p = (len(blur_kernel) - 2) - (kernel_size - 1)
             self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + 1, p // 2 + 1), upsample_factor=2)
-        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.scale = 1 / math.sqrt(in_channels * kernel_size**2)
         self.padding = kernel_size // 2
-        self.weight = nn.Parameter(torch.randn(1, out_channels, in_channels, kernel_size, kernel_size))
+        self.weight = nn.Parameter(
+            torch.randn(1, out_channels, in_channels, kernel_size, kernel_size)
+        )
         self.modulation = EqualLinear(style_dim, in_channels, bias_init=1.0)
 
     def forward(self, x: Tensor, style: Tensor) -> Tensor:
@@ -145,13 +172,13 @@ class ModulatedConv2d(nn.Module):
         (up to float rounding), but one dense conv for the whole batch instead of a grouped conv with
         a weight per sample, which is several times faster on CPUs at batch > 1.
         """
-        weight = self.scale * self.weight[0]                                   # (out, in, k, k)
+        weight = self.scale * self.weight[0]  # (out, in, k, k)
         x = x * style[:, :, None, None]
         if self.upsample:
             out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
         else:
             out = F.conv2d(x, weight, padding=self.padding)
-        if self.demodulate:   # 1/‖W·s‖ per output channel: (B, in) @ (in, out)
+        if self.demodulate:  # 1/‖W·s‖ per output channel: (B, in) @ (in, out)
             demod = torch.rsqrt(style.pow(2) @ weight.pow(2).sum([2, 3]).t() + 1e-8)
             out = out * demod[:, :, None, None]
         return self.blur(out) if self.upsample else out
@@ -182,11 +209,18 @@ class ConstantInput(nn.Module):
 class StyledConv(nn.Module):
     """Modulated 3×3 conv → noise → bias + leaky ReLU (one conv layer of S)."""
 
-    def __init__(self, in_channels: int, out_channels: int, style_dim: int, upsample: bool = False,
-                 blur_kernel: Sequence[float] = BLUR_KERNEL):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        style_dim: int,
+        upsample: bool = False,
+        blur_kernel: Sequence[float] = BLUR_KERNEL,
+    ):
         super().__init__()
-        self.conv = ModulatedConv2d(in_channels, out_channels, 3, style_dim, upsample=upsample,
-                                    blur_kernel=blur_kernel)
+        self.conv = ModulatedConv2d(
+            in_channels, out_channels, 3, style_dim, upsample=upsample, blur_kernel=blur_kernel
+        )
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channels)
 
@@ -197,8 +231,13 @@ class StyledConv(nn.Module):
 class ToRGB(nn.Module):
     """Modulated 1×1 conv to RGB (no demodulation) + bias, added to the up-sampled previous image."""
 
-    def __init__(self, in_channels: int, style_dim: int, upsample: bool = True,
-                 blur_kernel: Sequence[float] = BLUR_KERNEL):
+    def __init__(
+        self,
+        in_channels: int,
+        style_dim: int,
+        upsample: bool = True,
+        blur_kernel: Sequence[float] = BLUR_KERNEL,
+    ):
         super().__init__()
         if upsample:
             self.upsample = Upsample(blur_kernel)

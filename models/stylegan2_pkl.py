@@ -26,6 +26,7 @@ transposed convolution uses (its legacy.py flips TensorFlow weights when importi
 except where NVIDIA's `conv_clamp` (±256, mostly in fp16 layers) would have clipped activations.
 Conditional generators (mapping.embed) and non-'skip' architectures are refused.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -52,13 +53,17 @@ def convert_nvidia_pkl(path_or_uri: str, *, allow_pickle: bool = False) -> dict[
     """
     uri = str(path_or_uri)
     if not allow_pickle:
-        raise CheckpointError(f"{uri}: refusing to unpickle an NVIDIA .pkl (a pickle can run code); "
-                              "pass allow_pickle=True only for a file you trust")
+        raise CheckpointError(
+            f"{uri}: refusing to unpickle an NVIDIA .pkl (a pickle can run code); "
+            "pass allow_pickle=True only for a file you trust"
+        )
     obj = _unpickle(uri)
     return nvidia_to_rosinality(_generator_state(obj, uri), uri)
 
 
-def nvidia_to_rosinality(state: Mapping[str, Tensor], source: str = "NVIDIA state dict") -> dict[str, Any]:
+def nvidia_to_rosinality(
+    state: Mapping[str, Tensor], source: str = "NVIDIA state dict"
+) -> dict[str, Any]:
     """Rename an NVIDIA G_ema state dict to rosinality's layout (see the module docstring)."""
     _refuse_unsupported(state, source)
     src = {k: v.detach().cpu() for k, v in state.items()}
@@ -79,28 +84,43 @@ def nvidia_to_rosinality(state: Mapping[str, Tensor], source: str = "NVIDIA stat
     _torgb_layer(out, take, "synthesis.b4.torgb", "to_rgb1", upsample=False)
     for k, res in enumerate(_resolutions(src)[1:]):
         block = f"synthesis.b{res}"
-        _conv_layer(out, take, f"{block}.conv0", f"convs.{2 * k}", f"noise_{2 * k + 1}", upsample=True)
-        _conv_layer(out, take, f"{block}.conv1", f"convs.{2 * k + 1}", f"noise_{2 * k + 2}", upsample=False)
+        _conv_layer(
+            out, take, f"{block}.conv0", f"convs.{2 * k}", f"noise_{2 * k + 1}", upsample=True
+        )
+        _conv_layer(
+            out, take, f"{block}.conv1", f"convs.{2 * k + 1}", f"noise_{2 * k + 2}", upsample=False
+        )
         _torgb_layer(out, take, f"{block}.torgb", f"to_rgbs.{k}", upsample=True)
     latent_avg = take("mapping.w_avg") if "mapping.w_avg" in src else None
     leftover = [k for k in src if k not in used and not k.endswith("resample_filter")]
     if leftover:
-        raise CheckpointError(f"{source}: NVIDIA keys with no rosinality counterpart: {leftover[:8]}")
+        raise CheckpointError(
+            f"{source}: NVIDIA keys with no rosinality counterpart: {leftover[:8]}"
+        )
     return {"g_ema": out, "latent_avg": latent_avg}
 
 
-def _conv_layer(out: dict[str, Tensor], take: Callable[[str], Tensor], nv: str, ros: str, noise: str, upsample: bool) -> None:
-    out[f"{ros}.conv.weight"] = take(f"{nv}.weight")[None]           # (out, in, 3, 3) → (1, out, in, 3, 3)
+def _conv_layer(
+    out: dict[str, Tensor],
+    take: Callable[[str], Tensor],
+    nv: str,
+    ros: str,
+    noise: str,
+    upsample: bool,
+) -> None:
+    out[f"{ros}.conv.weight"] = take(f"{nv}.weight")[None]  # (out, in, 3, 3) → (1, out, in, 3, 3)
     if upsample:
         out[f"{ros}.conv.blur.kernel"] = _up_kernel()
     out[f"{ros}.conv.modulation.weight"] = take(f"{nv}.affine.weight")
     out[f"{ros}.conv.modulation.bias"] = take(f"{nv}.affine.bias")
     out[f"{ros}.noise.weight"] = take(f"{nv}.noise_strength").reshape(1)
     out[f"{ros}.activate.bias"] = take(f"{nv}.bias")
-    out[f"noises.{noise}"] = take(f"{nv}.noise_const")[None, None]   # (R, R) → (1, 1, R, R)
+    out[f"noises.{noise}"] = take(f"{nv}.noise_const")[None, None]  # (R, R) → (1, 1, R, R)
 
 
-def _torgb_layer(out: dict[str, Tensor], take: Callable[[str], Tensor], nv: str, ros: str, upsample: bool) -> None:
+def _torgb_layer(
+    out: dict[str, Tensor], take: Callable[[str], Tensor], nv: str, ros: str, upsample: bool
+) -> None:
     out[f"{ros}.bias"] = take(f"{nv}.bias").reshape(1, -1, 1, 1)
     if upsample:
         out[f"{ros}.upsample.kernel"] = _up_kernel()
@@ -115,8 +135,10 @@ def _up_kernel() -> Tensor:
 
 
 def _resolutions(src: Mapping[str, Tensor]) -> list[int]:
-    res = sorted(int(m.group(1)) for k in src if (m := re.fullmatch(r"synthesis\.b(\d+)\.torgb\.weight", k)))
-    expected = [2 ** i for i in range(2, len(res) + 2)]
+    res = sorted(
+        int(m.group(1)) for k in src if (m := re.fullmatch(r"synthesis\.b(\d+)\.torgb\.weight", k))
+    )
+    expected = [2**i for i in range(2, len(res) + 2)]
     if res != expected:
         raise CheckpointError(f"NVIDIA synthesis blocks {res} are not the expected {expected}")
     return res
@@ -140,9 +162,11 @@ def _unpickle(uri: str) -> Any:
     try:
         return pickle.loads(data)  # noqa: S301 — explicitly opted in through allow_pickle
     except ModuleNotFoundError as exc:
-        raise CheckpointError(f"{uri}: unpickling needs module '{exc.name}'; NVIDIA network pickles need "
-                              "the dnnlib and torch_utils packages of NVlabs/stylegan2-ada-pytorch on "
-                              "sys.path") from exc
+        raise CheckpointError(
+            f"{uri}: unpickling needs module '{exc.name}'; NVIDIA network pickles need "
+            "the dnnlib and torch_utils packages of NVlabs/stylegan2-ada-pytorch on "
+            "sys.path"
+        ) from exc
     except Exception as exc:
         raise CheckpointError(f"{uri}: cannot unpickle: {exc}") from exc
 

@@ -1,5 +1,6 @@
 """What every stage builder's ``build`` does first on its actor: limit torch to the actor's CPUs, pick the
 device, and load models from the zoo there (``ActorModels``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from models.zoo import ModelSpec
 
 class Placed(Protocol):
     """A builder's fields that say where it runs."""
+
     device: DeviceChoice
     cpus: float
     storage_options: dict[str, Any]
@@ -20,6 +22,7 @@ class Placed(Protocol):
 @dataclass(frozen=True)
 class ActorModels:
     """Loads models on the device an actor picked, with the run's storage options."""
+
     device: str
     storage_options: dict[str, Any]
 

@@ -16,6 +16,7 @@ and its input (images store), and records:
 - vectors ``features`` (the FID-family extractor on this image) and ``input_features`` (on its input),
   from which the flow computes FID and KID per prompt.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,16 +47,32 @@ from tasks.edit.processor import RECON, recon_key
 from tasks.layout import EDITS, IMAGES, METRICS, Stages
 
 NAN = float("nan")
-_FILES = ("oracle", "inception_weights", "lpips_weights", "identity_model")   # fingerprinted by content
-COPIED = ("image_key", "prompt_id", "method", "decoder", "source_text", "target_text", "strength", "omega",
-          "channels_changed", "mask_fraction", "psnr_outside_mask")
+_FILES = (
+    "oracle",
+    "inception_weights",
+    "lpips_weights",
+    "identity_model",
+)  # fingerprinted by content
+COPIED = (
+    "image_key",
+    "prompt_id",
+    "method",
+    "decoder",
+    "source_text",
+    "target_text",
+    "strength",
+    "omega",
+    "channels_changed",
+    "mask_fraction",
+    "psnr_outside_mask",
+)
 
 
 @dataclass
 class MetricsModels:
-    clip: Any                                   # models.clip.ClipEncoder (clip_direction)
-    features: M.FeatureExtractor                # FID-family features (Inception or the domain's CLIP)
-    oracle: Any | None = None                   # models.toy.oracle.Oracle
+    clip: Any  # models.clip.ClipEncoder (clip_direction)
+    features: M.FeatureExtractor  # FID-family features (Inception or the domain's CLIP)
+    oracle: Any | None = None  # models.toy.oracle.Oracle
     lpips: Callable[[Tensor, Tensor], Tensor] | None = None
     identity: M.FeatureExtractor | None = None
 
@@ -75,57 +92,96 @@ class MetricsProcessor:
         rows = {r["key"]: r for r in self.edits.manifest(spec.shard_id).to_pylist()}
         edited = {s["__key__"]: _image(s) for s in iter_image_samples(self.edits, [spec.shard_id])}
         wanted = {r["image_key"] for r in rows.values()}
-        inputs = {s["__key__"]: _image(s) for s in iter_image_samples(self.images, [_images_shard(spec)])
-                  if s["__key__"] in wanted}
+        inputs = {
+            s["__key__"]: _image(s)
+            for s in iter_image_samples(self.images, [_images_shard(spec)])
+            if s["__key__"] in wanted
+        }
         items = list(spec.items)
         for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
+            chunk = items[start : start + self.batch_size]
             meta = [rows[i.key] for i in chunk]
             edit = torch.stack([edited[i.key] for i in chunk])
             recon = torch.stack([edited[recon_key(m["image_key"], m["decoder"])] for m in meta])
             source = torch.stack([inputs[m["image_key"]] for m in meta])
-            for n, (item, values, vectors) in enumerate(self._measure(chunk, meta, edit, recon, source)):
-                sink.add(item.key, item.source, vectors=vectors, **{k: meta[n][k] for k in COPIED},
-                         variant=_variant(item.key), **values)
+            for n, (item, values, vectors) in enumerate(
+                self._measure(chunk, meta, edit, recon, source)
+            ):
+                sink.add(
+                    item.key,
+                    item.source,
+                    vectors=vectors,
+                    **{k: meta[n][k] for k in COPIED},
+                    variant=_variant(item.key),
+                    **values,
+                )
 
-    def _measure(self, chunk: list, meta: list[dict[str, Any]], edit: Tensor, recon: Tensor, source: Tensor
-                 ) -> list[tuple[Any, dict[str, float], dict[str, Tensor]]]:
+    def _measure(
+        self, chunk: list, meta: list[dict[str, Any]], edit: Tensor, recon: Tensor, source: Tensor
+    ) -> list[tuple[Any, dict[str, float], dict[str, Tensor]]]:
         is_recon = torch.tensor([m["method"] == RECON for m in meta])
-        ref = torch.where(is_recon[:, None, None, None], _resize(source, edit), recon)   # recon: vs input
+        ref = torch.where(
+            is_recon[:, None, None, None], _resize(source, edit), recon
+        )  # recon: vs input
         values = {k: v.tolist() for k, v in M.pixel_metrics(edit, ref).items()}
-        e_edit, e_recon = (self.models.clip.encode_images(x).cpu() for x in (edit, recon))   # one copy each
-        values["clip_direction"] = [NAN if m["method"] == RECON else
-                                    float(M.clip_direction(e_edit[n:n + 1], e_recon[n:n + 1], self._dt(m)))
-                                    for n, m in enumerate(meta)]
+        e_edit, e_recon = (
+            self.models.clip.encode_images(x).cpu() for x in (edit, recon)
+        )  # one copy each
+        values["clip_direction"] = [
+            NAN
+            if m["method"] == RECON
+            else float(M.clip_direction(e_edit[n : n + 1], e_recon[n : n + 1], self._dt(m)))
+            for n, m in enumerate(meta)
+        ]
         values.update(self._oracle(meta, edit, recon, source))
-        values["lpips"] = self.models.lpips(edit, recon).tolist() if self.models.lpips else [NAN] * len(meta)
-        values["identity"] = (M.identity_similarity(self.models.identity, edit, source).tolist()
-                              if self.models.identity else [NAN] * len(meta))
+        values["lpips"] = (
+            self.models.lpips(edit, recon).tolist() if self.models.lpips else [NAN] * len(meta)
+        )
+        values["identity"] = (
+            M.identity_similarity(self.models.identity, edit, source).tolist()
+            if self.models.identity
+            else [NAN] * len(meta)
+        )
         feats, feats_in = self.models.features(edit), self.models.features(source)
-        return [(item, {k: float(v[n]) for k, v in values.items()},
-                 {"features": feats[n], "input_features": feats_in[n]}) for n, item in enumerate(chunk)]
+        return [
+            (
+                item,
+                {k: float(v[n]) for k, v in values.items()},
+                {"features": feats[n], "input_features": feats_in[n]},
+            )
+            for n, item in enumerate(chunk)
+        ]
 
-    def _oracle(self, meta: list[dict[str, Any]], edit: Tensor, recon: Tensor, source: Tensor
-                ) -> dict[str, list[float]]:
+    def _oracle(
+        self, meta: list[dict[str, Any]], edit: Tensor, recon: Tensor, source: Tensor
+    ) -> dict[str, list[float]]:
         """edit_accuracy and preservation per row (NaN without an oracle)."""
         if self.models.oracle is None:
-            return {k: [NAN] * len(meta) for k in ("edit_accuracy", "unedited_accuracy", "preservation")}
+            return {
+                k: [NAN] * len(meta) for k in ("edit_accuracy", "unedited_accuracy", "preservation")
+            }
 
         after, before, truth = (self.models.oracle.predict(x) for x in (edit, recon, source))
         acc, unedited, keep = [], [], []
         for n, m in enumerate(meta):
-            pick = lambda readings: {k: v[n:n + 1] for k, v in readings.items()}   # noqa: E731
+            pick = lambda readings: {k: v[n : n + 1] for k, v in readings.items()}  # noqa: E731
             if m["method"] == RECON:
                 expected, scores = {}, M.oracle_scores(pick(truth), pick(after), {})
             else:
-                interpolation = m["omega"] == m["omega"]        # not NaN: an ω sweep has no single target
-                expected = {} if interpolation else expected_values(m["source_text"], m["target_text"])
-                changing = changed_attributes(m["source_text"], m["target_text"]) if interpolation else ()
+                interpolation = m["omega"] == m["omega"]  # not NaN: an ω sweep has no single target
+                expected = (
+                    {} if interpolation else expected_values(m["source_text"], m["target_text"])
+                )
+                changing = (
+                    changed_attributes(m["source_text"], m["target_text"]) if interpolation else ()
+                )
                 scores = M.oracle_scores(pick(before), pick(after), expected, changing)
             acc.append(float(scores["edit_accuracy"][0]))
             keep.append(float(scores["preservation"][0]))
             # how often the target is read without any edit: the chance level edit_accuracy must beat
-            unedited.append(float(M.oracle_scores(pick(before), pick(before), expected)["edit_accuracy"][0]))
+            unedited.append(
+                float(M.oracle_scores(pick(before), pick(before), expected)["edit_accuracy"][0])
+            )
         return {"edit_accuracy": acc, "unedited_accuracy": unedited, "preservation": keep}
 
     def _dt(self, meta: dict[str, Any]) -> Tensor:
@@ -134,7 +190,7 @@ class MetricsProcessor:
         if key not in self._directions:
             terms = tuple(tuple(t) for t in json.loads(key))
             dt = text_direction(self.models.clip, terms, TEMPLATES[self.templates])[0]
-            self._directions[key] = dt.cpu()         # beside the embeddings, on the host
+            self._directions[key] = dt.cpu()  # beside the embeddings, on the host
         return self._directions[key]
 
 
@@ -163,6 +219,7 @@ def _resize(images: Tensor, like: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class MetricsBuilder:
     """Loads CLIP, the feature extractor and the optional networks once per actor."""
+
     clip: ModelSpec
     root: str
     cfg: EvaluateConfig
@@ -177,33 +234,67 @@ class MetricsBuilder:
     @classmethod
     def from_config(cls, cfg: RunConfig, stages: Stages) -> MetricsBuilder:
         """The metrics of ``stages.edits`` (against ``stages.images``) under this config."""
-        return cls(clip=cfg.models.clip, root=cfg.root, cfg=cfg.evaluate, templates=cfg.bulk_edit.templates,
-                   images_stage=stages.images, edits_stage=stages.edits, storage_options=cfg.storage_options,
-                   device=cfg.device, cpus=cfg.ray.cpus_per_actor, stage=stages.metrics)
+        return cls(
+            clip=cfg.models.clip,
+            root=cfg.root,
+            cfg=cfg.evaluate,
+            templates=cfg.bulk_edit.templates,
+            images_stage=stages.images,
+            edits_stage=stages.edits,
+            storage_options=cfg.storage_options,
+            device=cfg.device,
+            cpus=cfg.ray.cpus_per_actor,
+            stage=stages.metrics,
+        )
 
     def build(self) -> MetricsProcessor:
         models = ActorModels.start(self)
         device, opts, c = models.device, self.storage_options, self.cfg
         clip = models.load(self.clip)
-        features = (M.inception_extractor(c.inception_weights, device) if c.features == "inception"
-                    else M.clip_extractor(clip))
+        features = (
+            M.inception_extractor(c.inception_weights, device)
+            if c.features == "inception"
+            else M.clip_extractor(clip)
+        )
         oracle = None
         if c.oracle:
             oracle = Oracle.load(c.oracle, device=device)
         lpips = M.lpips_metric(c.lpips_weights, c.lpips_net, device) if c.lpips_weights else None
-        identity = (M.torchscript_extractor(c.identity_model, c.identity_input_size, device, **opts)
-                    if c.identity_model else None)
+        identity = (
+            M.torchscript_extractor(c.identity_model, c.identity_input_size, device, **opts)
+            if c.identity_model
+            else None
+        )
         root = Location(self.root, opts)
         meta = {"clip": clip.describe(), "features": c.features, "templates": self.templates}
         models = MetricsModels(clip, features, oracle, lpips, identity)
-        return MetricsProcessor(models, StageStore(root, self.edits_stage), StageStore(root, self.images_stage),
-                                self.templates, c.batch_size, meta)
+        return MetricsProcessor(
+            models,
+            StageStore(root, self.edits_stage),
+            StageStore(root, self.images_stage),
+            self.templates,
+            c.batch_size,
+            meta,
+        )
 
     def fingerprint(self) -> str:
-        files = [self.cfg.oracle, self.cfg.inception_weights, self.cfg.lpips_weights, self.cfg.identity_model]
-        return code_fingerprint(MetricsProcessor, M.pixel_metrics, M.oracle_scores, config={
-            "settings": self.cfg.model_dump(mode="json", exclude={"grid_images", "report_dir", "batch_size",
-                                                                  *_FILES}),
-            "clip": zoo.identity(self.clip, self.storage_options),
-            "files": [zoo.sha256_of(f, **self.storage_options) if f else None for f in files],
-            "templates": self.templates, "inputs": [self.images_stage, self.edits_stage]})
+        files = [
+            self.cfg.oracle,
+            self.cfg.inception_weights,
+            self.cfg.lpips_weights,
+            self.cfg.identity_model,
+        ]
+        return code_fingerprint(
+            MetricsProcessor,
+            M.pixel_metrics,
+            M.oracle_scores,
+            config={
+                "settings": self.cfg.model_dump(
+                    mode="json", exclude={"grid_images", "report_dir", "batch_size", *_FILES}
+                ),
+                "clip": zoo.identity(self.clip, self.storage_options),
+                "files": [zoo.sha256_of(f, **self.storage_options) if f else None for f in files],
+                "templates": self.templates,
+                "inputs": [self.images_stage, self.edits_stage],
+            },
+        )

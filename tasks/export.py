@@ -14,6 +14,7 @@ content scaled back; ``center_crop``: the edited central square, scaled to the s
 ``none``: scaled to the source's size). The manifest (``manifest.csv`` or ``manifest.parquet`` in DEST)
 has one row per exported file.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,18 +31,43 @@ from infra.storage.fsio import Location
 from infra.storage.readers import encoded_image, iter_image_samples
 from infra.storage.store import StageStore
 from infra.storage.tables import STATUS_OK, table_to_parquet_bytes
+from models.imaging import encode_image
 from tasks.edit.processor import RECON
 from tasks.layout import Stages
-from models.imaging import encode_image
 
 FORMATS = ("png", "jpg", "webp")
 MANIFESTS = ("csv", "parquet")
 RESIZES = ("fit", "center_crop", "none")
-EDIT_COLUMNS = ("prompt_id", "method", "decoder", "source_text", "target_text", "tau", "strength", "omega",
-                "channels_changed")
-NOT_METRICS = {"key", "source", "status", "error", "image_key", "prompt_id", "method", "decoder", "source_text",
-               "target_text", "terms", "tau", "strength", "omega", "channels_changed", "mask_fraction",
-               "psnr_outside_mask"}
+EDIT_COLUMNS = (
+    "prompt_id",
+    "method",
+    "decoder",
+    "source_text",
+    "target_text",
+    "tau",
+    "strength",
+    "omega",
+    "channels_changed",
+)
+NOT_METRICS = {
+    "key",
+    "source",
+    "status",
+    "error",
+    "image_key",
+    "prompt_id",
+    "method",
+    "decoder",
+    "source_text",
+    "target_text",
+    "terms",
+    "tau",
+    "strength",
+    "omega",
+    "channels_changed",
+    "mask_fraction",
+    "psnr_outside_mask",
+}
 
 
 class ExportError(FileNotFoundError):
@@ -50,14 +76,15 @@ class ExportError(FileNotFoundError):
 
 @dataclass
 class ExportResult:
-    written: list[dict[str, Any]] = field(default_factory=list)   # the manifest rows
-    skipped: dict[str, str] = field(default_factory=dict)         # edit key -> why
-    manifest: str = ""                                           # where the manifest went
+    written: list[dict[str, Any]] = field(default_factory=list)  # the manifest rows
+    skipped: dict[str, str] = field(default_factory=dict)  # edit key -> why
+    manifest: str = ""  # where the manifest went
     stage: str = ""
     catalog_root: str = ""
 
 
 # --- which stores ----------------------------------------------------------------------------------
+
 
 def pick_edits_stage(root: Location, stage: str | None = None) -> str:
     """``stage`` if given, else a catalog's edits when they exist, else the run's; finished shards required."""
@@ -65,16 +92,21 @@ def pick_edits_stage(root: Location, stage: str | None = None) -> str:
     for name in candidates:
         if StageStore(root, name).finished():
             return name
-    raise ExportError(f"{root.uri} has no finished edits (looked for {' and '.join(candidates)}; "
-                      "run `deltaedit run bulk-edit` first)")
+    raise ExportError(
+        f"{root.uri} has no finished edits (looked for {' and '.join(candidates)}; "
+        "run `deltaedit run bulk-edit` first)"
+    )
 
 
 def edit_rows(store: StageStore) -> list[dict[str, Any]]:
     """The ok edits of a store's finished shards (reconstructions left out), in shard and key order."""
     rows = []
     for shard in sorted(store.finished()):
-        rows += [r for r in store.manifest(shard).to_pylist()
-                 if r["status"] == STATUS_OK and r.get("method") != RECON]
+        rows += [
+            r
+            for r in store.manifest(shard).to_pylist()
+            if r["status"] == STATUS_OK and r.get("method") != RECON
+        ]
     return rows
 
 
@@ -82,7 +114,9 @@ def manifest_rows(store: StageStore) -> dict[str, dict[str, Any]]:
     """key -> manifest row of every ok sample of a stage's finished shards (empty when there is none)."""
     out: dict[str, dict[str, Any]] = {}
     for shard in sorted(store.finished()):
-        out.update({r["key"]: r for r in store.manifest(shard).to_pylist() if r["status"] == STATUS_OK})
+        out.update(
+            {r["key"]: r for r in store.manifest(shard).to_pylist() if r["status"] == STATUS_OK}
+        )
     return out
 
 
@@ -95,6 +129,7 @@ def metric_columns(rows: Iterable[dict[str, Any]]) -> list[str]:
 
 
 # --- names -----------------------------------------------------------------------------------------
+
 
 def source_path(source: str) -> str:
     """A source URI as a path: ``<tar>#<member>`` becomes ``<tar without .tar>/<member>``."""
@@ -109,8 +144,11 @@ def catalog_root(sources: Sequence[str]) -> str:
     paths = [source_path(s) for s in sources]
     if not paths:
         return ""
-    return posixpath.commonpath([posixpath.dirname(p) or "." for p in paths]) if len(paths) > 1 \
+    return (
+        posixpath.commonpath([posixpath.dirname(p) or "." for p in paths])
+        if len(paths) > 1
         else posixpath.dirname(paths[0])
+    )
 
 
 def relative_stems(sources: Sequence[str], root: str) -> dict[str, str]:
@@ -126,43 +164,65 @@ def relative_stems(sources: Sequence[str], root: str) -> dict[str, str]:
 
 def edit_name(edit_key: str, image_key: str) -> str:
     """``<prompt id>[__<sweep point>]__<method>[__<decoder>]``: the edit key after its image key."""
-    return edit_key[len(image_key) + 2:] if edit_key.startswith(image_key + "__") else edit_key
+    return edit_key[len(image_key) + 2 :] if edit_key.startswith(image_key + "__") else edit_key
 
 
 # --- pixels ----------------------------------------------------------------------------------------
 
-def restore_size(image: Image.Image, width: int, height: int, policy: str) -> tuple[Image.Image, str]:
+
+def restore_size(
+    image: Image.Image, width: int, height: int, policy: str
+) -> tuple[Image.Image, str]:
     """The edit at the source's size, undoing ingest's ``policy``; returns it and what was done."""
     side = image.width
     if policy == "fit" and image.width == image.height:
         box = ImageOps.contain(Image.new("L", (width, height)), (side, side)).size
         left, top = (side - box[0]) // 2, (side - box[1]) // 2
-        out = image.crop((left, top, left + box[0], top + box[1])).resize((width, height), Image.Resampling.LANCZOS)
+        out = image.crop((left, top, left + box[0], top + box[1])).resize(
+            (width, height), Image.Resampling.LANCZOS
+        )
         what = "padding cut off, " if box != (side, side) else ""
         return out, f"{what}resized {side}x{side} -> {width}x{height}"
     if policy == "center_crop":
         c = min(width, height)
-        return image.resize((c, c), Image.Resampling.LANCZOS), \
-            f"central {c}x{c} square of the source (the crop cut the rest), resized {side}x{side} -> {c}x{c}"
-    return image.resize((width, height), Image.Resampling.LANCZOS), \
-        f"resized {image.width}x{image.height} -> {width}x{height}"
+        return (
+            image.resize((c, c), Image.Resampling.LANCZOS),
+            f"central {c}x{c} square of the source (the crop cut the rest), resized {side}x{side} -> {c}x{c}",
+        )
+    return image.resize(
+        (width, height), Image.Resampling.LANCZOS
+    ), f"resized {image.width}x{image.height} -> {width}x{height}"
 
 
-def encode(data: bytes, fmt: str, original: dict[str, Any] | None, policy: str) -> tuple[bytes, int, int, str]:
+def encode(
+    data: bytes, fmt: str, original: dict[str, Any] | None, policy: str
+) -> tuple[bytes, int, int, str]:
     """The stored edit re-encoded as ``fmt`` (at the source's size when ``original`` is given)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     done = ""
     if original is not None and original.get("orig_width") and original.get("orig_height"):
-        image, done = restore_size(image, int(original["orig_width"]), int(original["orig_height"]), policy)
+        image, done = restore_size(
+            image, int(original["orig_width"]), int(original["orig_height"]), policy
+        )
     return encode_image(image, fmt), image.width, image.height, done
 
 
 # --- the export ------------------------------------------------------------------------------------
 
-def export_edits(root: str, dest: str, *, stage: str | None = None, original_size: bool = False,
-                 fmt: str = "png", manifest: str = "csv", resize: str = "fit", root_of_catalog: str | None = None,
-                 storage_options: dict[str, Any] | None = None,
-                 dest_storage_options: dict[str, Any] | None = None) -> ExportResult:
+
+def export_edits(
+    root: str,
+    dest: str,
+    *,
+    stage: str | None = None,
+    original_size: bool = False,
+    fmt: str = "png",
+    manifest: str = "csv",
+    resize: str = "fit",
+    root_of_catalog: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    dest_storage_options: dict[str, Any] | None = None,
+) -> ExportResult:
     """Write every ok edit under ``root`` into ``dest`` (a folder or URI) under its source's name."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
@@ -180,7 +240,9 @@ def export_edits(root: str, dest: str, *, stage: str | None = None, original_siz
         raise ExportError(f"{edits.loc.uri} has finished shards but no ok edits")
     images = manifest_rows(StageStore(run, images_stage))
     if not images:
-        raise ExportError(f"{run.uri}/{images_stage} has no finished images: the edits' sources are unknown")
+        raise ExportError(
+            f"{run.uri}/{images_stage} has no finished images: the edits' sources are unknown"
+        )
     metrics = manifest_rows(StageStore(run, metrics_stage))
     result = ExportResult(stage=edits_stage)
     wanted = {}
@@ -188,25 +250,43 @@ def export_edits(root: str, dest: str, *, stage: str | None = None, original_siz
         if row["image_key"] in images:
             wanted[row["key"]] = row
         else:
-            result.skipped[row["key"]] = f"image {row['image_key']} is not in {images_stage} (not a catalog image)"
+            result.skipped[row["key"]] = (
+                f"image {row['image_key']} is not in {images_stage} (not a catalog image)"
+            )
     sources = sorted({images[r["image_key"]]["source"] for r in wanted.values()})
-    result.catalog_root = root_of_catalog.rstrip("/") if root_of_catalog is not None else catalog_root(sources)
+    result.catalog_root = (
+        root_of_catalog.rstrip("/") if root_of_catalog is not None else catalog_root(sources)
+    )
     stems = relative_stems(sources, result.catalog_root)
-    out = Location(dest, dest_storage_options if dest_storage_options is not None else storage_options)
+    out = Location(
+        dest, dest_storage_options if dest_storage_options is not None else storage_options
+    )
     columns = metric_columns(metrics.get(k, {}) for k in wanted)
     for sample in iter_image_samples(edits):
         row = wanted.get(sample["__key__"])
         if row is None:
             continue
         image = images[row["image_key"]]
-        data, width, height, done = encode(encoded_image(sample), fmt, image if original_size else None, resize)
+        data, width, height, done = encode(
+            encoded_image(sample), fmt, image if original_size else None, resize
+        )
         rel = f"{stems[image['source']]}/{edit_name(row['key'], row['image_key'])}.{fmt}"
         write(out, rel, data)
         scores = metrics.get(row["key"], {})
-        result.written.append({"file": rel, "uri": out.url(rel), "source": image["source"],
-                               "image_key": row["image_key"], "edit_key": row["key"],
-                               **{c: row.get(c) for c in EDIT_COLUMNS}, "width": width, "height": height,
-                               "resized": done, **{c: scores.get(c) for c in columns}})
+        result.written.append(
+            {
+                "file": rel,
+                "uri": out.url(rel),
+                "source": image["source"],
+                "image_key": row["image_key"],
+                "edit_key": row["key"],
+                **{c: row.get(c) for c in EDIT_COLUMNS},
+                "width": width,
+                "height": height,
+                "resized": done,
+                **{c: scores.get(c) for c in columns},
+            }
+        )
     result.manifest = write_manifest(out, result.written, manifest)
     return result
 

@@ -2,6 +2,7 @@
 
 Every failure is caught per sample and recorded with a readable reason; the shard always completes.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,10 +14,10 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from infra.config import IngestConfig, RunConfig
-from infra.storage.fsio import open_uri
-from infra.storage.records import Sink
 from infra.runtime.shards import Item, ShardSpec
 from infra.runtime.stage import code_fingerprint
+from infra.storage.fsio import open_uri
+from infra.storage.records import Sink
 from models.imaging import encode_image
 from tasks.layout import IMAGES
 
@@ -29,7 +30,10 @@ def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
     """Bytes of a file/URI, or of one member of a tar (``<tar>#<member>``)."""
     if "#" in source and source.split("#", 1)[0].endswith(".tar"):
         tar_uri, member = source.split("#", 1)
-        with open_uri(tar_uri, "rb", storage_options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with (
+            open_uri(tar_uri, "rb", storage_options) as f,
+            tarfile.open(fileobj=f, mode="r:") as tar,
+        ):
             return tar.extractfile(member).read()
     with open_uri(source, "rb", storage_options) as f:
         return f.read()
@@ -48,7 +52,9 @@ def decode(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, dict[str, Any]]
     w, h = img.size
     info = {"orig_width": w, "orig_height": h, "orig_mode": img.mode, "orig_format": img.format}
     if w * h > cfg.max_pixels:
-        raise BadImage(f"declared size {w}x{h} exceeds the {cfg.max_pixels}-pixel limit (decompression bomb guard)")
+        raise BadImage(
+            f"declared size {w}x{h} exceeds the {cfg.max_pixels}-pixel limit (decompression bomb guard)"
+        )
     if min(w, h) < cfg.min_side:
         raise BadImage(f"image too small: {w}x{h} (minimum side {cfg.min_side})")
     try:
@@ -103,11 +109,21 @@ class IngestProcessor:
             data = encode_image(out, self.cfg.image_format)
         except BadImage as exc:
             sink.add_failure(item.key, item.source, str(exc))
-        except Exception as exc:   # unreadable object, permission error, ...: recorded, never fatal
-            sink.add_failure(item.key, item.source, f"cannot read input ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # unreadable object, permission error, ...: recorded, never fatal
+            sink.add_failure(
+                item.key, item.source, f"cannot read input ({type(exc).__name__}: {exc})"
+            )
         else:
-            sink.add(item.key, item.source, image=data, image_ext=self.cfg.image_format,
-                     sample_meta=info, width=out.width, height=out.height, **info)
+            sink.add(
+                item.key,
+                item.source,
+                image=data,
+                image_ext=self.cfg.image_format,
+                sample_meta=info,
+                width=out.width,
+                height=out.height,
+                **info,
+            )
 
 
 @dataclass(frozen=True)
@@ -124,4 +140,6 @@ class IngestBuilder:
         return IngestProcessor(self.cfg, self.storage_options)
 
     def fingerprint(self) -> str:
-        return code_fingerprint(IngestProcessor, encode_image, config=self.cfg.model_dump(exclude={"source"}))
+        return code_fingerprint(
+            IngestProcessor, encode_image, config=self.cfg.model_dump(exclude={"source"})
+        )

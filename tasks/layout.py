@@ -12,6 +12,7 @@ stage reads which. Flows, tasks and the app name stages and folders only through
 A ``bulk_edit.catalog`` (a second catalog edited with the run's models) has its own images, codes,
 clip_images, edits and metrics, each prefixed ``catalog_`` (``Stages.of``).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -21,11 +22,11 @@ CODES = "codes"
 SAMPLES = "samples"
 EDITS = "edits"
 METRICS = "metrics"
-CATALOG_PREFIX = "catalog_"             # a bulk_edit.catalog's stages
+CATALOG_PREFIX = "catalog_"  # a bulk_edit.catalog's stages
 
-DIFFUSION_DIR = "diffusion"             # train-diffusion's model folder
-ANALYSIS_DIR = "analysis"               # `deltaedit analyze edits`' outputs
-EDIT_PLAN = "plan.json"                 # in an edits stage: what bulk-edit planned (evaluate reads it)
+DIFFUSION_DIR = "diffusion"  # train-diffusion's model folder
+ANALYSIS_DIR = "analysis"  # `deltaedit analyze edits`' outputs
+EDIT_PLAN = "plan.json"  # in an edits stage: what bulk-edit planned (evaluate reads it)
 
 
 def clip_stage(images: str) -> str:
@@ -47,12 +48,16 @@ CLIP_IMAGES = clip_stage(IMAGES)
 CLIP_SAMPLES = clip_stage(SAMPLES)
 
 # the training pools (train_mapper.pools, train_diffusion.pools, relevance.pools) and the stages each reads
-MAPPER_POOLS: dict[str, tuple[str, str]] = {CODES: (CODES, CLIP_IMAGES), SAMPLES: (SAMPLES, CLIP_SAMPLES)}
+MAPPER_POOLS: dict[str, tuple[str, str]] = {
+    CODES: (CODES, CLIP_IMAGES),
+    SAMPLES: (SAMPLES, CLIP_SAMPLES),
+}
 DIFFUSION_POOLS: dict[str, tuple[str, str]] = {CODES: (IMAGES, CODES), SAMPLES: (SAMPLES, SAMPLES)}
 
 
 class Stages(NamedTuple):
     """The stages of one catalog's edits, from its images to its metrics."""
+
     images: str
     codes: str
     clip: str
@@ -73,9 +78,13 @@ class Stages(NamedTuple):
     def of_edits(cls, edits: str) -> Stages:
         """The stages an edits stage belongs to (``catalog_edits`` → catalog_images, ...; an edits stage
         of another name: the run's)."""
-        return cls.with_prefix(edits[:-len(EDITS)] if edits.endswith(EDITS) else "")
+        return cls.with_prefix(edits[: -len(EDITS)] if edits.endswith(EDITS) else "")
 
     def reads(self) -> dict[str, tuple[str, ...]]:
         """Which stage reads which (each stage: the stages its builder opens)."""
-        return {self.codes: (self.images,), self.clip: (self.images,),
-                self.edits: (self.codes, self.clip, self.images), self.metrics: (self.images, self.edits)}
+        return {
+            self.codes: (self.images,),
+            self.clip: (self.images,),
+            self.edits: (self.codes, self.clip, self.images),
+            self.metrics: (self.images, self.edits),
+        }

@@ -13,6 +13,7 @@ A malformed file (unreadable, missing columns, unknown ids) is a ``PromptFileErr
 run sensibly. A prompt whose *text* is unusable (empty, longer than the text encoder's context) is not:
 the edit stage records every edit of that prompt as failed with the reason, and the run goes on.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,12 +37,13 @@ class PromptFileError(ConfigError):
 @dataclass(frozen=True)
 class EditVariant:
     """One edit applied to every image: Δt = Σ weight·(t(target) − t(source)) over ``terms``."""
+
     prompt_id: str
     terms: tuple[Term, ...]
-    tau: float | None = None           # None: the run's bulk_edit.tau, until ``resolve_tau`` sets it
+    tau: float | None = None  # None: the run's bulk_edit.tau, until ``resolve_tau`` sets it
     strength: float = 1.0
-    omega: float | None = None         # interpolation weight, when the prompt is an ω sweep
-    suffix: str = ""                   # key suffix that tells sweep points apart (no dots)
+    omega: float | None = None  # interpolation weight, when the prompt is an ω sweep
+    suffix: str = ""  # key suffix that tells sweep points apart (no dots)
 
     @property
     def source_text(self) -> str:
@@ -91,41 +93,52 @@ def expand(entries: list[dict[str, Any]], where: str) -> list[EditVariant]:
     return variants
 
 
-def _variants(pid: str, entry: dict[str, Any], named: dict[str, dict[str, Any]], where: str
-              ) -> list[EditVariant]:
+def _variants(
+    pid: str, entry: dict[str, Any], named: dict[str, dict[str, Any]], where: str
+) -> list[EditVariant]:
     tau = _number(entry.get("tau"), pid, "tau", where)
     given = _number(entry.get("strength"), pid, "strength", where)
     strength = 1.0 if given is None else given
     if "interpolate" in entry:
         a, b = (_terms(ref, named, pid, where) for ref in _pair(entry["interpolate"], pid, where))
         omegas = entry.get("omegas", [0.0, 0.25, 0.5, 0.75, 1.0])
-        return [EditVariant(pid, _weighted(a, 1 - w) + _weighted(b, w), tau, strength, w, f"w{k}")
-                for k, w in enumerate(_numbers(omegas, pid, "omegas", where))]
+        return [
+            EditVariant(pid, _weighted(a, 1 - w) + _weighted(b, w), tau, strength, w, f"w{k}")
+            for k, w in enumerate(_numbers(omegas, pid, "omegas", where))
+        ]
     if "combine" in entry:
         refs = entry["combine"]
         if not isinstance(refs, list) or len(refs) < 2:
-            raise PromptFileError(f"{where}: prompt '{pid}': 'combine' needs a list of two or more prompt ids")
+            raise PromptFileError(
+                f"{where}: prompt '{pid}': 'combine' needs a list of two or more prompt ids"
+            )
         terms = tuple(t for ref in refs for t in _terms(ref, named, pid, where))
     else:
         terms = _own_terms(entry, pid, where)
     if "strengths" in entry:
-        return [EditVariant(pid, terms, tau, s, None, f"s{k}")
-                for k, s in enumerate(_numbers(entry["strengths"], pid, "strengths", where))]
+        return [
+            EditVariant(pid, terms, tau, s, None, f"s{k}")
+            for k, s in enumerate(_numbers(entry["strengths"], pid, "strengths", where))
+        ]
     return [EditVariant(pid, terms, tau, strength)]
 
 
 def _own_terms(entry: dict[str, Any], pid: str, where: str) -> tuple[Term, ...]:
     missing = [k for k in ("source", "target") if k not in entry]
     if missing:
-        raise PromptFileError(f"{where}: prompt '{pid}' has no {' and no '.join(missing)} "
-                              "(an edit needs 'source' and 'target'; or 'combine'/'interpolate')")
+        raise PromptFileError(
+            f"{where}: prompt '{pid}' has no {' and no '.join(missing)} "
+            "(an edit needs 'source' and 'target'; or 'combine'/'interpolate')"
+        )
     source, target = ("" if entry[k] is None else str(entry[k]) for k in ("source", "target"))
     return ((source, target, 1.0),)
 
 
 def _terms(ref: Any, named: dict[str, dict[str, Any]], pid: str, where: str) -> tuple[Term, ...]:
     if ref not in named:
-        raise PromptFileError(f"{where}: prompt '{pid}' refers to '{ref}', which is not an earlier prompt id")
+        raise PromptFileError(
+            f"{where}: prompt '{pid}' refers to '{ref}', which is not an earlier prompt id"
+        )
     return _own_terms(named[ref], str(ref), where)
 
 
@@ -135,7 +148,9 @@ def _weighted(terms: tuple[Term, ...], w: float) -> tuple[Term, ...]:
 
 def _pair(value: Any, pid: str, where: str) -> tuple[Any, Any]:
     if not isinstance(value, list) or len(value) != 2:
-        raise PromptFileError(f"{where}: prompt '{pid}': 'interpolate' needs exactly two prompt ids")
+        raise PromptFileError(
+            f"{where}: prompt '{pid}': 'interpolate' needs exactly two prompt ids"
+        )
     return value[0], value[1]
 
 
@@ -145,7 +160,9 @@ def _prompt_id(entry: Any, n: int, where: str) -> str:
     raw = str(entry.get("id") or f"p{n:03d}")
     pid = re.sub(r"[^A-Za-z0-9_-]+", "-", raw).strip("-")
     if not pid or "__" in pid:
-        raise PromptFileError(f"{where}: entry {n + 1}: id {raw!r} must have letters or digits and no '__'")
+        raise PromptFileError(
+            f"{where}: entry {n + 1}: id {raw!r} must have letters or digits and no '__'"
+        )
     return pid
 
 
@@ -155,12 +172,16 @@ def _number(value: Any, pid: str, name: str, where: str) -> float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise PromptFileError(f"{where}: prompt '{pid}': {name} must be a number, got {value!r}") from None
+        raise PromptFileError(
+            f"{where}: prompt '{pid}': {name} must be a number, got {value!r}"
+        ) from None
 
 
 def _numbers(values: Any, pid: str, name: str, where: str) -> list[float]:
     if not isinstance(values, list) or not values:
-        raise PromptFileError(f"{where}: prompt '{pid}': {name} must be a non-empty list of numbers")
+        raise PromptFileError(
+            f"{where}: prompt '{pid}': {name} must be a non-empty list of numbers"
+        )
     return [float(_number(v, pid, name, where)) for v in values]  # type: ignore[arg-type]
 
 
@@ -172,7 +193,9 @@ def _yaml_entries(text: str, where: str) -> list[dict[str, Any]]:
     if isinstance(data, dict) and "prompts" in data:
         data = data["prompts"]
     if not isinstance(data, list):
-        raise PromptFileError(f"prompts file {where}: expected a list of prompts (or 'prompts: [...]')")
+        raise PromptFileError(
+            f"prompts file {where}: expected a list of prompts (or 'prompts: [...]')"
+        )
     return data
 
 
@@ -180,7 +203,11 @@ def _csv_entries(text: str, where: str) -> list[dict[str, Any]]:
     rows = list(csv.DictReader(io.StringIO(text)))
     header = set(rows[0]) if rows else set()
     if rows and not {"source", "target"} <= header:
-        raise PromptFileError(f"prompts file {where}: CSV needs columns 'source' and 'target' "
-                              f"(found {sorted(header)})")
-    return [{k: v for k, v in row.items() if k in {"id", "source", "target", "tau", "strength"}}
-            for row in rows]
+        raise PromptFileError(
+            f"prompts file {where}: CSV needs columns 'source' and 'target' "
+            f"(found {sorted(header)})"
+        )
+    return [
+        {k: v for k, v in row.items() if k in {"id", "source", "target", "tau", "strength"}}
+        for row in rows
+    ]

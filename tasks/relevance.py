@@ -14,6 +14,7 @@ codes) from the run seed: cheap, deterministic, and no arrays travel between pro
 Modes: ``exact`` (the definition above, many renders per forward), ``fast`` (models/relevance.py) and
 ``covariance`` (from the run's samples, no rendering: tasks.relevance_covariance).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,10 +43,12 @@ from tasks.train.row_cache import pairs_fingerprint
 
 Mode = Literal["exact", "fast", "covariance"]
 COLUMN = "direction"
-DEFINITIONS = {"exact": "StyleCLIP fs3: normalise(mean_i normalise(e(m+kσ) - e(m-kσ)))",
-               "fast": "fs3 by its derivative: normalise(mean_i normalise(∂e/∂s_c)) (models/relevance.py)",
-               "covariance": "normalise(Σ_n (s_nc - mean s_c)(i_n - mean i)) over the pools' samples "
-                             "(tasks/relevance_covariance.py)"}
+DEFINITIONS = {
+    "exact": "StyleCLIP fs3: normalise(mean_i normalise(e(m+kσ) - e(m-kσ)))",
+    "fast": "fs3 by its derivative: normalise(mean_i normalise(∂e/∂s_c)) (models/relevance.py)",
+    "covariance": "normalise(Σ_n (s_nc - mean s_c)(i_n - mean i)) over the pools' samples "
+    "(tasks/relevance_covariance.py)",
+}
 
 
 def channel_items(n_channels: int) -> list[Item]:
@@ -59,24 +62,25 @@ def channel_of(item: Item) -> int:
 
 @dataclass
 class RelevanceProcessor:
-    generator: Any                 # models.stylegan2.Generator
-    clip: Any                      # models.clip.ClipEncoder
-    stats: StyleStats | None       # None in covariance mode (it renders nothing)
+    generator: Any  # models.stylegan2.Generator
+    clip: Any  # models.clip.ClipEncoder
+    stats: StyleStats | None  # None in covariance mode (it renders nothing)
     mode: Mode
     sigma_scale: float
     batch_size: int
     jacobian_batch: int = 8
     fast_rank: int = 0
-    pairs: Sequence[Any] = ()      # covariance: the (codes, CLIP) shard pairs it reads
+    pairs: Sequence[Any] = ()  # covariance: the (codes, CLIP) shard pairs it reads
     output_metadata: dict[str, Any] = field(default_factory=dict)
-    _all_rows: Tensor | None = None   # fast / covariance: the whole matrix, computed once per worker
+    _all_rows: Tensor | None = None  # fast / covariance: the whole matrix, computed once per worker
 
     def rows(self, channels: Sequence[int]) -> Tensor:
         """(len(channels), D) rows of Rₛ in this processor's mode."""
         if self.mode == "exact":
-            return exact_rows(self.generator, self.clip, self.stats, channels, self.sigma_scale,
-                              self.batch_size)
-        if self._all_rows is None:       # one pass gives every channel; blocks then just slice it
+            return exact_rows(
+                self.generator, self.clip, self.stats, channels, self.sigma_scale, self.batch_size
+            )
+        if self._all_rows is None:  # one pass gives every channel; blocks then just slice it
             self._all_rows = self._whole_matrix()
         return self._all_rows[torch.as_tensor(list(channels), dtype=torch.long)]
 
@@ -87,11 +91,17 @@ class RelevanceProcessor:
 
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:
         channels = [channel_of(i) for i in spec.items]
-        layers = {c: l.name for l in self.generator.layout.conv for c in range(l.offset, l.stop)}
+        layers = {
+            c: layer.name
+            for layer in self.generator.layout.conv
+            for c in range(layer.offset, layer.stop)
+        }
         rows = self.rows(channels).float().cpu()
         for item, c, row in zip(spec.items, channels, rows):
             if torch.isfinite(row).all():
-                sink.add(item.key, item.source, vectors={COLUMN: row.numpy()}, channel=c, layer=layers[c])
+                sink.add(
+                    item.key, item.source, vectors={COLUMN: row.numpy()}, channel=c, layer=layers[c]
+                )
             else:
                 sink.add_failure(item.key, item.source, "relevance row is not finite", channel=c)
 
@@ -102,13 +112,13 @@ class RelevanceBuilder:
     clip: ModelSpec
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     mode: Mode = "exact"
-    n_images: int = 100            # base images averaged over (StyleCLIP: 100)
+    n_images: int = 100  # base images averaged over (StyleCLIP: 100)
     n_stat_samples: int = 100_000  # codes for the per-channel mean/std (StyleCLIP: 100k)
-    sigma_scale: float = 5.0       # k in mean ± kσ
-    batch_size: int = 32           # exact: renders per forward
-    jacobian_batch: int = 8        # fast: images per Jacobian pass
-    fast_rank: int = 0             # fast: 0 = full Jacobian, k = k leading CLIP directions (after batch 1)
-    root: str | None = None        # covariance: the run whose pools it reads
+    sigma_scale: float = 5.0  # k in mean ± kσ
+    batch_size: int = 32  # exact: renders per forward
+    jacobian_batch: int = 8  # fast: images per Jacobian pass
+    fast_rank: int = 0  # fast: 0 = full Jacobian, k = k leading CLIP directions (after batch 1)
+    root: str | None = None  # covariance: the run whose pools it reads
     pools: tuple[str, ...] = (SAMPLES,)
     seed: int = 0
     device: DeviceChoice = "auto"
@@ -117,11 +127,23 @@ class RelevanceBuilder:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> RelevanceBuilder:
         r = cfg.relevance
-        return cls(generator=cfg.models.generator, clip=cfg.models.clip, storage_options=cfg.storage_options,
-                   mode=r.mode, n_images=r.n_images, n_stat_samples=r.n_stat_samples,
-                   sigma_scale=r.sigma_scale, batch_size=r.batch_size, jacobian_batch=r.jacobian_batch,
-                   fast_rank=r.fast_rank, root=cfg.root, pools=tuple(r.pools), seed=cfg.seed, device=cfg.device,
-                   cpus=cfg.ray.cpus_per_actor)
+        return cls(
+            generator=cfg.models.generator,
+            clip=cfg.models.clip,
+            storage_options=cfg.storage_options,
+            mode=r.mode,
+            n_images=r.n_images,
+            n_stat_samples=r.n_stat_samples,
+            sigma_scale=r.sigma_scale,
+            batch_size=r.batch_size,
+            jacobian_batch=r.jacobian_batch,
+            fast_rank=r.fast_rank,
+            root=cfg.root,
+            pools=tuple(r.pools),
+            seed=cfg.seed,
+            device=cfg.device,
+            cpus=cfg.ray.cpus_per_actor,
+        )
 
     @property
     def stage(self) -> str:
@@ -129,12 +151,17 @@ class RelevanceBuilder:
 
     def settings(self) -> dict[str, Any]:
         """What determines the numbers (not how fast they come): part of the fingerprint and metadata."""
-        return {"mode": self.mode, "n_images": self.n_images, "n_stat_samples": self.n_stat_samples,
-                "sigma_scale": self.sigma_scale, "seed": self.seed,
-                "fast_rank": self.fast_rank if self.mode == "fast" else None,
-                "data": self._data() if self.mode == "covariance" else None,
-                "generator": zoo.identity(self.generator, self.storage_options),
-                "clip": zoo.identity(self.clip, self.storage_options)}
+        return {
+            "mode": self.mode,
+            "n_images": self.n_images,
+            "n_stat_samples": self.n_stat_samples,
+            "sigma_scale": self.sigma_scale,
+            "seed": self.seed,
+            "fast_rank": self.fast_rank if self.mode == "fast" else None,
+            "data": self._data() if self.mode == "covariance" else None,
+            "generator": zoo.identity(self.generator, self.storage_options),
+            "clip": zoo.identity(self.clip, self.storage_options),
+        }
 
     def _pairs(self) -> list[Any]:
         if self.root is None:
@@ -150,21 +177,45 @@ class RelevanceBuilder:
         gen, clip = models.load(self.generator), models.load(self.clip)
         freeze(gen, clip.model)
         covariance = self.mode == "covariance"
-        stats = None if covariance else style_statistics(gen, self.n_stat_samples, self.n_images, self.seed)
-        meta = {**self.settings(), "clip_model": clip.describe(), "layout": gen.layout.to_dict(),
-                "n_channels": gen.layout.conv_total, "embed_dim": clip.embed_dim, "column": COLUMN,
-                "normalised": True, "noise_mode": "const", "std": "population",
-                "definition": DEFINITIONS[self.mode]}
-        return RelevanceProcessor(gen, clip, stats, self.mode, self.sigma_scale, self.batch_size,
-                                  self.jacobian_batch, self.fast_rank, self._pairs() if covariance else (),
-                                  meta)
+        stats = (
+            None
+            if covariance
+            else style_statistics(gen, self.n_stat_samples, self.n_images, self.seed)
+        )
+        meta = {
+            **self.settings(),
+            "clip_model": clip.describe(),
+            "layout": gen.layout.to_dict(),
+            "n_channels": gen.layout.conv_total,
+            "embed_dim": clip.embed_dim,
+            "column": COLUMN,
+            "normalised": True,
+            "noise_mode": "const",
+            "std": "population",
+            "definition": DEFINITIONS[self.mode],
+        }
+        return RelevanceProcessor(
+            gen,
+            clip,
+            stats,
+            self.mode,
+            self.sigma_scale,
+            self.batch_size,
+            self.jacobian_batch,
+            self.fast_rank,
+            self._pairs() if covariance else (),
+            meta,
+        )
 
     def fingerprint(self) -> str:
-        return code_fingerprint(RelevanceProcessor, fast_rows, covariance_rows, config=self.settings())
+        return code_fingerprint(
+            RelevanceProcessor, fast_rows, covariance_rows, config=self.settings()
+        )
 
 
-def load_relevance(root: str, stage: str = relevance_stage("exact"),
-                   storage_options: dict[str, Any] | None = None) -> Tensor:
+def load_relevance(
+    root: str, stage: str = relevance_stage("exact"), storage_options: dict[str, Any] | None = None
+) -> Tensor:
     """Assemble Rₛ (C, D) from a run's finished blocks, in channel order; missing channels are an error."""
     table = read_vectors(StageStore(Location(root, storage_options or {}), stage))
     expected = decode_metadata(table).get("n_channels")
@@ -172,6 +223,8 @@ def load_relevance(root: str, stage: str = relevance_stage("exact"),
     order = torch.argsort(channels)
     if expected is not None and not torch.equal(channels[order], torch.arange(expected)):
         missing = sorted(set(range(expected)) - set(channels.tolist()))
-        raise ValueError(f"{root}/{stage}: {len(missing)} of {expected} channels missing "
-                         f"(first {missing[:5]}); run the relevance flow to finish it")
+        raise ValueError(
+            f"{root}/{stage}: {len(missing)} of {expected} channels missing "
+            f"(first {missing[:5]}); run the relevance flow to finish it"
+        )
     return vectors_tensor(table, COLUMN)[order]

@@ -11,6 +11,7 @@ the attribute's own channels is 0.40–0.66 against 0.01–0.09 for the other ch
 definition 0.09–0.37 against 0.08–0.29, so no threshold separates them. Cost: one pass over the stores
 (the sums are streamed shard by shard, memory C × D), no rendering.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,8 +30,10 @@ def covariance_pairs(root: Location, pools: Sequence[str]) -> list[ShardPair]:
     """The finished (codes, CLIP) shard pairs the rows are computed from; an error if there are none."""
     pairs = shard_pairs(root, pools, POOLS)
     if not pairs:
-        raise FileNotFoundError(f"covariance relevance needs finished codes + CLIP shards of the pools "
-                                f"{list(pools)} under {root.uri}: run `deltaedit run preprocess` first")
+        raise FileNotFoundError(
+            f"covariance relevance needs finished codes + CLIP shards of the pools "
+            f"{list(pools)} under {root.uri}: run `deltaedit run preprocess` first"
+        )
     return pairs
 
 
@@ -42,7 +45,10 @@ def covariance_rows(pairs: Sequence[ShardPair]) -> Tensor:
         s = torch.from_numpy(np.asarray(shard.s, np.float64))
         e = F.normalize(torch.from_numpy(np.asarray(shard.embedding, np.float64)), dim=1)
         if cross is None:
-            s_sum, e_sum = torch.zeros(s.shape[1], dtype=torch.float64), torch.zeros(e.shape[1], dtype=torch.float64)
+            s_sum, e_sum = (
+                torch.zeros(s.shape[1], dtype=torch.float64),
+                torch.zeros(e.shape[1], dtype=torch.float64),
+            )
             cross = torch.zeros(s.shape[1], e.shape[1], dtype=torch.float64)
         n += len(s)
         s_sum += s.sum(0)

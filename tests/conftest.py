@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated Prefect home + test harness, one local Ray cluster, a real S3 server
 (moto's, on 127.0.0.1) and a run-root factory that yields the same test on disk and on S3."""
+
 from __future__ import annotations
 
 import atexit
@@ -15,7 +16,9 @@ import pytest
 
 # Offline, isolated settings before prefect/ray are imported anywhere.
 _HOME = Path(tempfile.mkdtemp(prefix="deltaedit-tests-"))
-atexit.register(shutil.rmtree, _HOME, ignore_errors=True)      # each session's Prefect home goes with it
+atexit.register(
+    shutil.rmtree, _HOME, ignore_errors=True
+)  # each session's Prefect home goes with it
 os.environ.setdefault("PREFECT_HOME", str(_HOME / "prefect"))
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_HOME / "prefect" / "storage"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -26,7 +29,7 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-logging.getLogger("werkzeug").setLevel(logging.WARNING)   # moto's request log
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,11 +78,15 @@ def s3_bucket(s3_server):
     import s3fs
 
     name = f"test-{uuid.uuid4().hex[:10]}"
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint_url"]},
-                           key="testing", secret="testing")
+    fs = s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": s3_server["endpoint_url"]}, key="testing", secret="testing"
+    )
     fs.mkdir(name)
-    return f"s3://{name}", {"client_kwargs": {"endpoint_url": s3_server["endpoint_url"]},
-                            "key": "testing", "secret": "testing"}
+    return f"s3://{name}", {
+        "client_kwargs": {"endpoint_url": s3_server["endpoint_url"]},
+        "key": "testing",
+        "secret": "testing",
+    }
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -1,4 +1,5 @@
 """Helpers for the StyleGAN2 / e4e tests: public format listings, synthetic checkpoints, tiny seeded models."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,10 +20,20 @@ FORMATS = Path(__file__).resolve().parent / "formats"
 # A 32 px generator with custom widths: 7 conv + 4 toRGB layers, 8 W+ rows of 64; milliseconds on CPU.
 TINY_G = dict(size=32, style_dim=64, n_mlp=2, channels={4: 64, 8: 48, 16: 32, 32: 16})
 # A 32 px-input encoder paired with TINY_G (8 styles of 64).
-TINY_E = dict(n_styles=8, style_dim=64, input_size=32, backbone_blocks=(1, 1, 2, 1), widths=(16, 24, 32, 48))
+TINY_E = dict(
+    n_styles=8, style_dim=64, input_size=32, backbone_blocks=(1, 1, 2, 1), widths=(16, 24, 32, 48)
+)
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA not available")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
+        ],
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -76,8 +87,9 @@ def tiny_generator(seed: int = 0, **overrides: Any) -> Generator:
         for name, p in gen.named_parameters():
             if name.endswith("noise.weight"):
                 p.fill_(0.3)
-            elif name.endswith("activate.bias") or (name.startswith("to_rgb") and name.count(".") <= 2
-                                                     and name.endswith(".bias")):
+            elif name.endswith("activate.bias") or (
+                name.startswith("to_rgb") and name.count(".") <= 2 and name.endswith(".bias")
+            ):
                 p.normal_(0, 0.1)
     gen.latent_avg = torch.randn(gen.style_dim)
     return gen.eval()

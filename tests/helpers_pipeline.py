@@ -1,4 +1,5 @@
 """A tiny model zoo (random weights, our safetensors format) and catalogs of good and bad images."""
+
 from __future__ import annotations
 
 import io
@@ -18,16 +19,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
+from helpers_models import TINY_E, TINY_G
 from PIL import Image
 
-from helpers_models import TINY_E, TINY_G
 from models.clip import ClipEncoder
 from models.e4e import Encoder
 from models.stylegan2 import Generator
 
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def tiny_zoo(folder: Path, seed: int = 0) -> list[str]:
@@ -40,9 +43,11 @@ def tiny_zoo(folder: Path, seed: int = 0) -> list[str]:
     gen.save(str(folder / "g.safetensors"))
     enc.save(str(folder / "e.safetensors"))
     clip.save(str(folder / "clip.safetensors"))
-    return [f"models.generator={{name: stylegan2, checkpoint: {folder / 'g.safetensors'}}}",
-            f"models.encoder={{name: e4e, checkpoint: {folder / 'e.safetensors'}}}",
-            f"models.clip={{name: open_clip, checkpoint: {folder / 'clip.safetensors'}}}"]
+    return [
+        f"models.generator={{name: stylegan2, checkpoint: {folder / 'g.safetensors'}}}",
+        f"models.encoder={{name: e4e, checkpoint: {folder / 'e.safetensors'}}}",
+        f"models.clip={{name: open_clip, checkpoint: {folder / 'clip.safetensors'}}}",
+    ]
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -105,11 +110,25 @@ def store_snapshot(root: Path) -> dict[str, bytes]:
             continue
         if path.name.endswith(".done.json"):
             marker = json.loads(path.read_text())
-            snap[rel] = json.dumps([marker["counts"], marker["input_fingerprint"],
-                                    marker["code_fingerprint"]]).encode()
+            snap[rel] = json.dumps(
+                [marker["counts"], marker["input_fingerprint"], marker["code_fingerprint"]]
+            ).encode()
         elif path.suffix in (".tar", ".parquet"):
             snap[rel] = path.read_bytes()
     return snap
+
+
+def training_overrides(
+    root: Path, section: str, settings: dict[str, Any], *extra: str
+) -> list[str]:
+    """Overrides of a small CPU training run under ``root``: ``<section>.<key>=<value>`` per setting."""
+    return [
+        f"root={root}",
+        "device=cpu",
+        "prefect.retries=0",
+        *(f"{section}.{k}={v}" for k, v in settings.items()),
+        *extra,
+    ]
 
 
 def write_config(path: Path, overrides: list[str]) -> Path:
@@ -125,13 +144,21 @@ def write_config(path: Path, overrides: list[str]) -> Path:
     return path
 
 
-def kill_after_first_shard(args: list[str], cwd: Path, stage_dir: Path, poll_s: float = 0.05) -> None:
+def kill_after_first_shard(
+    args: list[str], cwd: Path, stage_dir: Path, poll_s: float = 0.05
+) -> None:
     """Run `deltaedit <args>` in its own process group and SIGKILL the whole group (driver, Ray cluster,
     Prefect server) as soon as ``stage_dir`` holds a done-marker (or after 5 minutes)."""
     cli = str(Path(sys.executable).with_name("deltaedit"))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.Popen([cli, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [cli, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not list(stage_dir.glob("*.done.json")):
         time.sleep(poll_s)
@@ -149,9 +176,11 @@ def tiny_mappers(folder: Path, clip_dim: int = TINY_CLIP["embed_dim"]) -> list[s
     for name, cls in (("delta", DeltaMapper), ("straight", StraightforwardMapper)):
         mapper = cls(MapperConfig(layout=layout, clip_dim=clip_dim))
         mapper.save(str(folder / f"{name}.safetensors"))
-    return [f"models.mapper={{name: delta_mapper, checkpoint: {folder / 'delta.safetensors'}}}",
-            "bulk_edit.straightforward_mapper={name: straightforward_mapper, "
-            f"checkpoint: {folder / 'straight.safetensors'}}}"]
+    return [
+        f"models.mapper={{name: delta_mapper, checkpoint: {folder / 'delta.safetensors'}}}",
+        "bulk_edit.straightforward_mapper={name: straightforward_mapper, "
+        f"checkpoint: {folder / 'straight.safetensors'}}}",
+    ]
 
 
 def run_directly(builder: Any, specs: list[Any], root: str) -> None:

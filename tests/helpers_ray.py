@@ -1,5 +1,6 @@
 """Ray clusters for tests: the session's local one, one with declared resources, and a real
 multi-node cluster of `ray start` processes on this machine (each node with its own resources)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,13 @@ def start_local_ray(**resources: Any) -> None:
     import ray
 
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    ray.init(num_cpus=resources.pop("num_cpus", 2), include_dashboard=False,
-             configure_logging=False, runtime_env={"env_vars": env}, **resources)
+    ray.init(
+        num_cpus=resources.pop("num_cpus", 2),
+        include_dashboard=False,
+        configure_logging=False,
+        runtime_env={"env_vars": env},
+        **resources,
+    )
 
 
 @contextlib.contextmanager
@@ -48,13 +54,14 @@ def other_ray(start: Callable[[], None]) -> Iterator[None]:
 @dataclass
 class RayNodes:
     """`ray start --block` processes, each in its own process group (stopped by that group's id)."""
+
     address: str
     temp_dir: str
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def stop(self, grace_s: float = 5.0) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in reversed(self.procs):       # workers first, the head last
+            for proc in reversed(self.procs):  # workers first, the head last
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, sig)
             deadline = time.time() + grace_s
@@ -68,9 +75,15 @@ class RayNodes:
 def _node_args(cpus: float, resources: dict[str, float], gpus: int = 0) -> list[str]:
     from conftest import free_port
 
-    return ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
-            f"--resources={json.dumps(resources)}", f"--dashboard-agent-listen-port={free_port()}",
-            "--disable-usage-stats"]
+    return [
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={cpus}",
+        f"--num-gpus={gpus}",
+        f"--resources={json.dumps(resources)}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--disable-usage-stats",
+    ]
 
 
 def start_nodes(nodes: list[dict[str, float]], cpus: float = 1, timeout_s: float = 120) -> RayNodes:
@@ -81,16 +94,26 @@ def start_nodes(nodes: list[dict[str, float]], cpus: float = 1, timeout_s: float
     port = free_port()
     cluster = RayNodes(f"127.0.0.1:{port}", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = ["--head", f"--port={port}", "--include-dashboard=false",
-            f"--temp-dir={cluster.temp_dir}"]
+    head = [
+        "--head",
+        f"--port={port}",
+        "--include-dashboard=false",
+        f"--temp-dir={cluster.temp_dir}",
+    ]
     try:
         for n, resources in enumerate(nodes):
             role = head if n == 0 else [f"--address={cluster.address}"]
             log = Path(cluster.temp_dir) / f"node{n}.log"
             with open(log, "wb") as out:
-                cluster.procs.append(subprocess.Popen(
-                    [RAY, "start", *role, *_node_args(cpus, resources)], env=env, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True))
+                cluster.procs.append(
+                    subprocess.Popen(
+                        [RAY, "start", *role, *_node_args(cpus, resources)],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
             _wait_for_line(log, "Ray runtime started", cluster.procs[-1], timeout_s)
     except BaseException:
         cluster.stop()

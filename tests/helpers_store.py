@@ -1,4 +1,5 @@
 """Small processors and catalogs for store/flow tests."""
+
 from __future__ import annotations
 
 import io
@@ -9,8 +10,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from infra.storage.records import Sink
 from infra.runtime.shards import Item, ShardSpec
+from infra.storage.records import Sink
 
 
 def png_bytes(seed: int, size: int = 8) -> bytes:
@@ -37,6 +38,7 @@ def items(n: int) -> list[Item]:
 @dataclass
 class FlakyProcessor:
     """Writes an image and a vector per item; fails the keys in ``fail`` while ``fail`` is not empty."""
+
     fail: set[str] = field(default_factory=set)
     calls: list[list[str]] = field(default_factory=list)
     output_metadata: dict[str, Any] = field(default_factory=lambda: {"model": "test"})
@@ -48,5 +50,12 @@ class FlakyProcessor:
                 sink.add_failure(item.key, item.source, "simulated read error")
             else:
                 seed = int(item.key[1:])
-                sink.add(item.key, item.source, image=png_bytes(seed), image_ext="png",
-                         sample_meta={"seed": seed}, vectors={"emb": np.full(4, seed, np.float32)}, width=8)
+                sink.add(
+                    item.key,
+                    item.source,
+                    image=png_bytes(seed),
+                    image_ext="png",
+                    sample_meta={"seed": seed},
+                    vectors={"emb": np.full(4, seed, np.float32)},
+                    width=8,
+                )

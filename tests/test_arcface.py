@@ -1,5 +1,6 @@
 """ArcFace IR-SE-50 (models/arcface.py): the public file's layout, loading from a path or URI, the
 preprocessing of e4e's ID loss, and clear errors for a file of another network."""
+
 from __future__ import annotations
 
 import fsspec
@@ -28,20 +29,26 @@ def _random_state(seed: int = 0) -> dict[str, torch.Tensor]:
 def test_parameter_names_and_shapes_are_the_public_files():
     ours = {k: v for k, v in meta_shapes(IRSE50()).items() if not k.endswith("num_batches_tracked")}
     assert ours == load_format(FORMAT)["state_dict"]
-    assert sum(torch.Size(s).numel() for s in ours.values()) == load_format(FORMAT)["n_float_elements"]
+    assert (
+        sum(torch.Size(s).numel() for s in ours.values()) == load_format(FORMAT)["n_float_elements"]
+    )
 
 
 @pytest.mark.parametrize("counters", [True, False], ids=["torch>=0.4.1 file", "older file"])
 def test_loads_a_file_in_the_public_format_with_or_without_batch_counters(tmp_path, counters):
     state = synthetic_state(load_format(FORMAT))
     if counters:
-        state.update({k: torch.tensor(7) for k in IRSE50().state_dict() if k.endswith("num_batches_tracked")})
+        state.update(
+            {k: torch.tensor(7) for k in IRSE50().state_dict() if k.endswith("num_batches_tracked")}
+        )
     torch.save(state, tmp_path / "model_ir_se50.pth")
     model = load_arcface(str(tmp_path / "model_ir_se50.pth"))
     assert not model.training
     loaded = model.state_dict()
     assert torch.equal(loaded["output_layer.3.weight"], state["output_layer.3.weight"])
-    assert torch.equal(loaded["body.23.res_layer.5.fc2.weight"], state["body.23.res_layer.5.fc2.weight"])
+    assert torch.equal(
+        loaded["body.23.res_layer.5.fc2.weight"], state["body.23.res_layer.5.fc2.weight"]
+    )
 
 
 def test_identity_of_an_image_with_itself_is_one_and_differs_from_another(tmp_path):
@@ -50,11 +57,16 @@ def test_identity_of_an_image_with_itself_is_one_and_differs_from_another(tmp_pa
         torch.save(_random_state(), f)
     model = load_arcface(uri)
     g = torch.Generator().manual_seed(1)
-    a, b = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    a, b = (
+        torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
+        torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
+    )
     fa, fb = identity_features(model, a), identity_features(model, b)
     assert fa.shape == (2, 512)
     assert torch.allclose(fa.norm(dim=1), torch.ones(2), atol=1e-5)
-    assert torch.allclose((fa * identity_features(model, a.clone())).sum(1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(
+        (fa * identity_features(model, a.clone())).sum(1), torch.ones(2), atol=1e-5
+    )
     assert ((fa * fb).sum(1) < 0.999).all()
 
 
@@ -64,16 +76,20 @@ def test_face_crop_is_e4e_preprocessing():
     assert crop.shape == (1, 3, 112, 112)
     expected = torch.nn.functional.adaptive_avg_pool2d(x[:, :, 35:223, 32:220], 112)
     assert torch.equal(crop, expected)
-    big = torch.nn.functional.interpolate(x, size=512, mode="nearest")    # any size comes to 256 first
+    big = torch.nn.functional.interpolate(
+        x, size=512, mode="nearest"
+    )  # any size comes to 256 first
     assert torch.allclose(face_crop(big), crop)
 
 
 def test_a_file_of_another_network_names_what_does_not_match(tmp_path):
     state = synthetic_state(load_format(FORMAT))
     state.pop("output_layer.3.bias")
-    state["output_layer.3.weight"] = torch.zeros(512, 512 * 14 * 14)      # the 224-px Backbone
+    state["output_layer.3.weight"] = torch.zeros(512, 512 * 14 * 14)  # the 224-px Backbone
     torch.save(state, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match=r"missing keys \['output_layer.3.bias'\].*output_layer.3.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \['output_layer.3.bias'\].*output_layer.3.weight"
+    ):
         load_arcface(str(tmp_path / "other.pth"))
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="expected a state dict"):

@@ -1,4 +1,5 @@
 """The `deltaedit` command: every subcommand explains itself; errors are clear and exit non-zero."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 CLI = str(Path(sys.executable).with_name("deltaedit"))
@@ -16,7 +16,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
-@pytest.mark.parametrize("sub", [[], ["run"], ["flows"], ["config"], ["store"], ["zoo"], ["toy"], ["demo"]])
+@pytest.mark.parametrize(
+    "sub", [[], ["run"], ["flows"], ["config"], ["store"], ["zoo"], ["toy"], ["demo"]]
+)
 def test_help_explains(sub):
     out = _run(*sub, "--help")
     assert out.returncode == 0 and "usage: deltaedit" in out.stdout and len(out.stdout) > 80
@@ -27,7 +29,11 @@ def test_bad_config_is_a_clear_error(tmp_path):
     bad.write_text("ray: {actors: -1}\n")
     out = _run("run", "ingest", "--config", str(bad))
     assert out.returncode == 2
-    assert str(bad) in out.stderr and "'ray.actors'" in out.stderr and "greater than or equal to 1" in out.stderr
+    assert (
+        str(bad) in out.stderr
+        and "'ray.actors'" in out.stderr
+        and "greater than or equal to 1" in out.stderr
+    )
 
 
 def test_unknown_flow_lists_known_ones():
@@ -44,7 +50,7 @@ def test_overrides_may_follow_options(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("name: x\n")
     out = _run("run", "ingest", "--config", str(bad), "ray.actors=0")
-    assert out.returncode == 2 and "'ray.actors'" in out.stderr         # the override was applied
+    assert out.returncode == 2 and "'ray.actors'" in out.stderr  # the override was applied
     out = _run("flows", "bogus")
     assert out.returncode == 2 and "unrecognized arguments" in out.stderr
 
@@ -52,7 +58,10 @@ def test_overrides_may_follow_options(tmp_path):
 def test_toy_render_writes_a_catalog(tmp_path):
     out = _run("toy", "render", "5", "--out", str(tmp_path / "cat"))
     assert out.returncode == 0, out.stderr
-    assert len(list((tmp_path / "cat").glob("*.png"))) == 5 and (tmp_path / "cat" / "attributes.jsonl").exists()
+    assert (
+        len(list((tmp_path / "cat").glob("*.png"))) == 5
+        and (tmp_path / "cat" / "attributes.jsonl").exists()
+    )
 
 
 def test_zoo_list_names_the_models():

@@ -1,9 +1,10 @@
 """Configs: YAML + typed models; a bad field names the file, the field and what was expected."""
+
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from infra.config import ConfigError, RunConfig, load_config
 
 
@@ -25,8 +26,14 @@ def test_bad_field_names_file_field_and_expectation(tmp_path):
 
 
 def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
-    cfg = load_config(None, ["ray.actors=3", "ingest.source=s3://b/x", 'storage_options={"anon": true}'])
-    assert cfg.ray.actors == 3 and cfg.ingest.source == "s3://b/x" and cfg.storage_options == {"anon": True}
+    cfg = load_config(
+        None, ["ray.actors=3", "ingest.source=s3://b/x", 'storage_options={"anon": true}']
+    )
+    assert (
+        cfg.ray.actors == 3
+        and cfg.ingest.source == "s3://b/x"
+        and cfg.storage_options == {"anon": True}
+    )
     with pytest.raises(ConfigError, match="'ray.cpus_per_actor'.*greater than 0"):
         load_config(None, ["ray.cpus_per_actor=0"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
@@ -49,4 +56,4 @@ def test_model_specs_are_checked_against_the_zoo(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(bad)
     assert str(bad) in str(err.value) and "'models.generator'" in str(err.value)
-    assert "stylegan2" in str(err.value)          # the known names are listed
+    assert "stylegan2" in str(err.value)  # the known names are listed

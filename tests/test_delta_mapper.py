@@ -1,4 +1,5 @@
 """Delta Mapper: the released checkpoint's format, our safetensors round trip, and the official semantics."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,13 @@ from models.layout import StyleLayout
 from models.mapper_blocks import EqualLinear, PixelNorm
 
 FORMAT = Path(__file__).parent / "formats" / "deltaedit_net_face.json"
-SMALL_CHANNELS = {4: 64, 8: 64, 16: 64, 32: 32, 64: 32}   # medium mixes 64 and 32 -> flat; fine shared
+SMALL_CHANNELS = {
+    4: 64,
+    8: 64,
+    16: 64,
+    32: 32,
+    64: 32,
+}  # medium mixes 64 and 32 -> flat; fine shared
 
 
 def official_shapes() -> dict[str, list[int]]:
@@ -32,7 +39,7 @@ def official_state() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def official_file(official_state, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("official") / "net_face.pth"
-    torch.save(official_state, path)   # a bare state dict, as scripts/train.py saves it
+    torch.save(official_state, path)  # a bare state dict, as scripts/train.py saves it
     return path
 
 
@@ -47,17 +54,21 @@ def small_config(**kwargs) -> MapperConfig:
 
 def inputs(batch: int, style_dim: int, clip_dim: int, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, style_dim, generator=gen), torch.randn(batch, clip_dim, generator=gen),
-            torch.randn(batch, clip_dim, generator=gen))
+    return (
+        torch.randn(batch, style_dim, generator=gen),
+        torch.randn(batch, clip_dim, generator=gen),
+        torch.randn(batch, clip_dim, generator=gen),
+    )
 
 
 # --- the released format --------------------------------------------------------------------------------
+
 
 def test_keys_and_shapes_equal_the_official_format():
     with torch.device("meta"):
         model = DeltaMapper(MapperConfig.official())
     ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    assert ours == list(official_shapes().items())          # same names, shapes and order
+    assert ours == list(official_shapes().items())  # same names, shapes and order
     assert sum(math.prod(s) for _, s in ours) == json.loads(FORMAT.read_text())["n_float_elements"]
 
 
@@ -71,7 +82,9 @@ def test_wrong_shape_names_parameter_and_both_shapes(official_state, tmp_path):
     bad = dict(official_state)
     bad["fm_fine.mapping.0.weight"] = torch.zeros(2464, 4000)
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match=r"fm_fine\.mapping\.0\.weight.*\(2464, 4000\).*\(2464, 4928\)"):
+    with pytest.raises(
+        CheckpointError, match=r"fm_fine\.mapping\.0\.weight.*\(2464, 4000\).*\(2464, 4928\)"
+    ):
         DeltaMapper.from_checkpoint(str(tmp_path / "bad.pth"))
 
 
@@ -85,25 +98,28 @@ def test_official_round_trips_through_safetensors(official_model, tmp_path):
     s, i, d = inputs(2, 6048, 512)
     with torch.no_grad():
         out = official_model(s, i, d)
-        assert out.shape == (2, 6048)                                  # FFHQ 1024 conv channels
+        assert out.shape == (2, 6048)  # FFHQ 1024 conv channels
         assert torch.equal(out, loaded(s, i, d))
 
 
 # --- semantics --------------------------------------------------------------------------------------------
 
+
 def test_pixelnorm_normalises_the_layer_axis_of_3d_inputs():
     x = torch.randn(2, 3, 8) * torch.tensor([1.0, 5.0, 0.2]).view(1, 3, 1)
     y = PixelNorm()(x)
-    assert torch.allclose(y.pow(2).mean(dim=1), torch.ones(2, 8), atol=1e-5)        # over layers
-    assert not torch.allclose(y.pow(2).mean(dim=-1), torch.ones(2, 3), atol=1e-2)   # not over channels
+    assert torch.allclose(y.pow(2).mean(dim=1), torch.ones(2, 8), atol=1e-5)  # over layers
+    assert not torch.allclose(
+        y.pow(2).mean(dim=-1), torch.ones(2, 3), atol=1e-2
+    )  # not over channels
 
 
 def test_mapper_uses_layer_axis_pixelnorm():
     """Scaling a coarse channel alike in every coarse layer is invisible only with the official quirk."""
     s, i, d = inputs(2, StyleLayout.for_generator(64, channels=SMALL_CHANNELS).conv_total, 16)
-    scale = torch.rand(64) + 0.5                                         # per channel, shared by the layers
+    scale = torch.rand(64) + 0.5  # per channel, shared by the layers
     s_scaled = s.clone()
-    s_scaled[:, :3 * 64] = (s[:, :3 * 64].view(2, 3, 64) * scale).reshape(2, -1)
+    s_scaled[:, : 3 * 64] = (s[:, : 3 * 64].view(2, 3, 64) * scale).reshape(2, -1)
     torch.manual_seed(0)
     official = DeltaMapper(small_config())
     torch.manual_seed(0)
@@ -121,7 +137,7 @@ def test_condition_is_normalised():
         assert torch.allclose(model(s, i, d), model(s, 7.0 * i, 0.01 * d), atol=1e-5)
     cond = DeltaMapper.condition(i, torch.full((3, 16), 1e-8))
     assert torch.allclose(cond[:, :16].norm(dim=-1), torch.ones(3))
-    assert torch.allclose(cond[:, 16:], torch.full((3, 16), 1e-3))   # Δi / max(‖Δi‖, 1e-5)
+    assert torch.allclose(cond[:, 16:], torch.full((3, 16), 1e-3))  # Δi / max(‖Δi‖, 1e-5)
 
 
 def test_equal_linear_matches_the_fused_formula():
@@ -139,7 +155,7 @@ def test_generalised_small_layout_builds_trains_and_round_trips(tmp_path):
     assert plan == {"coarse": (3, 64), "medium": (0, 224), "fine": (2, 32)}
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes["sm_medium.mapping.1.weight"] == (224, 224)
-    assert shapes["cm_fine.mapping.1.weight"] == (32, 32)            # condition 2·16 → 32
+    assert shapes["cm_fine.mapping.1.weight"] == (32, 32)  # condition 2·16 → 32
     assert shapes["fm_coarse.mapping.0.weight"] == (64, 128)
     s, i, d = inputs(4, model.style_dim, 16)
     out = model(s, i, d)
@@ -147,7 +163,7 @@ def test_generalised_small_layout_builds_trains_and_round_trips(tmp_path):
     loss = F.mse_loss(out, torch.randn_like(out)) + (1 - F.cosine_similarity(out, s).mean())
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    uri = "memory://mappers/small.safetensors"                       # any fsspec URI
+    uri = "memory://mappers/small.safetensors"  # any fsspec URI
     model.save(uri)
     with torch.no_grad():
         assert torch.equal(DeltaMapper.from_checkpoint(uri)(s, i, d), model(s, i, d))
@@ -167,7 +183,9 @@ def test_straightforward_mapper_has_its_own_kind(tmp_path):
     model = StraightforwardMapper(small_config())
     s, i1, i2 = inputs(2, model.style_dim, 16)
     cond = model.condition(i1, i2)
-    assert torch.allclose(cond, torch.cat([F.normalize(i1, dim=-1), F.normalize(i2, dim=-1)], dim=-1))
+    assert torch.allclose(
+        cond, torch.cat([F.normalize(i1, dim=-1), F.normalize(i2, dim=-1)], dim=-1)
+    )
     assert model(s, i1, i2).shape == s.shape
     path = str(tmp_path / "sf.safetensors")
     model.save(path)

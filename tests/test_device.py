@@ -6,6 +6,7 @@ raises the error CUDA raises ("Tensor on device cpu is not on the expected devic
 processor that forgets to move an input fails here as it would on a GPU. A correct processor runs
 every model on meta and stops only where it copies its results to the host (meta holds no data).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,17 +15,17 @@ from typing import Any
 
 import pytest
 import torch
-
 from helpers_models import TINY_G
 from helpers_pipeline import run_directly, tiny_mappers, tiny_zoo
 from helpers_store import make_catalog
-from infra.storage.catalog import list_catalog
+
 from infra.config import RunConfig, load_config
+from infra.runtime.shards import ShardSpec, plan_shards
+from infra.runtime.upstream import plan_downstream
+from infra.storage.catalog import list_catalog
 from infra.storage.fsio import Location
 from infra.storage.records import MemorySink
-from infra.runtime.shards import ShardSpec, plan_shards
 from infra.storage.store import StageStore
-from infra.runtime.upstream import plan_downstream
 from models.layout import StyleLayout
 
 PROMPTS = "- {id: red, source: a shape, target: a red shape}\n"
@@ -36,6 +37,7 @@ HOST_COPY = re.compile(r"meta tensor|meta device|no data")
 @dataclasses.dataclass(frozen=True)
 class TinyRun:
     """A tiny run's stage builders (made here, not by flows/: no Prefect needed) and shards."""
+
     cfg: RunConfig
     builders: dict[str, Any]
 
@@ -77,10 +79,19 @@ def _builders(cfg: RunConfig) -> dict[str, Any]:
         "invert": InvertBuilder(m.encoder, m.generator, cfg.root, batch_size=2, device=dev),
         "embed": EmbedBuilder(m.clip, cfg.root, "images", batch_size=2, device=dev),
         "sample": SampleBuilder(m.generator, batch_size=2, device=dev),
-        "relevance": RelevanceBuilder(m.generator, m.clip, n_images=r.n_images,
-                                      n_stat_samples=r.n_stat_samples, device=dev),
-        "edit": EditBuilder(m.generator, m.clip, mappers, cfg.root, cfg.bulk_edit,
-                            "relevance_exact", n_stat_samples=r.n_stat_samples, device=dev),
+        "relevance": RelevanceBuilder(
+            m.generator, m.clip, n_images=r.n_images, n_stat_samples=r.n_stat_samples, device=dev
+        ),
+        "edit": EditBuilder(
+            m.generator,
+            m.clip,
+            mappers,
+            cfg.root,
+            cfg.bulk_edit,
+            "relevance_exact",
+            n_stat_samples=r.n_stat_samples,
+            device=dev,
+        ),
         "metrics": MetricsBuilder(m.clip, cfg.root, cfg.evaluate, "none", device=dev),
     }
 
@@ -92,13 +103,24 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     base = tmp_path_factory.mktemp("device")
     make_catalog(base / "catalog", 4)
     (base / "prompts.yaml").write_text(PROMPTS)
-    cfg = load_config(None, [
-        f"root={base / 'run'}", f"ingest.source={base / 'catalog'}", "ingest.image_size=32",
-        "device=cpu", "relevance.n_images=1", "relevance.n_stat_samples=64",
-        "relevance.block_size=512", f"bulk_edit.prompts={base / 'prompts.yaml'}",
-        f"bulk_edit.methods=[{', '.join(METHODS)}]", "bulk_edit.templates=none",
-        "bulk_edit.tau=0.01",
-        *tiny_zoo(base / "zoo"), *tiny_mappers(base / "zoo")])
+    cfg = load_config(
+        None,
+        [
+            f"root={base / 'run'}",
+            f"ingest.source={base / 'catalog'}",
+            "ingest.image_size=32",
+            "device=cpu",
+            "relevance.n_images=1",
+            "relevance.n_stat_samples=64",
+            "relevance.block_size=512",
+            f"bulk_edit.prompts={base / 'prompts.yaml'}",
+            f"bulk_edit.methods=[{', '.join(METHODS)}]",
+            "bulk_edit.templates=none",
+            "bulk_edit.tau=0.01",
+            *tiny_zoo(base / "zoo"),
+            *tiny_mappers(base / "zoo"),
+        ],
+    )
     run = TinyRun(cfg, _builders(cfg))
     for stage in ("ingest", "invert", "embed", "sample", "relevance", "edit"):
         run_directly(run.builders[stage], run.shards(stage), cfg.root)
@@ -165,6 +187,7 @@ def test_cuda_edits_match_the_cpu_edits(tiny_run):
     """The edit processor on CUDA writes the CPU's records: same keys, statuses and counts, pixels
     within a grey level on average (float32 without TF32; PNG rounding may flip a level)."""
     from helpers_models import exact_float32
+
     from infra.storage.readers import decode_image
 
     builder, spec = _stage(tiny_run, "edit")

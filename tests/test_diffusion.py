@@ -1,4 +1,5 @@
 """DeltaEdit-D: the style-conditioned U-Net and DDIM encode / decode / mask-guided decode (tiny, CPU)."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,17 +7,30 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, load_safetensors, save_safetensors
-from models.diffusion import (DiffusionConfig, EditGuidance, NoiseSchedule, StyleUNet, ddim_decode, ddim_encode,
-                              ddim_timesteps, level_groups, mask_guided_decode, q_sample, simple_loss)
+from models.diffusion import (
+    DiffusionConfig,
+    EditGuidance,
+    NoiseSchedule,
+    StyleUNet,
+    ddim_decode,
+    ddim_encode,
+    ddim_timesteps,
+    level_groups,
+    mask_guided_decode,
+    q_sample,
+    simple_loss,
+)
 from models.layout import StyleLayout
 from tests.helpers_models import TINY_G
 
 torch.set_num_threads(1)
 TINY = dict(image_size=16, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4)
-TINY_LAYOUT = StyleLayout.for_generator(32, channels=TINY_G["channels"])   # coarse + medium, no fine
+TINY_LAYOUT = StyleLayout.for_generator(32, channels=TINY_G["channels"])  # coarse + medium, no fine
 
 
-def tiny_unet(layout: StyleLayout = TINY_LAYOUT, seed: int = 0, perturb: bool = True, **overrides) -> StyleUNet:
+def tiny_unet(
+    layout: StyleLayout = TINY_LAYOUT, seed: int = 0, perturb: bool = True, **overrides
+) -> StyleUNet:
     """Seeded tiny U-Net; ``perturb`` adds noise to every parameter so the zero-initialised layers act."""
     torch.manual_seed(seed)
     model = StyleUNet(DiffusionConfig(layout=layout.to_dict(), **{**TINY, **overrides})).eval()
@@ -27,11 +41,16 @@ def tiny_unet(layout: StyleLayout = TINY_LAYOUT, seed: int = 0, perturb: bool = 
     return model
 
 
-def inputs(model: StyleUNet, batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(
+    model: StyleUNet, batch: int = 2, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     size = model.config.image_size
-    return (torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g),
-            5 * torch.randn(batch, model.style_dim, generator=g))
+    return (
+        torch.randn(batch, 3, size, size, generator=g),
+        torch.randint(0, 1000, (batch,), generator=g),
+        5 * torch.randn(batch, model.style_dim, generator=g),
+    )
 
 
 class GaussianEps(nn.Module):
@@ -42,11 +61,15 @@ class GaussianEps(nn.Module):
 
     def __init__(self, mean, sigma: float = 0.0, schedule: NoiseSchedule | None = None) -> None:
         super().__init__()
-        self.mean, self.sigma, self.schedule = mean, sigma, schedule or NoiseSchedule("linear", 1000)
+        self.mean, self.sigma, self.schedule = (
+            mean,
+            sigma,
+            schedule or NoiseSchedule("linear", 1000),
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         a = self.schedule.alpha_bar_like(t, x)
-        return (1 - a).sqrt() * (x - a.sqrt() * self.mean(s)) / (a * self.sigma ** 2 + 1 - a)
+        return (1 - a).sqrt() * (x - a.sqrt() * self.mean(s)) / (a * self.sigma**2 + 1 - a)
 
 
 def test_level_groups_put_coarse_low_and_fine_high():
@@ -60,7 +83,7 @@ def test_shapes_and_zero_init():
     model = tiny_unet(perturb=False)
     x, t, s = inputs(model)
     out = model(x, t, s)
-    assert out.shape == x.shape and torch.count_nonzero(out) == 0      # zero-initialised output layer
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # zero-initialised output layer
     assert tiny_unet()(x, t, s).abs().amax() > 0
     with pytest.raises(ValueError, match="s must be"):
         model(x, t, s[:, :-1])
@@ -70,8 +93,11 @@ def test_toy_generator_layout_64px():
     # the committed toy generator's layout, as ``Generator.layout`` derives it, read from the checkpoint
     # header (building the generator takes seconds on a loaded CI machine)
     cfg = load_safetensors("zoo/toy/generator.safetensors")[1]["config"]
-    layout = StyleLayout.for_generator(cfg["size"], cfg["channel_multiplier"],
-                                       channels={int(k): v for k, v in cfg["channels"].items()})
+    layout = StyleLayout.for_generator(
+        cfg["size"],
+        cfg["channel_multiplier"],
+        channels={int(k): v for k, v in cfg["channels"].items()},
+    )
     assert layout.conv_total == 720 and len(layout.conv) == 9
     model = tiny_unet(layout, image_size=64, channel_mult=(1, 1, 2, 2))
     assert [g.name for g in model.groups] == ["coarse", "medium", "fine"]
@@ -80,21 +106,26 @@ def test_toy_generator_layout_64px():
     assert model(x, t, s).shape == (1, 3, 64, 64)
 
 
-@pytest.mark.parametrize("layout", [TINY_LAYOUT, StyleLayout.for_generator(
-    64, channels={4: 16, 8: 16, 16: 8, 32: 8, 64: 4})], ids=["tiny32", "with_fine"])
+@pytest.mark.parametrize(
+    "layout",
+    [TINY_LAYOUT, StyleLayout.for_generator(64, channels={4: 16, 8: 16, 16: 8, 32: 8, 64: 4})],
+    ids=["tiny32", "with_fine"],
+)
 def test_every_style_group_reaches_the_output(layout):
     model = tiny_unet(layout)
     x, t, s = inputs(model)
     base = model(x, t, s)
-    for g in model.groups:                                            # change one group's styles only
+    for g in model.groups:  # change one group's styles only
         s2 = s.clone()
-        s2[:, g.start:g.stop] += 3.0
+        s2[:, g.start : g.stop] += 3.0
         assert (model(x, t, s2) - base).abs().amax() > 1e-3, g.name
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
     model = tiny_unet(schedule="cosine")
-    model.set_style_stats(torch.linspace(-1, 1, model.style_dim), torch.linspace(1, 3, model.style_dim))
+    model.set_style_stats(
+        torch.linspace(-1, 1, model.style_dim), torch.linspace(1, 3, model.style_dim)
+    )
     path = str(tmp_path / "diffusion.safetensors")
     model.save(path, lineage={"run": "test"})
     loaded = StyleUNet.from_checkpoint(path).eval()
@@ -127,7 +158,11 @@ def test_simple_loss_trains_the_unet_and_is_zero_for_the_exact_model():
     noise = torch.randn_like(x0)
     loss = simple_loss(model, x0, s, t, noise)
     loss.backward()
-    assert loss.ndim == 0 and torch.isfinite(loss) and model.style_proj["coarse"].weight.grad.abs().sum() > 0
+    assert (
+        loss.ndim == 0
+        and torch.isfinite(loss)
+        and model.style_proj["coarse"].weight.grad.abs().sum() > 0
+    )
     exact = GaussianEps(lambda _: x0)
     assert simple_loss(exact, x0, s, t, noise) < 1e-4
 
@@ -139,12 +174,14 @@ def test_ddim_round_trip_reproduces_a_single_image_exactly(steps):
     s = torch.ones(2, 4)
     x_T = ddim_encode(model, x_star, s, steps)
     assert x_T.shape == x_star.shape
-    if steps > 1:                                                      # (one move lands on x* itself)
+    if steps > 1:  # (one move lands on x* itself)
         assert (x_T - x_star).abs().amax() > 0.1
     assert torch.allclose(ddim_decode(model, x_T, s, steps), x_star, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind,steps,refine,tol", [("linear", 20, 5, 1e-3), ("cosine", 50, 3, 2e-3)])
+@pytest.mark.parametrize(
+    "kind,steps,refine,tol", [("linear", 20, 5, 1e-3), ("cosine", 50, 3, 2e-3)]
+)
 def test_ddim_round_trip_for_a_gaussian_distribution(kind, steps, refine, tol):
     """Plain DDIM inversion is first order (error ∝ 1/steps); fixed-point refinement makes it exact."""
     x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.2
@@ -152,11 +189,14 @@ def test_ddim_round_trip_for_a_gaussian_distribution(kind, steps, refine, tol):
     s = torch.zeros(2, 4)
 
     def error(n: int, r: int = 0) -> float:
-        return float((ddim_decode(model, ddim_encode(model, x0, s, n, refine=r), s, n) - x0).abs().amax())
+        return float(
+            (ddim_decode(model, ddim_encode(model, x0, s, n, refine=r), s, n) - x0).abs().amax()
+        )
 
     plain = error(steps)
-    assert 0.02 < plain < 1.0 and error(4 * steps) < plain / 2.5      # converges like 1/steps
+    assert 0.02 < plain < 1.0 and error(4 * steps) < plain / 2.5  # converges like 1/steps
     assert error(steps, refine) < tol
+
 
 def test_partial_encoding_stops_at_t_max_and_round_trips():
     assert ddim_timesteps(1000, 5, t_max=400) == [0, 100, 200, 300, 400]
@@ -167,8 +207,8 @@ def test_partial_encoding_stops_at_t_max_and_round_trips():
     model = GaussianEps(lambda s: torch.full((s.shape[0], 3, 8, 8), 0.2), 0.5, sched)
     s = torch.zeros(2, 4)
     x_t = ddim_encode(model, x0, s, 10, refine=3, t_max=400)
-    a = sched.alpha_bar(400)                                 # x at step 400 keeps √ᾱ of the image
-    assert float(torch.corrcoef(torch.stack([x_t.flatten(), x0.flatten()]))[0, 1]) > a ** 0.5 * 0.9
+    a = sched.alpha_bar(400)  # x at step 400 keeps √ᾱ of the image
+    assert float(torch.corrcoef(torch.stack([x_t.flatten(), x0.flatten()]))[0, 1]) > a**0.5 * 0.9
     assert (ddim_decode(model, x_t, s, 10, t_max=400) - x0).abs().amax() < 3e-3
 
 
@@ -192,18 +232,20 @@ def test_mask_guided_decode_edits_only_where_the_codes_disagree():
     base = torch.rand(2, 3, 16, 16) * 2 - 1
     region = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
     region[..., 3:7, 8:13] = True
-    model = GaussianEps(lambda s: base + s[:, :1, None, None] * region)   # s moves the region only
+    model = GaussianEps(lambda s: base + s[:, :1, None, None] * region)  # s moves the region only
     s, s_edit = torch.zeros(2, 2), torch.ones(2, 2)
     x_T = ddim_encode(model, base, s, 20)
     plain = ddim_decode(model, x_T, s, 20)
     image, mask = mask_guided_decode(model, x_T, s, s_edit, 20, threshold=0.3, smooth=3)
-    assert mask[region.expand_as(mask)].all()                          # the mask covers the region
+    assert mask[region.expand_as(mask)].all()  # the mask covers the region
     halo = torch.nn.functional.max_pool2d(region.float(), 5, stride=1, padding=2).bool()
-    assert not mask[~halo.expand_as(mask)].any()                      # and stays near it
+    assert not mask[~halo.expand_as(mask)].any()  # and stays near it
     outside = ~region.expand_as(image)
-    assert (image - plain)[outside].abs().amax() < 1e-5               # untouched pixels: the plain decode
+    assert (image - plain)[outside].abs().amax() < 1e-5  # untouched pixels: the plain decode
     edited = (base + region)[region.expand_as(image)]
-    assert torch.allclose(image[region.expand_as(image)], edited, atol=1e-3)   # region decoded under ŝ
+    assert torch.allclose(
+        image[region.expand_as(image)], edited, atol=1e-3
+    )  # region decoded under ŝ
 
 
 def test_edit_guidance_extrapolates_the_edit_and_keeps_the_reconstruction():
@@ -216,8 +258,13 @@ def test_edit_guidance_extrapolates_the_edit_and_keeps_the_reconstruction():
     x_T = ddim_encode(model, base, s, 20)
     guided = EditGuidance(model, s, 2.0)
     assert torch.allclose(ddim_decode(guided, x_T, s_edit, 20), base + 0.6 * region, atol=1e-3)
-    assert torch.allclose(ddim_decode(guided, x_T, s, 20), ddim_decode(model, x_T, s, 20))   # ŝ = s: no edit
-    assert torch.equal(ddim_decode(EditGuidance(model, s, 1.0), x_T, s_edit, 20), ddim_decode(model, x_T, s_edit, 20))
+    assert torch.allclose(
+        ddim_decode(guided, x_T, s, 20), ddim_decode(model, x_T, s, 20)
+    )  # ŝ = s: no edit
+    assert torch.equal(
+        ddim_decode(EditGuidance(model, s, 1.0), x_T, s_edit, 20),
+        ddim_decode(model, x_T, s_edit, 20),
+    )
     image, _ = mask_guided_decode(model, x_T, s, s_edit, 20, threshold=0.3, guidance=2.0)
     inside = region.expand_as(image)
     assert torch.allclose(image[inside], (base + 0.6 * region)[inside], atol=1e-3)

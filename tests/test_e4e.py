@@ -1,4 +1,5 @@
 """e4e encoder: public layout, checkpoint loading (official container and ours), forward behaviour."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,16 @@ import torch
 from models.checkpoint import CheckpointError
 from models.e4e import Encoder
 from models.stylegan2 import Generator
-from tests.helpers_models import (DEVICES, TINY_E, exact_float32, load_format, meta_shapes, synthetic_state,
-                                  tiny_encoder, tiny_generator)
+from tests.helpers_models import (
+    DEVICES,
+    TINY_E,
+    exact_float32,
+    load_format,
+    meta_shapes,
+    synthetic_state,
+    tiny_encoder,
+    tiny_generator,
+)
 
 E4E = "e4e_ffhq_encode_1024"
 
@@ -17,14 +26,24 @@ def test_state_dict_matches_public_layout() -> None:
     fmt = load_format(E4E)
     with torch.device("meta"):
         enc = Encoder(generator=Generator(1024))  # defaults = the official architecture
-    assert list(meta_shapes(enc).items()) == list(fmt["state_dict"].items())  # names, order and shapes
-    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in enc.state_dict().items() if v.dtype != torch.float32}
+    assert list(meta_shapes(enc).items()) == list(
+        fmt["state_dict"].items()
+    )  # names, order and shapes
+    dtypes = {
+        k: str(v.dtype).removeprefix("torch.")
+        for k, v in enc.state_dict().items()
+        if v.dtype != torch.float32
+    }
     assert dtypes == fmt["dtypes"]
     assert enc.n_styles == fmt["n_styles"] == 18
 
 
 def _official_container(state: dict, latent_avg: torch.Tensor | None, **opts) -> dict:
-    return {"state_dict": state, "latent_avg": latent_avg, "opts": {"start_from_latent_avg": True, **opts}}
+    return {
+        "state_dict": state,
+        "latent_avg": latent_avg,
+        "opts": {"start_from_latent_avg": True, **opts},
+    }
 
 
 @pytest.mark.slow
@@ -32,7 +51,10 @@ def test_real_e4e_1024_round_trip(tmp_path) -> None:
     fmt = load_format(E4E)
     state = synthetic_state(fmt)
     avg = torch.randn(1, 512).expand(18, 512).clone()
-    torch.save(_official_container(state, avg, **fmt["checkpoint"]["opts"]), tmp_path / "e4e_ffhq_encode.pt")
+    torch.save(
+        _official_container(state, avg, **fmt["checkpoint"]["opts"]),
+        tmp_path / "e4e_ffhq_encode.pt",
+    )
     del state
     enc = Encoder.from_checkpoint(str(tmp_path / "e4e_ffhq_encode.pt"))
     loaded = enc.state_dict()
@@ -70,7 +92,9 @@ def test_official_container_loads_with_paired_generator(tiny_pair, tmp_path) -> 
 
 def test_official_container_without_decoder(tiny_pair, tmp_path) -> None:
     enc, _ = tiny_pair
-    arch = {k: v for k, v in TINY_E.items() if k != "n_styles"}  # n_styles counted from the style blocks
+    arch = {
+        k: v for k, v in TINY_E.items() if k != "n_styles"
+    }  # n_styles counted from the style blocks
     loaded = Encoder.from_checkpoint(_save_official(enc, tmp_path, with_decoder=False), **arch)
     assert loaded.generator is None and loaded.n_styles == 8
 
@@ -80,8 +104,13 @@ def test_latent_avg_broadcast_and_disabled(tiny_pair, tmp_path) -> None:
     state = {k: v for k, v in enc.state_dict().items() if k.startswith("encoder.")}
     avg = torch.randn(64)
     torch.save(_official_container(state, avg), tmp_path / "a.pt")
-    assert torch.equal(Encoder.from_checkpoint(str(tmp_path / "a.pt"), **TINY_E).latent_avg, avg.expand(8, 64))
-    torch.save({**_official_container(state, avg), "opts": {"start_from_latent_avg": False}}, tmp_path / "b.pt")
+    assert torch.equal(
+        Encoder.from_checkpoint(str(tmp_path / "a.pt"), **TINY_E).latent_avg, avg.expand(8, 64)
+    )
+    torch.save(
+        {**_official_container(state, avg), "opts": {"start_from_latent_avg": False}},
+        tmp_path / "b.pt",
+    )
     x = torch.rand(1, 3, 32, 32)
     assert torch.equal(Encoder.from_checkpoint(str(tmp_path / "b.pt"), **TINY_E)(x), enc.encoder(x))
     torch.save(_official_container(state, torch.randn(3, 64)), tmp_path / "c.pt")
@@ -111,7 +140,9 @@ def test_strict_errors_name_keys_and_shapes(tiny_pair, tmp_path) -> None:
 
 def test_decoder_must_match_the_encoder(tiny_pair, tmp_path) -> None:
     enc, _ = tiny_pair
-    enc.decoder = tiny_generator(size=16, channels={4: 32, 8: 32, 16: 16})  # 6 W+ rows, encoder gives 8
+    enc.decoder = tiny_generator(
+        size=16, channels={4: 32, 8: 32, 16: 16}
+    )  # 6 W+ rows, encoder gives 8
     with pytest.raises(CheckpointError, match="decoder has 6 W\\+ rows"):
         Encoder.from_checkpoint(_save_official(enc, tmp_path), **TINY_E)
 
@@ -121,7 +152,7 @@ def test_decoder_must_match_the_encoder(tiny_pair, tmp_path) -> None:
 def test_forward_adds_latent_avg(device: str) -> None:
     enc = tiny_encoder().to(device)
     x = torch.rand(3, 3, 32, 32, device=device) * 2 - 1
-    with exact_float32():          # on CUDA: no TF32, deterministic cuDNN (see exact_float32)
+    with exact_float32():  # on CUDA: no TF32, deterministic cuDNN (see exact_float32)
         w = enc(x)
         assert w.shape == (3, 8, 64) and torch.isfinite(w).all()
         assert torch.allclose(w - enc.latent_avg, enc.encoder(x), atol=1e-6)
@@ -135,12 +166,16 @@ def test_rows_are_w0_plus_deltas_from_the_pyramid() -> None:
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     base = enc.encoder(x)
     with torch.no_grad():
-        enc.encoder.latlayer2.weight.add_(1.0)  # feeds only the fine styles (index ≥ middle_ind = 7)
+        enc.encoder.latlayer2.weight.add_(
+            1.0
+        )  # feeds only the fine styles (index ≥ middle_ind = 7)
     changed = (enc.encoder(x) - base).abs().amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [False] * 7 + [True]
     base = enc.encoder(x)
     with torch.no_grad():
-        enc.encoder.latlayer1.weight.add_(1.0)  # feeds middle and, through them, fine styles (index ≥ 3)
+        enc.encoder.latlayer1.weight.add_(
+            1.0
+        )  # feeds middle and, through them, fine styles (index ≥ 3)
     changed = (enc.encoder(x) - base).abs().amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [False] * 3 + [True] * 5
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """`deltaedit analyze edits`: the toy counterfactual codes, the ceiling's style mixing (on a fake
 generator whose attributes live in known places), the committed toy zoo's ceiling, and the
 per-prompt analysis and CLI on a tiny run whose stores are written directly (no Prefect or Ray)."""
+
 from __future__ import annotations
 
 import json
@@ -41,6 +42,7 @@ def _render(generator):
 
 # --- the toy counterfactual -----------------------------------------------------------------------
 
+
 def test_toy_counterfactual_z_changes_that_attribute_only():
     from models.toy.train_generator import z_to_uniforms
 
@@ -58,6 +60,7 @@ def test_toy_counterfactual_z_changes_that_attribute_only():
 
 # --- the ceiling's mixing, on a generator where each attribute's place is known -------------------
 
+
 class SplitProvider:
     """Attribute "in_rgb" lives in toRGB style 0 only, "in_conv" in conv style 0 only (two values
     each: the sign); the counterfactual sets that style's sign and also changes style 1 of both."""
@@ -73,7 +76,7 @@ class SplitProvider:
         conv, rgb = self.base.conv.clone(), self.base.rgb.clone()
         sign = 0.5 if value == 1 else -0.5
         (rgb if attribute == "in_rgb" else conv)[:, 0] = sign
-        conv[:, 1] += 1.0                              # a change the classifier must ignore
+        conv[:, 1] += 1.0  # a change the classifier must ignore
         rgb[:, 1] += 1.0
         return self.base, StyleCode(conv, rgb)
 
@@ -107,7 +110,7 @@ def test_own_channel_share_tells_whether_channel_labels_fit():
     # the in_conv counterfactual changes conv style 0 (labelled in_conv) and 1 (not)
     assert 0 < out["in_conv"]["own_channel_share"] < 1
     assert out["in_conv"]["labelled_fraction"] == 1 / 3
-    assert out["in_rgb"]["own_channel_share"] == 0.0     # no conv channel is labelled in_rgb
+    assert out["in_rgb"]["own_channel_share"] == 0.0  # no conv channel is labelled in_rgb
 
 
 def test_toy_zoo_full_swap_reads_every_target_far_above_chance():
@@ -121,14 +124,16 @@ def test_toy_zoo_full_swap_reads_every_target_far_above_chance():
     assert set(out) == set(NAMES)
     for name, row in out.items():
         assert row["full_swap"] >= row["chance"] + 0.45, (name, row)
-        assert abs(row["unedited"] - row["chance"]) < 0.25, (name, row)   # the samples' own values
+        assert abs(row["unedited"] - row["chance"]) < 0.25, (name, row)  # the samples' own values
         assert set(row) >= {"conv_only", "rgb_only", "per_value"}
 
 
 # --- per prompt, on a tiny run --------------------------------------------------------------------
 
-def _write(store: StageStore, rows: dict[str, dict[str, np.ndarray]],
-           meta: dict | None = None) -> None:
+
+def _write(
+    store: StageStore, rows: dict[str, dict[str, np.ndarray]], meta: dict | None = None
+) -> None:
     writer = store.writer("000000", meta)
     for key, vectors in rows.items():
         writer.add(key, f"test/{key}", vectors=vectors)
@@ -154,29 +159,52 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
         emb = clip.encode_images(generator.synthesize(code).clamp(-1, 1))
     loc = Location(str(root))
     keys = [f"img{n}" for n in range(6)]
-    _write(StageStore(loc, "codes"), {k: {"s": code.conv[n].numpy(), "s_rgb": code.rgb[n].numpy()}
-                                      for n, k in enumerate(keys)})
-    _write(StageStore(loc, "clip_images"), {k: {"embedding": emb[n].numpy()}
-                                            for n, k in enumerate(keys)})
+    _write(
+        StageStore(loc, "codes"),
+        {k: {"s": code.conv[n].numpy(), "s_rgb": code.rgb[n].numpy()} for n, k in enumerate(keys)},
+    )
+    _write(
+        StageStore(loc, "clip_images"),
+        {k: {"embedding": emb[n].numpy()} for n, k in enumerate(keys)},
+    )
     rows = torch.randn(generator.layout.conv_total, clip.embed_dim)
     rows = torch.nn.functional.normalize(rows, dim=1)
-    _write(StageStore(loc, "relevance_exact"), {f"ch{c:06d}": {"direction": r.numpy()}
-                                                for c, r in enumerate(rows)},
-           {"n_channels": generator.layout.conv_total})
+    _write(
+        StageStore(loc, "relevance_exact"),
+        {f"ch{c:06d}": {"direction": r.numpy()} for c, r in enumerate(rows)},
+        {"n_channels": generator.layout.conv_total},
+    )
     mapper = DeltaMapper(MapperConfig(layout=generator.layout.to_dict(), clip_dim=clip.embed_dim))
     (root / "mapper").mkdir()
     mapper.save(str(root / "mapper" / "mapper.safetensors"))
-    return root, [f"root={root}", f"bulk_edit.prompts={base / 'prompts.yaml'}", "device=cpu",
-                  "relevance.mode=exact", "bulk_edit.tau=0.3",     # the run's Rₛ and τ, not the toy's
-                  "bulk_edit.condition=text", "bulk_edit.mask=text"]
+    return root, [
+        f"root={root}",
+        f"bulk_edit.prompts={base / 'prompts.yaml'}",
+        "device=cpu",
+        "relevance.mode=exact",
+        "bulk_edit.tau=0.3",  # the run's Rₛ and τ, not the toy's
+        "bulk_edit.condition=text",
+        "bulk_edit.mask=text",
+    ]
 
 
 def test_cli_writes_both_tau_columns_and_the_report_reads_them(tiny_run, capsys):
     from app.cli import main
 
     root, overrides = tiny_run
-    rc = main(["analyze", "edits", "-c", str(CONFIG), *overrides, "--images", "4",
-               "--counterfactuals", "none"])
+    rc = main(
+        [
+            "analyze",
+            "edits",
+            "-c",
+            str(CONFIG),
+            *overrides,
+            "--images",
+            "4",
+            "--counterfactuals",
+            "none",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0 and "acc_tau0" in printed and "acc_tau" in printed and "left" in printed
     result = json.loads((root / "analysis" / "analysis.json").read_text())
@@ -191,7 +219,7 @@ def test_cli_writes_both_tau_columns_and_the_report_reads_them(tiny_run, capsys)
     assert red["tau0"]["channels_changed"] == result["conv_channels"]
     assert 0 < red["kept_channels"] < result["conv_channels"] / 4
     assert red["tau_run"]["channels_changed"] <= red["kept_channels"]
-    assert by_id["mix__w0"]["tau0"]["edit_accuracy"] is None      # ω variants: nothing expected
+    assert by_id["mix__w0"]["tau0"]["edit_accuracy"] is None  # ω variants: nothing expected
     assert (root / "analysis" / "analysis.md").read_text().startswith("# Edit analysis")
     tabs = EA.report_tables(Location(str(root)))
     assert list(tabs["analysis_prompts"]["variant"]) == ["red", "left", "mix__w0"]
@@ -201,7 +229,7 @@ def test_a_mask_that_keeps_nothing_leaves_the_images_unedited(tiny_run):
     from flows.edit_analysis import analyze_edits
 
     root, overrides = tiny_run
-    cfg = load_config(str(CONFIG), overrides + ["bulk_edit.tau=2.0"])    # |cos| never reaches 2
+    cfg = load_config(str(CONFIG), overrides + ["bulk_edit.tau=2.0"])  # |cos| never reaches 2
     result = analyze_edits(cfg, "test", n_images=3, counterfactuals="none")
     for row in result["prompts"][:2]:
         assert row["kept_channels"] == 0 and row["tau_run"]["channels_changed"] == 0
@@ -220,7 +248,8 @@ def test_missing_stores_are_named(tiny_run, tmp_path):
     (tmp_path / "nocodes" / "mapper").mkdir(parents=True)
     root = tiny_run[0]
     (tmp_path / "nocodes" / "mapper" / "mapper.safetensors").write_bytes(
-        (root / "mapper" / "mapper.safetensors").read_bytes())
+        (root / "mapper" / "mapper.safetensors").read_bytes()
+    )
     cfg = load_config(str(CONFIG), overrides + [f"root={tmp_path / 'nocodes'}", "bulk_edit.tau=0"])
     with pytest.raises(EA.AnalysisError, match="codes.*deltaedit run preprocess"):
         analyze_edits(cfg, "test", n_images=2, counterfactuals="none")
@@ -230,8 +259,12 @@ def test_a_memory_too_small_for_retrieve_k_is_named(tiny_run):
     from flows.edit_analysis import analyze_edits
 
     _, overrides = tiny_run
-    cfg = load_config(str(CONFIG), overrides + ["bulk_edit.condition=retrieved", "bulk_edit.retrieve_k=6"])
-    with pytest.raises(ValueError, match="retrieve_k=6 needs more.*found 6"):    # the 6 clip_images rows
+    cfg = load_config(
+        str(CONFIG), overrides + ["bulk_edit.condition=retrieved", "bulk_edit.retrieve_k=6"]
+    )
+    with pytest.raises(
+        ValueError, match="retrieve_k=6 needs more.*found 6"
+    ):  # the 6 clip_images rows
         analyze_edits(cfg, "test", n_images=2, counterfactuals="none")
 
 

@@ -8,31 +8,32 @@ so the mapper's condition is the retrieved image-pair direction, checked against
 so the bars sit below what `make demo` reaches; they fail when an edit stops landing, as colour,
 background and position edits did before the toy generator carried them in its conv channels.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_pipeline import run_directly
 
 from flows.edit_analysis import analyze_edits
 from flows.relevance import relevance_shards
-from helpers_pipeline import run_directly
-from infra.storage.catalog import list_catalog
 from infra.config import load_config
-from infra.storage.fsio import Location
 from infra.runtime.shards import plan_shards
-from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
+from infra.storage.catalog import list_catalog
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from models.toy.catalog import render_catalog
 from tasks.embed import EmbedBuilder
 from tasks.ingest import IngestBuilder
 from tasks.invert import InvertBuilder
 from tasks.layout import mapper_dir
-from tasks.train.mapper_data import build_row_cache
 from tasks.relevance import RelevanceBuilder
 from tasks.sample import SampleBuilder, sample_items
 from tasks.train.mapper import fit
+from tasks.train.mapper_data import build_row_cache
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = """
@@ -44,7 +45,7 @@ PROMPTS = """
 - {id: left, source: a shape, target: a shape on the left}
 - {id: medium, source: a shape, target: a medium shape}
 """
-MARGIN = 0.4          # edit accuracy above the unedited rate
+MARGIN = 0.4  # edit accuracy above the unedited rate
 MIN_PRESERVATION = 0.85
 
 
@@ -55,31 +56,60 @@ def analysis(tmp_path_factory) -> dict:
     render_catalog(str(base / "catalog"), 48, seed=5)
     (base / "prompts.yaml").write_text(PROMPTS)
     root = str(base / "run")
-    cfg = load_config(REPO / "configs" / "toy.yaml", [
-        f"root={root}", f"ingest.source={base / 'catalog'}", "device=cpu",
-        *(f"{k}={REPO / v}" for k, v in (("models.generator.checkpoint", "zoo/toy/generator.safetensors"),
-                                         ("models.encoder.checkpoint", "zoo/toy/encoder.safetensors"),
-                                         ("models.clip.checkpoint", "zoo/toy/clip.safetensors"),
-                                         ("evaluate.oracle", "zoo/toy/oracle.safetensors"))),
-        "relevance.block_size=720", "train_mapper.steps=2000", "train_mapper.val_every=1000",
-        "train_mapper.checkpoint_every=2000",
-        f"bulk_edit.prompts={base / 'prompts.yaml'}"])
+    cfg = load_config(
+        REPO / "configs" / "toy.yaml",
+        [
+            f"root={root}",
+            f"ingest.source={base / 'catalog'}",
+            "device=cpu",
+            *(
+                f"{k}={REPO / v}"
+                for k, v in (
+                    ("models.generator.checkpoint", "zoo/toy/generator.safetensors"),
+                    ("models.encoder.checkpoint", "zoo/toy/encoder.safetensors"),
+                    ("models.clip.checkpoint", "zoo/toy/clip.safetensors"),
+                    ("evaluate.oracle", "zoo/toy/oracle.safetensors"),
+                )
+            ),
+            "relevance.block_size=720",
+            "train_mapper.steps=2000",
+            "train_mapper.val_every=1000",
+            "train_mapper.checkpoint_every=2000",
+            f"bulk_edit.prompts={base / 'prompts.yaml'}",
+        ],
+    )
     stores = Location(root)
     run_directly(IngestBuilder(cfg.ingest), plan_shards(list_catalog(cfg.ingest.source), 48), root)
-    run_directly(InvertBuilder.from_config(cfg), plan_downstream(StageStore(stores, "images")), root)
-    run_directly(EmbedBuilder.from_config(cfg, "images"), plan_downstream(StageStore(stores, "images")), root)
-    run_directly(SampleBuilder.from_config(cfg), plan_shards(sample_items(1024, cfg.seed), 512), root)
-    run_directly(EmbedBuilder.from_config(cfg, "samples"), plan_downstream(StageStore(stores, "samples")), root)
+    run_directly(
+        InvertBuilder.from_config(cfg), plan_downstream(StageStore(stores, "images")), root
+    )
+    run_directly(
+        EmbedBuilder.from_config(cfg, "images"), plan_downstream(StageStore(stores, "images")), root
+    )
+    run_directly(
+        SampleBuilder.from_config(cfg), plan_shards(sample_items(1024, cfg.seed), 512), root
+    )
+    run_directly(
+        EmbedBuilder.from_config(cfg, "samples"),
+        plan_downstream(StageStore(stores, "samples")),
+        root,
+    )
     run_directly(RelevanceBuilder.from_config(cfg), relevance_shards(cfg), root)
     cache = build_row_cache(stores, base / "cache", val_fraction=cfg.train_mapper.val_fraction)
     fit(cfg.train_mapper, cfg.seed, cache, stores.child(mapper_dir("delta")), log=lambda _: None)
+
     def variant(**bulk_edit) -> object:
         return cfg.model_copy(update={"bulk_edit": cfg.bulk_edit.model_copy(update=bulk_edit)})
 
-    return {"retrieved": analyze_edits(cfg, "test", n_images=48, n_samples=0, counterfactuals="none"),
-            "text_mask": analyze_edits(variant(mask="text"), "test", n_images=48, n_samples=0,
-                                       counterfactuals="none"),
-            "text": analyze_edits(variant(condition="text", mask="text"), "test", n_images=48, n_samples=32)}
+    return {
+        "retrieved": analyze_edits(cfg, "test", n_images=48, n_samples=0, counterfactuals="none"),
+        "text_mask": analyze_edits(
+            variant(mask="text"), "test", n_images=48, n_samples=0, counterfactuals="none"
+        ),
+        "text": analyze_edits(
+            variant(condition="text", mask="text"), "test", n_images=48, n_samples=32
+        ),
+    }
 
 
 def _accuracy(result: dict) -> dict[str, float]:
@@ -107,7 +137,7 @@ def test_the_image_mask_lands_what_the_text_mask_drops(analysis):
     gains = {k: image[k]["edit_accuracy"] - text[k]["edit_accuracy"] for k in text}
     kept = {k: image[k]["preservation"] - text[k]["preservation"] for k in text}
     assert gains["medium"] >= 0.3 and gains["circle"] >= 0.1, gains
-    assert min(gains.values()) >= -0.1, gains            # 48 images: one image is 0.02
+    assert min(gains.values()) >= -0.1, gains  # 48 images: one image is 0.02
     assert min(kept.values()) >= -0.03, kept
 
 
@@ -131,4 +161,4 @@ def test_deltaedit_edits_land_on_colour_shape_size_background_and_position(analy
         assert run["preservation"] >= MIN_PRESERVATION, (name, run)
     attributes = {next(iter(rows[n]["expected"])) for n, gain in landed.items() if gain >= MARGIN}
     assert len(attributes) >= 3, landed
-    assert {"shape_color", "position"} <= attributes, landed    # the two the old generator lost
+    assert {"shape_color", "position"} <= attributes, landed  # the two the old generator lost

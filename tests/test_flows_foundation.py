@@ -1,16 +1,16 @@
 """Flows under a real Prefect API with a real local Ray cluster, on disk and on moto's S3 server."""
+
 from __future__ import annotations
 
 import fsspec
 import pytest
-
 from helpers_store import make_catalog
-from infra.config import RayConfig
-from infra.storage.fsio import Location
+
+from infra.config import IngestConfig, RayConfig
 from infra.runtime.ray_pool import ActorPool
 from infra.runtime.shards import plan_shards
 from infra.storage.catalog import list_images
-from infra.config import IngestConfig
+from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from tasks.ingest import IngestBuilder
 
@@ -19,8 +19,16 @@ pytestmark = pytest.mark.usefixtures("prefect_harness", "ray_cluster")
 
 def _overrides(source: str, root: str, options: dict) -> list[str]:
     import json
-    return [f"ingest.source={source}", f"root={root}", "ingest.shard_size=3", "ingest.image_size=16",
-            f"storage_options={json.dumps(options)}", "ray.actors=2", "prefect.retries=0"]
+
+    return [
+        f"ingest.source={source}",
+        f"root={root}",
+        "ingest.shard_size=3",
+        "ingest.image_size=16",
+        f"storage_options={json.dumps(options)}",
+        "ray.actors=2",
+        "prefect.retries=0",
+    ]
 
 
 def _upload(local_dir, uri: str, options: dict) -> None:
@@ -36,7 +44,7 @@ def test_rerun_after_one_shard_runs_only_the_other_two(tmp_path, run_root):
     make_catalog(catalog, 8)
     (catalog / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     source = str(catalog)
-    if root.startswith("s3://"):                      # input on S3 too
+    if root.startswith("s3://"):  # input on S3 too
         source = root.rsplit("/", 1)[0] + "/catalog"
         _upload(catalog, source, options)
     overrides = _overrides(source, root, options)
@@ -53,7 +61,12 @@ def test_rerun_after_one_shard_runs_only_the_other_two(tmp_path, run_root):
     assert (third["ran"], third["skipped"]) == (0, 3)
 
     store = StageStore(Location(root, options), "images")
-    failed = [r for s in store.finished() for r in store.manifest(s).to_pylist() if r["status"] == "failed"]
+    failed = [
+        r
+        for s in store.finished()
+        for r in store.manifest(s).to_pylist()
+        if r["status"] == "failed"
+    ]
     assert len(failed) == 1 and "corrupt" in failed[0]["error"] or "decodable" in failed[0]["error"]
 
 
@@ -78,4 +91,6 @@ def test_two_actor_pool_on_two_cores_finishes_four_shards(tmp_path):
         reports = list(pool.load(builder).map(specs))
     assert sorted(r.shard_id for r in reports) == ["00000", "00001", "00002", "00003"]
     assert all(r.outcome == "ran" and r.counts["ok"] == 2 for r in reports)
-    assert StageStore(Location(str(tmp_path / "run")), "images").finished() == [s.shard_id for s in specs]
+    assert StageStore(Location(str(tmp_path / "run")), "images").finished() == [
+        s.shard_id for s in specs
+    ]

@@ -1,4 +1,5 @@
 """The one image encoder every stage writes with (models.imaging.encode_image)."""
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,10 @@ def test_lossy_formats_use_one_quality_for_arrays_and_pil_images(fmt, pil_format
     Image.fromarray(pixels).save(ours, format=pil_format, quality=LOSSY_QUALITY)
     Image.fromarray(pixels).save(pil_default, format=pil_format)
     assert data == ours.getvalue()
-    error = {name: np.abs(_decode(d).astype(int) - pixels).mean() for name, d in
-             (("ours", data), ("pil_default", pil_default.getvalue()))}
+    error = {
+        name: np.abs(_decode(d).astype(int) - pixels).mean()
+        for name, d in (("ours", data), ("pil_default", pil_default.getvalue()))
+    }
     assert error["ours"] < error["pil_default"]
 
 
@@ -50,6 +53,8 @@ def test_decoded_batches_are_contiguous_nchw_in_the_generator_range():
 
     pixels = _pixels()
     batch = decode_images([encode_image(pixels, "png", png_level=1)] * 2)
-    assert batch.shape == (2, 3, 64, 64) and batch.is_contiguous()     # channels-last would change conv rounding
+    assert (
+        batch.shape == (2, 3, 64, 64) and batch.is_contiguous()
+    )  # channels-last would change conv rounding
     expected = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.equal(batch[1], expected)

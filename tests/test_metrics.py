@@ -1,4 +1,5 @@
 """Metric functions of the evaluation flow: known values on hand-made inputs, no downloads."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,20 @@ import pandas as pd
 import pytest
 import torch
 
-from models.metrics import (PSNR_CAP, MetricUnavailable, clip_direction, clip_extractor, frechet_distance, inception_extractor,
-                           identity_similarity, kernel_distance, lpips_metric, oracle_scores, pixel_metrics,
-                           summarize)
+from models.metrics import (
+    PSNR_CAP,
+    MetricUnavailable,
+    clip_direction,
+    clip_extractor,
+    frechet_distance,
+    identity_similarity,
+    inception_extractor,
+    kernel_distance,
+    lpips_metric,
+    oracle_scores,
+    pixel_metrics,
+    summarize,
+)
 
 torch.set_num_threads(1)
 
@@ -54,13 +66,15 @@ def test_frechet_distance():
     assert abs(frechet_distance(a, a)) < 1e-8
     shifted = [frechet_distance(a, a + s) for s in (0.5, 1.0, 2.0)]
     assert shifted == sorted(shifted)
-    assert shifted[1] == pytest.approx(4.0, rel=1e-6)        # same covariance: ||Δmu||² = 4 · 1²
+    assert shifted[1] == pytest.approx(4.0, rel=1e-6)  # same covariance: ||Δmu||² = 4 · 1²
     # 1-D by hand: (mu1-mu2)² + (s1 - s2)²
     x, y = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [5.0]])
-    assert frechet_distance(x, y) == pytest.approx((1 - 3) ** 2 + (2 ** 0.5 - 8 ** 0.5) ** 2)
+    assert frechet_distance(x, y) == pytest.approx((1 - 3) ** 2 + (2**0.5 - 8**0.5) ** 2)
     b = torch.randn(150, 4, generator=g) * 1.5 + 0.3
     assert frechet_distance(a, b) == pytest.approx(naive_fid(a, b), rel=1e-6)
-    few = frechet_distance(torch.randn(5, 20, generator=g), torch.randn(6, 20, generator=g))   # N < D
+    few = frechet_distance(
+        torch.randn(5, 20, generator=g), torch.randn(6, 20, generator=g)
+    )  # N < D
     assert math.isfinite(few) and few > 0
 
 
@@ -87,11 +101,18 @@ def test_kernel_distance():
 def test_clip_direction_and_extractor():
     original = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
     dt = torch.nn.functional.normalize(torch.randn(16), dim=0)
-    assert torch.allclose(clip_direction(original + 0.3 * dt, original, dt), torch.ones(4), atol=1e-5)
-    assert torch.allclose(clip_direction(original - 0.3 * dt, original, dt), -torch.ones(4), atol=1e-5)
+    assert torch.allclose(
+        clip_direction(original + 0.3 * dt, original, dt), torch.ones(4), atol=1e-5
+    )
+    assert torch.allclose(
+        clip_direction(original - 0.3 * dt, original, dt), -torch.ones(4), atol=1e-5
+    )
     per_image = torch.stack([dt, -dt, dt, -dt])
-    assert torch.allclose(clip_direction(original + 0.3 * dt, original, per_image),
-                          torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-5)
+    assert torch.allclose(
+        clip_direction(original + 0.3 * dt, original, per_image),
+        torch.tensor([1.0, -1.0, 1.0, -1.0]),
+        atol=1e-5,
+    )
     assert torch.all(clip_direction(original, original, dt) == 0)
 
     class Fake:
@@ -106,29 +127,45 @@ def test_clip_direction_and_extractor():
 
 def test_identity_similarity():
     x = images(3)
-    flat = lambda t: t.flatten(1)   # noqa: E731
+    flat = lambda t: t.flatten(1)  # noqa: E731
     assert torch.allclose(identity_similarity(flat, x, x), torch.ones(3), atol=1e-6)
     assert torch.allclose(identity_similarity(flat, x, -x), -torch.ones(3), atol=1e-6)
 
 
 def test_oracle_scores():
-    before = {"shape": torch.tensor([0, 1, 2]), "shape_color": torch.tensor([0, 0, 0]),
-              "background": torch.tensor([1, 1, 1]), "size": torch.tensor([2, 2, 2])}
-    after = {"shape": torch.tensor([0, 1, 2]), "shape_color": torch.tensor([3, 3, 1]),
-             "background": torch.tensor([1, 0, 1]), "size": torch.tensor([2, 2, 0])}
+    before = {
+        "shape": torch.tensor([0, 1, 2]),
+        "shape_color": torch.tensor([0, 0, 0]),
+        "background": torch.tensor([1, 1, 1]),
+        "size": torch.tensor([2, 2, 2]),
+    }
+    after = {
+        "shape": torch.tensor([0, 1, 2]),
+        "shape_color": torch.tensor([3, 3, 1]),
+        "background": torch.tensor([1, 0, 1]),
+        "size": torch.tensor([2, 2, 0]),
+    }
     out = oracle_scores(before, after, {"shape_color": 3})
     assert out["edit_accuracy"].tolist() == [1.0, 1.0, 0.0]
     assert torch.allclose(out["preservation"], torch.tensor([1.0, 2 / 3, 2 / 3]))
     two = oracle_scores(before, after, {"shape_color": 3, "background": 1})
     assert two["edit_accuracy"].tolist() == [1.0, 0.0, 0.0]
     assert two["preservation"].tolist() == [1.0, 1.0, 0.5]
-    logits = {k: torch.nn.functional.one_hot(v, 6).float() for k, v in after.items()}   # logits accepted too
-    assert oracle_scores(before, logits, {"shape_color": 3})["edit_accuracy"].tolist() == [1.0, 1.0, 0.0]
+    logits = {
+        k: torch.nn.functional.one_hot(v, 6).float() for k, v in after.items()
+    }  # logits accepted too
+    assert oracle_scores(before, logits, {"shape_color": 3})["edit_accuracy"].tolist() == [
+        1.0,
+        1.0,
+        0.0,
+    ]
     with pytest.raises(ValueError, match="position"):
         oracle_scores(before, after, {"position": 1})
-    sweep = oracle_scores(before, after, {}, changing={"shape_color"})   # a colour interpolation
+    sweep = oracle_scores(before, after, {}, changing={"shape_color"})  # a colour interpolation
     assert torch.isnan(sweep["edit_accuracy"]).all()
-    assert torch.allclose(sweep["preservation"], torch.tensor([1.0, 2 / 3, 2 / 3]))   # colour not counted
+    assert torch.allclose(
+        sweep["preservation"], torch.tensor([1.0, 2 / 3, 2 / 3])
+    )  # colour not counted
 
 
 def test_an_interpolation_changes_the_attributes_its_endpoints_name():
@@ -140,15 +177,21 @@ def test_an_interpolation_changes_the_attributes_its_endpoints_name():
 
 
 def test_summarize():
-    rows = pd.DataFrame({"method": ["a", "a", "a", "b"], "prompt_id": [0, 0, 1, 0],
-                         "psnr": [10.0, 20.0, float("nan"), 5.0], "ok": [True, False, True, True],
-                         "note": ["x", "y", "z", "w"]})
+    rows = pd.DataFrame(
+        {
+            "method": ["a", "a", "a", "b"],
+            "prompt_id": [0, 0, 1, 0],
+            "psnr": [10.0, 20.0, float("nan"), 5.0],
+            "ok": [True, False, True, True],
+            "note": ["x", "y", "z", "w"],
+        }
+    )
     out = summarize(rows, ["method", "prompt_id"])
     assert "note" not in out.columns and list(out.columns[:3]) == ["method", "prompt_id", "n"]
-    get = lambda m, p: out[(out.method == m) & (out.prompt_id == p)].iloc[0]   # noqa: E731
+    get = lambda m, p: out[(out.method == m) & (out.prompt_id == p)].iloc[0]  # noqa: E731
     assert get("a", 0).psnr == 15.0 and get("a", 0).n == 2 and get("a", 0).ok == 0.5
     assert math.isnan(get("a", 1).psnr)
-    assert get("a", "overall").psnr == 15.0 and get("a", "overall").n == 3      # NaN skipped
+    assert get("a", "overall").psnr == 15.0 and get("a", "overall").n == 3  # NaN skipped
     assert get("b", "overall").psnr == 5.0
     assert len(out) == 5
 
@@ -161,7 +204,9 @@ def test_lpips_without_weights_is_unavailable():
 def test_lpips_from_local_backbone_file(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    backbone = torchvision.models.alexnet(weights=None).features   # synthetic stand-in for ImageNet weights
+    backbone = torchvision.models.alexnet(
+        weights=None
+    ).features  # synthetic stand-in for ImageNet weights
     path = tmp_path / "alexnet.pth"
     torch.save({f"features.{k}": v for k, v in backbone.state_dict().items()}, path)
     metric = lpips_metric(str(path))

@@ -1,4 +1,5 @@
 """prefect.yaml is accepted by `prefect deploy --all` against a real local Prefect server."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, free_port
+
 from flows.registry import FLOWS, load_flow, prefect_yaml_mismatches
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -22,8 +23,12 @@ def prefect_server(tmp_path):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -41,8 +46,14 @@ def prefect_server(tmp_path):
 
 
 def _prefect(env, *args: str) -> str:
-    done = subprocess.run([PREFECT, "--no-prompt", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [PREFECT, "--no-prompt", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 

@@ -1,4 +1,5 @@
 """infra.runtime.prefetch: a shard's next batch is produced while the current one is used."""
+
 from __future__ import annotations
 
 import threading
@@ -21,7 +22,7 @@ def test_items_come_in_order_and_the_next_one_is_made_ahead():
 
     seen = []
     for item in prefetch(source()):
-        if item == 0:      # while the consumer still holds item 0, the producer makes item 1
+        if item == 0:  # while the consumer still holds item 0, the producer makes item 1
             assert second_made.wait(timeout=10)
         seen.append(item)
     assert seen == [0, 1, 2, 3, 4] and made == seen

@@ -1,5 +1,6 @@
 """Relevance matrix Rₛ: the exact mode against a literal StyleCLIP loop, the fast mode against exact, the
 stage over blocks of channels, and the flow on Prefect + Ray resuming block by block."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 from helpers_models import TINY_G
 from helpers_pipeline import TINY_CLIP, tiny_zoo
+
 from infra.config import load_config
-from infra.storage.fsio import Location
 from infra.runtime.shards import plan_shards
 from infra.runtime.stage import execute_shard
+from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from models.clip import ClipEncoder
-from models.stylegan2 import Generator, StyleCode
 from models.relevance import _STATS_STREAM, _z, exact_rows, fast_rows, freeze, style_statistics
+from models.stylegan2 import Generator, StyleCode
 from tasks.relevance import RelevanceBuilder, channel_items, load_relevance
 
 # Tiny random-weight models, 3 images: measured mean row cosine 0.860 (min -0.07). Random generators are
@@ -48,9 +49,9 @@ def styleclip_row(G, clip, stats, c: int, k: float) -> torch.Tensor:
     for i in range(stats.base.batch_size):
         embeddings = []
         for sign in (-1, 1):
-            code = StyleCode(stats.base.conv[i:i + 1].clone(), stats.base.rgb[i:i + 1].clone())
-            code.conv[0, c] = stats.mean[c]                        # the channel at its mean ...
-            code.conv[0, c] += sign * k * stats.std[c]             # ... then ± kσ
+            code = StyleCode(stats.base.conv[i : i + 1].clone(), stats.base.rgb[i : i + 1].clone())
+            code.conv[0, c] = stats.mean[c]  # the channel at its mean ...
+            code.conv[0, c] += sign * k * stats.std[c]  # ... then ± kσ
             with torch.no_grad():
                 feat = clip.model.encode_image(clip.preprocess(G.synthesize(code)))
             embeddings.append(feat[0] / feat[0].norm())
@@ -74,8 +75,15 @@ def test_statistics_are_seeded_population_moments(tiny):
 def test_exact_matches_a_literal_styleclip_loop(tiny):
     G, clip, stats = tiny
     layout = G.layout
-    channels = [0, 5, layout.conv[2].offset + 1, layout.conv[-1].stop - 1]     # first, middle, last layers
-    rows = exact_rows(G, clip, stats, channels, sigma_scale=5.0, batch_size=5)  # odd: pairs cross batches
+    channels = [
+        0,
+        5,
+        layout.conv[2].offset + 1,
+        layout.conv[-1].stop - 1,
+    ]  # first, middle, last layers
+    rows = exact_rows(
+        G, clip, stats, channels, sigma_scale=5.0, batch_size=5
+    )  # odd: pairs cross batches
     expected = torch.stack([styleclip_row(G, clip, stats, c, 5.0) for c in channels])
     assert rows.shape == (len(channels), clip.embed_dim)
     assert torch.allclose(rows, expected, atol=1e-5), (rows - expected).abs().max()
@@ -97,8 +105,12 @@ def test_fast_agrees_with_exact_on_every_channel(tiny):
 def test_low_rank_fast_mode_stays_close_to_the_full_jacobian(tiny):
     G, clip, stats = tiny
     full = fast_rows(G, clip, stats, batch_size=1)
-    assert torch.allclose(full, fast_rows(G, clip, stats, batch_size=3), atol=1e-5)   # batching is exact
-    low = fast_rows(G, clip, stats, batch_size=1, rank=12)      # image 1 full, images 2-3 on 12 of 32 dims
+    assert torch.allclose(
+        full, fast_rows(G, clip, stats, batch_size=3), atol=1e-5
+    )  # batching is exact
+    low = fast_rows(
+        G, clip, stats, batch_size=1, rank=12
+    )  # image 1 full, images 2-3 on 12 of 32 dims
     assert torch.allclose(low.norm(dim=1), torch.ones(len(low)), atol=1e-5)
     cos = (low * full).sum(1)
     print(f"tiny models: rank-12 vs full Jacobian mean row cosine {cos.mean():.4f}")
@@ -107,8 +119,17 @@ def test_low_rank_fast_mode_stays_close_to_the_full_jacobian(tiny):
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_stage_writes_unit_rows_for_the_whole_layout(tmp_path, zoo_overrides, mode):
-    cfg = load_config(None, zoo_overrides + ["device=cpu", f"relevance.mode={mode}", "relevance.n_images=2",
-                                             "relevance.n_stat_samples=256", "relevance.batch_size=32"])
+    cfg = load_config(
+        None,
+        zoo_overrides
+        + [
+            "device=cpu",
+            f"relevance.mode={mode}",
+            "relevance.n_images=2",
+            "relevance.n_stat_samples=256",
+            "relevance.batch_size=32",
+        ],
+    )
     builder = RelevanceBuilder.from_config(cfg)
     proc = builder.build()
     store = StageStore(Location(str(tmp_path)), builder.stage)
@@ -117,7 +138,11 @@ def test_stage_writes_unit_rows_for_the_whole_layout(tmp_path, zoo_overrides, mo
         report = execute_shard(proc, spec, store, builder.fingerprint())
         assert report.outcome == "ran" and report.counts["ok"] == len(spec.items)
     matrix = load_relevance(str(tmp_path), f"relevance_{mode}")
-    assert matrix.shape == (n, proc.clip.embed_dim) == (sum(l.channels for l in proc.generator.layout.conv), 32)
+    assert (
+        matrix.shape
+        == (n, proc.clip.embed_dim)
+        == (sum(layer.channels for layer in proc.generator.layout.conv), 32)
+    )
     assert torch.allclose(matrix.norm(dim=1), torch.ones(n), atol=1e-5)
     assert torch.allclose(matrix[:7], proc.rows(range(7)), atol=1e-6)
     rows = store.manifest("00000").to_pylist()
@@ -127,8 +152,9 @@ def test_stage_writes_unit_rows_for_the_whole_layout(tmp_path, zoo_overrides, mo
 def test_compare_reports_cosine_and_overlap(zoo_overrides):
     from flows.relevance import compare_relevance, format_comparison
 
-    cfg = load_config(None, zoo_overrides + ["device=cpu", "relevance.n_images=2",
-                                             "relevance.n_stat_samples=256"])
+    cfg = load_config(
+        None, zoo_overrides + ["device=cpu", "relevance.n_images=2", "relevance.n_stat_samples=256"]
+    )
     result = compare_relevance(cfg, channels=24, top_k=5, prompts=["a circle -> a square"])
     assert result["channels"] == 24 and 0 < result["mean_row_cosine"] <= 1.0001
     assert 0 <= result["top_k_overlap"]["a circle -> a square"] <= 1
@@ -137,10 +163,27 @@ def test_compare_reports_cosine_and_overlap(zoo_overrides):
 
 def test_cli_compare_prints_the_comparison(tmp_path, zoo_overrides):
     cli = str(Path(sys.executable).with_name("deltaedit"))
-    out = subprocess.run([cli, "relevance", "compare", *zoo_overrides, "device=cpu", "relevance.n_images=2",
-                          "relevance.n_stat_samples=128", "--channels", "8", "--top-k", "3",
-                          "--prompt", "a circle -> a square"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run(
+        [
+            cli,
+            "relevance",
+            "compare",
+            *zoo_overrides,
+            "device=cpu",
+            "relevance.n_images=2",
+            "relevance.n_stat_samples=128",
+            "--channels",
+            "8",
+            "--top-k",
+            "3",
+            "--prompt",
+            "a circle -> a square",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "mean row cosine" in out.stdout and "top-3 overlap" in out.stdout
 
@@ -149,15 +192,23 @@ def test_cli_compare_prints_the_comparison(tmp_path, zoo_overrides):
 def test_flow_resumes_by_block_and_matches_one_process(tmp_path, zoo_overrides):
     from flows.relevance import relevance_flow
 
-    overrides = zoo_overrides + [f"root={tmp_path / 'run'}", "device=cpu", "prefect.retries=0", "ray.actors=2",
-                                 "relevance.mode=exact", "relevance.n_images=2", "relevance.n_stat_samples=256",
-                                 "relevance.block_size=128", "relevance.batch_size=32"]
+    overrides = zoo_overrides + [
+        f"root={tmp_path / 'run'}",
+        "device=cpu",
+        "prefect.retries=0",
+        "ray.actors=2",
+        "relevance.mode=exact",
+        "relevance.n_images=2",
+        "relevance.n_stat_samples=256",
+        "relevance.block_size=128",
+        "relevance.batch_size=32",
+    ]
     first = relevance_flow(None, overrides, shards=["00001"])["relevance_exact"]
     assert (first["shards"], first["ran"], first["skipped"]) == (1, 1, 0)
     with pytest.raises(ValueError, match="channels missing"):
         load_relevance(str(tmp_path / "run"), "relevance_exact")
     full = relevance_flow(None, overrides)["relevance_exact"]
-    n = Generator(**TINY_G).layout.conv_total                     # 304 channels → 3 blocks of ≤ 128
+    n = Generator(**TINY_G).layout.conv_total  # 304 channels → 3 blocks of ≤ 128
     assert (full["shards"], full["ran"], full["skipped"]) == (3, 2, 1)
     assert full["seen"] == full["ok"] == n and full["failed"] == 0
     matrix = load_relevance(str(tmp_path / "run"), "relevance_exact")

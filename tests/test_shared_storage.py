@@ -1,5 +1,6 @@
 """Shared storage for a cluster: a trainer's row cache at a URI (published once, fetched per node and
 fingerprint) and Ray Train's storage at a shared path or URI."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,20 @@ import numpy as np
 import pytest
 
 from infra.config import RayConfig
-from infra.storage.fsio import Location
 from infra.runtime.ray_train import train_storage
+from infra.storage.fsio import Location
 from tasks.train import row_cache
 from tasks.train.row_cache import META, localize, materialize, publish, stored_fingerprint
 
 
 def _build(folder: Path, fingerprint: str, rows: bytes) -> Path:
     """A cache folder as the trainers write it: rows, split flags, meta with the fingerprint."""
+
     def write(tmp: Path) -> dict:
         (tmp / "rows.bin").write_bytes(rows)
         np.save(tmp / "val.npy", np.zeros(len(rows), dtype=bool))
         return {"rows": len(rows)}
+
     return materialize(folder, fingerprint, write)
 
 
@@ -29,7 +32,9 @@ def test_a_cache_at_a_uri_is_fetched_once_per_fingerprint(s3_bucket, tmp_path, m
     target = Location(f"{bucket}/cache", options)
     downloads = []
     real = row_cache._download
-    monkeypatch.setattr(row_cache, "_download", lambda loc, out: downloads.append(1) or real(loc, out))
+    monkeypatch.setattr(
+        row_cache, "_download", lambda loc, out: downloads.append(1) or real(loc, out)
+    )
 
     publish(_build(tmp_path / "built", "fp1", b"abcd"), target)
     assert stored_fingerprint(target) == "fp1"
@@ -39,9 +44,10 @@ def test_a_cache_at_a_uri_is_fetched_once_per_fingerprint(s3_bucket, tmp_path, m
     assert json.loads((node / META).read_text()) == {"rows": 4, "fingerprint": "fp1"}
     assert localize(target.uri, options, scratch=tmp_path / "node2") == node and len(downloads) == 1
 
-    publish(_build(tmp_path / "built", "fp2", b"efghij"), target)     # the stores changed
-    assert (localize(target.uri, options, scratch=tmp_path / "node2") / "rows.bin").read_bytes() == \
-        b"efghij"
+    publish(_build(tmp_path / "built", "fp2", b"efghij"), target)  # the stores changed
+    assert (
+        localize(target.uri, options, scratch=tmp_path / "node2") / "rows.bin"
+    ).read_bytes() == b"efghij"
     assert len(downloads) == 2
 
 
@@ -59,7 +65,7 @@ def test_ray_train_storage_is_local_scratch_a_shared_path_or_a_uri(s3_bucket, tm
     shared = RayConfig(train_storage=str(tmp_path / "nfs" / "ray"))
     assert train_storage(shared, out, tmp_path) == (str(tmp_path / "nfs" / "ray"), None)
     path, fs = train_storage(RayConfig(train_storage=f"{bucket}/ray"), out, tmp_path)
-    assert path == f"{bucket[len('s3://'):]}/ray"
-    with fs.open_output_stream(f"{path}/probe.txt") as f:        # pyarrow over the run's fsspec S3
+    assert path == f"{bucket[len('s3://') :]}/ray"
+    with fs.open_output_stream(f"{path}/probe.txt") as f:  # pyarrow over the run's fsspec S3
         f.write(b"ok")
     assert Location(f"{bucket}/ray", options).read_bytes("probe.txt") == b"ok"

@@ -1,4 +1,5 @@
 """Stores on local disk and on a real S3 server: atomic commits, markers, redo, overwrite, readers."""
+
 from __future__ import annotations
 
 import os
@@ -10,12 +11,12 @@ import textwrap
 import pyarrow as pa
 import pytest
 import torch
-
 from helpers_store import FlakyProcessor, items, png_bytes
-from infra.storage.fsio import Location
-from infra.storage.readers import encoded_batches, iter_image_samples, read_vectors, vectors_tensor
+
 from infra.runtime.shards import ShardSpec, key_for, plan_shards, select
 from infra.runtime.stage import execute_shard
+from infra.storage.fsio import Location
+from infra.storage.readers import encoded_batches, iter_image_samples, read_vectors, vectors_tensor
 from infra.storage.store import StageStore
 from infra.storage.tables import decode_metadata
 
@@ -41,7 +42,11 @@ def test_round_trip_images_vectors_manifest(run_root):
     batches = list(encoded_batches(iter_image_samples(store), batch_size=3))
     keys = [k for ks, _ in batches for k in ks]
     assert keys == ["k000", "k001", "k003", "k004"]
-    assert batches[0][1].shape == (3, 3, 8, 8) and batches[0][1].min() >= -1 and batches[0][1].max() <= 1
+    assert (
+        batches[0][1].shape == (3, 3, 8, 8)
+        and batches[0][1].min() >= -1
+        and batches[0][1].max() <= 1
+    )
 
     table = read_vectors(store)
     assert pa.types.is_fixed_size_list(table.schema.field("emb").type)
@@ -55,9 +60,9 @@ def test_done_marker_skips_and_fingerprints_matter(run_root):
     proc = FlakyProcessor()
     assert execute_shard(proc, spec, store, "code1").outcome == "ran"
     assert execute_shard(proc, spec, store, "code1").outcome == "skipped"
-    assert execute_shard(proc, spec, store, "code2").outcome == "ran"       # code/config changed
+    assert execute_shard(proc, spec, store, "code2").outcome == "ran"  # code/config changed
     changed = ShardSpec(spec.shard_id, spec.items[:2])
-    assert execute_shard(proc, changed, store, "code2").outcome == "ran"    # inputs changed
+    assert execute_shard(proc, changed, store, "code2").outcome == "ran"  # inputs changed
     assert len(proc.calls) == 3
 
 
@@ -69,10 +74,10 @@ def test_redo_failed_reruns_only_failed_samples_and_keeps_order(run_root):
     proc.fail.clear()
     report = execute_shard(proc, spec, store, "c", redo_failed=True)
     assert report.outcome == "redone" and report.counts == {"seen": 6, "ok": 6, "failed": 0}
-    assert proc.calls[-1] == ["k001", "k004"]                             # only the failed ones
+    assert proc.calls[-1] == ["k001", "k004"]  # only the failed ones
     clean = _store((run_root[0] + "-clean", run_root[1]))
     execute_shard(FlakyProcessor(), spec, clean, "c")
-    assert store.manifest("00000").equals(clean.manifest("00000"))         # same as an uninterrupted run
+    assert store.manifest("00000").equals(clean.manifest("00000"))  # same as an uninterrupted run
     assert store.loc.read_bytes("00000.tar") == clean.loc.read_bytes("00000.tar")
     assert execute_shard(proc, spec, store, "c", redo_failed=True).outcome == "skipped"
 
@@ -102,8 +107,9 @@ KILLED_WRITER = textwrap.dedent("""
 
 def test_writer_killed_before_commit_leaves_nothing_visible(run_root):
     root, options = run_root
-    code = KILLED_WRITER.format(tests=os.path.join(REPO_ROOT, "tests"), repo=REPO_ROOT, root=root,
-                                options=options)
+    code = KILLED_WRITER.format(
+        tests=os.path.join(REPO_ROOT, "tests"), repo=REPO_ROOT, root=root, options=options
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"
     proc.send_signal(signal.SIGKILL)
@@ -126,8 +132,12 @@ def test_shards_are_deterministic_and_keys_safe():
     assert [s.shard_id for s in select(a, ["00002"])] == ["00002"]
     with pytest.raises(ValueError, match="unknown shard ids"):
         select(a, ["00009"])
-    keys = {key_for("/data/a/cat.png", "/data"), key_for("/data/b/cat.png", "/data"),
-            key_for("/data/a/cat.jpg", "/data"), key_for("/data/ü.ñ.x.png", "/data")}
+    keys = {
+        key_for("/data/a/cat.png", "/data"),
+        key_for("/data/b/cat.png", "/data"),
+        key_for("/data/a/cat.jpg", "/data"),
+        key_for("/data/ü.ñ.x.png", "/data"),
+    }
     assert len(keys) == 4 and not any("." in k for k in keys) and all(k.isascii() for k in keys)
     with pytest.raises(ValueError, match="duplicate sample key"):
         plan_shards(items(2) + items(1), 2)

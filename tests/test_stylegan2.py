@@ -1,4 +1,5 @@
 """StyleGAN2 generator: public layouts, checkpoint loading, W → S → image, NVIDIA conversion."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,21 +14,34 @@ from models.layout import StyleLayout
 from models.stylegan2 import Generator, StyleCode
 from models.stylegan2_layers import Upsample, upfirdn2d
 from models.stylegan2_pkl import convert_nvidia_pkl, nvidia_to_rosinality
-from tests.helpers_models import (DEVICES, TINY_G, exact_float32, load_format, meta_shapes, synthetic_state,
-                                   tiny_generator)
+from tests.helpers_models import (
+    DEVICES,
+    TINY_G,
+    exact_float32,
+    load_format,
+    meta_shapes,
+    synthetic_state,
+    tiny_generator,
+)
 
 
 # --- public layouts -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,size", [("rosinality_g_ema_1024", 1024), ("rosinality_g_ema_256", 256)])
+@pytest.mark.parametrize(
+    "name,size", [("rosinality_g_ema_1024", 1024), ("rosinality_g_ema_256", 256)]
+)
 def test_state_dict_matches_public_layout(name: str, size: int) -> None:
     fmt = load_format(name)
     with torch.device("meta"):
         gen = Generator(size)
-    assert list(meta_shapes(gen).items()) == list(fmt["state_dict"].items())  # names, order and shapes
+    assert list(meta_shapes(gen).items()) == list(
+        fmt["state_dict"].items()
+    )  # names, order and shapes
     layout = fmt["style_layout"]
     assert [layer.channels for layer in gen.layout.conv] == layout["conv"]
     assert [layer.channels for layer in gen.layout.rgb] == layout["rgb"]
-    assert {layer.name: layer.wplus_index for layer in gen.layout.layers} == layout["wplus_row_per_modulation"]
+    assert {layer.name: layer.wplus_index for layer in gen.layout.layers} == layout[
+        "wplus_row_per_modulation"
+    ]
     assert gen.n_latent == fmt["n_latent"]
 
 
@@ -35,7 +49,15 @@ def test_1024_style_space_sizes() -> None:
     with torch.device("meta"):
         gen = Generator(1024)
     assert gen.layout.conv_total == 6048 and gen.layout.rgb_total == 3040
-    assert [layer.channels for layer in gen.layout.conv] == [512] * 10 + [256, 256, 128, 128, 64, 64, 32]
+    assert [layer.channels for layer in gen.layout.conv] == [512] * 10 + [
+        256,
+        256,
+        128,
+        128,
+        64,
+        64,
+        32,
+    ]
     # each layer's modulation really produces that many channels
     for layer in gen.layout.layers:
         assert gen.get_submodule(layer.name).conv.modulation.weight.shape == (layer.channels, 512)
@@ -49,10 +71,21 @@ def test_real_rosinality_256_round_trip(tmp_path) -> None:
     state = synthetic_state(fmt)
     avg = torch.randn(512)
     path = tmp_path / "550000.pt"
-    torch.save({"g_ema": state, "latent_avg": avg, "d": {"extra": torch.zeros(3)},
-                "args": argparse.Namespace(size=256, channel_multiplier=2)}, path)
+    torch.save(
+        {
+            "g_ema": state,
+            "latent_avg": avg,
+            "d": {"extra": torch.zeros(3)},
+            "args": argparse.Namespace(size=256, channel_multiplier=2),
+        },
+        path,
+    )
     gen = Generator.from_checkpoint(str(path))  # architecture inferred
-    assert gen.config["size"] == 256 and gen.config["channel_multiplier"] == 2 and gen.config["channels"] is None
+    assert (
+        gen.config["size"] == 256
+        and gen.config["channel_multiplier"] == 2
+        and gen.config["channels"] is None
+    )
     loaded = gen.state_dict()
     for i, name in enumerate(fmt["state_dict"]):
         assert loaded[name].flatten()[0].item() == i, name
@@ -99,7 +132,9 @@ def test_missing_and_unexpected_keys_named(tiny_ckpt) -> None:
 def test_explicit_config_is_checked_strictly(tiny_ckpt) -> None:
     _, state, tmp = tiny_ckpt
     msg = _load_error(state, tmp, size=32, style_dim=64, n_mlp=2)  # rosinality widths, not TINY_G's
-    assert "conv1.conv.weight" in msg and "(1, 64, 64, 3, 3)" in msg and "(1, 512, 512, 3, 3)" in msg
+    assert (
+        "conv1.conv.weight" in msg and "(1, 64, 64, 3, 3)" in msg and "(1, 512, 512, 3, 3)" in msg
+    )
 
 
 def test_not_a_generator_checkpoint(tmp_path) -> None:
@@ -113,9 +148,12 @@ def test_not_a_generator_checkpoint(tmp_path) -> None:
 def test_style_space_then_synthesize_equals_forward(device: str) -> None:
     gen = tiny_generator().to(device)
     w = torch.randn(3, gen.n_latent, gen.style_dim, device=device)  # a different w per row
-    with exact_float32():          # on CUDA: no TF32, deterministic cuDNN (see exact_float32)
+    with exact_float32():  # on CUDA: no TF32, deterministic cuDNN (see exact_float32)
         code = gen.style_space(w)
-        assert code.conv.shape == (3, gen.layout.conv_total) and code.rgb.shape == (3, gen.layout.rgb_total)
+        assert code.conv.shape == (3, gen.layout.conv_total) and code.rgb.shape == (
+            3,
+            gen.layout.rgb_total,
+        )
         image = gen.synthesize(code)
         assert image.shape == (3, 3, 32, 32) and torch.isfinite(image).all()
         assert torch.allclose(image, gen(w))
@@ -125,14 +163,18 @@ def test_style_space_then_synthesize_equals_forward(device: str) -> None:
 
 def test_each_style_comes_from_its_wplus_row() -> None:
     gen = tiny_generator()
-    rows = load_format("rosinality_g_ema_256")["style_layout"]["wplus_row_per_modulation"]  # independent truth
+    rows = load_format("rosinality_g_ema_256")["style_layout"][
+        "wplus_row_per_modulation"
+    ]  # independent truth
     w = torch.randn(2, gen.n_latent, gen.style_dim)
     styles = gen.style_space(w).layers(gen.layout)
     for name, s in styles.items():
         mod = gen.get_submodule(name).conv.modulation
-        expected = w[:, rows[name]] @ (mod.weight / gen.style_dim ** 0.5).T + mod.bias  # EqualLinear by hand
+        expected = (
+            w[:, rows[name]] @ (mod.weight / gen.style_dim**0.5).T + mod.bias
+        )  # EqualLinear by hand
         assert torch.allclose(s, expected, atol=1e-5), name
-        wrong = w[:, rows[name] - 1] @ (mod.weight / gen.style_dim ** 0.5).T + mod.bias
+        wrong = w[:, rows[name] - 1] @ (mod.weight / gen.style_dim**0.5).T + mod.bias
         assert not torch.allclose(s, wrong, atol=1e-3), name
 
 
@@ -166,8 +208,8 @@ def test_rgb_styles_are_honoured() -> None:
     # the last toRGB is linear in its style (no demodulation): doubling the style doubles its contribution
     last = gen.layout.rgb[-1]
     zero, double = code.clone(), code.clone()
-    zero.rgb[:, last.offset:last.stop] = 0
-    double.rgb[:, last.offset:last.stop] *= 2
+    zero.rgb[:, last.offset : last.stop] = 0
+    double.rgb[:, last.offset : last.stop] *= 2
     base, img0, img2 = gen.synthesize(code), gen.synthesize(zero), gen.synthesize(double)
     assert torch.allclose(img2 - img0, 2 * (base - img0), atol=1e-5)
 
@@ -238,7 +280,9 @@ def test_safetensors_round_trip(tmp_path, uri: str) -> None:
 
 
 # --- pure-torch ops --------------------------------------------------------------------------------
-def _naive_upfirdn(x: torch.Tensor, k: torch.Tensor, up: int, down: int, pad: tuple[int, int]) -> torch.Tensor:
+def _naive_upfirdn(
+    x: torch.Tensor, k: torch.Tensor, up: int, down: int, pad: tuple[int, int]
+) -> torch.Tensor:
     """Direct definition, loop over output pixels: zero-stuff, pad, convolve (flipped kernel), subsample."""
     b, c, h, w = x.shape
     z = torch.zeros(b, c, h * up, w * up)
@@ -246,15 +290,26 @@ def _naive_upfirdn(x: torch.Tensor, k: torch.Tensor, up: int, down: int, pad: tu
     z = F.pad(z, [pad[0], pad[1], pad[0], pad[1]])
     kf, kh = torch.flip(k, [0, 1]), k.shape[0]
     oh = z.shape[-1] - kh + 1
-    out = torch.stack([torch.stack([(z[:, :, i:i + kh, j:j + kh] * kf).sum((-1, -2)) for j in range(oh)], -1)
-                       for i in range(oh)], -2)
+    out = torch.stack(
+        [
+            torch.stack(
+                [(z[:, :, i : i + kh, j : j + kh] * kf).sum((-1, -2)) for j in range(oh)], -1
+            )
+            for i in range(oh)
+        ],
+        -2,
+    )
     return out[:, :, ::down, ::down]
 
 
-@pytest.mark.parametrize("up,down,pad", [(2, 1, (2, 1)), (1, 1, (1, 1)), (1, 2, (1, 1)), (2, 1, (-1, 0))])
+@pytest.mark.parametrize(
+    "up,down,pad", [(2, 1, (2, 1)), (1, 1, (1, 1)), (1, 2, (1, 1)), (2, 1, (-1, 0))]
+)
 def test_upfirdn2d_matches_definition(up: int, down: int, pad: tuple[int, int]) -> None:
     x, k = torch.randn(2, 3, 5, 5), torch.rand(4, 4)
-    assert torch.allclose(upfirdn2d(x, k, up, down, pad), _naive_upfirdn(x, k, up, down, pad), atol=1e-5)
+    assert torch.allclose(
+        upfirdn2d(x, k, up, down, pad), _naive_upfirdn(x, k, up, down, pad), atol=1e-5
+    )
 
 
 def test_upsample_keeps_constant_images_and_doubles_size() -> None:
@@ -264,7 +319,9 @@ def test_upsample_keeps_constant_images_and_doubles_size() -> None:
 
 
 # --- NVIDIA StyleGAN2-ADA ------------------------------------------------------------------------
-def _nvidia_state(size: int = 32, w_dim: int = 64, ch: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
+def _nvidia_state(
+    size: int = 32, w_dim: int = 64, ch: dict[int, int] | None = None
+) -> dict[str, torch.Tensor]:
     """A synthetic G_ema state dict with NVIDIA's names and shapes (written from networks.py's layout)."""
     ch = ch or {4: 64, 8: 64, 16: 32, 32: 16}
     g = torch.Generator().manual_seed(0)
@@ -274,13 +331,27 @@ def _nvidia_state(size: int = 32, w_dim: int = 64, ch: dict[int, int] | None = N
         sd.update({f"mapping.fc{i}.weight": t(w_dim, w_dim), f"mapping.fc{i}.bias": t(w_dim)})
 
     def layer(prefix: str, cin: int, cout: int, res: int) -> None:
-        sd.update({f"{prefix}.weight": t(cout, cin, 3, 3), f"{prefix}.noise_strength": t(()), f"{prefix}.bias": t(cout),
-                   f"{prefix}.resample_filter": t(4, 4), f"{prefix}.noise_const": t(res, res),
-                   f"{prefix}.affine.weight": t(cin, w_dim), f"{prefix}.affine.bias": t(cin)})
+        sd.update(
+            {
+                f"{prefix}.weight": t(cout, cin, 3, 3),
+                f"{prefix}.noise_strength": t(()),
+                f"{prefix}.bias": t(cout),
+                f"{prefix}.resample_filter": t(4, 4),
+                f"{prefix}.noise_const": t(res, res),
+                f"{prefix}.affine.weight": t(cin, w_dim),
+                f"{prefix}.affine.bias": t(cin),
+            }
+        )
 
     def torgb(prefix: str, cin: int) -> None:
-        sd.update({f"{prefix}.weight": t(3, cin, 1, 1), f"{prefix}.bias": t(3),
-                   f"{prefix}.affine.weight": t(cin, w_dim), f"{prefix}.affine.bias": t(cin)})
+        sd.update(
+            {
+                f"{prefix}.weight": t(3, cin, 1, 1),
+                f"{prefix}.bias": t(3),
+                f"{prefix}.affine.weight": t(cin, w_dim),
+                f"{prefix}.affine.bias": t(cin),
+            }
+        )
 
     sd["synthesis.b4.const"] = t(ch[4], 4, 4)
     layer("synthesis.b4.conv1", ch[4], ch[4], 4)
@@ -303,7 +374,9 @@ def test_nvidia_names_map_to_rosinality_and_load_strictly() -> None:
     assert torch.equal(gen.style[2].weight, nv["mapping.fc1.weight"])
     assert torch.equal(gen.input.input[0], nv["synthesis.b4.const"])
     assert torch.equal(gen.conv1.conv.weight[0], nv["synthesis.b4.conv1.weight"])
-    assert torch.equal(gen.convs[2].conv.weight[0], nv["synthesis.b16.conv0.weight"])      # up conv of 16 px
+    assert torch.equal(
+        gen.convs[2].conv.weight[0], nv["synthesis.b16.conv0.weight"]
+    )  # up conv of 16 px
     assert torch.equal(gen.convs[3].conv.modulation.bias, nv["synthesis.b16.conv1.affine.bias"])
     assert torch.equal(gen.convs[3].activate.bias, nv["synthesis.b16.conv1.bias"])
     assert gen.convs[3].noise.weight.item() == nv["synthesis.b16.conv1.noise_strength"].item()
@@ -312,7 +385,9 @@ def test_nvidia_names_map_to_rosinality_and_load_strictly() -> None:
     assert torch.equal(gen.to_rgb1.conv.modulation.weight, nv["synthesis.b4.torgb.affine.weight"])
     assert torch.equal(gen.latent_avg, nv["mapping.w_avg"])
     taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
-    assert torch.allclose(gen.convs[0].conv.blur.kernel, torch.outer(taps, taps) / 64 * 4)  # FIR × up-gain
+    assert torch.allclose(
+        gen.convs[0].conv.blur.kernel, torch.outer(taps, taps) / 64 * 4
+    )  # FIR × up-gain
 
 
 def test_nvidia_pkl_needs_opt_in_then_converts(tmp_path) -> None:
@@ -350,7 +425,9 @@ def test_compiled_synthesis_pads_short_batches_and_matches_eager() -> None:
     from models.compiled import FixedBatchCompiled
 
     G = tiny_generator(seed=3).eval()
-    code = G.style_space(G.mapping(torch.randn(5, G.style_dim, generator=torch.Generator().manual_seed(0))))
+    code = G.style_space(
+        G.mapping(torch.randn(5, G.style_dim, generator=torch.Generator().manual_seed(0)))
+    )
     compiled = FixedBatchCompiled(lambda conv, rgb: G.synthesize(StyleCode(conv, rgb)), 4)
     for n in (4, 1, 3):
         out = compiled(code.conv[:n], code.rgb[:n])

@@ -1,5 +1,6 @@
 """The toy domain: deterministic renders, each attribute visibly doing what its name says, catalogs,
 captions that name only true attributes."""
+
 from __future__ import annotations
 
 import colorsys
@@ -11,17 +12,34 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.toy.captions import BACKGROUND_PATTERNS, all_edits, all_phrasings, attribute_prompt, caption, \
-    edit_prompt, mentioned
+from models.toy.captions import (
+    BACKGROUND_PATTERNS,
+    all_edits,
+    all_phrasings,
+    attribute_prompt,
+    caption,
+    edit_prompt,
+    mentioned,
+)
 from models.toy.catalog import read_catalog, render_catalog
-from models.toy.domain import ATTRIBUTES, NAMES, Attributes, render, render_batch, sample_attributes, to_tensor
+from models.toy.domain import (
+    ATTRIBUTES,
+    NAMES,
+    Attributes,
+    render,
+    render_batch,
+    sample_attributes,
+    to_tensor,
+)
 
 BASE = Attributes("circle", "red", "white", "medium", "center")
 
 
 def mask(image: np.ndarray, background: str) -> np.ndarray:
     """Pixels that differ clearly from the (canonical) background colour."""
-    bg = render(BASE.replace(background=background, size="small", position="left"))[0, 0].astype(int)
+    bg = render(BASE.replace(background=background, size="small", position="left"))[0, 0].astype(
+        int
+    )
     return np.abs(image.astype(int) - bg).sum(-1) > 60
 
 
@@ -42,18 +60,29 @@ def test_render_is_deterministic_per_seed():
 
 @pytest.mark.parametrize("color", ATTRIBUTES["shape_color"])
 def test_shape_colour_at_the_centre_has_its_hue(color):
-    expected = {"red": 0, "orange": 30, "yellow": 50, "green": 135, "blue": 222, "purple": 280}[color]
+    expected = {"red": 0, "orange": 30, "yellow": 50, "green": 135, "blue": 222, "purple": 280}[
+        color
+    ]
     for bg in ATTRIBUTES["background"]:
-        r, g, b = render(BASE.replace(shape_color=color, background=bg), np.random.default_rng(0))[32, 32] / 255
+        r, g, b = (
+            render(BASE.replace(shape_color=color, background=bg), np.random.default_rng(0))[32, 32]
+            / 255
+        )
         hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
         assert min(abs(hue - expected), 360 - abs(hue - expected)) < 15, (color, bg, hue)
 
 
 def test_backgrounds_fill_the_corners_and_differ():
-    corners = {bg: render(BASE.replace(background=bg))[0, 0].astype(int) for bg in ATTRIBUTES["background"]}
+    corners = {
+        bg: render(BASE.replace(background=bg))[0, 0].astype(int) for bg in ATTRIBUTES["background"]
+    }
     values = list(corners.values())
-    assert all(np.abs(x - y).sum() > 80 for i, x in enumerate(values) for y in values[i + 1:])
-    assert corners["white"].min() > 200 and corners["black"].max() < 40 and corners["navy"][2] > corners["navy"][0]
+    assert all(np.abs(x - y).sum() > 80 for i, x in enumerate(values) for y in values[i + 1 :])
+    assert (
+        corners["white"].min() > 200
+        and corners["black"].max() < 40
+        and corners["navy"][2] > corners["navy"][0]
+    )
 
 
 def test_position_moves_the_centroid():
@@ -61,20 +90,33 @@ def test_position_moves_the_centroid():
     for shape in ATTRIBUTES["shape"]:
         for pos, (sx, sy) in step.items():
             m = mask(render(BASE.replace(shape=shape, position=pos)), "white")
-            ys, xs = np.nonzero(m)                                  # bounding-box centre, in pixels
+            ys, xs = np.nonzero(m)  # bounding-box centre, in pixels
             cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-            assert abs(cx - 32 - sx * 0.18 * 64) < 1.5 and abs(cy - 32 - sy * 0.18 * 64) < 1.5, (shape, pos)
+            assert abs(cx - 32 - sx * 0.18 * 64) < 1.5 and abs(cy - 32 - sy * 0.18 * 64) < 1.5, (
+                shape,
+                pos,
+            )
 
 
 def test_size_orders_the_covered_area_and_stays_inside():
     for shape in ATTRIBUTES["shape"]:
-        areas = [mask(render(BASE.replace(shape=shape, size=s)), "white").sum() for s in ATTRIBUTES["size"]]
+        areas = [
+            mask(render(BASE.replace(shape=shape, size=s)), "white").sum()
+            for s in ATTRIBUTES["size"]
+        ]
         assert areas[0] * 1.6 < areas[1] and areas[1] * 1.6 < areas[2], (shape, areas)
     # the largest shapes at edge positions, with extreme jitter, never reach the frame's outer pixels
     for shape, pos in itertools.product(ATTRIBUTES["shape"], ("left", "right", "top", "bottom")):
-        for corner in itertools.product((0.0, 0.999), repeat=4):      # dx, dy, scale, rotation extremes
-            m = mask(render(BASE.replace(shape=shape, size="large", position=pos), Extreme(corner)), "white")
-            assert not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()), (shape, pos, corner)
+        for corner in itertools.product((0.0, 0.999), repeat=4):  # dx, dy, scale, rotation extremes
+            m = mask(
+                render(BASE.replace(shape=shape, size="large", position=pos), Extreme(corner)),
+                "white",
+            )
+            assert not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()), (
+                shape,
+                pos,
+                corner,
+            )
 
 
 class Extreme:
@@ -85,14 +127,16 @@ class Extreme:
 
     def random(self, shape: tuple[int, int]) -> np.ndarray:
         u = np.full(shape, 0.5)
-        u[:, len(NAMES):len(NAMES) + 4] = self.geometry
+        u[:, len(NAMES) : len(NAMES) + 4] = self.geometry
         return u
 
 
 def test_shapes_are_told_apart_by_their_silhouette():
-    sil = {s: mask(render(BASE.replace(shape=s, size="large")), "white") for s in ATTRIBUTES["shape"]}
+    sil = {
+        s: mask(render(BASE.replace(shape=s, size="large")), "white") for s in ATTRIBUTES["shape"]
+    }
     for i, x in enumerate(ATTRIBUTES["shape"]):
-        for y in ATTRIBUTES["shape"][i + 1:]:
+        for y in ATTRIBUTES["shape"][i + 1 :]:
             assert (sil[x] ^ sil[y]).sum() > 60, (x, y)
     # the images are anti-aliased: edge pixels take in-between values
     image = render(BASE.replace(shape="circle", size="large")).astype(int)
@@ -109,7 +153,9 @@ def test_sample_attributes_reaches_every_value_and_attributes_round_trip():
         assert Attributes.from_dict(a.to_dict()) == a == Attributes.from_indices(a.indices())
     assert seen == {n: set(v) for n, v in ATTRIBUTES.items()}
     _, attrs = render_batch(400, seed=1)
-    assert {n: {getattr(a, n) for a in attrs} for n in NAMES} == {n: set(v) for n, v in ATTRIBUTES.items()}
+    assert {n: {getattr(a, n) for a in attrs} for n in NAMES} == {
+        n: set(v) for n, v in ATTRIBUTES.items()
+    }
     with pytest.raises(ValueError, match="shape_color"):
         Attributes("circle", "pink", "white", "small", "center")
 
@@ -126,14 +172,17 @@ def test_render_catalog_writes_images_and_jsonl(tmp_path, folder):
     root = str(tmp_path / "cat") if folder == "local" else "memory://toy-catalog-test"
     records = render_catalog(root, 7, seed=2)
     fs, path = fsspec.core.url_to_fs(root)
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == \
-        ["attributes.jsonl"] + [f"toy_{i:06d}.png" for i in range(7)]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == [
+        "attributes.jsonl"
+    ] + [f"toy_{i:06d}.png" for i in range(7)]
     back = read_catalog(root)
     images, attrs = render_batch(7, seed=2)
     assert [r["attributes"] for r in back] == attrs
     assert [r["caption"] for r in back] == [r["caption"] for r in records]
     with fs.open(f"{path}/toy_000004.png", "rb") as f:
-        assert np.array_equal(np.asarray(Image.open(f).convert("RGB")), images[4])   # png is lossless
+        assert np.array_equal(
+            np.asarray(Image.open(f).convert("RGB")), images[4]
+        )  # png is lossless
     with fs.open(f"{path}/attributes.jsonl") as f:
         assert json.loads(f.readline())["file"] == "toy_000000.png"
 
@@ -151,7 +200,7 @@ def test_captions_name_only_true_attributes_and_vary():
             for n in NAMES:
                 named[n] += bool(claims[n])
         assert set(t.lower() for t in texts) <= set(all_phrasings(a))
-    assert all(count > 100 for count in named.values()), named         # every attribute gets named
+    assert all(count > 100 for count in named.values()), named  # every attribute gets named
     many = {caption(BASE, np.random.default_rng(i)) for i in range(100)}
     assert len(many) > 30
     full = all_phrasings(BASE)

@@ -1,5 +1,6 @@
 """The attribute oracle: the shipped zoo weights read held-out renders back (≥ 98 % per attribute), and
 the check is real: an untrained or damaged oracle fails it."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ from models.toy.train_oracle import _blur, augment, train_oracle
 
 THRESHOLD = 0.98
 N_HELD_OUT = 400
-TEST_SEED = 424_242   # neither the training stream nor HELD_OUT_SEED (used at training time)
+TEST_SEED = 424_242  # neither the training stream nor HELD_OUT_SEED (used at training time)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,9 @@ def test_zoo_oracle_survives_generator_like_blur_and_noise(oracle, held_out):
 def test_predict_api(oracle, held_out):
     images, truth = held_out
     pred = oracle.predict(images[:10], batch_size=4)
-    assert set(pred) == set(NAMES) and all(p.dtype == torch.long and p.shape == (10,) for p in pred.values())
+    assert set(pred) == set(NAMES) and all(
+        p.dtype == torch.long and p.shape == (10,) for p in pred.values()
+    )
     attrs = oracle.predict_attributes(images[:10])
     assert all(isinstance(a, Attributes) for a in attrs) and len(attrs) == 10
     assert sum(a == t for a, t in zip(attrs, truth[:10])) >= 9
@@ -72,7 +75,9 @@ def test_the_check_fails_for_bad_weights(oracle, held_out, tmp_path):
     damaged = Oracle(oracle.config)
     damaged.load_state_dict(oracle.state_dict())
     with torch.no_grad():
-        damaged.heads["shape"].weight.copy_(damaged.heads["shape"].weight.roll(1, dims=0))  # classes swapped
+        damaged.heads["shape"].weight.copy_(
+            damaged.heads["shape"].weight.roll(1, dims=0)
+        )  # classes swapped
     assert damaged.eval().accuracy(images, truth)["shape"] < 0.1
 
 
@@ -81,21 +86,44 @@ def test_save_load_round_trip_and_kind_check(oracle, tmp_path):
     oracle.save(path, lineage={"note": "copy"})
     again = Oracle.load(path)
     x = torch.rand(3, 3, 64, 64) * 2 - 1
-    assert all(torch.equal(oracle(x)[n], again(x)[n]) for n in NAMES) and again.lineage == {"note": "copy"}
-    save_safetensors(str(tmp_path / "other.safetensors"), oracle.state_dict(), config={}, kind="clip")
+    assert all(torch.equal(oracle(x)[n], again(x)[n]) for n in NAMES) and again.lineage == {
+        "note": "copy"
+    }
+    save_safetensors(
+        str(tmp_path / "other.safetensors"), oracle.state_dict(), config={}, kind="clip"
+    )
     with pytest.raises(CheckpointError, match=KIND):
         Oracle.load(str(tmp_path / "other.safetensors"))
 
 
 def test_training_is_deterministic_and_learns(tmp_path):
     tiny = OracleConfig(width=4, hidden=16)
-    a = train_oracle(steps=6, batch_size=8, seed=3, out_path=str(tmp_path / "a.safetensors"), config=tiny,
-                     eval_n=16, log_every=0)
-    b = train_oracle(steps=6, batch_size=8, seed=3, out_path=str(tmp_path / "b.safetensors"), config=tiny,
-                     eval_n=16, log_every=0)
+    a = train_oracle(
+        steps=6,
+        batch_size=8,
+        seed=3,
+        out_path=str(tmp_path / "a.safetensors"),
+        config=tiny,
+        eval_n=16,
+        log_every=0,
+    )
+    b = train_oracle(
+        steps=6,
+        batch_size=8,
+        seed=3,
+        out_path=str(tmp_path / "b.safetensors"),
+        config=tiny,
+        eval_n=16,
+        log_every=0,
+    )
     assert a["final_loss"] == b["final_loss"] and a["accuracy"] == b["accuracy"]
-    wa, wb = Oracle.load(str(tmp_path / "a.safetensors")), Oracle.load(str(tmp_path / "b.safetensors"))
-    assert all(torch.equal(x, y) for x, y in zip(wa.state_dict().values(), wb.state_dict().values()))
+    wa, wb = (
+        Oracle.load(str(tmp_path / "a.safetensors")),
+        Oracle.load(str(tmp_path / "b.safetensors")),
+    )
+    assert all(
+        torch.equal(x, y) for x, y in zip(wa.state_dict().values(), wb.state_dict().values())
+    )
     assert wa.lineage["steps"] == 6 and wa.lineage["seed"] == 3
 
 

@@ -8,6 +8,7 @@ Bars (see zoo/toy/README.md):
 - CLIP zero-shot with ``attribute_prompt`` texts: ≥ 90 % per attribute on 300 held-out renders;
 - the four files together ≤ 25 MB.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,14 +22,19 @@ from models.stylegan2 import Generator
 from models.toy.domain import ATTRIBUTES, NAMES, render_batch, to_tensor
 from models.toy.oracle import Oracle
 from models.toy.train_clip import zero_shot_accuracy
-from models.toy.train_generator import attribute_agreement, marginals, sample_images, \
-    total_variation_from_uniform
+from models.toy.train_generator import (
+    attribute_agreement,
+    marginals,
+    sample_images,
+    total_variation_from_uniform,
+)
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo" / "toy"
-TEST_SEED = 7_700_401          # render_batch seed used by no training run and no bootstrap evaluation
-SAMPLE_SEED = 4_242            # z seed of the sample-coverage check
+TEST_SEED = 7_700_401  # render_batch seed used by no training run and no bootstrap evaluation
+SAMPLE_SEED = 4_242  # z seed of the sample-coverage check
 MAX_TV = 0.15
 MIN_FRACTION_OF_UNIFORM = 1 / 3
+
 
 @pytest.fixture(scope="module")
 def oracle() -> Oracle:
@@ -52,10 +58,17 @@ def held_out():
 
 
 def test_zoo_files_fit_in_25_mb():
-    four = {"generator.safetensors", "encoder.safetensors", "clip.safetensors", "oracle.safetensors"}
-    sizes = {p.name: p.stat().st_size for p in ZOO.glob("*.safetensors") if p.name in four}   # not DeltaEdit-D's
+    four = {
+        "generator.safetensors",
+        "encoder.safetensors",
+        "clip.safetensors",
+        "oracle.safetensors",
+    }
+    sizes = {
+        p.name: p.stat().st_size for p in ZOO.glob("*.safetensors") if p.name in four
+    }  # not DeltaEdit-D's
     assert set(sizes) == four
-    assert sum(sizes.values()) <= 25 * 2 ** 20, sizes
+    assert sum(sizes.values()) <= 25 * 2**20, sizes
 
 
 def test_checkpoints_carry_lineage_and_pair_up(generator, encoder):
@@ -63,8 +76,12 @@ def test_checkpoints_carry_lineage_and_pair_up(generator, encoder):
     assert {"seed", "steps", "seconds", "reconstruction"} <= set(_lineage("encoder.safetensors"))
     assert {"seed", "steps", "seconds", "samples"} <= set(_lineage("generator.safetensors"))
     assert encoder.n_styles == generator.n_latent and encoder.input_size == 64
-    for (k, a), (k2, b) in zip(sorted(generator.state_dict().items()), sorted(encoder.generator.state_dict().items())):
-        assert k == k2 and torch.equal(a, b), f"encoder's generator differs from generator.safetensors at {k}"
+    for (k, a), (k2, b) in zip(
+        sorted(generator.state_dict().items()), sorted(encoder.generator.state_dict().items())
+    ):
+        assert k == k2 and torch.equal(a, b), (
+            f"encoder's generator differs from generator.safetensors at {k}"
+        )
 
 
 @torch.no_grad()

@@ -1,12 +1,12 @@
 """Run one stage over many shards: skip finished shards, drive the rest through per-shard Prefect tasks
 on a Ray actor pool, show progress, and sum up (seen = ok + failed, per shard outcome)."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
 from collections.abc import Sequence
-
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,11 +15,11 @@ from prefect.utilities.annotations import quote
 from tqdm.auto import tqdm
 
 from infra.config import RunConfig
-from infra.storage.fsio import Location
 from infra.runtime.prefect_runtime import configured_shard_task
 from infra.runtime.ray_pool import ActorPool, init_ray
 from infra.runtime.shards import ShardSpec
 from infra.runtime.stage import StageBuilder
+from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,23 @@ class StageSummary:
         return {**asdict(self), "samples_per_s": round(self.samples_per_s, 3)}
 
     def line(self) -> str:
-        return (f"{self.stage}: {self.shards} shards (ran {self.ran}, redone {self.redone}, skipped "
-                f"{self.skipped}, failed {len(self.failed_shards)}); samples seen {self.seen} = ok {self.ok}"
-                f" + failed {self.failed}; {self.samples_per_s:.1f} samples/s")
+        return (
+            f"{self.stage}: {self.shards} shards (ran {self.ran}, redone {self.redone}, skipped "
+            f"{self.skipped}, failed {len(self.failed_shards)}); samples seen {self.seen} = ok {self.ok}"
+            f" + failed {self.failed}; {self.samples_per_s:.1f} samples/s"
+        )
 
 
-def run_stage(builder: StageBuilder, shards: Sequence[ShardSpec], cfg: RunConfig, *,
-              redo_failed: bool = False, overwrite: bool = False, progress: bool = True,
-              pool: ActorPool | None = None) -> StageSummary:
+def run_stage(
+    builder: StageBuilder,
+    shards: Sequence[ShardSpec],
+    cfg: RunConfig,
+    *,
+    redo_failed: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    pool: ActorPool | None = None,
+) -> StageSummary:
     """Process every shard of ``shards`` that is not finished (or has failed samples, with redo_failed).
 
     ``pool``: actors to reuse (a flow running several stages passes one); else one is made here.
@@ -72,17 +81,36 @@ def run_stage(builder: StageBuilder, shards: Sequence[ShardSpec], cfg: RunConfig
             if pool is None:
                 init_ray(cfg.ray)
                 pool = stack.enter_context(ActorPool(cfg.root, cfg.storage_options, cfg.ray))
-            _run_todo(builder, todo, cfg, store, code_fp, redo_failed, overwrite, summary, progress,
-                      pool.load(builder))
+            _run_todo(
+                builder,
+                todo,
+                cfg,
+                store,
+                code_fp,
+                redo_failed,
+                overwrite,
+                summary,
+                progress,
+                pool.load(builder),
+            )
     _add_counts(summary, store, shards)
     summary.seconds = round(time.perf_counter() - start, 3)
     log.info(summary.line())
     return summary
 
 
-def _run_todo(builder: StageBuilder, todo: list[ShardSpec], cfg: RunConfig, store: StageStore,
-              code_fp: str, redo_failed: bool, overwrite: bool, summary: StageSummary,
-              progress: bool, pool: ActorPool) -> None:
+def _run_todo(
+    builder: StageBuilder,
+    todo: list[ShardSpec],
+    cfg: RunConfig,
+    store: StageStore,
+    code_fp: str,
+    redo_failed: bool,
+    overwrite: bool,
+    summary: StageSummary,
+    progress: bool,
+    pool: ActorPool,
+) -> None:
     task = configured_shard_task(cfg.prefect, store.loc, refresh=overwrite or redo_failed)
     args = (builder.stage, cfg.root)
     # quote(): Prefect would otherwise walk every item of every spec (twice per task run, for lineage and
@@ -93,12 +121,16 @@ def _run_todo(builder: StageBuilder, todo: list[ShardSpec], cfg: RunConfig, stor
             spec = futures[fut]
             try:
                 report = fut.result()
-                if not store.is_done(spec, code_fp):   # a cached report for outputs that are gone
-                    log.warning("%s shard %s: cached result but no outputs; running it again",
-                                builder.stage, spec.shard_id)
-                    report = task.with_options(refresh_cache=True)(pool, *args, quote(spec), code_fp,
-                                                                    redo_failed)
-            except Exception as exc:     # the shard failed after its retries; the others go on
+                if not store.is_done(spec, code_fp):  # a cached report for outputs that are gone
+                    log.warning(
+                        "%s shard %s: cached result but no outputs; running it again",
+                        builder.stage,
+                        spec.shard_id,
+                    )
+                    report = task.with_options(refresh_cache=True)(
+                        pool, *args, quote(spec), code_fp, redo_failed
+                    )
+            except Exception as exc:  # the shard failed after its retries; the others go on
                 summary.failed_shards.append(spec.shard_id)
                 summary.errors[spec.shard_id] = f"{type(exc).__name__}: {exc}"
                 log.error("%s shard %s failed: %s", builder.stage, spec.shard_id, exc)
@@ -110,8 +142,15 @@ def _run_todo(builder: StageBuilder, todo: list[ShardSpec], cfg: RunConfig, stor
 
 def _log_shard(stage: str, shard_id: str, report: dict[str, Any]) -> None:
     rate = report["counts"]["seen"] / report["seconds"] if report["seconds"] else 0
-    log.info("%s shard %s %s: %s in %.2fs (%.1f samples/s)", stage, shard_id, report["outcome"],
-             report["counts"], report["seconds"], rate)
+    log.info(
+        "%s shard %s %s: %s in %.2fs (%.1f samples/s)",
+        stage,
+        shard_id,
+        report["outcome"],
+        report["counts"],
+        report["seconds"],
+        rate,
+    )
 
 
 def _count_outcome(summary: StageSummary, report: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ Per-shard results are persisted under the stage's own folder (``<root>/<stage>/_
 cross-run cache (INPUTS + TASK_SOURCE) lives and dies with the outputs it describes: deleting or
 overwriting a stage also forgets its cache, and a cache hit can never claim a shard that is gone.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -18,8 +19,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 
 from infra.config import PrefectConfig
-from infra.storage.fsio import Location
 from infra.runtime.shards import ShardSpec
+from infra.storage.fsio import Location
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ def ensure_prefect_api() -> str | None:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+    server.start(
+        timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+    )
     atexit.register(server.stop)
     os.environ["PREFECT_API_URL"] = server.api_url
     log.info("started a local Prefect API at %s", server.api_url)
@@ -56,8 +59,9 @@ def result_storage(stage_location: Location) -> WritableFileSystem:
 
 
 @task(name="shard", persist_result=True, cache_policy=(INPUTS - "pool") + TASK_SOURCE)
-def shard_task(pool: Any, stage: str, root: str, spec: ShardSpec, code_fingerprint: str,
-               redo_failed: bool) -> dict[str, Any]:
+def shard_task(
+    pool: Any, stage: str, root: str, spec: ShardSpec, code_fingerprint: str, redo_failed: bool
+) -> dict[str, Any]:
     """Run one shard on the stage's actor pool and wait for its report.
 
     ``stage``, ``root`` and ``code_fingerprint`` are part of the inputs so the cache key changes with
@@ -68,10 +72,15 @@ def shard_task(pool: Any, stage: str, root: str, spec: ShardSpec, code_fingerpri
 
 def configured_shard_task(cfg: PrefectConfig, stage_location: Location, refresh: bool):
     """``shard_task`` with the run's retries, result storage and caching choices."""
-    options: dict[str, Any] = {"retries": cfg.retries, "retry_delay_seconds": cfg.retry_delay_seconds,
-                               "result_storage": result_storage(stage_location),
-                               "refresh_cache": refresh, "task_run_name": "{stage}-{spec.shard_id}"}
+    options: dict[str, Any] = {
+        "retries": cfg.retries,
+        "retry_delay_seconds": cfg.retry_delay_seconds,
+        "result_storage": result_storage(stage_location),
+        "refresh_cache": refresh,
+        "task_run_name": "{stage}-{spec.shard_id}",
+    }
     if not cfg.cache:
         from prefect.cache_policies import NO_CACHE
+
         options["cache_policy"] = NO_CACHE
     return shard_task.with_options(**options)

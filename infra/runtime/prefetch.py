@@ -6,6 +6,7 @@ overlaps the two, as a DataLoader worker would, without another process. The rea
 (parsing tar headers) holds the GIL and stalls the model thread instead, so it is kept small
 (``infra.storage.tarstream``). Reading ahead works within a shard: a shard of one batch has nothing to overlap.
 """
+
 from __future__ import annotations
 
 from collections import deque

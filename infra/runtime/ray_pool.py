@@ -9,6 +9,7 @@ the pool too (Ray itself would wait forever). Attached to a cluster (``ray.addre
 code (flows, infra, models, tasks) travels to every node in the job's runtime_env; the nodes need
 the same Python environment, and the data and model files as URIs or shared paths.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,11 +25,19 @@ from infra.runtime.shards import ShardSpec
 from infra.runtime.stage import ShardReport, StageBuilder, execute_shard, open_store
 
 # Variables every Ray worker must see (the shared Prefect API, offline settings).
-FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED",
-                 "RAY_AUTH_MODE", "HF_HUB_OFFLINE", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "OMP_NUM_THREADS")
+FORWARDED_ENV = (
+    "PREFECT_API_URL",
+    "PREFECT_HOME",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "RAY_AUTH_MODE",
+    "HF_HUB_OFFLINE",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "OMP_NUM_THREADS",
+)
 PROJECT = Path(__file__).resolve().parents[2]
-PACKAGES = ("flows", "infra", "models", "tasks")       # what a worker imports of this project
+PACKAGES = ("flows", "infra", "models", "tasks")  # what a worker imports of this project
 SHIP_EXCLUDES = ["__pycache__", "*.pyc"]
 
 
@@ -39,8 +48,11 @@ class PoolPlacementError(RuntimeError):
 def init_ray(cfg: RayConfig) -> dict[str, Any]:
     """Attach to ``cfg.address`` or start a local cluster; workers inherit FORWARDED_ENV. Idempotent."""
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"runtime_env": runtime_env(cfg), "log_to_driver": True,
-                                  "configure_logging": False}
+        kwargs: dict[str, Any] = {
+            "runtime_env": runtime_env(cfg),
+            "log_to_driver": True,
+            "configure_logging": False,
+        }
         if cfg.address:
             ray.init(address=cfg.address, **kwargs)
         else:
@@ -61,8 +73,9 @@ def runtime_env(cfg: RayConfig) -> dict[str, Any]:
     return env
 
 
-def gpus_per_actor(cfg: RayConfig, cluster_gpus: float | None = None,
-                   actors: int | None = None) -> float:
+def gpus_per_actor(
+    cfg: RayConfig, cluster_gpus: float | None = None, actors: int | None = None
+) -> float:
     """GPUs each actor asks for: the configured number, or for ``auto`` the cluster's whole GPUs
     shared by the actors — 1 when there are enough, else the largest fraction 1/k that packs every
     actor (k per GPU; 0 on a cluster without GPUs or with ``use_gpu_if_available: false``)."""
@@ -74,7 +87,7 @@ def gpus_per_actor(cfg: RayConfig, cluster_gpus: float | None = None,
     if not cfg.use_gpu_if_available or gpus < 1:
         return 0.0
     share = 1 / math.ceil((actors or cfg.actors) / gpus)
-    return math.floor(share * 1e4) / 1e4      # Ray counts in 1e-4; rounding down keeps k per GPU
+    return math.floor(share * 1e4) / 1e4  # Ray counts in 1e-4; rounding down keeps k per GPU
 
 
 def actor_bundle(cfg: RayConfig, gpus: float) -> dict[str, float]:
@@ -95,8 +108,9 @@ def actors_that_fit(bundle: Mapping[str, float], node: Mapping[str, float]) -> i
     return min(counts, default=1 << 30)
 
 
-def placement_problem(actors: int, bundle: Mapping[str, float], nodes: list[Mapping[str, float]]
-                      ) -> str | None:
+def placement_problem(
+    actors: int, bundle: Mapping[str, float], nodes: list[Mapping[str, float]]
+) -> str | None:
     """Why ``actors`` actors of ``bundle`` can never be placed on ``nodes`` (their total
     resources), or None when they fit."""
     fit = sum(actors_that_fit(bundle, node) for node in nodes)
@@ -104,10 +118,12 @@ def placement_problem(actors: int, bundle: Mapping[str, float], nodes: list[Mapp
         return None
     total = {name: amount * actors for name, amount in bundle.items()}
     has = "; ".join(_resources(node, bundle) for node in nodes) or "no nodes"
-    return (f"the actor pool cannot be placed: it asks for {actors} actors × "
-            f"{_resources(bundle)} ({_resources(total)} in all), and the cluster's {len(nodes)} "
-            f"node(s) ({has}) hold at most {fit} of them. Lower ray.actors, ray.cpus_per_actor or "
-            "ray.gpus_per_actor (auto shares the cluster's GPUs), or add nodes.")
+    return (
+        f"the actor pool cannot be placed: it asks for {actors} actors × "
+        f"{_resources(bundle)} ({_resources(total)} in all), and the cluster's {len(nodes)} "
+        f"node(s) ({has}) hold at most {fit} of them. Lower ray.actors, ray.cpus_per_actor or "
+        "ray.gpus_per_actor (auto shares the cluster's GPUs), or add nodes."
+    )
 
 
 def _resources(amounts: Mapping[str, float], only: Iterable[str] | None = None) -> str:
@@ -150,18 +166,28 @@ class ActorPool:
     """N ShardActors for one run root. ``load(builder)`` readies a stage on every actor; ``submit``
     returns an ObjectRef, ``map`` yields reports as shards finish."""
 
-    def __init__(self, root_uri: str, storage_options: dict[str, Any], cfg: RayConfig,
-                 actors: int | None = None):
+    def __init__(
+        self,
+        root_uri: str,
+        storage_options: dict[str, Any],
+        cfg: RayConfig,
+        actors: int | None = None,
+    ):
         n = actors or cfg.actors
         self.bundle = actor_bundle(cfg, gpus_per_actor(cfg, actors=n))
         problem = placement_problem(n, self.bundle, cluster_nodes())
         if problem:
             raise PoolPlacementError(problem)
-        opts = {"num_cpus": cfg.cpus_per_actor, "num_gpus": self.bundle.get("GPU", 0),
-                "resources": dict(cfg.resources_per_actor)}
-        self.actors = [ShardActor.options(**opts).remote(root_uri, storage_options) for _ in range(n)]
+        opts = {
+            "num_cpus": cfg.cpus_per_actor,
+            "num_gpus": self.bundle.get("GPU", 0),
+            "resources": dict(cfg.resources_per_actor),
+        }
+        self.actors = [
+            ShardActor.options(**opts).remote(root_uri, storage_options) for _ in range(n)
+        ]
         self.ready_timeout_s = cfg.ready_timeout_s
-        self.nodes: list[str] = []             # each actor's node, once placed
+        self.nodes: list[str] = []  # each actor's node, once placed
         self._next = 0
 
     def wait_placed(self) -> list[str]:
@@ -177,9 +203,11 @@ class ActorPool:
     def _not_placed(self, pending: int) -> str:
         free = _resources(ray.available_resources(), self.bundle)
         total = _resources(ray.cluster_resources(), self.bundle)
-        return (f"{pending} of {len(self.actors)} actors ({_resources(self.bundle)} each) were not "
-                f"placed within ray.ready_timeout_s={self.ready_timeout_s:g} s; the cluster has "
-                f"{free} free of {total} (other work holds the rest)")
+        return (
+            f"{pending} of {len(self.actors)} actors ({_resources(self.bundle)} each) were not "
+            f"placed within ray.ready_timeout_s={self.ready_timeout_s:g} s; the cluster has "
+            f"{free} free of {total} (other work holds the rest)"
+        )
 
     def load(self, builder: StageBuilder) -> "ActorPool":
         self.wait_placed()

@@ -8,6 +8,7 @@ directory of Ray's own, so every local path in ``args`` must be absolute (``Loca
 Ray Train's own storage is ``ray.train_storage`` (a shared path, or a URI opened with the run's
 storage options: what a multi-node run needs), else a local scratch folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    summary = config["fit"](config["args"], rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                            wrap=ray.train.torch.prepare_model, device=str(ray.train.torch.get_device()))
+    summary = config["fit"](
+        config["args"],
+        rank=ctx.get_world_rank(),
+        world=ctx.get_world_size(),
+        wrap=ray.train.torch.prepare_model,
+        device=str(ray.train.torch.get_device()),
+    )
     if ctx.get_world_rank() == 0:
-        Location(config["out"], config["storage_options"]).write_bytes(SUMMARY, json.dumps(summary).encode())
+        Location(config["out"], config["storage_options"]).write_bytes(
+            SUMMARY, json.dumps(summary).encode()
+        )
     ray.train.report({"step": summary["step"]})
 
 
@@ -48,24 +56,37 @@ def train_storage(ray_config: RayConfig, out: Location, scratch: Path) -> tuple[
     return loc.path, PyFileSystem(FSSpecHandler(loc.fs))
 
 
-def train_data_parallel(name: str, worker_fit: WorkerFit, args: dict[str, Any], *, workers: int,
-                        ray_config: RayConfig, use_gpu: bool, out: Location, scratch: Path) -> dict[str, Any]:
+def train_data_parallel(
+    name: str,
+    worker_fit: WorkerFit,
+    args: dict[str, Any],
+    *,
+    workers: int,
+    ray_config: RayConfig,
+    use_gpu: bool,
+    out: Location,
+    scratch: Path,
+) -> dict[str, Any]:
     """Run ``worker_fit`` (a module-level function) on ``workers`` Ray Train workers; rank 0's summary."""
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-
     init_ray(ray_config)
     storage_path, storage_fs = train_storage(ray_config, out, scratch)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"fit": worker_fit, "args": args, "out": out.absolute_uri,
-                           "storage_options": out.storage_options},
+        train_loop_config={
+            "fit": worker_fit,
+            "args": args,
+            "out": out.absolute_uri,
+            "storage_options": out.storage_options,
+        },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RayRunConfig(name=name, storage_path=storage_path,
-                                storage_filesystem=storage_fs),
+        run_config=RayRunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs
+        ),
     )
     trainer.fit()
     return json.loads(out.read_bytes(SUMMARY))

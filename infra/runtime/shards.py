@@ -3,6 +3,7 @@
 Shard ids (``00000``, ``00001``, ...) come from the sorted listing, not from write order, so a rerun
 — or a resumed run — sends every input to the shard it went to before.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,14 +17,18 @@ from dataclasses import asdict, dataclass, field
 @dataclass(frozen=True)
 class Item:
     """One input sample: a stable key (no dots) and where it comes from."""
+
     key: str
     source: str
-    meta: dict = field(default_factory=dict, hash=False, compare=False)   # e.g. size/etag for fingerprints
+    meta: dict = field(
+        default_factory=dict, hash=False, compare=False
+    )  # e.g. size/etag for fingerprints
 
 
 @dataclass(frozen=True)
 class ShardSpec:
     """One unit of work for a stage: a shard id and its items."""
+
     shard_id: str
     items: tuple[Item, ...]
 
@@ -31,7 +36,9 @@ class ShardSpec:
     def fingerprint(self) -> str:
         """Hash of the shard's inputs: keys, sources and their metadata (sizes, etags)."""
         payload = [[i.key, i.source, i.meta] for i in self.items]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(
+            json.dumps(payload, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return {"shard_id": self.shard_id, "items": [asdict(i) for i in self.items]}
@@ -49,8 +56,10 @@ def plan_shards(items: Iterable[Item], shard_size: int) -> list[ShardSpec]:
         if item.key in seen:
             raise ValueError(f"duplicate sample key '{item.key}' (source {item.source})")
         seen.add(item.key)
-    return [ShardSpec(f"{n:05d}", tuple(ordered[start:start + shard_size]))
-            for n, start in enumerate(range(0, len(ordered), shard_size))]
+    return [
+        ShardSpec(f"{n:05d}", tuple(ordered[start : start + shard_size]))
+        for n, start in enumerate(range(0, len(ordered), shard_size))
+    ]
 
 
 def key_for(source: str, root: str = "") -> str:
@@ -59,7 +68,7 @@ def key_for(source: str, root: str = "") -> str:
     A dot would split a WebDataset key; the hash keeps keys unique when two sources share a stem
     (``a/cat.png`` and ``b/cat.png``, or ``cat.png`` and ``cat.jpg``).
     """
-    rel = source[len(root):].lstrip("/") if root and source.startswith(root) else source
+    rel = source[len(root) :].lstrip("/") if root and source.startswith(root) else source
     stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
     ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-48:] or "x"

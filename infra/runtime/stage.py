@@ -4,6 +4,7 @@ A *builder* is a small picklable object that knows how to construct a stage's pr
 (an actor loads its model once, in ``build()``). A processor is ``processor(spec, sink)``: it writes one
 record per item of the shard into the sink. ``execute_shard`` is what Ray actors and tests call.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+from infra.runtime.shards import ShardSpec
 from infra.storage.fsio import Location
 from infra.storage.records import MemorySink, Sink
-from infra.runtime.shards import ShardSpec
 from infra.storage.store import StageStore
 
 
@@ -26,7 +27,7 @@ class Processor(Protocol):
 
 
 class StageBuilder(Protocol):
-    stage: str                       # name of the output store
+    stage: str  # name of the output store
 
     def build(self) -> Processor: ...
 
@@ -57,8 +58,13 @@ class ShardReport:
         return asdict(self)
 
 
-def execute_shard(processor: Processor, spec: ShardSpec, store: StageStore, code_fp: str,
-                  redo_failed: bool = False) -> ShardReport:
+def execute_shard(
+    processor: Processor,
+    spec: ShardSpec,
+    store: StageStore,
+    code_fp: str,
+    redo_failed: bool = False,
+) -> ShardReport:
     """Run ``processor`` on ``spec`` unless its done-marker matches; with ``redo_failed``, rerun only the
     failed samples of a finished shard and merge them into it (same sample order as a clean run)."""
     start = time.perf_counter()
@@ -81,7 +87,9 @@ def execute_shard(processor: Processor, spec: ShardSpec, store: StageStore, code
     return _report(store, spec, "ran", start)
 
 
-def _redo(processor: Processor, spec: ShardSpec, todo: ShardSpec, store: StageStore, code_fp: str) -> None:
+def _redo(
+    processor: Processor, spec: ShardSpec, todo: ShardSpec, store: StageStore, code_fp: str
+) -> None:
     fresh = MemorySink()
     processor(todo, fresh)
     new = fresh.by_key()
@@ -98,7 +106,9 @@ def _redo(processor: Processor, spec: ShardSpec, todo: ShardSpec, store: StageSt
 def _report(store: StageStore, spec: ShardSpec, outcome: Outcome, start: float) -> ShardReport:
     marker = store.marker(spec.shard_id) or {}
     counts = marker.get("counts", {"seen": 0, "ok": 0, "failed": 0})
-    return ShardReport(store.stage, spec.shard_id, outcome, counts, round(time.perf_counter() - start, 4))
+    return ShardReport(
+        store.stage, spec.shard_id, outcome, counts, round(time.perf_counter() - start, 4)
+    )
 
 
 def open_store(root_uri: str, storage_options: dict[str, Any], stage: str) -> StageStore:

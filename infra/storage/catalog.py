@@ -4,6 +4,7 @@
 - WebDataset tars (``shards/*.tar`` or one ``.tar``): every image member, source ``<tar>#<member>``;
 - a Parquet list (``list.parquet``) with a ``uri``/``url``/``path`` column of image locations.
 """
+
 from __future__ import annotations
 
 import tarfile
@@ -35,8 +36,10 @@ def list_parquet(source: str, storage_options: dict[str, Any]) -> list[Item]:
         table = pq.read_table(f)
     column = next((c for c in URI_COLUMNS if c in table.column_names), None)
     if column is None:
-        raise ValueError(f"{source}: a Parquet catalog needs one of the columns {URI_COLUMNS}, "
-                         f"found {table.column_names}")
+        raise ValueError(
+            f"{source}: a Parquet catalog needs one of the columns {URI_COLUMNS}, "
+            f"found {table.column_names}"
+        )
     uris = [u for u in table.column(column).to_pylist() if u]
     return [Item(key_for(u), u) for u in sorted(set(uris))]
 
@@ -76,6 +79,11 @@ def list_images(source: str, storage_options: dict[str, Any] | None = None) -> l
     for p, info in sorted(found.items()):
         if info.get("type") == "directory" or not p.lower().endswith(IMAGE_EXTENSIONS):
             continue
-        items.append(Item(key_for(p, root), protocol + p if protocol else p,
-                          {"size": info.get("size"), "etag": info.get("ETag") or info.get("mtime")}))
+        items.append(
+            Item(
+                key_for(p, root),
+                protocol + p if protocol else p,
+                {"size": info.get("size"), "etag": info.get("ETag") or info.get("mtime")},
+            )
+        )
     return items

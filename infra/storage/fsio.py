@@ -5,6 +5,7 @@ folder and renamed (``os.replace`` is atomic); on object stores (s3://, gs://, .
 local temporary file and uploaded with one ``put`` — an object appears only when its upload completes.
 A writer killed before the commit therefore leaves nothing under the final name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,10 +18,12 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-TMP_MARK = ".tmp-"   # temporary names contain this; listings ignore them
+TMP_MARK = ".tmp-"  # temporary names contain this; listings ignore them
 
 
-def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> IO[bytes]:
+def open_uri(
+    uri: str, mode: str = "rb", storage_options: dict[str, Any] | None = None
+) -> IO[bytes]:
     """The one opener for a single file at any local path or fsspec URI (s3://, gs://, memory://, ...).
 
     Returns an open file object (use it in ``with``); a missing file raises FileNotFoundError.

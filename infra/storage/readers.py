@@ -4,6 +4,7 @@ Shards are opened with fsspec (webdataset has no s3:// opener of its own), their
 ``infra.storage.tarstream`` and grouped into samples by webdataset; only finished shards (done-marker present)
 are read.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,9 @@ def _shard_files(store: StageStore, shard_ids: Sequence[str]) -> Iterator[dict[s
         yield {}
 
 
-def iter_image_samples(store: StageStore, shard_ids: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+def iter_image_samples(
+    store: StageStore, shard_ids: Sequence[str] | None = None
+) -> Iterator[dict[str, Any]]:
     """Raw samples ``{"__key__", "png"|"jpg"|..., "json"}`` of the finished shards, in shard order."""
     ids = sorted(shard_ids if shard_ids is not None else store.finished())
     yield from wds.tariterators.group_by_keys(_shard_files(store, ids))
@@ -67,8 +70,9 @@ def decode_images(datas: Sequence[bytes]) -> torch.Tensor:
     return pixels.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
 
 
-def encoded_batches(samples: Iterable[dict[str, Any]], batch_size: int
-                    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+def encoded_batches(
+    samples: Iterable[dict[str, Any]], batch_size: int
+) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(keys, images (B, 3, H, W) in [-1, 1]) batches of WebDataset samples (``iter_image_samples``)."""
     keys: list[str] = []
     datas: list[bytes] = []

@@ -11,6 +11,7 @@ A shard counts as finished only when its done-marker exists and its fingerprints
 written under temporary names and committed atomically (``infra.storage.fsio``), so a killed writer leaves no
 visible shard and no marker.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,12 +24,20 @@ import numpy as np
 import pyarrow as pa
 import webdataset as wds
 
+from infra.runtime.shards import ShardSpec
 from infra.storage.fsio import Location
 from infra.storage.records import Record, Sink
-from infra.runtime.shards import ShardSpec
+from infra.storage.tables import (
+    STATUS_FAILED,
+    STATUS_OK,
+    column_to_numpy,
+    decode_metadata,
+    manifest_table,
+    parquet_bytes_to_table,
+    table_to_parquet_bytes,
+    vector_table,
+)
 from infra.storage.tarstream import tar_members
-from infra.storage.tables import (STATUS_FAILED, STATUS_OK, column_to_numpy, decode_metadata, manifest_table,
-                          parquet_bytes_to_table, table_to_parquet_bytes, vector_table)
 
 TAR, VECTORS, MANIFEST, DONE = ".tar", ".parquet", ".manifest.parquet", ".done.json"
 
@@ -52,8 +61,11 @@ class StageStore:
     def is_done(self, spec: ShardSpec, code_fingerprint: str) -> bool:
         """Finished with the same inputs and the same code+config."""
         m = self.marker(spec.shard_id)
-        return bool(m and m["input_fingerprint"] == spec.fingerprint
-                    and m["code_fingerprint"] == code_fingerprint)
+        return bool(
+            m
+            and m["input_fingerprint"] == spec.fingerprint
+            and m["code_fingerprint"] == code_fingerprint
+        )
 
     def manifest(self, shard_id: str) -> pa.Table:
         return parquet_bytes_to_table(self.loc.read_bytes(shard_id + MANIFEST))
@@ -68,8 +80,12 @@ class StageStore:
         """The part of ``spec`` whose samples failed last time (all of it if the shard never finished)."""
         if self.marker(spec.shard_id) is None:
             return spec
-        status = dict(zip(*(self.manifest(spec.shard_id).column(c).to_pylist() for c in ("key", "status"))))
-        return ShardSpec(spec.shard_id, tuple(i for i in spec.items if status.get(i.key) != STATUS_OK))
+        status = dict(
+            zip(*(self.manifest(spec.shard_id).column(c).to_pylist() for c in ("key", "status")))
+        )
+        return ShardSpec(
+            spec.shard_id, tuple(i for i in spec.items if status.get(i.key) != STATUS_OK)
+        )
 
     def records(self, shard_id: str) -> Iterator[Record]:
         """Read a finished shard back as records (in stored order), for merging a redo."""
@@ -79,8 +95,14 @@ class StageStore:
         for row in rows:
             base = {k: row.pop(k) for k in ("key", "source", "status", "error")}
             image = images.get(base["key"], (None, None, {}))
-            yield Record(**base, image=image[0], image_ext=image[1], sample_meta=image[2],
-                         vectors=vecs.get(base["key"], {}), fields=row)
+            yield Record(
+                **base,
+                image=image[0],
+                image_ext=image[1],
+                sample_meta=image[2],
+                vectors=vecs.get(base["key"], {}),
+                fields=row,
+            )
 
     def writer(self, shard_id: str, vector_metadata: dict[str, Any] | None = None) -> "ShardWriter":
         return ShardWriter(self, shard_id, vector_metadata)
@@ -104,14 +126,19 @@ class StageStore:
         table = self.vectors(shard_id)
         names = [n for n in table.column_names if n != "key"]
         arrays = {n: column_to_numpy(table, n) for n in names}
-        return {k: {n: arrays[n][i] for n in names} for i, k in enumerate(table.column("key").to_pylist())}
+        return {
+            k: {n: arrays[n][i] for n in names}
+            for i, k in enumerate(table.column("key").to_pylist())
+        }
 
 
 class ShardWriter(Sink):
     """Streams one shard's images into a temporary tar and buffers manifest rows and vectors;
     ``commit`` makes data visible, then the manifest, then the done-marker."""
 
-    def __init__(self, store: StageStore, shard_id: str, vector_metadata: dict[str, Any] | None = None):
+    def __init__(
+        self, store: StageStore, shard_id: str, vector_metadata: dict[str, Any] | None = None
+    ):
         self.store, self.shard_id = store, shard_id
         self.vector_metadata = vector_metadata or {}
         self.rows: list[dict[str, Any]] = []
@@ -123,24 +150,33 @@ class ShardWriter(Sink):
 
     def put(self, record: Record) -> None:
         if record.image is not None:
-            self._tar_writer().write({"__key__": record.key, record.image_ext: record.image,
-                                      "json": json.dumps(record.sample_meta, sort_keys=True).encode()})
+            self._tar_writer().write(
+                {
+                    "__key__": record.key,
+                    record.image_ext: record.image,
+                    "json": json.dumps(record.sample_meta, sort_keys=True).encode(),
+                }
+            )
         if record.vectors and record.status == STATUS_OK:
             self.vector_keys.append(record.key)
             for name, vec in record.vectors.items():
                 self.vector_cols.setdefault(name, []).append(vec)
         self.rows.append(record.manifest_row())
 
-    def commit(self, *, input_fingerprint: str, code_fingerprint: str,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def commit(
+        self, *, input_fingerprint: str, code_fingerprint: str, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Publish the shard: data files, manifest, and the done-marker last. Returns the marker."""
         if self._tar is not None:
             self._tar.close()
-            self._stack.close()          # atomic rename / upload of the tar
+            self._stack.close()  # atomic rename / upload of the tar
         loc = self.store.loc
         if self.vector_keys:
-            table = vector_table(self.vector_keys, {n: np.stack(v) for n, v in self.vector_cols.items()},
-                                 self.vector_metadata)
+            table = vector_table(
+                self.vector_keys,
+                {n: np.stack(v) for n, v in self.vector_cols.items()},
+                self.vector_metadata,
+            )
             loc.write_bytes(self.shard_id + VECTORS, table_to_parquet_bytes(table))
         loc.write_bytes(self.shard_id + MANIFEST, table_to_parquet_bytes(manifest_table(self.rows)))
         marker = self._marker(input_fingerprint, code_fingerprint, extra or {})
@@ -154,19 +190,28 @@ class ShardWriter(Sink):
     def _tar_writer(self) -> wds.TarWriter:
         if self._tar is None:
             f = self._stack.enter_context(self.store.loc.atomic_writer(self.shard_id + TAR))
-            self._tar = wds.TarWriter(f, mtime=0)    # fixed mtime: identical inputs give identical bytes
+            self._tar = wds.TarWriter(
+                f, mtime=0
+            )  # fixed mtime: identical inputs give identical bytes
         return self._tar
 
     def _marker(self, input_fp: str, code_fp: str, extra: dict[str, Any]) -> dict[str, Any]:
         ok = sum(r["status"] == STATUS_OK for r in self.rows)
         failed = sum(r["status"] == STATUS_FAILED for r in self.rows)
         seconds = time.perf_counter() - self._started
-        return {"stage": self.store.stage, "shard_id": self.shard_id,
-                "counts": {"seen": len(self.rows), "ok": ok, "failed": failed},
-                "timings": {"seconds": round(seconds, 4),
-                            "samples_per_s": round(len(self.rows) / seconds, 3) if seconds > 0 else None},
-                "input_fingerprint": input_fp, "code_fingerprint": code_fp,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+        return {
+            "stage": self.store.stage,
+            "shard_id": self.shard_id,
+            "counts": {"seen": len(self.rows), "ok": ok, "failed": failed},
+            "timings": {
+                "seconds": round(seconds, 4),
+                "samples_per_s": round(len(self.rows) / seconds, 3) if seconds > 0 else None,
+            },
+            "input_fingerprint": input_fp,
+            "code_fingerprint": code_fp,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
 
 
 def vector_metadata(table: pa.Table) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 Vectors are ``fixed_size_list<float32>`` columns; the table's metadata records what produced them
 (model name, preprocessing, normalisation), so a reader never has to guess.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,12 +18,14 @@ import pyarrow.parquet as pq
 STATUS_OK, STATUS_FAILED = "ok", "failed"
 
 # Every manifest starts with these columns; stages may add more (sizes, scores, timings).
-MANIFEST_BASE = pa.schema([
-    ("key", pa.string()),
-    ("source", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-])
+MANIFEST_BASE = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 
 
 def manifest_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -35,8 +38,11 @@ def manifest_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.table({**base, **{k: pa.array(columns[k]) for k in extra}})
 
 
-def vector_table(keys: Sequence[str], vectors: Mapping[str, np.ndarray],
-                 metadata: Mapping[str, Any] | None = None) -> pa.Table:
+def vector_table(
+    keys: Sequence[str],
+    vectors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, Any] | None = None,
+) -> pa.Table:
     """A table with ``key`` and one fixed_size_list<float32> column per named (N, D) array."""
     cols: dict[str, pa.Array] = {"key": pa.array(list(keys), type=pa.string())}
     for name, arr in vectors.items():

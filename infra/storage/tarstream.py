@@ -9,6 +9,7 @@ name, size, type and checksum fields alone (~7 µs a member). At the first heade
 long names, links, global pax headers, a compressed file, a bad checksum) the rest of the file is handed
 to ``tarfile``, which reads every valid tar and names what is wrong with an invalid one.
 """
+
 from __future__ import annotations
 
 import tarfile
@@ -48,23 +49,33 @@ def _pax_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     start = f.tell()
     while True:
         header = f.read(BLOCK)
-        if not header.strip(b"\0") and not pax:   # end-of-archive block (or a file that ends without one)
+        if (
+            not header.strip(b"\0") and not pax
+        ):  # end-of-archive block (or a file that ends without one)
             return
         kind = header[156:157]
-        if len(header) < BLOCK or kind not in (*_REGULAR, _PAX) or header[345] or not _checksum_ok(header):
-            raise _Unsupported(start)          # truncated, other header kinds, ustar prefix, corrupt
+        if (
+            len(header) < BLOCK
+            or kind not in (*_REGULAR, _PAX)
+            or header[345]
+            or not _checksum_ok(header)
+        ):
+            raise _Unsupported(start)  # truncated, other header kinds, ustar prefix, corrupt
         size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
         if size is None:
-            raise _Unsupported(start)          # base-256 (GNU) size
+            raise _Unsupported(start)  # base-256 (GNU) size
         data = f.read(size)
         if len(data) < size or len(f.read(-size % BLOCK)) < -size % BLOCK:
-            raise _Unsupported(start)          # truncated data or padding: tarfile says which
+            raise _Unsupported(start)  # truncated data or padding: tarfile says which
         if kind == _PAX:
             pax = _pax_records(data)
             if pax is None:
-                raise _Unsupported(start)      # sparse files, charsets, malformed records
+                raise _Unsupported(start)  # sparse files, charsets, malformed records
             continue
-        yield pax.get("path") or header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), data
+        yield (
+            pax.get("path") or header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
+            data,
+        )
         pax, start = {}, f.tell()
 
 
@@ -90,8 +101,8 @@ def _pax_records(data: bytes) -> dict[str, str] | None:
             space = data.index(b" ", pos)
             length = int(data[pos:space])
             if pos + length <= space or pos + length > len(data):
-                return None                    # a record must hold its own length field and fit
-            key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+                return None  # a record must hold its own length field and fit
+            key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
             records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
             pos += length
     except ValueError:

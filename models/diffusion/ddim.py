@@ -13,6 +13,7 @@ Conventions: t is an integer step in [0, T); ᾱ_t = Π_{i≤t}(1 − β_i); x_t
 "ᾱ at step −1" is 1 (the clean image). A model is called as ``model(x_t, t (B,) long, s)`` and exposes
 its training schedule as ``model.schedule`` (or pass ``schedule=``).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,14 +64,22 @@ def _schedule(model: object, schedule: NoiseSchedule | None) -> NoiseSchedule:
     return found
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+def q_sample(
+    x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule
+) -> torch.Tensor:
     """x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε: a sample of q(x_t | x₀) in closed form (DDPM, eq. 4)."""
     a = schedule.alpha_bar_like(t, x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def simple_loss(model: EpsModel, x0: torch.Tensor, s: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                schedule: NoiseSchedule | None = None) -> torch.Tensor:
+def simple_loss(
+    model: EpsModel,
+    x0: torch.Tensor,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    schedule: NoiseSchedule | None = None,
+) -> torch.Tensor:
     """The "simple" ε objective with an L1 distance, as Diffusion Autoencoders-style decoders train:
     mean |ε − ε_θ(x_t, t, s)|. The caller draws t and noise so training stays reproducible."""
     x_t = q_sample(x0, t, noise, _schedule(model, schedule))
@@ -104,8 +113,15 @@ def _step(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> tor
 
 
 @torch.no_grad()
-def ddim_encode(model: EpsModel, x0: torch.Tensor, s: torch.Tensor, steps: int,
-                schedule: NoiseSchedule | None = None, refine: int = 0, t_max: int | None = None) -> torch.Tensor:
+def ddim_encode(
+    model: EpsModel,
+    x0: torch.Tensor,
+    s: torch.Tensor,
+    steps: int,
+    schedule: NoiseSchedule | None = None,
+    refine: int = 0,
+    t_max: int | None = None,
+) -> torch.Tensor:
     """Deterministic DDIM inversion x₀ → x_T under style code s (B, style_dim); x_T at step ``t_max``
     (default T − 1; see ``ddim_timesteps``).
 
@@ -148,8 +164,14 @@ class EditGuidance:
 
 
 @torch.no_grad()
-def ddim_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, steps: int,
-                schedule: NoiseSchedule | None = None, t_max: int | None = None) -> torch.Tensor:
+def ddim_decode(
+    model: EpsModel,
+    x_T: torch.Tensor,
+    s: torch.Tensor,
+    steps: int,
+    schedule: NoiseSchedule | None = None,
+    t_max: int | None = None,
+) -> torch.Tensor:
     """Deterministic DDIM sampling (η = 0) x_T → x₀ under style code s, over ``steps`` steps from ``t_max``."""
     sched = _schedule(model, schedule)
     seq, x = ddim_timesteps(sched.timesteps, steps, t_max), x_T
@@ -160,8 +182,9 @@ def ddim_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, steps: int,
     return x
 
 
-def edit_mask(eps_src: torch.Tensor, eps_edit: torch.Tensor, threshold: float = 0.5,
-              smooth: int = 3) -> torch.Tensor:
+def edit_mask(
+    eps_src: torch.Tensor, eps_edit: torch.Tensor, threshold: float = 0.5, smooth: int = 3
+) -> torch.Tensor:
     """Binary (B, 1, H, W) mask of where the edit acts: |ε(ŝ) − ε(s)| averaged over channels, box-smoothed
     (odd ``smooth`` px; 1 = off), divided by its per-image maximum and compared with ``threshold``.
     Identical predictions give an all-zero mask."""
@@ -175,9 +198,18 @@ def edit_mask(eps_src: torch.Tensor, eps_edit: torch.Tensor, threshold: float = 
 
 
 @torch.no_grad()
-def mask_guided_decode(model: EpsModel, x_T: torch.Tensor, s: torch.Tensor, s_edit: torch.Tensor, steps: int,
-                       threshold: float = 0.5, smooth: int = 3, schedule: NoiseSchedule | None = None,
-                       t_max: int | None = None, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_guided_decode(
+    model: EpsModel,
+    x_T: torch.Tensor,
+    s: torch.Tensor,
+    s_edit: torch.Tensor,
+    steps: int,
+    threshold: float = 0.5,
+    smooth: int = 3,
+    schedule: NoiseSchedule | None = None,
+    t_max: int | None = None,
+    guidance: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM decoding with ŝ = ``s_edit`` inside the edit mask and s outside; returns (x₀, mask).
 
     At every step ε is predicted under both codes and ``edit_mask`` marks where they differ; the mask

@@ -11,6 +11,7 @@ styles (4–8 px) drive the lowest U-Net resolutions and the bottleneck, the med
 middle levels, the fine ones the highest levels. Layouts without a fine group (a 32 px generator)
 spread the groups they have over the levels in the same order.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,16 +30,21 @@ from models.layout import Group, StyleLayout
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    layout: dict[str, Any]                       # StyleLayout.to_dict() of the generator; s = its conv styles
+    layout: dict[str, Any]  # StyleLayout.to_dict() of the generator; s = its conv styles
     image_size: int = 64
     in_channels: int = 3
     base_channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # one entry per resolution level, highest resolution first
-    num_res_blocks: int = 2                      # residual blocks per level (down path; up path has the same)
-    norm_groups: int = 32                        # GroupNorm groups (reduced to a divisor of the width)
-    emb_dim: int = 0                             # timestep/style embedding width; 0 → 4·base_channels
-    schedule: Literal["linear", "cosine"] = "linear"   # β schedule the model is trained with
-    timesteps: int = 1000                        # training diffusion steps T
+    channel_mult: tuple[int, ...] = (
+        1,
+        2,
+        2,
+        4,
+    )  # one entry per resolution level, highest resolution first
+    num_res_blocks: int = 2  # residual blocks per level (down path; up path has the same)
+    norm_groups: int = 32  # GroupNorm groups (reduced to a divisor of the width)
+    emb_dim: int = 0  # timestep/style embedding width; 0 → 4·base_channels
+    schedule: Literal["linear", "cosine"] = "linear"  # β schedule the model is trained with
+    timesteps: int = 1000  # training diffusion steps T
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +67,9 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps → (B, dim) (Vaswani et al.; as in DDPM)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
@@ -82,7 +90,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.ada(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift                     # AdaGN
+        h = self.norm2(h) * (1 + scale) + shift  # AdaGN
         return self.skip(x) + self.conv2(F.silu(h))
 
 
@@ -103,14 +111,18 @@ class StyleUNet(nn.Module):
         self.lineage: dict[str, Any] = {}
         n, base, gn = len(config.channel_mult), config.base_channels, config.norm_groups
         if config.image_size % 2 ** (n - 1):
-            raise ValueError(f"image_size {config.image_size} is not divisible by 2^{n - 1} ({n} levels)")
+            raise ValueError(
+                f"image_size {config.image_size} is not divisible by 2^{n - 1} ({n} levels)"
+            )
         emb = config.emb_dim or 4 * base
         chans = [base * m for m in config.channel_mult]
         self.level_group = level_groups(n, tuple(g.name for g in self.groups))
         self.register_buffer("style_mean", torch.zeros(self.layout.conv_total))
         self.register_buffer("style_std", torch.ones(self.layout.conv_total))
         self.time_mlp = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.style_proj = nn.ModuleDict({g.name: nn.Linear(g.stop - g.start, emb) for g in self.groups})
+        self.style_proj = nn.ModuleDict(
+            {g.name: nn.Linear(g.stop - g.start, emb) for g in self.groups}
+        )
         self.conv_in = nn.Conv2d(config.in_channels, base, 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         c = base
@@ -120,14 +132,24 @@ class StyleUNet(nn.Module):
                 blocks.append(ResBlock(c, ch, emb, gn))
                 c = ch
             self.down.append(nn.ModuleList(blocks))
-            self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1) if i < n - 1 else nn.Identity())
+            self.downsample.append(
+                nn.Conv2d(ch, ch, 3, stride=2, padding=1) if i < n - 1 else nn.Identity()
+            )
         self.mid = nn.ModuleList([ResBlock(c, c, emb, gn), ResBlock(c, c, emb, gn)])
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
-        for i in range(n):                                        # index i = level i, built highest first
+        for i in range(n):  # index i = level i, built highest first
             ch = chans[i]
-            self.upsample.append(nn.Conv2d(chans[i + 1], ch, 3, padding=1) if i < n - 1 else nn.Identity())
-            self.up.append(nn.ModuleList([ResBlock(2 * ch if k == 0 else ch, ch, emb, gn)
-                                          for k in range(config.num_res_blocks)]))
+            self.upsample.append(
+                nn.Conv2d(chans[i + 1], ch, 3, padding=1) if i < n - 1 else nn.Identity()
+            )
+            self.up.append(
+                nn.ModuleList(
+                    [
+                        ResBlock(2 * ch if k == 0 else ch, ch, emb, gn)
+                        for k in range(config.num_res_blocks)
+                    ]
+                )
+            )
         self.norm_out = _norm(base, gn)
         self.conv_out = nn.Conv2d(base, config.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
@@ -151,7 +173,7 @@ class StyleUNet(nn.Module):
         """Per-group embedding: timestep embedding + linear projection of that group's standardised styles."""
         temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
         z = (s - self.style_mean) / self.style_std
-        return {g.name: temb + self.style_proj[g.name](z[:, g.start:g.stop]) for g in self.groups}
+        return {g.name: temb + self.style_proj[g.name](z[:, g.start : g.stop]) for g in self.groups}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         self._check(x, t, s)
@@ -163,7 +185,7 @@ class StyleUNet(nn.Module):
             skips.append(h)
             h = self.downsample[i](h)
         for block in self.mid:
-            h = block(h, embs[self.groups[0].name])                # bottleneck ← coarse
+            h = block(h, embs[self.groups[0].name])  # bottleneck ← coarse
         for i in reversed(range(len(self.up))):
             if i < len(self.up) - 1:
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
@@ -183,17 +205,23 @@ class StyleUNet(nn.Module):
 
     def save(self, uri: str, lineage: dict[str, Any] | None = None) -> None:
         """Safetensors with the config in the header, so ``from_checkpoint`` rebuilds this exact model."""
-        save_safetensors(uri, self.state_dict(), config=self.config.to_dict(),
-                         lineage=lineage if lineage is not None else self.lineage, kind=self.KIND)
+        save_safetensors(
+            uri,
+            self.state_dict(),
+            config=self.config.to_dict(),
+            lineage=lineage if lineage is not None else self.lineage,
+            kind=self.KIND,
+        )
 
     @classmethod
     def from_checkpoint(cls, uri: str, **storage_options: Any) -> "StyleUNet":
         """Load one of our ``style_diffusion`` safetensors checkpoints (strict; errors name the parameter)."""
         tensors, header = load_safetensors(uri, **storage_options)
         if header["kind"] != cls.KIND:
-            raise CheckpointError(f"{uri} holds a '{header['kind']}' checkpoint, not a '{cls.KIND}'")
+            raise CheckpointError(
+                f"{uri} holds a '{header['kind']}' checkpoint, not a '{cls.KIND}'"
+            )
         model = cls(DiffusionConfig.from_dict(header["config"]))
         model.lineage = header["lineage"]
         load_strict(model, tensors, str(uri))
         return model
-

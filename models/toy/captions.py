@@ -6,6 +6,7 @@ canonical (the words of ``ATTRIBUTES``) and the colour sets of shape and backgro
 caption can be checked against the attributes it claims. ``attribute_prompt`` gives the zero-shot
 classification prompt for one value; ``edit_prompt`` the (source, target) text pair of an edit.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,17 +25,27 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
 }
 BACKGROUND_PATTERNS: tuple[str, ...] = ("on a {} background", "on {}", "against a {} background")
 # How often a caption names each attribute: the shape noun almost always, the rest often.
-INCLUDE_P: dict[str, float] = {"shape": 0.9, "shape_color": 0.8, "background": 0.6, "size": 0.5,
-                               "position": 0.5}
-NEUTRAL = "a shape"   # the text of "no particular attribute": the source of an edit by default
+INCLUDE_P: dict[str, float] = {
+    "shape": 0.9,
+    "shape_color": 0.8,
+    "background": 0.6,
+    "size": 0.5,
+    "position": 0.5,
+}
+NEUTRAL = "a shape"  # the text of "no particular attribute": the source of an edit by default
 
 
 def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _compose(attrs: Attributes, include: frozenset[str], position_k: int, background_k: int,
-             position_first: bool) -> str:
+def _compose(
+    attrs: Attributes,
+    include: frozenset[str],
+    position_k: int,
+    background_k: int,
+    position_first: bool,
+) -> str:
     """One phrasing: [size] [colour] noun [position] [background] (position/background order varies)."""
     words = [getattr(attrs, a) for a in ("size", "shape_color") if a in include]
     noun = attrs.shape if "shape" in include else "shape"
@@ -53,8 +64,13 @@ def caption(attrs: Attributes, rng: np.random.Generator) -> str:
     include = {a for a in NAMES if rng.random() < INCLUDE_P[a]}
     if not include & {"shape", "shape_color"}:
         include.add("shape" if rng.random() < 0.5 else "shape_color")
-    text = _compose(attrs, frozenset(include), int(rng.integers(2)),
-                    int(rng.integers(len(BACKGROUND_PATTERNS))), bool(rng.random() < 0.5))
+    text = _compose(
+        attrs,
+        frozenset(include),
+        int(rng.integers(2)),
+        int(rng.integers(len(BACKGROUND_PATTERNS))),
+        bool(rng.random() < 0.5),
+    )
     return text.capitalize() if rng.random() < 0.2 else text
 
 
@@ -65,7 +81,9 @@ def all_phrasings(attrs: Attributes) -> list[str]:
         for subset in itertools.combinations(NAMES, r):
             if not set(subset) & {"shape", "shape_color"}:
                 continue
-            for pk, bk, first in itertools.product(range(2), range(len(BACKGROUND_PATTERNS)), (True, False)):
+            for pk, bk, first in itertools.product(
+                range(2), range(len(BACKGROUND_PATTERNS)), (True, False)
+            ):
                 out[_compose(attrs, frozenset(subset), pk, bk, first)] = None
     return list(out)
 
@@ -79,7 +97,9 @@ def mentioned(text: str) -> dict[str, set[str]]:
 def attribute_prompt(attr_name: str, value: str) -> str:
     """Zero-shot prompt naming one value: "a circle", "a red shape", "a shape on a black background"."""
     if value not in ATTRIBUTES.get(attr_name, ()):
-        raise ValueError(f"{attr_name}={value!r}: not an attribute value ({ATTRIBUTES.get(attr_name)})")
+        raise ValueError(
+            f"{attr_name}={value!r}: not an attribute value ({ATTRIBUTES.get(attr_name)})"
+        )
     if attr_name == "shape":
         return _article(value)
     if attr_name in ("shape_color", "size"):
@@ -104,7 +124,9 @@ def expected_values(source: str, target: str) -> dict[str, int]:
     """What an edit from ``source`` to ``target`` text should make the oracle read (class indices): each
     attribute the target names with exactly one value that the source does not name the same way."""
     src, tgt = mentioned(source), mentioned(target)
-    return {a: ATTRIBUTES[a].index(next(iter(v))) for a, v in tgt.items() if len(v) == 1 and v != src[a]}
+    return {
+        a: ATTRIBUTES[a].index(next(iter(v))) for a, v in tgt.items() if len(v) == 1 and v != src[a]
+    }
 
 
 def changed_attributes(source: str, target: str) -> set[str]:

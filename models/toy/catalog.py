@@ -3,6 +3,7 @@
 ``render_catalog`` writes ``toy_000000.png``… plus ``attributes.jsonl`` (the ground truth the report and the
 edit analysis read back with ``read_catalog``), to a local folder or any fsspec URI.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,14 @@ from models.toy.domain import Attributes, render_batch
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
-def render_catalog(folder: str, n: int, seed: int = 0, image_format: ImageFormat = "png",
-                   chunk: int = 512, **storage_options: Any) -> list[dict[str, Any]]:
+def render_catalog(
+    folder: str,
+    n: int,
+    seed: int = 0,
+    image_format: ImageFormat = "png",
+    chunk: int = 512,
+    **storage_options: Any,
+) -> list[dict[str, Any]]:
     """Write n images ``toy_000000.png``… and ``attributes.jsonl`` into a local folder or fsspec URI.
 
     A stand-in for a user's own catalog (demo, dataset command). Each jsonl line is

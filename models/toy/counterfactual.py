@@ -8,6 +8,7 @@ that differs from z in that attribute only; s' = G.style_space(G.mapping(z')) is
 the counterfactual image. ``tasks.analysis.edits`` needs it to measure how much of an attribute S
 can carry at all.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ from models.stylegan2 import Generator, StyleCode
 from models.toy.domain import ATTRIBUTES, NAMES
 from models.toy.train_generator import channel_attributes
 
-SEED_STREAM = 0x5EED_CF      # seed tag of the sample z (apart from training and evaluation draws)
+SEED_STREAM = 0x5EED_CF  # seed tag of the sample z (apart from training and evaluation draws)
 
 
 def set_attribute(z: Tensor, attribute: str, value: int) -> Tensor:
@@ -28,7 +29,7 @@ def set_attribute(z: Tensor, attribute: str, value: int) -> Tensor:
     a, n_values = NAMES.index(attribute), len(ATTRIBUTES[attribute])
     if not 0 <= value < n_values:
         raise ValueError(f"{attribute} has {n_values} values, got value {value}")
-    pair = z[:, 2 * a:2 * a + 2]
+    pair = z[:, 2 * a : 2 * a + 2]
     radius = pair.norm(dim=1)
     angle = (value + 0.5) / n_values * 2 * math.pi - math.pi
     out = z.clone()

@@ -13,6 +13,7 @@ Manipulation", eq. 3–4, with the discriminator dropped):
 The w term is a distillation target the e4e recipe cannot have (a GAN has no encoder); here it makes
 a few minutes of CPU enough and keeps inversions in the well-trained region of W.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,14 @@ import torch.nn.functional as F
 from models.e4e import Encoder
 from models.stylegan2 import Generator
 from models.toy.domain import render_batch, to_tensor
-from models.toy.train_generator import RECON_SEED, STREAM, attribute_agreement, render_z, track_losses
+from models.toy.train_generator import (
+    RECON_SEED,
+    STREAM,
+    attribute_agreement,
+    render_z,
+    track_losses,
+)
+
 
 @dataclass(frozen=True)
 class ToyEncoderConfig:
@@ -35,20 +43,32 @@ class ToyEncoderConfig:
     steps: int = 1000
     batch_size: int = 48
     lr: float = 1e-3
-    lambda_w: float = 1.0          # pull towards the render's known w (per element, squared)
-    lambda_delta: float = 0.05     # e4e's ‖Δᵢ‖² regulariser (per element)
+    lambda_w: float = 1.0  # pull towards the render's known w (per element, squared)
+    lambda_delta: float = 0.05  # e4e's ‖Δᵢ‖² regulariser (per element)
 
 
 def build_encoder(G: Generator, config: ToyEncoderConfig) -> Encoder:
-    enc = Encoder(n_styles=G.n_latent, style_dim=G.style_dim, input_size=G.size,
-                  backbone_blocks=config.backbone_blocks, widths=config.widths, generator=G)
+    enc = Encoder(
+        n_styles=G.n_latent,
+        style_dim=G.style_dim,
+        input_size=G.size,
+        backbone_blocks=config.backbone_blocks,
+        widths=config.widths,
+        generator=G,
+    )
     enc.latent_avg = G.latent_avg.detach().expand(G.n_latent, -1).clone()
     return enc
 
 
-def train_encoder(G: Generator, config: ToyEncoderConfig = ToyEncoderConfig(), seed: int = 0,
-                  seconds_budget: float | None = None, log_every: int = 100, probe_every: int = 0,
-                  oracle: Any = None) -> tuple[Encoder, dict[str, Any]]:
+def train_encoder(
+    G: Generator,
+    config: ToyEncoderConfig = ToyEncoderConfig(),
+    seed: int = 0,
+    seconds_budget: float | None = None,
+    log_every: int = 100,
+    probe_every: int = 0,
+    oracle: Any = None,
+) -> tuple[Encoder, dict[str, Any]]:
     """Fit the encoder with G frozen; returns (Encoder with G inside, lineage).
 
     The renders are drawn from z ~ N(0, I) through ``render_z``, so the latent target is the exact
@@ -71,9 +91,9 @@ def train_encoder(G: Generator, config: ToyEncoderConfig = ToyEncoderConfig(), s
             g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * progress))
         with torch.no_grad():
             z = torch.randn(config.batch_size, G.style_dim, generator=gen)
-            x = render_z(z)[0]                                                 # (B, 3, 64, 64)
-            w = G.mapping(z)                                                   # (B, style_dim): exact
-        offsets = net(x)                                                       # (B, n_latent, style_dim)
+            x = render_z(z)[0]  # (B, 3, 64, 64)
+            w = G.mapping(z)  # (B, style_dim): exact
+        offsets = net(x)  # (B, n_latent, style_dim)
         w_plus = offsets + enc.latent_avg
         x_hat = G(w_plus, noise_mode="none")
         pix = (x_hat - x).abs().mean() + F.mse_loss(x_hat, x)
@@ -83,7 +103,9 @@ def train_encoder(G: Generator, config: ToyEncoderConfig = ToyEncoderConfig(), s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        track_losses(avg, {"pix": pix, "lat": lat, "delta": delta}, step, log_every, "encoder", start)
+        track_losses(
+            avg, {"pix": pix, "lat": lat, "delta": delta}, step, log_every, "encoder", start
+        )
         if probe_every and oracle is not None and (step + 1) % probe_every == 0:
             net.eval()
             with torch.no_grad():
@@ -93,7 +115,11 @@ def train_encoder(G: Generator, config: ToyEncoderConfig = ToyEncoderConfig(), s
             net.train()
     enc.eval()
     G.requires_grad_(True)
-    lineage = {"seed": seed, "steps": step + 1 if config.steps else 0, "config": asdict(config),
-               "seconds": round(time.perf_counter() - start, 1),
-               "final": {k: round(v, 5) for k, v in avg.items()}}
+    lineage = {
+        "seed": seed,
+        "steps": step + 1 if config.steps else 0,
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - start, 1),
+        "final": {k: round(v, 5) for k, v in avg.items()},
+    }
     return enc, lineage

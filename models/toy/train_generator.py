@@ -22,6 +22,7 @@ On exact codes the synthesis had 0.99 / 1.00 / 1.00 after 750 steps, and shape a
 mapping layer's weights on z[18:] are zero and kept zero: those dims do not change the render.
 (A VAE decoder was tried before that: its KL settled at ~140 nats, so prior samples were colour blobs.)
 """
+
 from __future__ import annotations
 
 import math
@@ -34,40 +35,55 @@ import torch
 import torch.nn.functional as F
 
 from models.stylegan2 import Generator
-from models.toy.domain import _N_UNIFORMS, ATTRIBUTES, NAMES, _params, _rasterize, to_tensor, \
-    uniforms_to_indices
+from models.toy.domain import (
+    _N_UNIFORMS,
+    ATTRIBUTES,
+    NAMES,
+    _params,
+    _rasterize,
+    to_tensor,
+    uniforms_to_indices,
+)
 from models.toy.oracle import Oracle
 
-STREAM = 0x6E47                 # seed tag of training draws
-RECON_SEED = 7_700_101          # render_batch seed of held-out reconstruction checks (never trained on)
+STREAM = 0x6E47  # seed tag of training draws
+RECON_SEED = 7_700_101  # render_batch seed of held-out reconstruction checks (never trained on)
 
 
 @dataclass(frozen=True)
 class ToyGeneratorConfig:
     """Architecture and schedule of the toy generator run."""
 
-    style_dim: int = 64                       # width of z, w and every modulation input
-    n_mlp: int = 4                            # mapping layers
-    channels: dict[int, int] = field(default_factory=lambda: {4: 128, 8: 128, 16: 64, 32: 32, 64: 16})
-    mapping_steps: int = 6000                 # mapping fit: Adam steps on code(z)
+    style_dim: int = 64  # width of z, w and every modulation input
+    n_mlp: int = 4  # mapping layers
+    channels: dict[int, int] = field(
+        default_factory=lambda: {4: 128, 8: 128, 16: 64, 32: 32, 64: 16}
+    )
+    mapping_steps: int = 6000  # mapping fit: Adam steps on code(z)
     mapping_batch_size: int = 512
     mapping_lr: float = 3e-2
-    code_scale: float = 1 / 3                 # C ~ N(0, code_scale²): w of unit-ish scale
-    steps: int = 4000                         # synthesis: optimiser steps (fewer if the time budget runs out)
+    code_scale: float = 1 / 3  # C ~ N(0, code_scale²): w of unit-ish scale
+    steps: int = 4000  # synthesis: optimiser steps (fewer if the time budget runs out)
     batch_size: int = 32
     lr: float = 1e-2
-    fg_weight: float = 4.0                    # extra pixel-loss weight on the shape's pixels
-    exact_fraction: float = 0.5               # of each batch decoded from code(z) itself, the rest from mapping(z)
-    attribute_channels: bool = True           # each attribute owns a block of w and of every conv layer's
+    fg_weight: float = 4.0  # extra pixel-loss weight on the shape's pixels
+    exact_fraction: float = (
+        0.5  # of each batch decoded from code(z) itself, the rest from mapping(z)
+    )
+    attribute_channels: bool = True  # each attribute owns a block of w and of every conv layer's
     #                                           channels; toRGB styles are constant (see style_blocks)
 
 
 def build_generator(config: ToyGeneratorConfig) -> Generator:
-    return Generator(64, style_dim=config.style_dim, n_mlp=config.n_mlp, channels=config.channels, lr_mlp=1.0)
+    return Generator(
+        64, style_dim=config.style_dim, n_mlp=config.n_mlp, channels=config.channels, lr_mlp=1.0
+    )
 
 
-N_ATTR_DIMS = 2 * len(NAMES)             # z dims read as (cos, sin) pairs: one angle per attribute
-N_PRIOR_DIMS = N_ATTR_DIMS + _N_UNIFORMS - len(NAMES)   # + one dim per jitter uniform; the rest is ignored
+N_ATTR_DIMS = 2 * len(NAMES)  # z dims read as (cos, sin) pairs: one angle per attribute
+N_PRIOR_DIMS = (
+    N_ATTR_DIMS + _N_UNIFORMS - len(NAMES)
+)  # + one dim per jitter uniform; the rest is ignored
 N_VALUES = [len(ATTRIBUTES[n]) for n in NAMES]
 
 
@@ -80,7 +96,7 @@ def z_to_uniforms(z: torch.Tensor) -> np.ndarray:
     """
     z = z.detach().double()
     pairs = z[:, :N_ATTR_DIMS].reshape(len(z), len(NAMES), 2)
-    angle = torch.atan2(pairs[..., 1], pairs[..., 0])                     # (-π, π]
+    angle = torch.atan2(pairs[..., 1], pairs[..., 0])  # (-π, π]
     u_attr = ((angle + math.pi) / (2 * math.pi)).clamp(0, 1 - 1e-9)
     u_jit = 0.5 * (1 + torch.erf(z[:, N_ATTR_DIMS:N_PRIOR_DIMS] / math.sqrt(2)))
     return torch.cat([u_attr, u_jit], 1).numpy()
@@ -89,7 +105,7 @@ def z_to_uniforms(z: torch.Tensor) -> np.ndarray:
 def render_uniforms(u: np.ndarray, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """The renderer on given uniforms (B, 13): images uint8 (B, size, size, 3) and labels (B, 5)."""
     idx = uniforms_to_indices(u)
-    return _rasterize(_params(idx, u[:, len(NAMES):]), size), idx
+    return _rasterize(_params(idx, u[:, len(NAMES) :]), size), idx
 
 
 def render_z(z: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -99,8 +115,16 @@ def render_z(z: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
 
 
 # The jitter uniforms (dx, dy, scale, rot, fg r/g/b, bg) belong to the attribute whose look they vary.
-JITTER_ATTRIBUTE = ("position", "position", "size", "shape", "shape_color", "shape_color", "shape_color",
-                    "background")
+JITTER_ATTRIBUTE = (
+    "position",
+    "position",
+    "size",
+    "shape",
+    "shape_color",
+    "shape_color",
+    "shape_color",
+    "background",
+)
 
 
 def code_matrix(config: ToyGeneratorConfig, seed: int) -> torch.Tensor:
@@ -113,12 +137,14 @@ def code_matrix(config: ToyGeneratorConfig, seed: int) -> torch.Tensor:
     rows = sum(N_VALUES) + N_PRIOR_DIMS - N_ATTR_DIMS
     matrix = config.code_scale * torch.randn(rows, config.style_dim, generator=gen)
     if config.attribute_channels:
-        owner = [a for a, n in enumerate(N_VALUES) for _ in range(n)] + [NAMES.index(a) for a in JITTER_ATTRIBUTE]
+        owner = [a for a, n in enumerate(N_VALUES) for _ in range(n)] + [
+            NAMES.index(a) for a in JITTER_ATTRIBUTE
+        ]
         blocks = w_blocks(config.style_dim)
         mask = torch.zeros_like(matrix)
         for row, a in enumerate(owner):
             mask[row, blocks[a]] = 1
-        matrix = matrix * mask * math.sqrt(len(NAMES))      # same norm per row as a dense row
+        matrix = matrix * mask * math.sqrt(len(NAMES))  # same norm per row as a dense row
     return matrix
 
 
@@ -130,15 +156,29 @@ def w_blocks(style_dim: int) -> list[slice]:
 
 # Which attribute each conv channel of a layer carries, repeated across the layer: the geometric attributes,
 # which the synthesis learns slowest, get more channels (shape 3, size 2, position 2 of every 9).
-CHANNEL_PATTERN = tuple(NAMES.index(a) for a in ("shape", "size", "position", "shape", "shape_color", "shape",
-                                                 "background", "size", "position"))
+CHANNEL_PATTERN = tuple(
+    NAMES.index(a)
+    for a in (
+        "shape",
+        "size",
+        "position",
+        "shape",
+        "shape_color",
+        "shape",
+        "background",
+        "size",
+        "position",
+    )
+)
 
 
 def channel_attributes(layout: Any) -> np.ndarray:
     """(conv channels,) the attribute index (``NAMES`` order) of each conv style channel: ``CHANNEL_PATTERN``
     repeated over each layer, so every layer has channels of every attribute."""
     pattern = np.array(CHANNEL_PATTERN)
-    return np.concatenate([pattern[np.arange(layer.channels) % len(pattern)] for layer in layout.conv])
+    return np.concatenate(
+        [pattern[np.arange(layer.channels) % len(pattern)] for layer in layout.conv]
+    )
 
 
 def style_blocks(G: Generator) -> dict[str, torch.Tensor]:
@@ -153,7 +193,7 @@ def style_blocks(G: Generator) -> dict[str, torch.Tensor]:
         weight = G.get_submodule(layer.name).conv.modulation.weight
         mask = torch.zeros_like(weight)
         if layer.kind == "conv":
-            for c, a in enumerate(attrs[layer.offset:layer.stop]):
+            for c, a in enumerate(attrs[layer.offset : layer.stop]):
                 mask[c, blocks[a]] = 1
         masks[f"{layer.name}.conv.modulation.weight"] = mask
     return masks
@@ -174,52 +214,72 @@ def target_codes(z: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     u = z_to_uniforms(z)
     idx = torch.from_numpy(uniforms_to_indices(u))
     onehot = [F.one_hot(idx[:, a], n).float() for a, n in enumerate(N_VALUES)]
-    jitter = torch.from_numpy(2 * u[:, len(NAMES):] - 1).float()
+    jitter = torch.from_numpy(2 * u[:, len(NAMES) :] - 1).float()
     return torch.cat([*onehot, jitter], 1) @ matrix
 
 
-def fit_mapping(G: Generator, config: ToyGeneratorConfig, matrix: torch.Tensor, seed: int,
-                log_every: int = 0) -> dict[str, Any]:
+def fit_mapping(
+    G: Generator, config: ToyGeneratorConfig, matrix: torch.Tensor, seed: int, log_every: int = 0
+) -> dict[str, Any]:
     """Regress G.mapping(z) on code(z) = target_codes(z, matrix) for z ~ N(0, I); returns the final MSE and
     the held-out value accuracy (a value is read back as the argmax of its one-hot block under C's
     pseudo-inverse)."""
     first = G.style[1].weight
     with torch.no_grad():
         first[:, N_PRIOR_DIMS:] = 0
-    hook = first.register_hook(lambda g: torch.cat([g[:, :N_PRIOR_DIMS], torch.zeros_like(g[:, N_PRIOR_DIMS:])], 1))
+    hook = first.register_hook(
+        lambda g: torch.cat([g[:, :N_PRIOR_DIMS], torch.zeros_like(g[:, N_PRIOR_DIMS:])], 1)
+    )
     gen = torch.Generator().manual_seed(seed * 7919 + STREAM + 3)
     opt = torch.optim.Adam(G.style.parameters(), lr=config.mapping_lr)
     start, loss = time.perf_counter(), torch.zeros(())
     for step in range(config.mapping_steps):
         for g in opt.param_groups:
-            g["lr"] = config.mapping_lr * 0.5 * (1 + math.cos(math.pi * step / config.mapping_steps))
+            g["lr"] = (
+                config.mapping_lr * 0.5 * (1 + math.cos(math.pi * step / config.mapping_steps))
+            )
         z = torch.randn(config.mapping_batch_size, config.style_dim, generator=gen)
         loss = F.mse_loss(G.mapping(z), target_codes(z, matrix))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"[mapping] step {step + 1} mse {loss.item():.4f} {time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"[mapping] step {step + 1} mse {loss.item():.4f} {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     hook.remove()
-    return {"mse": round(loss.item(), 5), "value_accuracy": mapping_accuracy(G, matrix),
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "mse": round(loss.item(), 5),
+        "value_accuracy": mapping_accuracy(G, matrix),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 @torch.no_grad()
-def mapping_accuracy(G: Generator, matrix: torch.Tensor, n: int = 4096, seed: int = 4321) -> dict[str, float]:
+def mapping_accuracy(
+    G: Generator, matrix: torch.Tensor, n: int = 4096, seed: int = 4321
+) -> dict[str, float]:
     """Per attribute, how often the value read back from mapping(z) is the value z was drawn for."""
     z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed))
     coef = G.mapping(z) @ torch.linalg.pinv(matrix)
     idx, acc, k = uniforms_to_indices(z_to_uniforms(z)), {}, 0
     for a, n_values in enumerate(N_VALUES):
-        acc[NAMES[a]] = round(float((coef[:, k:k + n_values].argmax(1).numpy() == idx[:, a]).mean()), 4)
+        acc[NAMES[a]] = round(
+            float((coef[:, k : k + n_values].argmax(1).numpy() == idx[:, a]).mean()), 4
+        )
         k += n_values
     return acc
 
 
-def train_generator(config: ToyGeneratorConfig = ToyGeneratorConfig(), seed: int = 0,
-                    seconds_budget: float | None = None, log_every: int = 100, probe_every: int = 0,
-                    oracle: Oracle | None = None) -> tuple[Generator, dict[str, Any]]:
+def train_generator(
+    config: ToyGeneratorConfig = ToyGeneratorConfig(),
+    seed: int = 0,
+    seconds_budget: float | None = None,
+    log_every: int = 100,
+    probe_every: int = 0,
+    oracle: Oracle | None = None,
+) -> tuple[Generator, dict[str, Any]]:
     """Fit the mapping, then the synthesis on the frozen mapping; set ``G.latent_avg``. Returns (G, lineage).
 
     seconds_budget bounds the synthesis fit (the mapping fit takes seconds); the cosine schedule follows
@@ -243,7 +303,9 @@ def train_generator(config: ToyGeneratorConfig = ToyGeneratorConfig(), seed: int
         if progress >= 1.0:
             break
         for g in opt.param_groups:
-            g["lr"] = config.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress))
+            g["lr"] = (
+                config.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress))
+            )
         z = torch.randn(config.batch_size, config.style_dim, generator=gen)
         x = render_z(z)[0]
         with torch.no_grad():
@@ -261,21 +323,32 @@ def train_generator(config: ToyGeneratorConfig = ToyGeneratorConfig(), seed: int
         track_losses(avg, {"l1": l1, "mse": l2}, step, log_every, "generator", start)
         if probe_every and oracle is not None and (step + 1) % probe_every == 0:
             G.eval()
-            print(f"[generator] step {step + 1} samples agree {evaluate_prior_fit(G, oracle, 256)}", flush=True)
+            print(
+                f"[generator] step {step + 1} samples agree {evaluate_prior_fit(G, oracle, 256)}",
+                flush=True,
+            )
             G.train()
     for hook in hooks:
         hook.remove()
     G.eval()
     G.requires_grad_(True)
     G.latent_avg = G.mean_latent(4096, seed=seed)
-    lineage = {"method": "fitted_mapping_then_decoder", "seed": seed, "steps": step + 1 if steps else 0,
-               "seconds": round(time.perf_counter() - start, 1), "config": _jsonable(asdict(config)),
-               "mapping_fit": mapping_fit, "final": {k: round(v, 5) for k, v in avg.items()}}
+    lineage = {
+        "method": "fitted_mapping_then_decoder",
+        "seed": seed,
+        "steps": step + 1 if steps else 0,
+        "seconds": round(time.perf_counter() - start, 1),
+        "config": _jsonable(asdict(config)),
+        "mapping_fit": mapping_fit,
+        "final": {k: round(v, 5) for k, v in avg.items()},
+    }
     return G, lineage
 
 
 @torch.no_grad()
-def evaluate_prior_fit(G: Generator, oracle: Oracle, n: int = 500, seed: int = 4321) -> dict[str, float]:
+def evaluate_prior_fit(
+    G: Generator, oracle: Oracle, n: int = 500, seed: int = 4321
+) -> dict[str, float]:
     """Oracle agreement between G(mapping(z)) and the render G was fitted to, for n held-out z."""
     z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed))
     return attribute_agreement(oracle, render_z(z)[0], G(G.mapping(z)).clamp(-1, 1))
@@ -285,14 +358,18 @@ def evaluate_prior_fit(G: Generator, oracle: Oracle, n: int = 500, seed: int = 4
 def sample_images(G: Generator, n: int, seed: int, batch_size: int = 256) -> torch.Tensor:
     """G(mapping(z)) for n z ~ N(0, I) drawn from ``seed``: (n, 3, 64, 64), clamped to [-1, 1]."""
     z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed))
-    return torch.cat([G(G.mapping(z[i:i + batch_size])).clamp(-1, 1) for i in range(0, n, batch_size)])
+    return torch.cat(
+        [G(G.mapping(z[i : i + batch_size])).clamp(-1, 1) for i in range(0, n, batch_size)]
+    )
 
 
 def marginals(oracle: Oracle, images: torch.Tensor) -> dict[str, list[float]]:
     """Per attribute, the fraction of images the oracle reads as each value (``ATTRIBUTES`` order)."""
     pred = oracle.predict(images)
-    return {a: (torch.bincount(pred[a], minlength=len(v)).float() / len(images)).tolist()
-            for a, v in ATTRIBUTES.items()}
+    return {
+        a: (torch.bincount(pred[a], minlength=len(v)).float() / len(images)).tolist()
+        for a, v in ATTRIBUTES.items()
+    }
 
 
 def total_variation_from_uniform(freqs: dict[str, list[float]]) -> dict[str, float]:
@@ -301,12 +378,18 @@ def total_variation_from_uniform(freqs: dict[str, list[float]]) -> dict[str, flo
 
 
 @torch.no_grad()
-def evaluate_samples(G: Generator, oracle: Oracle, n: int = 1000, seed: int = 1234) -> dict[str, Any]:
+def evaluate_samples(
+    G: Generator, oracle: Oracle, n: int = 1000, seed: int = 1234
+) -> dict[str, Any]:
     """Coverage and marginals of random samples as read by the oracle."""
     freqs = marginals(oracle, sample_images(G, n, seed))
-    return {"n": n, "seed": seed, "tv": total_variation_from_uniform(freqs),
-            "min_freq": {a: round(min(f), 4) for a, f in freqs.items()},
-            "freqs": {a: [round(p, 4) for p in f] for a, f in freqs.items()}}
+    return {
+        "n": n,
+        "seed": seed,
+        "tv": total_variation_from_uniform(freqs),
+        "min_freq": {a: round(min(f), 4) for a, f in freqs.items()},
+        "freqs": {a: [round(p, 4) for p in f] for a, f in freqs.items()},
+    }
 
 
 @torch.no_grad()
@@ -317,14 +400,26 @@ def attribute_agreement(oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> dic
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
+    return {
+        k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in d.items()
+    }
 
 
-def track_losses(avg: dict[str, float], losses: dict[str, torch.Tensor], step: int, log_every: int,
-                 tag: str, start: float) -> None:
+def track_losses(
+    avg: dict[str, float],
+    losses: dict[str, torch.Tensor],
+    step: int,
+    log_every: int,
+    tag: str,
+    start: float,
+) -> None:
     """Update exponential moving averages of the losses in ``avg``; print them every ``log_every`` steps."""
     for k, v in losses.items():
         avg[k] = 0.9 * avg.get(k, v.item()) + 0.1 * v.item()
     if log_every and (step + 1) % log_every == 0:
-        print(f"[{tag}] step {step + 1} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-              + f" {time.perf_counter() - start:.0f}s", flush=True)
+        print(
+            f"[{tag}] step {step + 1} "
+            + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
+            + f" {time.perf_counter() - start:.0f}s",
+            flush=True,
+        )

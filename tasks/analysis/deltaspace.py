@@ -12,6 +12,7 @@ as the difference between their captions. This module measures that on paired fe
   mean cross-modal cosine over all (image, text) pairs (= dot product of those centroids);
 - a two-panel PCA plot (fitted jointly on both modalities) of raw and delta space.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,9 +56,13 @@ def _column_matrix(table: Any, name: str, source: str) -> np.ndarray:
     import pyarrow.compute as pc
 
     if name not in table.column_names:
-        raise FeatureError(f"{source}: no column {name!r} (columns: {', '.join(table.column_names)})")
+        raise FeatureError(
+            f"{source}: no column {name!r} (columns: {', '.join(table.column_names)})"
+        )
     col = table.column(name).combine_chunks()
-    if not any(f(col.type) for f in (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)):
+    if not any(
+        f(col.type) for f in (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    ):
         raise FeatureError(f"{source}: column {name!r} is {col.type}, expected a list of numbers")
     if col.null_count:
         raise FeatureError(f"{source}: column {name!r} has {col.null_count} null rows")
@@ -74,7 +79,7 @@ def _load_parquet(uri: str, columns: list[str], storage_options: dict | None) ->
     with _open(uri, storage_options) as f:
         try:
             table = pq.read_table(f)
-        except Exception as exc:   # pyarrow raises several types for a bad file
+        except Exception as exc:  # pyarrow raises several types for a bad file
             raise FeatureError(f"{uri}: not a readable Parquet file ({exc})") from None
     return [_column_matrix(table, c, uri) for c in columns]
 
@@ -92,16 +97,28 @@ def _check(named: list[tuple[str, np.ndarray]]) -> None:
         if not np.isfinite(x).all():
             raise FeatureError(f"{src}: contains NaN or infinite values")
     if len({x.shape[1] for _, x in named}) > 1:
-        raise FeatureError("feature widths differ: " + ", ".join(f"{s} has {x.shape[1]}" for s, x in named))
+        raise FeatureError(
+            "feature widths differ: " + ", ".join(f"{s} has {x.shape[1]}" for s, x in named)
+        )
     for (sa, a), (sb, b) in zip(named[::2], named[1::2]):
         if len(a) != len(b):
-            raise FeatureError(f"rows differ: {sa} has {len(a)}, {sb} has {len(b)}; rows must be paired")
+            raise FeatureError(
+                f"rows differ: {sa} has {len(a)}, {sb} has {len(b)}; rows must be paired"
+            )
 
 
-def load_features(images: str | None = None, texts: str | None = None, delta_images: str | None = None,
-                  delta_texts: str | None = None, parquet: str | None = None, image_column: str = "image",
-                  text_column: str = "text", delta_image_column: str | None = None,
-                  delta_text_column: str | None = None, storage_options: dict | None = None) -> Features:
+def load_features(
+    images: str | None = None,
+    texts: str | None = None,
+    delta_images: str | None = None,
+    delta_texts: str | None = None,
+    parquet: str | None = None,
+    image_column: str = "image",
+    text_column: str = "text",
+    delta_image_column: str | None = None,
+    delta_text_column: str | None = None,
+    storage_options: dict | None = None,
+) -> Features:
     """Paired features from .npy files (local or fsspec URIs) or from one Parquet table's vector columns.
     Deltas are optional but come both or neither."""
     if parquet and (images or texts or delta_images or delta_texts):
@@ -131,7 +148,9 @@ def random_pairs(n: int, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return a, (a + rng.integers(1, n, n_pairs)) % n
 
 
-def make_deltas(i: np.ndarray, t: np.ndarray, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_deltas(
+    i: np.ndarray, t: np.ndarray, n_pairs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Δi = i[a] − i[b] and Δt = t[a] − t[b] with the same seeded pairs."""
     a, b = random_pairs(len(i), n_pairs, seed)
     return i[a] - i[b], t[a] - t[b]
@@ -149,12 +168,14 @@ def _derangement(n: int, seed: int) -> np.ndarray:
     return perm
 
 
-def retrieval(q: np.ndarray, k: np.ndarray, tops: tuple[int, ...] = (1, 5), chunk: int = 1024) -> dict:
+def retrieval(
+    q: np.ndarray, k: np.ndarray, tops: tuple[int, ...] = (1, 5), chunk: int = 1024
+) -> dict:
     """Row r of q should retrieve row r of k by cosine; ties count against it."""
     qn, kn, n = _unit(q), _unit(k), len(q)
     hits = dict.fromkeys(tops, 0)
     for s in range(0, n, chunk):
-        sim = qn[s:s + chunk] @ kn.T
+        sim = qn[s : s + chunk] @ kn.T
         true = sim[np.arange(len(sim)), s + np.arange(len(sim))]
         rank = (sim >= true[:, None]).sum(1) - 1
         for top in tops:
@@ -167,17 +188,26 @@ def retrieval(q: np.ndarray, k: np.ndarray, tops: tuple[int, ...] = (1, 5), chun
 def _space(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     xn, yn = _unit(x), _unit(y)
     cx, cy = xn.mean(0), yn.mean(0)
-    return {"paired_cosine": float((xn * yn).sum(1).mean()),
-            "shuffled_cosine": float((xn * yn[_derangement(len(y), seed)]).sum(1).mean()),
-            "retrieval": retrieval(x, y),
-            "modality_gap": float(np.linalg.norm(cx - cy)), "cross_modal_cosine": float(cx @ cy),
-            "centroid_norm_image": float(np.linalg.norm(cx)), "centroid_norm_text": float(np.linalg.norm(cy)),
-            "rows": len(x)}
+    return {
+        "paired_cosine": float((xn * yn).sum(1).mean()),
+        "shuffled_cosine": float((xn * yn[_derangement(len(y), seed)]).sum(1).mean()),
+        "retrieval": retrieval(x, y),
+        "modality_gap": float(np.linalg.norm(cx - cy)),
+        "cross_modal_cosine": float(cx @ cy),
+        "centroid_norm_image": float(np.linalg.norm(cx)),
+        "centroid_norm_text": float(np.linalg.norm(cy)),
+        "rows": len(x),
+    }
 
 
 def analyze(i: np.ndarray, t: np.ndarray, di: np.ndarray, dt: np.ndarray, seed: int = 0) -> dict:
     """The metrics of raw CLIP space (i, t) and delta space (Δi, Δt), each normalised per row."""
-    return {"raw": _space(i, t, seed), "delta": _space(di, dt, seed), "seed": seed, "dim": int(i.shape[1])}
+    return {
+        "raw": _space(i, t, seed),
+        "delta": _space(di, dt, seed),
+        "seed": seed,
+        "dim": int(i.shape[1]),
+    }
 
 
 def _pca2(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -185,11 +215,18 @@ def _pca2(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     both = both - both.mean(0)
     _, s, vt = np.linalg.svd(both, full_matrices=False)
     proj = both @ vt[:2].T
-    return proj[:len(x)], proj[len(x):], s[:2] ** 2 / (s ** 2).sum()
+    return proj[: len(x)], proj[len(x) :], s[:2] ** 2 / (s**2).sum()
 
 
-def plot(i: np.ndarray, t: np.ndarray, di: np.ndarray, dt: np.ndarray, seed: int = 0,
-         max_points: int = 1000, title: str = "") -> Figure:
+def plot(
+    i: np.ndarray,
+    t: np.ndarray,
+    di: np.ndarray,
+    dt: np.ndarray,
+    seed: int = 0,
+    max_points: int = 1000,
+    title: str = "",
+) -> Figure:
     """Fig. 1 of the paper: raw space (two clouds) beside delta space (overlapping), PCA per panel."""
     fig = Figure(figsize=(10, 4.6), layout="constrained")
     rng = np.random.default_rng(seed)
@@ -205,7 +242,9 @@ def plot(i: np.ndarray, t: np.ndarray, di: np.ndarray, dt: np.ndarray, seed: int
     return fig
 
 
-def write_outputs(out: str, result: dict, figure: Figure, storage_options: dict | None = None) -> dict[str, str]:
+def write_outputs(
+    out: str, result: dict, figure: Figure, storage_options: dict | None = None
+) -> dict[str, str]:
     """Write deltaspace.json / .png / .svg into a folder or URI; returns their URIs."""
     loc = Location(out, storage_options)
     loc.write_bytes("deltaspace.json", json.dumps(result, indent=1).encode())
@@ -219,12 +258,21 @@ def write_outputs(out: str, result: dict, figure: Figure, storage_options: dict 
 def format_result(result: dict) -> str:
     """A short table: raw vs delta space."""
     raw, dlt = result["raw"], result["delta"]
-    rows = [("paired cosine", "paired_cosine"), ("shuffled cosine", "shuffled_cosine"),
-            ("modality gap (centroid dist.)", "modality_gap"), ("mean cross-modal cosine", "cross_modal_cosine")]
+    rows = [
+        ("paired cosine", "paired_cosine"),
+        ("shuffled cosine", "shuffled_cosine"),
+        ("modality gap (centroid dist.)", "modality_gap"),
+        ("mean cross-modal cosine", "cross_modal_cosine"),
+    ]
     lines = [f"{'':32s}{'raw (i, t)':>14s}{'delta (Δi, Δt)':>16s}"]
     lines += [f"{label:32s}{raw[key]:14.3f}{dlt[key]:16.3f}" for label, key in rows]
     for top in (1, 5):
-        cells = [f"{s['retrieval'][f'top{top}']:.3f} ({s['retrieval'][f'chance_top{top}']:.3f})" for s in (raw, dlt)]
+        cells = [
+            f"{s['retrieval'][f'top{top}']:.3f} ({s['retrieval'][f'chance_top{top}']:.3f})"
+            for s in (raw, dlt)
+        ]
         lines.append(f"{f'i→t top-{top} (chance)':32s}{cells[0]:>14s}{cells[1]:>16s}")
-    lines.append(f"rows: raw {raw['rows']}, delta {dlt['rows']}; dim {result['dim']}; seed {result['seed']}")
+    lines.append(
+        f"rows: raw {raw['rows']}, delta {dlt['rows']}; dim {result['dim']}; seed {result['seed']}"
+    )
     return "\n".join(lines)

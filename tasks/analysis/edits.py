@@ -20,6 +20,7 @@ the report's. The classifier and the counterfactual provider are plain callables
 ``models.toy.counterfactual`` by default, a user's own for another domain.
 ``flows/edit_analysis.py`` builds the inputs from a run; this module only computes and formats.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,24 +35,24 @@ import torch
 from torch import Tensor
 
 from infra.config import ConfigError
+from infra.runtime.upstream import plan_downstream
 from infra.storage.fsio import Location
 from infra.storage.readers import read_vectors, vectors_tensor
 from infra.storage.store import StageStore
-from infra.runtime.upstream import plan_downstream
-from models.stylegan2 import StyleCode
 from models import edit_directions as ed
 from models import metrics as M
+from models.imaging import to_uint8
+from models.stylegan2 import StyleCode
 from tasks.edit.processor import EditProcessor
 from tasks.layout import ANALYSIS_DIR
-from models.imaging import to_uint8
 from tasks.prompts import EditVariant
 
 MIXES = ("conv_only", "rgb_only", "full_swap")
 JSON_FILE, MD_FILE = "analysis.json", "analysis.md"
-Classifier = Callable[[Tensor], Mapping[str, Tensor]]   # images (B, 3, H, W) in [-1, 1] → labels
-Expected = Callable[[str, str], dict[str, int]]         # (source, target text) → {attribute: label}
-Row = tuple[Tensor, Tensor, Tensor]                     # (s conv, s toRGB, CLIP image embedding)
-Render = Callable[[Tensor, Tensor], Tensor]             # (conv, toRGB styles) → images
+Classifier = Callable[[Tensor], Mapping[str, Tensor]]  # images (B, 3, H, W) in [-1, 1] → labels
+Expected = Callable[[str, str], dict[str, int]]  # (source, target text) → {attribute: label}
+Row = tuple[Tensor, Tensor, Tensor]  # (s conv, s toRGB, CLIP image embedding)
+Render = Callable[[Tensor, Tensor], Tensor]  # (conv, toRGB styles) → images
 
 
 class AnalysisError(ConfigError):
@@ -70,18 +71,20 @@ class CounterfactualProvider(Protocol):
 
 # --- decoding as the edit and evaluate stages do --------------------------------------------------
 
+
 def as_stored(images: Tensor) -> Tensor:
     """Images as the evaluate stage reads them back: rounded to 8 bits (edits are stored as PNG)."""
     return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 @torch.no_grad()
-def read(render: Render, classifier: Classifier, conv: Tensor, rgb: Tensor,
-         batch_size: int = 64) -> dict[str, Tensor]:
+def read(
+    render: Render, classifier: Classifier, conv: Tensor, rgb: Tensor, batch_size: int = 64
+) -> dict[str, Tensor]:
     """Classifier labels (B,) per attribute of the images ``render(conv, rgb)`` decodes, batched."""
     parts = []
     for start in range(0, len(conv), batch_size):
-        images = render(conv[start:start + batch_size], rgb[start:start + batch_size])
+        images = render(conv[start : start + batch_size], rgb[start : start + batch_size])
         parts.append({k: v.cpu() for k, v in classifier(as_stored(images)).items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -95,8 +98,14 @@ def mix(base: StyleCode, counterfactual: StyleCode, kind: str) -> StyleCode:
 
 # --- 1. the generator's ceiling -------------------------------------------------------------------
 
-def ceiling(render: Render, classifier: Classifier, provider: CounterfactualProvider,
-            owners: Sequence[str] | None = None, batch_size: int = 64) -> dict[str, dict[str, Any]]:
+
+def ceiling(
+    render: Render,
+    classifier: Classifier,
+    provider: CounterfactualProvider,
+    owners: Sequence[str] | None = None,
+    batch_size: int = 64,
+) -> dict[str, dict[str, Any]]:
     """Per attribute: chance, ``unedited`` and each mix's accuracy (mean over values and samples;
     also per value). With ``owners`` (the attribute of each conv channel), ``own_channel_share``:
     the part of ‖s'.conv − s.conv‖² in the channels labelled with the attribute (≈ 1 when the
@@ -119,9 +128,11 @@ def ceiling(render: Render, classifier: Classifier, provider: CounterfactualProv
                 mine = torch.tensor([o == attribute for o in owners])
                 energy, own = energy + float(change.sum()), own + float(change[mine].sum())
         row: dict[str, Any] = {
-            "values": n_values, "chance": 1 / n_values,
+            "values": n_values,
+            "chance": 1 / n_values,
             **{k: float(np.mean(v)) for k, v in hits.items()},
-            "per_value": {k: [round(x, 4) for x in v] for k, v in hits.items()}}
+            "per_value": {k: [round(x, 4) for x in v] for k, v in hits.items()},
+        }
         if owners is not None:
             row["own_channel_share"] = own / energy if energy > 0 else math.nan
             row["labelled_fraction"] = sum(o == attribute for o in owners) / len(owners)
@@ -131,13 +142,16 @@ def ceiling(render: Render, classifier: Classifier, provider: CounterfactualProv
 
 # --- 2. DeltaEdit per prompt, τ = 0 and the run's τ -----------------------------------------------
 
+
 def load_rows(codes: StageStore, clip: StageStore, n: int) -> tuple[list[str], list[Row]]:
     """The first ``n`` ok codes in bulk-edit's order, with their CLIP image embeddings."""
     specs = plan_downstream(codes)
     keys = [i.key for s in specs for i in s.items][:n]
     if not keys:
-        raise AnalysisError(f"no finished codes under {codes.loc.uri}: run `deltaedit run "
-                            "preprocess` (the analysis edits the run's inverted codes)")
+        raise AnalysisError(
+            f"no finished codes under {codes.loc.uri}: run `deltaedit run "
+            "preprocess` (the analysis edits the run's inverted codes)"
+        )
     chosen = set(keys)
     wanted = {s.shard_id for s in specs if any(i.key in chosen for i in s.items)}
     table = read_vectors(codes, wanted)
@@ -146,15 +160,18 @@ def load_rows(codes: StageStore, clip: StageStore, n: int) -> tuple[list[str], l
     try:
         emb_table = read_vectors(clip, [w for w in wanted if w in clip.finished()])
     except FileNotFoundError:
-        raise AnalysisError(f"no CLIP image embeddings under {clip.loc.uri} for the codes shards "
-                            f"{sorted(wanted)}: run `deltaedit run preprocess` (its embed step)"
-                            ) from None
+        raise AnalysisError(
+            f"no CLIP image embeddings under {clip.loc.uri} for the codes shards "
+            f"{sorted(wanted)}: run `deltaedit run preprocess` (its embed step)"
+        ) from None
     emb = dict(zip(emb_table.column("key").to_pylist(), vectors_tensor(emb_table, "embedding")))
     missing = [k for k in keys if k not in emb]
     if missing:
-        raise AnalysisError(f"{len(missing)} of the {len(keys)} images have no CLIP embedding "
-                            f"under {clip.loc.uri} (first {missing[:3]}); rerun `deltaedit run "
-                            "preprocess`")
+        raise AnalysisError(
+            f"{len(missing)} of the {len(keys)} images have no CLIP embedding "
+            f"under {clip.loc.uri} (first {missing[:3]}); rerun `deltaedit run "
+            "preprocess`"
+        )
     return keys, [(s[index[k]], rgb[index[k]], emb[k]) for k in keys]
 
 
@@ -164,39 +181,57 @@ def kept_channels(processor: EditProcessor, variant: EditVariant) -> Tensor:
     relevance = processor.models.relevance
     if relevance is None:
         return torch.ones(processor.models.generator.layout.conv_total, dtype=torch.bool)
-    return ed.relevance_mask(relevance, dt.to(relevance.device), variant.tau, processor.cfg.threshold).cpu()
+    return ed.relevance_mask(
+        relevance, dt.to(relevance.device), variant.tau, processor.cfg.threshold
+    ).cpu()
 
 
-def edit_scores(processor: EditProcessor, classifier: Classifier, variant: EditVariant,
-                rows: list[Row], before: dict[str, Tensor], expected: dict[str, int]
-                ) -> dict[str, float]:
+def edit_scores(
+    processor: EditProcessor,
+    classifier: Classifier,
+    variant: EditVariant,
+    rows: list[Row],
+    before: dict[str, Tensor],
+    expected: dict[str, int],
+) -> dict[str, float]:
     """Mean edit accuracy and preservation of DeltaEdit's edit of ``rows`` by ``variant`` (at its
     τ), and the mean number of channels the edit changed."""
     conv, changed = processor._edit("deltaedit", variant, rows)
     rgb = torch.stack([r[1] for r in rows]).to(conv.device)
     after = read(processor.models.render, classifier, conv, rgb, processor.cfg.batch_size)
     scores = M.oracle_scores(before, after, expected)
-    return {"edit_accuracy": nan_mean(scores["edit_accuracy"]),
-            "preservation": nan_mean(scores["preservation"]),
-            "channels_changed": float(changed.float().mean())}
+    return {
+        "edit_accuracy": nan_mean(scores["edit_accuracy"]),
+        "preservation": nan_mean(scores["preservation"]),
+        "channels_changed": float(changed.float().mean()),
+    }
 
 
-def prompt_rows(processor: EditProcessor, classifier: Classifier, variants: Sequence[EditVariant],
-                rows: list[Row], expected_of: Expected, owners: Sequence[str] | None = None
-                ) -> list[dict[str, Any]]:
+def prompt_rows(
+    processor: EditProcessor,
+    classifier: Classifier,
+    variants: Sequence[EditVariant],
+    rows: list[Row],
+    expected_of: Expected,
+    owners: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
     """Per variant: kept channels at the run's τ (per attribute with ``owners``), the unedited rate
     and DeltaEdit's accuracy / preservation at τ = 0 and at the run's τ. Interpolation (ω) variants
     have no expected values, as in the evaluate stage, so their accuracy is NaN. The τ = 0 edit is
     the variant with its τ set to 0, so a per-prompt τ of the prompts file is switched off too."""
     device = next(processor.models.generator.parameters()).device
-    rows = [tuple(x.to(device) for x in r) for r in rows]         # where the models are
+    rows = [tuple(x.to(device) for x in r) for r in rows]  # where the models are
     s, rgb = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
     before = read(processor.models.render, classifier, s, rgb, processor.cfg.batch_size)
     out = []
     for v in variants:
-        row: dict[str, Any] = {"variant": "__".join(p for p in (v.prompt_id, v.suffix) if p),
-                               "source": v.source_text, "target": v.target_text,
-                               "strength": v.strength, "tau": v.tau}
+        row: dict[str, Any] = {
+            "variant": "__".join(p for p in (v.prompt_id, v.suffix) if p),
+            "source": v.source_text,
+            "target": v.target_text,
+            "strength": v.strength,
+            "tau": v.tau,
+        }
         expected = {} if v.omega is not None else expected_of(v.source_text, v.target_text)
         row["expected"] = expected
         try:
@@ -223,7 +258,13 @@ def nan_mean(x: Tensor) -> float:
 
 # --- 3. output ------------------------------------------------------------------------------------
 
-CONDITION_COLUMNS = ("cos_dt_di", "image_direction", "image_direction_pres", "condition", "condition_pres")
+CONDITION_COLUMNS = (
+    "cos_dt_di",
+    "image_direction",
+    "image_direction_pres",
+    "condition",
+    "condition_pres",
+)
 CEILING_COLUMNS = ("values", "chance", "unedited", *MIXES, "labelled_fraction", "own_channel_share")
 
 
@@ -233,25 +274,46 @@ def tables(result: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     counterfactuals, ``analysis_condition`` (the mapper given Δi vs the run's condition)."""
     out = {}
     if result.get("ceiling"):
-        out["analysis_ceiling"] = pd.DataFrame([
-            {"attribute": a, **{k: r[k] for k in CEILING_COLUMNS if k in r}}
-            for a, r in result["ceiling"].items()])
+        out["analysis_ceiling"] = pd.DataFrame(
+            [
+                {"attribute": a, **{k: r[k] for k in CEILING_COLUMNS if k in r}}
+                for a, r in result["ceiling"].items()
+            ]
+        )
     prompts = [p for p in result.get("prompts", []) if "error" not in p]
     if prompts:
-        out["analysis_prompts"] = pd.DataFrame([
-            {"variant": p["variant"], "expected": _expected_text(p["expected"], result),
-             "kept": p["kept_channels"], "kept_fraction": p["kept_fraction"],
-             "unedited": p["unedited"],
-             "acc_tau0": p["tau0"]["edit_accuracy"], "pres_tau0": p["tau0"]["preservation"],
-             "acc_tau": p["tau_run"]["edit_accuracy"], "pres_tau": p["tau_run"]["preservation"],
-             "tau": p["tau"]} for p in prompts])
+        out["analysis_prompts"] = pd.DataFrame(
+            [
+                {
+                    "variant": p["variant"],
+                    "expected": _expected_text(p["expected"], result),
+                    "kept": p["kept_channels"],
+                    "kept_fraction": p["kept_fraction"],
+                    "unedited": p["unedited"],
+                    "acc_tau0": p["tau0"]["edit_accuracy"],
+                    "pres_tau0": p["tau0"]["preservation"],
+                    "acc_tau": p["tau_run"]["edit_accuracy"],
+                    "pres_tau": p["tau_run"]["preservation"],
+                    "tau": p["tau"],
+                }
+                for p in prompts
+            ]
+        )
         if all("kept_by_attribute" in p for p in prompts):
-            out["analysis_kept_channels"] = pd.DataFrame([
-                {"variant": p["variant"], **p["kept_by_attribute"]} for p in prompts])
+            out["analysis_kept_channels"] = pd.DataFrame(
+                [{"variant": p["variant"], **p["kept_by_attribute"]} for p in prompts]
+            )
     if result.get("condition"):
-        out["analysis_condition"] = pd.DataFrame([
-            {"variant": c["variant"], "expected": _expected_text(c["expected"], result),
-             **{k: c[k] for k in CONDITION_COLUMNS}} for c in result["condition"]])
+        out["analysis_condition"] = pd.DataFrame(
+            [
+                {
+                    "variant": c["variant"],
+                    "expected": _expected_text(c["expected"], result),
+                    **{k: c[k] for k in CONDITION_COLUMNS},
+                }
+                for c in result["condition"]
+            ]
+        )
     return out
 
 
@@ -269,21 +331,34 @@ def format_result(result: Mapping[str, Any]) -> str:
     """The tables as text, with a header line each saying what was measured on what."""
     tabs, lines = tables(result), []
     if "analysis_ceiling" in tabs:
-        lines += [f"S-space ceiling: {result['samples']} generator samples per attribute value; "
-                  "accuracy = the classifier reads the target value",
-                  _text(tabs["analysis_ceiling"]), ""]
+        lines += [
+            f"S-space ceiling: {result['samples']} generator samples per attribute value; "
+            "accuracy = the classifier reads the target value",
+            _text(tabs["analysis_ceiling"]),
+            "",
+        ]
     if "analysis_prompts" in tabs:
-        lines += [f"DeltaEdit per prompt on the first {result['images']} inverted images of "
-                  f"{result['root']} (threshold {result['threshold']}; tau = the run's τ; "
-                  f"{result['conv_channels']} conv channels)", _text(tabs["analysis_prompts"]), ""]
+        lines += [
+            f"DeltaEdit per prompt on the first {result['images']} inverted images of "
+            f"{result['root']} (threshold {result['threshold']}; tau = the run's τ; "
+            f"{result['conv_channels']} conv channels)",
+            _text(tabs["analysis_prompts"]),
+            "",
+        ]
     if "analysis_kept_channels" in tabs:
         total = ", ".join(f"{a} {n}" for a, n in result["channels_per_attribute"].items())
-        lines += [f"kept channels at the run's τ per attribute (of {total})",
-                  _text(tabs["analysis_kept_channels"]), ""]
+        lines += [
+            f"kept channels at the run's τ per attribute (of {total})",
+            _text(tabs["analysis_kept_channels"]),
+            "",
+        ]
     if "analysis_condition" in tabs:
-        lines += [f"the mapper given each counterfactual's image direction Δi vs the run's condition "
-                  f"({result.get('condition_kind', 'text')}), τ = 0, on the {result['samples']} samples",
-                  _text(tabs["analysis_condition"]), ""]
+        lines += [
+            f"the mapper given each counterfactual's image direction Δi vs the run's condition "
+            f"({result.get('condition_kind', 'text')}), τ = 0, on the {result['samples']} samples",
+            _text(tabs["analysis_condition"]),
+            "",
+        ]
     for p in result.get("prompts", []):
         if "error" in p:
             lines.append(f"prompt {p['variant']}: failed: {p['error']}")
@@ -297,8 +372,13 @@ def _text(df: pd.DataFrame) -> str:
 
 def to_markdown(result: Mapping[str, Any]) -> str:
     """analysis.md: the same tables as Markdown."""
-    parts = ["# Edit analysis", "", f"run `{result['root']}`, config `{result['config']}`, "
-             f"{result['images']} images, {result['samples']} samples per value", ""]
+    parts = [
+        "# Edit analysis",
+        "",
+        f"run `{result['root']}`, config `{result['config']}`, "
+        f"{result['images']} images, {result['samples']} samples per value",
+        "",
+    ]
     for name, df in tables(result).items():
         parts += [f"## {name}", "", _markdown(df), ""]
     parts += [f"- {n}" for n in result.get("notes", [])]
@@ -338,14 +418,16 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-REPORT_NOTE = ("analysis_* tables: `deltaedit analyze edits` (<root>/analysis/analysis.json, as "
-               "of its last run). analysis_ceiling: per attribute, how often the classifier reads "
-               "the target value when a counterfactual's conv styles (conv_only), toRGB styles "
-               "(rgb_only) or whole code (full_swap) replace a sample's. analysis_prompts: "
-               "DeltaEdit-G on the first images at tau 0 (mask off) and at the run's tau, with the "
-               "channels the mask keeps. analysis_condition: on generator samples, mask off, the "
-               "mapper given each counterfactual's own image direction (image_direction) vs the "
-               "run's condition (condition: Δt, or the retrieved direction); cos_dt_di: Δt vs Δi.")
+REPORT_NOTE = (
+    "analysis_* tables: `deltaedit analyze edits` (<root>/analysis/analysis.json, as "
+    "of its last run). analysis_ceiling: per attribute, how often the classifier reads "
+    "the target value when a counterfactual's conv styles (conv_only), toRGB styles "
+    "(rgb_only) or whole code (full_swap) replace a sample's. analysis_prompts: "
+    "DeltaEdit-G on the first images at tau 0 (mask off) and at the run's tau, with the "
+    "channels the mask keeps. analysis_condition: on generator samples, mask off, the "
+    "mapper given each counterfactual's own image direction (image_direction) vs the "
+    "run's condition (condition: Δt, or the retrieved direction); cos_dt_di: Δt vs Δi."
+)
 
 
 def report_tables(root: Location) -> dict[str, pd.DataFrame]:

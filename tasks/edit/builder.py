@@ -5,6 +5,7 @@ image-embedding memory of ``bulk_edit.condition: retrieved`` into an ``EditProce
 ``fingerprint`` names every input the edits depend on, so a changed model, Rₛ block or memory shard redoes
 the stage and nothing else does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ from models.relevance import style_statistics
 from models.stylegan2 import StyleCode
 from models.zoo import ModelSpec
 from tasks.actor import ActorModels
-from tasks.edit.processor import EditModels, EditProcessor
 from tasks.edit.diffusion import DiffusionDecoder
 from tasks.edit.memory import load_memory, memory_identity
+from tasks.edit.processor import EditModels, EditProcessor
 from tasks.layout import CLIP_IMAGES, CODES, EDITS, IMAGES
 from tasks.relevance import load_relevance
 
@@ -33,23 +34,24 @@ from tasks.relevance import load_relevance
 @dataclass(frozen=True)
 class EditBuilder:
     """Loads the generator, CLIP, mappers and Rₛ once per actor (``build``)."""
+
     generator: ModelSpec
     clip: ModelSpec
-    mappers: tuple[tuple[str, ModelSpec], ...]       # (method, mapper spec) for the mapper-based methods
+    mappers: tuple[tuple[str, ModelSpec], ...]  # (method, mapper spec) for the mapper-based methods
     root: str
     cfg: BulkEditConfig
-    relevance_stage: str | None                      # None: no relevance threshold (and no StyleCLIP-GD)
-    diffusion: ModelSpec | None = None               # DeltaEdit-D's decoder (when bulk_edit.decoder has it)
-    n_stat_samples: int = RelevanceConfig().n_stat_samples   # codes for StyleCLIP-GD's per-channel σ
+    relevance_stage: str | None  # None: no relevance threshold (and no StyleCLIP-GD)
+    diffusion: ModelSpec | None = None  # DeltaEdit-D's decoder (when bulk_edit.decoder has it)
+    n_stat_samples: int = RelevanceConfig().n_stat_samples  # codes for StyleCLIP-GD's per-channel σ
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     device: DeviceChoice = "auto"
     cpus: float = 1.0
-    codes_stage: str = CODES                         # where the codes (and clip_<images>) come from
+    codes_stage: str = CODES  # where the codes (and clip_<images>) come from
     clip_stage: str = CLIP_IMAGES
-    images_stage: str = IMAGES                       # the photos the codes were inverted from
+    images_stage: str = IMAGES  # the photos the codes were inverted from
     stage: str = EDITS
-    memory_stages: tuple[str, ...] = ()              # CLIP stages searched by condition=retrieved (else none)
+    memory_stages: tuple[str, ...] = ()  # CLIP stages searched by condition=retrieved (else none)
 
     def build(self) -> EditProcessor:
         models = ActorModels.start(self)
@@ -64,24 +66,45 @@ class EditBuilder:
         synthesize = compiled_synthesis(gen, self.cfg.batch_size) if self.cfg.compile else None
         diffusion = None
         if self.diffusion is not None:
-            diffusion = DiffusionDecoder(models.load(self.diffusion).eval(), self.cfg.diffusion, self.cfg.batch_size)
+            diffusion = DiffusionDecoder(
+                models.load(self.diffusion).eval(), self.cfg.diffusion, self.cfg.batch_size
+            )
         root = Location(self.root, opts)
         memory = None
         if self.memory_stages:
-            memory = load_memory(root, self.memory_stages, self.cfg.retrieve_k, self.cfg.memory_rows,
-                                 self.seed).to(device)
-        meta = {"generator": self.generator.model_dump(mode="json"), "clip": clip.describe(),
-                "relevance_stage": self.relevance_stage, "settings": self.cfg.model_dump(mode="json"),
-                "diffusion": None if self.diffusion is None else self.diffusion.model_dump(mode="json")}
-        return EditProcessor(EditModels(gen, clip, mappers, relevance, sigma, diffusion, synthesize, memory),
-                             StageStore(root, self.codes_stage), StageStore(root, self.clip_stage), self.cfg,
-                             StageStore(root, self.images_stage), meta)
+            memory = load_memory(
+                root, self.memory_stages, self.cfg.retrieve_k, self.cfg.memory_rows, self.seed
+            ).to(device)
+        meta = {
+            "generator": self.generator.model_dump(mode="json"),
+            "clip": clip.describe(),
+            "relevance_stage": self.relevance_stage,
+            "settings": self.cfg.model_dump(mode="json"),
+            "diffusion": None if self.diffusion is None else self.diffusion.model_dump(mode="json"),
+        }
+        return EditProcessor(
+            EditModels(gen, clip, mappers, relevance, sigma, diffusion, synthesize, memory),
+            StageStore(root, self.codes_stage),
+            StageStore(root, self.clip_stage),
+            self.cfg,
+            StageStore(root, self.images_stage),
+            meta,
+        )
 
     def fingerprint(self) -> str:
         """Code + settings + the identity of every input the edits depend on (model files, Rₛ blocks)."""
-        settings = self.cfg.model_dump(mode="json", exclude={"prompts": True, "catalog": True, "max_images": True,
-                                                             "images_per_shard": True, "batch_size": True,
-                                                             "compile": True, "diffusion": {"max_images"}})
+        settings = self.cfg.model_dump(
+            mode="json",
+            exclude={
+                "prompts": True,
+                "catalog": True,
+                "max_images": True,
+                "images_per_shard": True,
+                "batch_size": True,
+                "compile": True,
+                "diffusion": {"max_images"},
+            },
+        )
         specs = {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}
         if self.diffusion is not None:
             specs["diffusion"] = self.diffusion
@@ -89,16 +112,33 @@ class EditBuilder:
         relevance = None
         if self.relevance_stage is not None:
             store = StageStore(Location(self.root, self.storage_options), self.relevance_stage)
-            relevance = sorted((m["shard_id"], m["input_fingerprint"], m["code_fingerprint"])
-                               for m in map(store.marker, store.finished()) if m)
+            relevance = sorted(
+                (m["shard_id"], m["input_fingerprint"], m["code_fingerprint"])
+                for m in map(store.marker, store.finished())
+                if m
+            )
         memory = memory_identity(Location(self.root, self.storage_options), self.memory_stages)
-        config = {"settings": settings, "models": models, "relevance": relevance, "memory": memory,
-                  "inputs": [self.codes_stage, self.clip_stage, self.images_stage],
-                  "n_stat_samples": self.n_stat_samples, "seed": self.seed}
-        return code_fingerprint(EditProcessor, ed.global_direction, DiffusionDecoder, encode_image, memory_identity,
-                                config=config)
+        config = {
+            "settings": settings,
+            "models": models,
+            "relevance": relevance,
+            "memory": memory,
+            "inputs": [self.codes_stage, self.clip_stage, self.images_stage],
+            "n_stat_samples": self.n_stat_samples,
+            "seed": self.seed,
+        }
+        return code_fingerprint(
+            EditProcessor,
+            ed.global_direction,
+            DiffusionDecoder,
+            encode_image,
+            memory_identity,
+            config=config,
+        )
 
 
 def compiled_synthesis(generator: Any, batch_size: int) -> FixedBatchCompiled:
     """``generator.synthesize`` as a (conv, rgb) function compiled for batches of ``batch_size``."""
-    return FixedBatchCompiled(lambda conv, rgb: generator.synthesize(StyleCode(conv, rgb)), batch_size)
+    return FixedBatchCompiled(
+        lambda conv, rgb: generator.synthesize(StyleCode(conv, rgb)), batch_size
+    )

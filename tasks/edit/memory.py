@@ -5,6 +5,7 @@ It holds the CLIP image embeddings the Delta Mapper was trained on — the run's
 of the mapper's own training distribution. Only the ``embedding`` column is read, shard by shard; past
 ``max_rows`` a seeded, evenly spread subset is kept (a 65,536 × 512 float32 memory is 128 MB).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,27 +25,52 @@ from tasks.train.row_cache import read_columns
 def memory_shards(root: Location, stages: Sequence[str]) -> list[tuple[StageStore, str]]:
     """(store, shard id) of every finished shard of the memory stages, in a fixed order."""
     stores = [StageStore(root, stage) for stage in stages]
-    return [(store, sid) for store in stores for sid in sorted(store.finished())
-            if store.loc.exists(f"{sid}.parquet")]
+    return [
+        (store, sid)
+        for store in stores
+        for sid in sorted(store.finished())
+        if store.loc.exists(f"{sid}.parquet")
+    ]
 
 
-def load_memory(root: Location, stages: Sequence[str], retrieve_k: int, max_rows: int, seed: int = 0) -> Tensor:
+def load_memory(
+    root: Location, stages: Sequence[str], retrieve_k: int, max_rows: int, seed: int = 0
+) -> Tensor:
     """(P ≤ max_rows, D) unit-norm CLIP image embeddings of the stages' finished shards; no more rows than
     ``retrieve_k`` (it averages that many, besides the image's own) is an error that says so."""
     shards = memory_shards(root, stages)
-    rows = np.concatenate([column_to_numpy(read_columns(store, sid, ["embedding"]), "embedding")
-                           for store, sid in shards]) if shards else np.zeros((0, 0), np.float32)
+    rows = (
+        np.concatenate(
+            [
+                column_to_numpy(read_columns(store, sid, ["embedding"]), "embedding")
+                for store, sid in shards
+            ]
+        )
+        if shards
+        else np.zeros((0, 0), np.float32)
+    )
     if len(rows) <= retrieve_k:
-        raise ValueError(f"bulk_edit.retrieve_k={retrieve_k} needs more than that many CLIP image embeddings in "
-                         f"{', '.join(stages)} under {root.uri}; found {len(rows)} (run preprocess, lower "
-                         "retrieve_k, or set bulk_edit.condition=text bulk_edit.mask=text)")
+        raise ValueError(
+            f"bulk_edit.retrieve_k={retrieve_k} needs more than that many CLIP image embeddings in "
+            f"{', '.join(stages)} under {root.uri}; found {len(rows)} (run preprocess, lower "
+            "retrieve_k, or set bulk_edit.condition=text bulk_edit.mask=text)"
+        )
     if len(rows) > max_rows:
-        keep = np.sort(np.random.default_rng([seed, 0x3E3]).choice(len(rows), max_rows, replace=False))
+        keep = np.sort(
+            np.random.default_rng([seed, 0x3E3]).choice(len(rows), max_rows, replace=False)
+        )
         rows = rows[keep]
     return F.normalize(torch.from_numpy(np.ascontiguousarray(rows, np.float32)), dim=1)
 
 
 def memory_identity(root: Location, stages: Sequence[str]) -> list[Any]:
     """What the memory depends on, for an edit stage's fingerprint: each shard's done-marker identity."""
-    return [[store.stage, sid, (m := store.marker(sid) or {}).get("input_fingerprint"),
-             m.get("code_fingerprint")] for store, sid in memory_shards(root, stages)]
+    return [
+        [
+            store.stage,
+            sid,
+            (m := store.marker(sid) or {}).get("input_fingerprint"),
+            m.get("code_fingerprint"),
+        ]
+        for store, sid in memory_shards(root, stages)
+    ]

@@ -8,6 +8,7 @@ needs and reports what is missing before any work; ``planned_edits`` lists the e
 evaluate reads that record (``read_plan``), so it measures what was edited, not what the prompts file
 says today.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ from infra.runtime.shards import ShardSpec
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from models.zoo import ModelSpec
-from tasks.edit.processor import plan_edits
 from tasks.edit.builder import EditBuilder
 from tasks.edit.memory import memory_shards
+from tasks.edit.processor import plan_edits
 from tasks.layout import DIFFUSION_DIR, EDIT_PLAN, MAPPER_POOLS, Stages, mapper_dir, relevance_stage
 from tasks.prompts import EditVariant, load_prompts, resolve_tau
 from tasks.relevance import load_relevance
@@ -38,7 +39,9 @@ def input_stages(cfg: RunConfig) -> Stages:
 def edit_variants(cfg: RunConfig, where: str) -> list[EditVariant]:
     """The prompts file's variants, each with the τ it is edited with."""
     if not cfg.bulk_edit.prompts:
-        raise ConfigError(f"{where}: bulk-edit needs bulk_edit.prompts (a YAML or CSV prompts file)")
+        raise ConfigError(
+            f"{where}: bulk-edit needs bulk_edit.prompts (a YAML or CSV prompts file)"
+        )
     return resolve_tau(load_prompts(cfg.bulk_edit.prompts, cfg.storage_options), cfg.bulk_edit.tau)
 
 
@@ -66,57 +69,92 @@ def edit_builder(cfg: RunConfig, where: str, variants: Sequence[EditVariant] = (
         _require_relevance(cfg, relevance, where)
     stages = input_stages(cfg)
     return EditBuilder(
-        generator=cfg.models.generator, clip=cfg.models.clip, root=cfg.root, cfg=be,
-        mappers=mappers, relevance_stage=relevance if needs_relevance else None,
-        diffusion=_diffusion_spec(cfg, where) if any(d != "generator" for d in be.decoder) else None,
-        memory_stages=memory_stages(cfg, where) if be.condition == "retrieved" and "deltaedit" in be.methods
+        generator=cfg.models.generator,
+        clip=cfg.models.clip,
+        root=cfg.root,
+        cfg=be,
+        mappers=mappers,
+        relevance_stage=relevance if needs_relevance else None,
+        diffusion=_diffusion_spec(cfg, where)
+        if any(d != "generator" for d in be.decoder)
+        else None,
+        memory_stages=memory_stages(cfg, where)
+        if be.condition == "retrieved" and "deltaedit" in be.methods
         else (),
-        n_stat_samples=cfg.relevance.n_stat_samples, seed=cfg.seed, storage_options=cfg.storage_options,
-        device=cfg.device, cpus=cfg.ray.cpus_per_actor, codes_stage=stages.codes, clip_stage=stages.clip,
-        images_stage=stages.images, stage=stages.edits)
+        n_stat_samples=cfg.relevance.n_stat_samples,
+        seed=cfg.seed,
+        storage_options=cfg.storage_options,
+        device=cfg.device,
+        cpus=cfg.ray.cpus_per_actor,
+        codes_stage=stages.codes,
+        clip_stage=stages.clip,
+        images_stage=stages.images,
+        stage=stages.edits,
+    )
 
 
 def memory_stages(cfg: RunConfig, where: str) -> tuple[str, ...]:
     """The CLIP image-embedding stages of the mapper's training pools: the memory of condition=retrieved."""
     stages = tuple(MAPPER_POOLS[pool][1] for pool in cfg.train_mapper.pools)
     if not memory_shards(Location(cfg.root, cfg.storage_options), stages):
-        raise ConfigError(f"{where}: bulk_edit.condition=retrieved searches the CLIP image embeddings the mapper "
-                          f"was trained on ({', '.join(stages)} under {cfg.root}); none is finished: run "
-                          "`deltaedit run preprocess` first, or set bulk_edit.condition=text "
-                          "bulk_edit.mask=text")
+        raise ConfigError(
+            f"{where}: bulk_edit.condition=retrieved searches the CLIP image embeddings the mapper "
+            f"was trained on ({', '.join(stages)} under {cfg.root}); none is finished: run "
+            "`deltaedit run preprocess` first, or set bulk_edit.condition=text "
+            "bulk_edit.mask=text"
+        )
     return stages
 
 
 @dataclass(frozen=True)
 class EditPlan:
     """What bulk-edit planned into an edits store (its ``plan.json``)."""
+
     shards: tuple[str, ...]
     variants: tuple[EditVariant, ...]
     methods: tuple[str, ...]
     decoders: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shards": list(self.shards), "variants": [v.to_dict() for v in self.variants],
-                "methods": list(self.methods), "decoders": list(self.decoders)}
+        return {
+            "shards": list(self.shards),
+            "variants": [v.to_dict() for v in self.variants],
+            "methods": list(self.methods),
+            "decoders": list(self.decoders),
+        }
 
 
-def write_plan(cfg: RunConfig, specs: Sequence[ShardSpec], variants: Sequence[EditVariant]) -> EditPlan:
+def write_plan(
+    cfg: RunConfig, specs: Sequence[ShardSpec], variants: Sequence[EditVariant]
+) -> EditPlan:
     """Record this config's plan (every planned shard, even those not run now) in its edits store."""
-    plan = EditPlan(tuple(s.shard_id for s in specs), tuple(variants), tuple(cfg.bulk_edit.methods),
-                    tuple(cfg.bulk_edit.decoder))
+    plan = EditPlan(
+        tuple(s.shard_id for s in specs),
+        tuple(variants),
+        tuple(cfg.bulk_edit.methods),
+        tuple(cfg.bulk_edit.decoder),
+    )
     edits = StageStore(Location(cfg.root, cfg.storage_options), input_stages(cfg).edits)
-    edits.loc.write_bytes(EDIT_PLAN, json.dumps(plan.to_dict(), indent=1, ensure_ascii=False).encode())
+    edits.loc.write_bytes(
+        EDIT_PLAN, json.dumps(plan.to_dict(), indent=1, ensure_ascii=False).encode()
+    )
     return plan
 
 
 def read_plan(edits: StageStore) -> EditPlan:
     """The plan bulk-edit recorded in ``edits``; a ConfigError when it has none."""
     if not edits.loc.exists(EDIT_PLAN):
-        raise ConfigError(f"{edits.loc.url(EDIT_PLAN)} does not exist: run `deltaedit run bulk-edit` first "
-                          "(finished edits are skipped; it records what it planned)")
+        raise ConfigError(
+            f"{edits.loc.url(EDIT_PLAN)} does not exist: run `deltaedit run bulk-edit` first "
+            "(finished edits are skipped; it records what it planned)"
+        )
     data = json.loads(edits.loc.read_bytes(EDIT_PLAN))
-    return EditPlan(tuple(data["shards"]), tuple(EditVariant.from_dict(v) for v in data["variants"]),
-                    tuple(data["methods"]), tuple(data["decoders"]))
+    return EditPlan(
+        tuple(data["shards"]),
+        tuple(EditVariant.from_dict(v) for v in data["variants"]),
+        tuple(data["methods"]),
+        tuple(data["decoders"]),
+    )
 
 
 def _mapper_spec(cfg: RunConfig, method: str, where: str) -> ModelSpec:
@@ -129,9 +167,11 @@ def _mapper_spec(cfg: RunConfig, method: str, where: str) -> ModelSpec:
     folder = Location(cfg.root, cfg.storage_options).child(mapper_dir(model))
     if not folder.exists(MAPPER_FILE):
         setting = "models.mapper" if model == "delta" else "bulk_edit.straightforward_mapper"
-        raise ConfigError(f"{where}: method '{method}' needs a trained mapper: {folder.url(MAPPER_FILE)} does "
-                          f"not exist (run `deltaedit run train-mapper train_mapper.model={model}` to "
-                          f"finish training, or set {setting})")
+        raise ConfigError(
+            f"{where}: method '{method}' needs a trained mapper: {folder.url(MAPPER_FILE)} does "
+            f"not exist (run `deltaedit run train-mapper train_mapper.model={model}` to "
+            f"finish training, or set {setting})"
+        )
     name = "delta_mapper" if model == "delta" else "straightforward_mapper"
     return ModelSpec(name=name, checkpoint=folder.url(MAPPER_FILE))
 
@@ -142,9 +182,11 @@ def _diffusion_spec(cfg: RunConfig, where: str) -> ModelSpec:
         return cfg.models.diffusion
     folder = Location(cfg.root, cfg.storage_options).child(DIFFUSION_DIR)
     if not folder.exists(DIFFUSION_FILE):
-        raise ConfigError(f"{where}: bulk_edit.decoder {cfg.bulk_edit.decoder} needs a diffusion decoder: "
-                          f"{folder.url(DIFFUSION_FILE)} does not exist (run `deltaedit run train-diffusion`, "
-                          "or set models.diffusion)")
+        raise ConfigError(
+            f"{where}: bulk_edit.decoder {cfg.bulk_edit.decoder} needs a diffusion decoder: "
+            f"{folder.url(DIFFUSION_FILE)} does not exist (run `deltaedit run train-diffusion`, "
+            "or set models.diffusion)"
+        )
     return ModelSpec(name="style_diffusion", checkpoint=folder.url(DIFFUSION_FILE))
 
 
@@ -152,5 +194,7 @@ def _require_relevance(cfg: RunConfig, stage: str, where: str) -> None:
     try:
         load_relevance(cfg.root, stage, cfg.storage_options)
     except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"{where}: bulk-edit with tau > 0 or styleclip_gd needs the relevance matrix "
-                          f"({exc}); run `deltaedit run relevance` first, or set bulk_edit.tau=0") from None
+        raise ConfigError(
+            f"{where}: bulk-edit with tau > 0 or styleclip_gd needs the relevance matrix "
+            f"({exc}); run `deltaedit run relevance` first, or set bulk_edit.tau=0"
+        ) from None

@@ -13,6 +13,7 @@ strength, omega, channels_changed, mask_fraction and psnr_outside_mask (diffusio
 the run: PSNR vs the DDIM reconstruction outside the edit mask, for the plain and the mask-guided decode).
 Timings are per shard, in the done-marker (they differ between runs; the data must not).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,16 +26,22 @@ import torch
 from torch import Tensor
 
 from infra.config import BulkEditConfig
-from infra.storage.records import Sink
 from infra.runtime.shards import Item, ShardSpec
-from infra.storage.store import StageStore
 from infra.runtime.upstream import plan_downstream
-from infra.storage.readers import decode_image, encoded_image, iter_image_samples, read_vectors, vectors_tensor
-from models.device import module_device
-from models.stylegan2 import StyleCode
+from infra.storage.readers import (
+    decode_image,
+    encoded_image,
+    iter_image_samples,
+    read_vectors,
+    vectors_tensor,
+)
+from infra.storage.records import Sink
+from infra.storage.store import StageStore
 from models import edit_directions as ed
-from tasks.edit.diffusion import DiffusionDecoder
+from models.device import module_device
 from models.imaging import encode_image, psnr_where, to_uint8
+from models.stylegan2 import StyleCode
+from tasks.edit.diffusion import DiffusionDecoder
 from tasks.prompts import EditVariant
 
 RECON = "reconstruction"
@@ -43,7 +50,11 @@ NAN = float("nan")
 
 
 def edit_key(image_key: str, variant: EditVariant, method: str, decoder: str = GENERATOR) -> str:
-    return "__".join(p for p in (image_key, variant.prompt_id, variant.suffix, method, decoder_suffix(decoder)) if p)
+    return "__".join(
+        p
+        for p in (image_key, variant.prompt_id, variant.suffix, method, decoder_suffix(decoder))
+        if p
+    )
 
 
 def recon_key(image_key: str, decoder: str = GENERATOR) -> str:
@@ -55,21 +66,33 @@ def decoder_suffix(decoder: str) -> str:
     return "" if decoder == GENERATOR else decoder
 
 
-def plan_edits(codes: StageStore, variants: Sequence[EditVariant], methods: Sequence[str], cfg: BulkEditConfig
-               ) -> list[ShardSpec]:
+def plan_edits(
+    codes: StageStore, variants: Sequence[EditVariant], methods: Sequence[str], cfg: BulkEditConfig
+) -> list[ShardSpec]:
     """Shards ``<codes shard>-<k>`` of ``images_per_shard`` images each, over the ok codes (sorted).
     Each variant's τ is resolved already (``tasks.prompts.resolve_tau``): items record the τ they use."""
     if any(v.tau is None for v in variants):
-        raise ValueError("plan_edits: every variant needs its τ resolved (tasks.prompts.resolve_tau)")
+        raise ValueError(
+            "plan_edits: every variant needs its τ resolved (tasks.prompts.resolve_tau)"
+        )
     specs, budget = [], cfg.max_images
     for upstream in plan_downstream(codes):
-        items = upstream.items if budget is None else upstream.items[:max(budget, 0)]
+        items = upstream.items if budget is None else upstream.items[: max(budget, 0)]
         budget = None if budget is None else budget - len(items)
         for k, start in enumerate(range(0, len(items), cfg.images_per_shard)):
-            group = items[start:start + cfg.images_per_shard]
-            specs.append(ShardSpec(f"{upstream.shard_id}-{k:03d}", tuple(
-                i for n, image in enumerate(group)
-                for i in _image_items(image, upstream.shard_id, variants, methods, cfg, _decoders(cfg, n)))))
+            group = items[start : start + cfg.images_per_shard]
+            specs.append(
+                ShardSpec(
+                    f"{upstream.shard_id}-{k:03d}",
+                    tuple(
+                        i
+                        for n, image in enumerate(group)
+                        for i in _image_items(
+                            image, upstream.shard_id, variants, methods, cfg, _decoders(cfg, n)
+                        )
+                    ),
+                )
+            )
     return specs
 
 
@@ -79,34 +102,61 @@ def _decoders(cfg: BulkEditConfig, index: int) -> list[str]:
     return [d for d in cfg.decoder if d == GENERATOR or limit is None or index < limit]
 
 
-def _image_items(image: Item, shard_id: str, variants: Sequence[EditVariant], methods: Sequence[str],
-                 cfg: BulkEditConfig, decoders: Sequence[str]) -> list[Item]:
+def _image_items(
+    image: Item,
+    shard_id: str,
+    variants: Sequence[EditVariant],
+    methods: Sequence[str],
+    cfg: BulkEditConfig,
+    decoders: Sequence[str],
+) -> list[Item]:
     base = {"image": image.key, "codes_shard": shard_id, **image.meta}
     source = f"codes/{shard_id}/{image.key}"
     items = []
     if cfg.reconstruction:
         recons = dict.fromkeys(recon_key(image.key, d) for d in decoders)
-        items += [Item(key, source, {**base, "method": RECON, "decoder": GENERATOR if key.endswith("recon")
-                                     else "diffusion"}) for key in recons]
+        items += [
+            Item(
+                key,
+                source,
+                {
+                    **base,
+                    "method": RECON,
+                    "decoder": GENERATOR if key.endswith("recon") else "diffusion",
+                },
+            )
+            for key in recons
+        ]
     for d in decoders:
-        ms = methods if d == GENERATOR or cfg.diffusion.methods is None else \
-            [m for m in methods if m in cfg.diffusion.methods]
-        items += [Item(edit_key(image.key, v, m, d), source, {**base, "method": m, "decoder": d,
-                                                               "variant": v.to_dict()})
-                  for v in variants for m in ms]
+        ms = (
+            methods
+            if d == GENERATOR or cfg.diffusion.methods is None
+            else [m for m in methods if m in cfg.diffusion.methods]
+        )
+        items += [
+            Item(
+                edit_key(image.key, v, m, d),
+                source,
+                {**base, "method": m, "decoder": d, "variant": v.to_dict()},
+            )
+            for v in variants
+            for m in ms
+        ]
     return items
 
 
 @dataclass
 class EditModels:
-    generator: Any                              # models.stylegan2.Generator
-    clip: Any                                   # models.clip.ClipEncoder
-    mappers: dict[str, torch.nn.Module]         # method -> mapper
-    relevance: Tensor | None                    # (C, D) Rₛ
-    sigma: Tensor | None                        # (C,) per-channel std of S (StyleCLIP-GD)
-    diffusion: DiffusionDecoder | None = None   # DeltaEdit-D
-    synthesize: Callable[[Tensor, Tensor], Tensor] | None = None   # (conv, rgb) → images; None: eager G
-    memory: Tensor | None = None                # (P, D) unit image embeddings (bulk_edit.condition: retrieved)
+    generator: Any  # models.stylegan2.Generator
+    clip: Any  # models.clip.ClipEncoder
+    mappers: dict[str, torch.nn.Module]  # method -> mapper
+    relevance: Tensor | None  # (C, D) Rₛ
+    sigma: Tensor | None  # (C,) per-channel std of S (StyleCLIP-GD)
+    diffusion: DiffusionDecoder | None = None  # DeltaEdit-D
+    synthesize: Callable[[Tensor, Tensor], Tensor] | None = (
+        None  # (conv, rgb) → images; None: eager G
+    )
+    memory: Tensor | None = None  # (P, D) unit image embeddings (bulk_edit.condition: retrieved)
 
     def render(self, conv: Tensor, rgb: Tensor) -> Tensor:
         """G(s) of a batch of codes, compiled when ``bulk_edit.compile`` is set."""
@@ -126,7 +176,7 @@ class EditProcessor:
     codes: StageStore
     embeddings: StageStore
     cfg: BulkEditConfig
-    images: StageStore | None = None            # the input photos (the diffusion decoder encodes them)
+    images: StageStore | None = None  # the input photos (the diffusion decoder encodes them)
     output_metadata: dict[str, Any] = field(default_factory=dict)
     _texts: dict[Any, Any] = field(default_factory=dict)
     _subspaces: dict[Any, Tensor] = field(default_factory=dict)
@@ -137,23 +187,37 @@ class EditProcessor:
         pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]] = []
         for (method, variant), items in _groups(spec).items():
             try:
-                conv, changed = self._edit(method, variant, [inputs[i.meta["image"]] for i in items])
+                conv, changed = self._edit(
+                    method, variant, [inputs[i.meta["image"]] for i in items]
+                )
             except ed.PromptError as exc:
                 outcomes.update({i.key: ("failed", str(exc), _fields(i, variant)) for i in items})
                 continue
             rgb = torch.stack([inputs[i.meta["image"]][1] for i in items])
-            counts = changed.tolist()                 # one copy to the host per batch
-            pending += [(item, conv[n], rgb[n], {**_fields(item, variant),
-                                                 "channels_changed": int(counts[n])})
-                        for n, item in enumerate(items)]
+            counts = changed.tolist()  # one copy to the host per batch
+            pending += [
+                (
+                    item,
+                    conv[n],
+                    rgb[n],
+                    {**_fields(item, variant), "channels_changed": int(counts[n])},
+                )
+                for n, item in enumerate(items)
+            ]
         self._render([p for p in pending if p[0].meta["decoder"] == GENERATOR], outcomes)
-        self._render_diffusion([p for p in pending if p[0].meta["decoder"] != GENERATOR], inputs, outcomes,
-                               spec.items[0].meta["codes_shard"])
+        self._render_diffusion(
+            [p for p in pending if p[0].meta["decoder"] != GENERATOR],
+            inputs,
+            outcomes,
+            spec.items[0].meta["codes_shard"],
+        )
         for item in spec.items:
             status, payload, fields = outcomes[item.key]
             fields = {"image_key": item.meta["image"], **fields}
             if status == "ok":
-                sink.add(item.key, item.source, image=payload, image_ext=self.cfg.image_format, **fields)
+                sink.add(
+                    item.key, item.source, image=payload, image_ext=self.cfg.image_format, **fields
+                )
             else:
                 sink.add_failure(item.key, item.source, payload, **fields)
 
@@ -169,28 +233,42 @@ class EditProcessor:
             emb = dict(zip(table.column("key").to_pylist(), vectors_tensor(table, "embedding")))
         return {k: (s[n], rgb[n], emb.get(k)) for n, k in enumerate(keys)}
 
-    def _edit(self, method: str, variant: EditVariant | None, rows: list[tuple[Tensor, Tensor, Tensor | None]]
-              ) -> tuple[Tensor, Tensor]:
+    def _edit(
+        self,
+        method: str,
+        variant: EditVariant | None,
+        rows: list[tuple[Tensor, Tensor, Tensor | None]],
+    ) -> tuple[Tensor, Tensor]:
         """Edited conv codes (B, C) and the number of channels changed per image."""
-        s = torch.stack([r[0] for r in rows]).to(self.models.device)     # codes come from Parquet
-        if variant is None:                                       # the reconstruction
+        s = torch.stack([r[0] for r in rows]).to(self.models.device)  # codes come from Parquet
+        if variant is None:  # the reconstruction
             return s, torch.zeros(len(rows), dtype=torch.long)
         dt, t_target = self._text(variant)
         if method == "styleclip_gd":
-            step = ed.global_direction(self.models.relevance, dt, self.models.sigma, self.cfg.gd_beta)
+            step = ed.global_direction(
+                self.models.relevance, dt, self.models.sigma, self.cfg.gd_beta
+            )
             delta = (self.cfg.gd_alpha * step).expand_as(s)
         else:
             if any(r[2] is None for r in rows):
                 raise ed.PromptError("no CLIP embedding for this image (its embed step failed)")
             i = torch.stack([r[2] for r in rows]).to(s.device)
             retrieved = method == "deltaedit" and self.models.memory is not None
-            cond = ed.retrieved_direction(self.models.memory, i, dt, self.cfg.retrieve_k) if retrieved else dt
+            cond = (
+                ed.retrieved_direction(self.models.memory, i, dt, self.cfg.retrieve_k)
+                if retrieved
+                else dt
+            )
             delta = ed.mapper_delta(self.models.mappers[method], method, s, i, cond, t_target)
             if self.models.relevance is not None:
                 mask = ed.relevance_mask(self.models.relevance, dt, variant.tau, self.cfg.threshold)
                 if retrieved and self.cfg.mask == "text+image":
-                    mask = mask | ed.image_mask(self.models.relevance, cond, self._subspace(variant, dt),
-                                                self.cfg.image_mask_tau)
+                    mask = mask | ed.image_mask(
+                        self.models.relevance,
+                        cond,
+                        self._subspace(variant, dt),
+                        self.cfg.image_mask_tau,
+                    )
                 delta = delta * mask
         delta = variant.strength * delta
         return s + delta, (delta != 0).sum(dim=1)
@@ -198,8 +276,9 @@ class EditProcessor:
     def _subspace(self, variant: EditVariant, dt: Tensor) -> Tensor:
         """The prompt's image subspace (``ed.prompt_subspace``), computed once per processor."""
         if variant.terms not in self._subspaces:
-            self._subspaces[variant.terms] = ed.prompt_subspace(self.models.memory, dt, self.cfg.retrieve_k,
-                                                                self.cfg.image_mask_rank)
+            self._subspaces[variant.terms] = ed.prompt_subspace(
+                self.models.memory, dt, self.cfg.retrieve_k, self.cfg.image_mask_rank
+            )
         return self._subspaces[variant.terms]
 
     def _text(self, variant: EditVariant) -> tuple[Tensor, Tensor]:
@@ -207,8 +286,12 @@ class EditProcessor:
         if variant.terms not in self._texts:
             templates = ed.TEMPLATES[self.cfg.templates]
             try:
-                ed.check_terms(self.models.clip, variant.terms, templates, self.cfg.long_prompts == "truncate")
-                self._texts[variant.terms] = ed.text_direction(self.models.clip, variant.terms, templates)
+                ed.check_terms(
+                    self.models.clip, variant.terms, templates, self.cfg.long_prompts == "truncate"
+                )
+                self._texts[variant.terms] = ed.text_direction(
+                    self.models.clip, variant.terms, templates
+                )
             except ed.PromptError as exc:
                 self._texts[variant.terms] = exc
         result = self._texts[variant.terms]
@@ -220,32 +303,45 @@ class EditProcessor:
         return encode_image(pixels, self.cfg.image_format, self.cfg.png_level)
 
     @torch.no_grad()
-    def _render(self, pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
-                outcomes: dict[str, tuple[str, Any, dict[str, Any]]]) -> None:
+    def _render(
+        self,
+        pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
+        outcomes: dict[str, tuple[str, Any, dict[str, Any]]],
+    ) -> None:
         device = self.models.device
         for start in range(0, len(pending), self.cfg.batch_size):
-            chunk = pending[start:start + self.cfg.batch_size]
+            chunk = pending[start : start + self.cfg.batch_size]
             conv, rgb = (torch.stack([c[n] for c in chunk]).to(device) for n in (1, 2))
             images = self.models.render(conv, rgb)
             finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
             pixels = to_uint8(images)
             for n, (item, _, _, fields) in enumerate(chunk):
-                outcomes[item.key] = (("ok", self._encode(pixels[n]), fields) if finite[n]
-                                      else ("failed", "the edited code renders non-finite pixels", fields))
-
+                outcomes[item.key] = (
+                    ("ok", self._encode(pixels[n]), fields)
+                    if finite[n]
+                    else ("failed", "the edited code renders non-finite pixels", fields)
+                )
 
     @torch.no_grad()
-    def _render_diffusion(self, pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
-                          inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]],
-                          outcomes: dict[str, tuple[str, Any, dict[str, Any]]], shard: str) -> None:
+    def _render_diffusion(
+        self,
+        pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
+        inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]],
+        outcomes: dict[str, tuple[str, Any, dict[str, Any]]],
+        shard: str,
+    ) -> None:
         """DDIM-encode each photo once, then decode its reconstruction and every edit (plain / mask-guided)."""
         if not pending:
             return
         photos = self._photos(shard, {p[0].meta["image"] for p in pending})
         missing = [p for p in pending if p[0].meta["image"] not in photos]
         for item, _, _, fields in missing:
-            outcomes[item.key] = ("failed", f"no input image for {item.meta['image']} in "
-                                            f"{self.images.stage}/{shard} (the diffusion decoder encodes it)", fields)
+            outcomes[item.key] = (
+                "failed",
+                f"no input image for {item.meta['image']} in "
+                f"{self.images.stage}/{shard} (the diffusion decoder encodes it)",
+                fields,
+            )
         pending = [p for p in pending if p[0].meta["image"] in photos]
         if not pending:
             return
@@ -256,35 +352,54 @@ class EditProcessor:
         recon = dict(zip(keys, dec.decode(torch.stack([x_t[k] for k in keys]), s0)))
         images: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
-        plain = [p for p in pending if p[0].meta["decoder"] == "diffusion" and p[0].meta["method"] != RECON]
+        plain = [
+            p
+            for p in pending
+            if p[0].meta["decoder"] == "diffusion" and p[0].meta["method"] != RECON
+        ]
         if plain:
             out = dec.decode(*_sources(plain, inputs, x_t), torch.stack([p[1] for p in plain]))
             images.update({p[0].key: out[n] for n, p in enumerate(plain)})
         masked = [p for p in pending if p[0].meta["decoder"] == "diffusion_masked"]
         if masked:
-            out, mask = dec.decode_masked(*_sources(masked, inputs, x_t), torch.stack([p[1] for p in masked]))
+            out, mask = dec.decode_masked(
+                *_sources(masked, inputs, x_t), torch.stack([p[1] for p in masked])
+            )
             images.update({p[0].key: out[n] for n, p in enumerate(masked)})
             masks.update({_twin(p[0].key): mask[n] for n, p in enumerate(masked)})
         for item, _, _, fields in pending:
             image = recon[item.meta["image"]] if item.meta["method"] == RECON else images[item.key]
             mask = masks.get(_twin(item.key))
-            if mask is not None:                      # the plain edit is scored outside its masked twin's mask
-                fields = {**fields, "mask_fraction": float(mask.mean()), "psnr_outside_mask": float(
-                    psnr_where(image[None], recon[item.meta["image"]][None], 1 - mask[None])[0])}
-            outcomes[item.key] = (("ok", self._encode(to_uint8(image[None])[0]), fields)
-                                  if torch.isfinite(image).all()
-                                  else ("failed", "the edited code decodes to non-finite pixels", fields))
+            if mask is not None:  # the plain edit is scored outside its masked twin's mask
+                fields = {
+                    **fields,
+                    "mask_fraction": float(mask.mean()),
+                    "psnr_outside_mask": float(
+                        psnr_where(image[None], recon[item.meta["image"]][None], 1 - mask[None])[0]
+                    ),
+                }
+            outcomes[item.key] = (
+                ("ok", self._encode(to_uint8(image[None])[0]), fields)
+                if torch.isfinite(image).all()
+                else ("failed", "the edited code decodes to non-finite pixels", fields)
+            )
 
     def _photos(self, shard: str, wanted: set[str]) -> dict[str, Tensor]:
         """The input photos (3, H, W) in [-1, 1] of ``wanted`` keys from the images shard, if it exists."""
         if self.images is None or shard not in self.images.finished():
             return {}
-        return {sample["__key__"]: decode_image(encoded_image(sample))
-                for sample in iter_image_samples(self.images, [shard]) if sample["__key__"] in wanted}
+        return {
+            sample["__key__"]: decode_image(encoded_image(sample))
+            for sample in iter_image_samples(self.images, [shard])
+            if sample["__key__"] in wanted
+        }
 
 
-def _sources(pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
-             inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]], x_t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def _sources(
+    pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
+    inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]],
+    x_t: dict[str, Tensor],
+) -> tuple[Tensor, Tensor]:
     """(x_t, s) of the source image of each pending diffusion edit."""
     images = [p[0].meta["image"] for p in pending]
     return torch.stack([x_t[k] for k in images]), torch.stack([inputs[k][0] for k in images])
@@ -311,10 +426,29 @@ def _fields(item: Item, variant: EditVariant | None) -> dict[str, Any]:
     method, decoder = item.meta["method"], item.meta["decoder"]
     masking = {"mask_fraction": NAN, "psnr_outside_mask": NAN}
     if variant is None:
-        return {"prompt_id": "", "method": method, "decoder": decoder, "source_text": "", "target_text": "",
-                "terms": "[]", "tau": NAN, "strength": 0.0, "omega": NAN, "channels_changed": 0, **masking}
-    return {"prompt_id": variant.prompt_id, "method": method, "decoder": decoder,
-            "source_text": variant.source_text, "target_text": variant.target_text,
-            "terms": json.dumps(variant.terms),          # [[source, target, weight], ...]: Δt exactly
-            "tau": NAN if method == "styleclip_gd" else float(variant.tau), "strength": float(variant.strength),
-            "omega": NAN if variant.omega is None else float(variant.omega), "channels_changed": 0, **masking}
+        return {
+            "prompt_id": "",
+            "method": method,
+            "decoder": decoder,
+            "source_text": "",
+            "target_text": "",
+            "terms": "[]",
+            "tau": NAN,
+            "strength": 0.0,
+            "omega": NAN,
+            "channels_changed": 0,
+            **masking,
+        }
+    return {
+        "prompt_id": variant.prompt_id,
+        "method": method,
+        "decoder": decoder,
+        "source_text": variant.source_text,
+        "target_text": variant.target_text,
+        "terms": json.dumps(variant.terms),  # [[source, target, weight], ...]: Δt exactly
+        "tau": NAN if method == "styleclip_gd" else float(variant.tau),
+        "strength": float(variant.strength),
+        "omega": NAN if variant.omega is None else float(variant.omega),
+        "channels_changed": 0,
+        **masking,
+    }

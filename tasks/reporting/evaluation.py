@@ -9,6 +9,7 @@ Tables (also written as Parquet next to the report):
 - ``reconstruction``: per decoder, the reconstruction's fidelity against the input x — G(E(x)) for
   DeltaEdit-G, the DDIM encode → decode under s for DeltaEdit-D (the paper's Table 3).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,11 +23,25 @@ from infra.storage.readers import encoded_image, iter_image_samples
 from infra.storage.store import StageStore
 from infra.storage.tables import column_to_numpy
 from models import metrics as M
-from tasks.reporting import html as R
 from tasks.edit.processor import GENERATOR, RECON, recon_key
+from tasks.reporting import html as R
 
-HEADLINE = ["n", "edit_accuracy", "unedited_accuracy", "preservation", "clip_direction", "psnr", "ssim",
-            "lpips", "identity", "fid", "kid", "channels_changed", "psnr_outside_mask", "mask_fraction"]
+HEADLINE = [
+    "n",
+    "edit_accuracy",
+    "unedited_accuracy",
+    "preservation",
+    "clip_direction",
+    "psnr",
+    "ssim",
+    "lpips",
+    "identity",
+    "fid",
+    "kid",
+    "channels_changed",
+    "psnr_outside_mask",
+    "mask_fraction",
+]
 
 
 def method_label(method: str, decoder: str) -> str:
@@ -34,24 +49,35 @@ def method_label(method: str, decoder: str) -> str:
     return method if decoder == GENERATOR or method == RECON else f"{method}+{decoder}"
 
 
-def load_metrics(store: StageStore, shards: Sequence[str] | None = None
-                 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+def load_metrics(
+    store: StageStore, shards: Sequence[str] | None = None
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Manifest rows of the finished metrics shards (all, or ``shards``; ok rows only; ``method`` named by
     ``method_label``) and their two feature matrices, aligned."""
     done = set(store.finished())
     shards = sorted(done if shards is None else done & set(shards))
     if not shards:
         raise FileNotFoundError(f"no finished shards under {store.loc.uri}")
-    manifest = pa.concat_tables([store.manifest(s) for s in shards], promote_options="default").to_pandas()
-    vectors = pa.concat_tables([store.vectors(s) for s in shards if store.loc.exists(f"{s}.parquet")])
+    manifest = pa.concat_tables(
+        [store.manifest(s) for s in shards], promote_options="default"
+    ).to_pandas()
+    vectors = pa.concat_tables(
+        [store.vectors(s) for s in shards if store.loc.exists(f"{s}.parquet")]
+    )
     order = {k: n for n, k in enumerate(vectors.column("key").to_pylist())}
     rows = manifest[manifest["status"] == "ok"].reset_index(drop=True)
     rows["method"] = [method_label(m, d) for m, d in zip(rows["method"], rows["decoder"])]
     index = [order[k] for k in rows["key"]]
-    return rows, column_to_numpy(vectors, "features")[index], column_to_numpy(vectors, "input_features")[index]
+    return (
+        rows,
+        column_to_numpy(vectors, "features")[index],
+        column_to_numpy(vectors, "input_features")[index],
+    )
 
 
-def distances(rows: pd.DataFrame, feats: np.ndarray, feats_in: np.ndarray, by: Sequence[str]) -> pd.DataFrame:
+def distances(
+    rows: pd.DataFrame, feats: np.ndarray, feats_in: np.ndarray, by: Sequence[str]
+) -> pd.DataFrame:
     """FID and KID of each group's edits against the inputs of the same images (NaN under 2 rows)."""
     out = []
     for keys, group in rows.groupby(list(by), sort=True):
@@ -61,9 +87,12 @@ def distances(rows: pd.DataFrame, feats: np.ndarray, feats_in: np.ndarray, by: S
         fid = kid = float("nan")
         if len(real) >= 2 and len(fake) >= 2:
             import torch
+
             fid = M.frechet_distance(torch.from_numpy(real), torch.from_numpy(fake))
             kid = M.kernel_distance(torch.from_numpy(real), torch.from_numpy(fake))
-        out.append({**dict(zip(by, keys if isinstance(keys, tuple) else (keys,))), "fid": fid, "kid": kid})
+        out.append(
+            {**dict(zip(by, keys if isinstance(keys, tuple) else (keys,))), "fid": fid, "kid": kid}
+        )
     return pd.DataFrame(out)
 
 
@@ -73,16 +102,31 @@ def tables(rows: pd.DataFrame, feats: np.ndarray, feats_in: np.ndarray) -> dict[
     numeric = [c for c in HEADLINE if c in edits.columns and c not in ("n", "fid", "kid")]
     by_method = M.summarize(edits[["method", *numeric]], ["method"], overall=None)
     by_method = by_method.merge(distances(edits, feats, feats_in, ["method"]), on="method")
-    by_prompt = M.summarize(edits[["method", "variant", *numeric]], ["method", "variant"], overall=None)
-    by_prompt = by_prompt.merge(distances(edits, feats, feats_in, ["method", "variant"]), on=["method", "variant"])
+    by_prompt = M.summarize(
+        edits[["method", "variant", *numeric]], ["method", "variant"], overall=None
+    )
+    by_prompt = by_prompt.merge(
+        distances(edits, feats, feats_in, ["method", "variant"]), on=["method", "variant"]
+    )
     texts = edits.groupby("variant").first()
-    by_prompt.insert(2, "prompt", by_prompt["variant"].map(texts["source_text"] + " → " + texts["target_text"]))
-    fidelity = [c for c in ("psnr", "ssim", "mse", "lpips", "preservation") if recon[c].notna().any()]
+    by_prompt.insert(
+        2, "prompt", by_prompt["variant"].map(texts["source_text"] + " → " + texts["target_text"])
+    )
+    fidelity = [
+        c for c in ("psnr", "ssim", "mse", "lpips", "preservation") if recon[c].notna().any()
+    ]
     reconstruction = recon.groupby("decoder")[fidelity].agg(["mean", "count"])
     reconstruction.columns = [c if stat == "mean" else "n" for c, stat in reconstruction.columns]
-    reconstruction = reconstruction.loc[:, ~reconstruction.columns.duplicated()].reset_index().rename(
-        columns={"preservation": "oracle_agreement"})
-    return {"by_method": _columns(by_method), "by_prompt": _columns(by_prompt), "reconstruction": reconstruction}
+    reconstruction = (
+        reconstruction.loc[:, ~reconstruction.columns.duplicated()]
+        .reset_index()
+        .rename(columns={"preservation": "oracle_agreement"})
+    )
+    return {
+        "by_method": _columns(by_method),
+        "by_prompt": _columns(by_prompt),
+        "reconstruction": reconstruction,
+    }
 
 
 def _columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -92,11 +136,15 @@ def _columns(df: pd.DataFrame) -> pd.DataFrame:
     return df[keys + metrics]
 
 
-def grids(rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: int) -> dict[str, R.Grid]:
+def grids(
+    rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: int
+) -> dict[str, R.Grid]:
     """One grid per method: input | reconstruction | one column per prompt variant, for the first
     ``n_images`` images the method edited (a decoder may edit only some of them)."""
     methods = [m for m in rows["method"].unique() if m != RECON]
-    keys = {m: sorted(rows.loc[rows["method"] == m, "image_key"].unique())[:n_images] for m in methods}
+    keys = {
+        m: sorted(rows.loc[rows["method"] == m, "image_key"].unique())[:n_images] for m in methods
+    }
     chosen = rows[rows["image_key"].isin({k for ks in keys.values() for k in ks})]
     shards = sorted(set(chosen["source"].str.split("/").str[-1]))
     pictures = _pngs(edits, shards, set(chosen["key"]))
@@ -109,8 +157,13 @@ def grids(rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: i
         grid_rows = []
         for key in keys[method]:
             cells = [R.GridCell(inputs.get(key)), R.GridCell(pictures.get(recon_key(key, decoder)))]
-            cells += [R.GridCell(pictures.get(edit_of.get((key, v))),
-                                 error=None if edit_of.get((key, v)) in pictures else "failed") for v in variants]
+            cells += [
+                R.GridCell(
+                    pictures.get(edit_of.get((key, v))),
+                    error=None if edit_of.get((key, v)) in pictures else "failed",
+                )
+                for v in variants
+            ]
             grid_rows.append((key[:18], cells))
         out[method] = R.Grid(["input", "reconstruction", *variants], grid_rows)
     return out
@@ -118,7 +171,11 @@ def grids(rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: i
 
 def _pngs(store: StageStore, shards: list[str], wanted: set[str]) -> dict[str, bytes]:
     """Encoded images by key (any format: the grid decodes them with PIL)."""
-    return {s["__key__"]: encoded_image(s) for s in iter_image_samples(store, shards) if s["__key__"] in wanted}
+    return {
+        s["__key__"]: encoded_image(s)
+        for s in iter_image_samples(store, shards)
+        if s["__key__"] in wanted
+    }
 
 
 def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
@@ -127,21 +184,35 @@ def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
     for metric in ("edit_accuracy", "preservation", "clip_direction"):
         if metric in by_method.columns:
             out[f"{metric} per method"] = R.bar_plot_svg(by_method, "method", metric, title=metric)
-            out[f"{metric} per prompt"] = R.bar_plot_svg(by_prompt, "variant", metric, hue="method",
-                                                         title=f"{metric} per prompt")
+            out[f"{metric} per prompt"] = R.bar_plot_svg(
+                by_prompt, "variant", metric, hue="method", title=f"{metric} per prompt"
+            )
     if {"edit_accuracy", "preservation"} <= set(by_prompt.columns):
-        out["accuracy vs preservation"] = R.scatter_plot_svg(by_prompt, "preservation", "edit_accuracy",
-                                                             hue="method", title="per prompt")
+        out["accuracy vs preservation"] = R.scatter_plot_svg(
+            by_prompt, "preservation", "edit_accuracy", hue="method", title="per prompt"
+        )
     return out
 
 
-def write(out: Location, tabs: dict[str, pd.DataFrame], grid: dict[str, R.Grid], summary: dict[str, str],
-          notes: list[str]) -> str:
+def write(
+    out: Location,
+    tabs: dict[str, pd.DataFrame],
+    grid: dict[str, R.Grid],
+    summary: dict[str, str],
+    notes: list[str],
+) -> str:
     """Parquet tables + index.html + grid PNGs under ``out``; returns the report's URI."""
     for name, df in tabs.items():
         out.write_bytes(f"{name}.parquet", _parquet(df))
-    return R.write_report(out, title="DeltaEdit evaluation", summary=summary, tables=tabs, grids=grid,
-                          plots=plots(tabs), notes=notes)
+    return R.write_report(
+        out,
+        title="DeltaEdit evaluation",
+        summary=summary,
+        tables=tabs,
+        grids=grid,
+        plots=plots(tabs),
+        notes=notes,
+    )
 
 
 def _parquet(df: pd.DataFrame) -> bytes:

@@ -1,5 +1,6 @@
 """A static evaluation report: one self-contained ``index.html`` (images as data URIs, plots as inline
 SVG, no scripts or remote assets) plus one ``grid_<name>.png`` per image grid, for READMEs."""
+
 from __future__ import annotations
 
 import base64
@@ -15,14 +16,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from infra.storage.fsio import Location
 
-PAD = 4              # px between grid cells
-HEADER_LINES = 2     # lines of column header text in grid_png
+PAD = 4  # px between grid cells
+HEADER_LINES = 2  # lines of column header text in grid_png
 FAILED_GREY = (150, 150, 150)
 
 
 @dataclass
 class GridCell:
-    image: bytes | None      # PNG bytes; None when this cell failed
+    image: bytes | None  # PNG bytes; None when this cell failed
     caption: str = ""
     error: str | None = None
 
@@ -30,10 +31,14 @@ class GridCell:
 @dataclass
 class Grid:
     columns: list[str]
-    rows: list[tuple[str, list[GridCell]]] = field(default_factory=list)   # (row label, one cell per column)
+    rows: list[tuple[str, list[GridCell]]] = field(
+        default_factory=list
+    )  # (row label, one cell per column)
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, lines: int) -> str:
+def _fit_text(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, lines: int
+) -> str:
     """Wrap ``text`` greedily into at most ``lines`` lines of ``width`` px, ending in "…" if cut."""
     words, out, cur = text.split(), [], ""
     for word in words:
@@ -48,7 +53,7 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, w
     if len(out) > lines:
         out = out[:lines]
         out[-1] += "…"
-    for i, line in enumerate(out):   # a single word can still be too wide: cut characters
+    for i, line in enumerate(out):  # a single word can still be too wide: cut characters
         while draw.textlength(line, font=font) > width and len(line) > 1:
             line = line[:-2] + "…"
         out[i] = line
@@ -62,15 +67,20 @@ def _cell_image(png: bytes, size: int) -> Image.Image:
     if scale >= 1:
         k = max(1, int(scale))
         return img.resize((img.width * k, img.height * k), Image.Resampling.NEAREST)
-    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                      Image.Resampling.LANCZOS)
+    return img.resize(
+        (max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+        Image.Resampling.LANCZOS,
+    )
 
 
 def _font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu Sans from matplotlib's data (covers accents, dashes, most scripts); PIL's default otherwise."""
     try:
         import matplotlib
-        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size)
+
+        return ImageFont.truetype(
+            str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size
+        )
     except (ImportError, OSError):
         return ImageFont.load_default()
 
@@ -94,29 +104,52 @@ def grid_png(grid: Grid, cell_px: int = 96, label_px: int | None = None) -> byte
     draw = ImageDraw.Draw(canvas)
     for j, name in enumerate(grid.columns):
         x = label_px + PAD + j * (cell_px + PAD)
-        draw.multiline_text((x, 2), _fit_text(draw, name, font, cell_px, HEADER_LINES), fill="black",
-                            font=font, spacing=2)
+        draw.multiline_text(
+            (x, 2),
+            _fit_text(draw, name, font, cell_px, HEADER_LINES),
+            fill="black",
+            font=font,
+            spacing=2,
+        )
     for i, (label, cells) in enumerate(grid.rows):
         y = header_h + i * row_h
         max_lines = max(1, cell_px // line_h)
-        draw.multiline_text((2, y), _fit_text(draw, label, font, label_px - PAD, max_lines), fill="black",
-                            font=font, spacing=2)
+        draw.multiline_text(
+            (2, y),
+            _fit_text(draw, label, font, label_px - PAD, max_lines),
+            fill="black",
+            font=font,
+            spacing=2,
+        )
         for j in range(len(grid.columns)):
             cell = cells[j] if j < len(cells) else GridCell(None, error="missing")
             x = label_px + PAD + j * (cell_px + PAD)
-            try:   # unreadable bytes are shown as a failed cell, not a failed report
-                img = _cell_image(cell.image, cell_px) if cell.image is not None and cell.error is None else None
+            try:  # unreadable bytes are shown as a failed cell, not a failed report
+                img = (
+                    _cell_image(cell.image, cell_px)
+                    if cell.image is not None and cell.error is None
+                    else None
+                )
             except Exception:
                 img = None
             if img is None:
                 draw.rectangle((x, y, x + cell_px - 1, y + cell_px - 1), fill=FAILED_GREY)
                 tw = draw.textlength("failed", font=font)
-                draw.text((x + (cell_px - tw) / 2, y + cell_px / 2 - line_h / 2), "failed", fill="white", font=font)
+                draw.text(
+                    (x + (cell_px - tw) / 2, y + cell_px / 2 - line_h / 2),
+                    "failed",
+                    fill="white",
+                    font=font,
+                )
             else:
                 canvas.paste(img, (x + (cell_px - img.width) // 2, y + (cell_px - img.height) // 2))
             if cell.caption:
-                draw.text((x, y + cell_px + 1), _fit_text(draw, cell.caption, font, cell_px, 1), fill="black",
-                          font=font)
+                draw.text(
+                    (x, y + cell_px + 1),
+                    _fit_text(draw, cell.caption, font, cell_px, 1),
+                    fill="black",
+                    font=font,
+                )
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
@@ -124,15 +157,19 @@ def grid_png(grid: Grid, cell_px: int = 96, label_px: int | None = None) -> byte
 
 def _svg(fig) -> str:
     import matplotlib
+
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "deltaedit"}):
         fig.savefig(buf, format="svg", bbox_inches="tight")
     svg = buf.getvalue()
-    return svg[svg.index("<svg"):]   # drop the XML declaration and DOCTYPE so it can sit inside HTML
+    return svg[
+        svg.index("<svg") :
+    ]  # drop the XML declaration and DOCTYPE so it can sit inside HTML
 
 
 def _figure(title: str):
-    from matplotlib.figure import Figure   # no pyplot: no global state, safe in worker threads
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
+
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
     ax.set_title(title)
@@ -140,7 +177,9 @@ def _figure(title: str):
     return fig, ax
 
 
-def bar_plot_svg(table: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = "") -> str:
+def bar_plot_svg(
+    table: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = ""
+) -> str:
     """Bars of ``y`` per ``x`` value (in order of appearance), grouped side by side by ``hue``; SVG text."""
     fig, ax = _figure(title)
     xs = list(dict.fromkeys(table[x].astype(str)))
@@ -150,9 +189,15 @@ def bar_plot_svg(table: pd.DataFrame, x: str, y: str, hue: str | None = None, ti
         part = table if h is None else table[table[hue].astype(str) == h]
         values = part.groupby(part[x].astype(str))[y].mean()
         heights = [float(values.get(v, float("nan"))) for v in xs]
-        ax.bar([i + (k - (len(hues) - 1) / 2) * width for i in range(len(xs))], heights, width, label=h)
-    ax.set_xticks(range(len(xs)), [textwrap.shorten(v, 24, placeholder="…") for v in xs],
-                  rotation=30 if len(xs) > 4 else 0, ha="right" if len(xs) > 4 else "center")
+        ax.bar(
+            [i + (k - (len(hues) - 1) / 2) * width for i in range(len(xs))], heights, width, label=h
+        )
+    ax.set_xticks(
+        range(len(xs)),
+        [textwrap.shorten(v, 24, placeholder="…") for v in xs],
+        rotation=30 if len(xs) > 4 else 0,
+        ha="right" if len(xs) > 4 else "center",
+    )
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     if hue:
@@ -160,7 +205,9 @@ def bar_plot_svg(table: pd.DataFrame, x: str, y: str, hue: str | None = None, ti
     return _svg(fig)
 
 
-def scatter_plot_svg(table: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = "") -> str:
+def scatter_plot_svg(
+    table: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = ""
+) -> str:
     """``y`` against ``x``, one colour per ``hue`` value (e.g. identity vs. CLIP direction per method)."""
     fig, ax = _figure(title)
     ax.grid(axis="x", alpha=0.3)
@@ -191,7 +238,9 @@ def _slug(name: str) -> str:
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, escape=True, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
+    return df.to_html(
+        index=False, escape=True, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0
+    )
 
 
 def _grid_html(grid: Grid, png_name: str) -> str:
@@ -203,29 +252,45 @@ def _grid_html(grid: Grid, png_name: str) -> str:
         for j in range(len(grid.columns)):
             cell = cells[j] if j < len(cells) else GridCell(None, error="missing")
             if cell.image is not None and cell.error is None:
-                mime = Image.MIME.get(Image.open(io.BytesIO(cell.image)).format or "PNG", "image/png")
+                mime = Image.MIME.get(
+                    Image.open(io.BytesIO(cell.image)).format or "PNG", "image/png"
+                )
                 uri = f"data:{mime};base64," + base64.b64encode(cell.image).decode("ascii")
                 inner = f'<img src="{uri}" alt="{e(cell.caption or label)}">'
             else:
                 inner = f'<span class="fail" title="{e(cell.error or "")}">failed<br>{e(cell.error or "")}</span>'
             tds.append(f'<td>{inner}<div class="cap">{e(cell.caption)}</div></td>')
         body.append(f'<tr><th class="l">{e(label)}</th>{"".join(tds)}</tr>')
-    return (f'<table class="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>'
-            f'<p><a href="{e(png_name)}">{e(png_name)}</a> (the same grid as one picture)</p>')
+    return (
+        f'<table class="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>'
+        f'<p><a href="{e(png_name)}">{e(png_name)}</a> (the same grid as one picture)</p>'
+    )
 
 
-def write_report(out: Location, *, title: str, summary: dict[str, str], tables: dict[str, pd.DataFrame],
-                 grids: dict[str, Grid], plots: dict[str, str], notes: list[str]) -> str:
+def write_report(
+    out: Location,
+    *,
+    title: str,
+    summary: dict[str, str],
+    tables: dict[str, pd.DataFrame],
+    grids: dict[str, Grid],
+    plots: dict[str, str],
+    notes: list[str],
+) -> str:
     """Write ``index.html`` and ``grid_<name>.png`` per grid into ``out``; returns index.html's URI.
 
     Every user string is HTML-escaped; ``plots`` values are SVG text as ``bar_plot_svg`` returns it.
     """
     e = html.escape
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>"]
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>"
+    ]
     if summary:
-        rows = "".join(f'<tr><th class="l">{e(str(k))}</th><td class="l">{e(str(v))}</td></tr>'
-                       for k, v in summary.items())
+        rows = "".join(
+            f'<tr><th class="l">{e(str(k))}</th><td class="l">{e(str(v))}</td></tr>'
+            for k, v in summary.items()
+        )
         parts.append(f"<table>{rows}</table>")
     for name, df in tables.items():
         parts.append(f"<h2>{e(name)}</h2>{_table_html(df)}")
@@ -235,7 +300,7 @@ def write_report(out: Location, *, title: str, summary: dict[str, str], tables: 
     for name, grid in grids.items():
         png_name = f"grid_{_slug(name)}.png"
         k = 2
-        while png_name in used:   # two names that slug alike must not overwrite each other
+        while png_name in used:  # two names that slug alike must not overwrite each other
             png_name, k = f"grid_{_slug(name)}_{k}.png", k + 1
         used.add(png_name)
         out.write_bytes(png_name, grid_png(grid))

@@ -6,6 +6,7 @@ values only, so ``torch.load(weights_only=True)`` reads it) and ``latest.json``,
 commit, so a kill mid-save leaves the previous checkpoint current. ``final=True`` also writes the
 trainer's final file (e.g. ``mapper.safetensors``).
 """
+
 from __future__ import annotations
 
 import io
@@ -31,32 +32,51 @@ class SavableModel(Protocol):
 
 # --- RNG state as tensors and plain values (weights_only-loadable) -----------------------------------
 
+
 def rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, pstate, pgauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": int(version), "state": torch.tensor(pstate, dtype=torch.int64),
-                       "gauss": -1.0 if pgauss is None else float(pgauss), "has_gauss": pgauss is not None}}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(pstate, dtype=torch.int64),
+            "gauss": -1.0 if pgauss is None else float(pgauss),
+            "has_gauss": pgauss is not None,
+        },
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()),
-                     p["gauss"] if p["has_gauss"] else None))
+    random.setstate(
+        (
+            p["version"],
+            tuple(int(x) for x in p["state"].tolist()),
+            p["gauss"] if p["has_gauss"] else None,
+        )
+    )
 
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     random.seed(seed)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
+
 
 class Checkpointer:
     """Step checkpoints in ``out``: weights file, state sidecar, then ``latest.json`` (the commit)."""
@@ -67,8 +87,14 @@ class Checkpointer:
     def latest(self) -> dict[str, Any] | None:
         return json.loads(self.out.read_bytes(LATEST)) if self.out.exists(LATEST) else None
 
-    def save(self, step: int, model: SavableModel, state: dict[str, Any], final: bool = False,
-             lineage: dict[str, Any] | None = None) -> str:
+    def save(
+        self,
+        step: int,
+        model: SavableModel,
+        state: dict[str, Any],
+        final: bool = False,
+        lineage: dict[str, Any] | None = None,
+    ) -> str:
         """Write checkpoint ``step``; ``lineage`` goes in the weights' header (None: the model's own)."""
         name = f"step-{step:08d}"
         weights = _safetensors_bytes(model, lineage)
@@ -78,7 +104,9 @@ class Checkpointer:
         self.out.write_bytes(f"{name}.state.pt", buf.getvalue())
         if final:
             self.out.write_bytes(self.final_name, weights)
-        self.out.write_bytes(LATEST, json.dumps({"step": step, "name": name, "final": final}).encode())
+        self.out.write_bytes(
+            LATEST, json.dumps({"step": step, "name": name, "final": final}).encode()
+        )
         self._prune(name)
         return self.out.url(f"{name}.safetensors")
 
@@ -86,7 +114,9 @@ class Checkpointer:
         """Restore the weights into ``model``; return (step, sidecar state)."""
         latest = self.latest()
         name = latest["name"]
-        tensors, _ = load_safetensors(self.out.url(f"{name}.safetensors"), **self.out.storage_options)
+        tensors, _ = load_safetensors(
+            self.out.url(f"{name}.safetensors"), **self.out.storage_options
+        )
         load_strict(model, tensors, self.out.url(f"{name}.safetensors"))
         state = torch.load(io.BytesIO(self.out.read_bytes(f"{name}.state.pt")), weights_only=True)
         return int(latest["step"]), state

@@ -11,6 +11,7 @@ Every random draw of step k (its batch, t and ε) is a pure function of (seed, r
 step, both weight sets and the optimizer reproduces an uninterrupted run. The loop, its cadences and the
 resume are ``tasks.train.trainer``'s; ``DiffusionTrainer`` supplies the decoder's pieces.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,15 @@ def model_config(dc: TrainDiffusionConfig, cache: ImageCache) -> DiffusionConfig
         raise ValueError(f"{cache.folder}: the codes store records no generator layout")
     channels, height, width = cache.image_shape
     if height != width:
-        raise ValueError(f"{cache.folder}: images are {width}×{height}; the U-Net needs square images")
-    return DiffusionConfig(layout=cache.meta["layout"], image_size=height, in_channels=channels,
-                           **dc.model.model_dump())
+        raise ValueError(
+            f"{cache.folder}: images are {width}×{height}; the U-Net needs square images"
+        )
+    return DiffusionConfig(
+        layout=cache.meta["layout"],
+        image_size=height,
+        in_channels=channels,
+        **dc.model.model_dump(),
+    )
 
 
 def build_model(config: DiffusionConfig, cache: ImageCache, seed: int) -> StyleUNet:
@@ -51,11 +58,16 @@ def build_model(config: DiffusionConfig, cache: ImageCache, seed: int) -> StyleU
 TRAIN_STREAM, VALIDATION_STREAM = 2, 3
 
 
-def step_noise(seed: int, rank: int, step: int, x0: torch.Tensor, timesteps: int, stream: int = TRAIN_STREAM
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def step_noise(
+    seed: int, rank: int, step: int, x0: torch.Tensor, timesteps: int, stream: int = TRAIN_STREAM
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(t (B,), ε like x₀) of one training step: a pure function of (seed, rank, step, stream)."""
-    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, rank, step, stream]).integers(2 ** 62)))
-    return torch.randint(0, timesteps, (x0.shape[0],), generator=g), torch.randn(x0.shape, generator=g)
+    g = torch.Generator().manual_seed(
+        int(np.random.default_rng([seed, rank, step, stream]).integers(2**62))
+    )
+    return torch.randint(0, timesteps, (x0.shape[0],), generator=g), torch.randn(
+        x0.shape, generator=g
+    )
 
 
 @torch.no_grad()
@@ -67,25 +79,39 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 @torch.no_grad()
-def validation_loss(model: StyleUNet, cache: ImageCache, rows: np.ndarray, batch_size: int, seed: int) -> float:
+def validation_loss(
+    model: StyleUNet, cache: ImageCache, rows: np.ndarray, batch_size: int, seed: int
+) -> float:
     """Mean simple loss over fixed held-out images with fixed t and ε (comparable across steps and runs)."""
     device = next(model.parameters()).device
     total = 0.0
     for lo in range(0, len(rows), batch_size):
-        s, x0 = cache.fetch(rows[lo:lo + batch_size])
+        s, x0 = cache.fetch(rows[lo : lo + batch_size])
         t, noise = step_noise(seed, 0, lo, x0, model.config.timesteps, VALIDATION_STREAM)
         loss = simple_loss(model, x0.to(device), s.to(device), t.to(device), noise.to(device))
         total += float(loss) * len(s)
     return total / max(len(rows), 1)
 
 
-def run_fingerprint(dc: TrainDiffusionConfig, seed: int, config: DiffusionConfig, cache: ImageCache,
-                    world: int) -> str:
+def run_fingerprint(
+    dc: TrainDiffusionConfig, seed: int, config: DiffusionConfig, cache: ImageCache, world: int
+) -> str:
     """What a resumed run must share with the run it continues (steps and intervals may change)."""
-    return trainer.run_fingerprint({
-        "lr": dc.lr, "warmup": dc.warmup_steps, "wd": dc.weight_decay, "betas": list(dc.betas),
-        "batch": dc.batch_size, "clip": dc.grad_clip, "ema": dc.ema_decay, "seed": seed, "world": world,
-        "model": config.to_dict(), "data": cache.meta["fingerprint"]})
+    return trainer.run_fingerprint(
+        {
+            "lr": dc.lr,
+            "warmup": dc.warmup_steps,
+            "wd": dc.weight_decay,
+            "betas": list(dc.betas),
+            "batch": dc.batch_size,
+            "clip": dc.grad_clip,
+            "ema": dc.ema_decay,
+            "seed": seed,
+            "world": world,
+            "model": config.to_dict(),
+            "data": cache.meta["fingerprint"],
+        }
+    )
 
 
 class DiffusionTrainer(trainer.Trainer[TrainDiffusionConfig, ImageCache]):
@@ -95,14 +121,23 @@ class DiffusionTrainer(trainer.Trainer[TrainDiffusionConfig, ImageCache]):
 
     name, final = "train-diffusion", FINAL
 
-    def __init__(self, dc: TrainDiffusionConfig, seed: int, cache: ImageCache, *, rank: int = 0, world: int = 1,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self,
+        dc: TrainDiffusionConfig,
+        seed: int,
+        cache: ImageCache,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        device: str = "cpu",
+    ) -> None:
         super().__init__(dc, seed, cache, rank=rank, world=world, device=device)
         self.config = model_config(dc, cache)
         self.model = build_model(self.config, cache, seed).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=dc.lr, betas=dc.betas,
-                                           weight_decay=dc.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=dc.lr, betas=dc.betas, weight_decay=dc.weight_decay
+        )
         self.fingerprint = run_fingerprint(dc, seed, self.config, cache, world)
         self.sampler = EpochSampler(cache.train_rows, dc.batch_size, seed, rank, world)
         self.grad_clip = dc.grad_clip
@@ -119,11 +154,14 @@ class DiffusionTrainer(trainer.Trainer[TrainDiffusionConfig, ImageCache]):
     def fetch(self, step: int) -> tuple[torch.Tensor, ...]:
         return self.cache.fetch(self.sampler.batch(step))
 
-    def loss(self, net: torch.nn.Module, batch: tuple[torch.Tensor, ...], step: int
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, net: torch.nn.Module, batch: tuple[torch.Tensor, ...], step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s, x0 = batch
         t, noise = step_noise(self.seed, self.rank, step, x0, self.config.timesteps)
-        loss = simple_loss(net, x0, s, *(v.to(self.device) for v in (t, noise)), schedule=self.model.schedule)
+        loss = simple_loss(
+            net, x0, s, *(v.to(self.device) for v in (t, noise)), schedule=self.model.schedule
+        )
         return loss, {}
 
     def after_step(self, step: int) -> None:
@@ -131,12 +169,17 @@ class DiffusionTrainer(trainer.Trainer[TrainDiffusionConfig, ImageCache]):
 
     def validate(self) -> dict[str, float]:
         """The EMA's loss on the fixed held-out images."""
-        return {"val_loss": validation_loss(self.ema, self.cache, self.val_images, self.settings.batch_size,
-                                            self.seed)}
+        return {
+            "val_loss": validation_loss(
+                self.ema, self.cache, self.val_images, self.settings.batch_size, self.seed
+            )
+        }
 
     @cached_property
     def val_images(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, 7919]).permutation(self.cache.val_rows)[:self.settings.val_images]
+        return np.random.default_rng([self.seed, 7919]).permutation(self.cache.val_rows)[
+            : self.settings.val_images
+        ]
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict()}
@@ -146,9 +189,15 @@ class DiffusionTrainer(trainer.Trainer[TrainDiffusionConfig, ImageCache]):
 
     def lineage(self, step: int) -> dict[str, Any]:
         meta = self.cache.meta
-        return {"trained_by": "deltaedit run train-diffusion", "step": step, "seed": self.seed,
-                "workers": self.world, "data": meta["fingerprint"], "counts": meta["counts"],
-                "settings": self.settings.model_dump(mode="json", exclude={"cache_dir", "threads"})}
+        return {
+            "trained_by": "deltaedit run train-diffusion",
+            "step": step,
+            "seed": self.seed,
+            "workers": self.world,
+            "data": meta["fingerprint"],
+            "counts": meta["counts"],
+            "settings": self.settings.model_dump(mode="json", exclude={"cache_dir", "threads"}),
+        }
 
 
-fit = DiffusionTrainer.fit     # fit(dc, seed, cache, out, *, rank, world, wrap, stop_at, device, log)
+fit = DiffusionTrainer.fit  # fit(dc, seed, cache, out, *, rank, world, wrap, stop_at, device, log)

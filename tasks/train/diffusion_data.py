@@ -7,6 +7,7 @@ Two pools, joined on key shard by shard (``tasks.train.row_cache``):
 Each row is ``[s (float32 × S) | pixels (uint8 × 3·H·W)]`` in one flat local file; the per-channel mean and
 std of s over the training rows (the U-Net standardises s with them) are computed in the same pass.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,21 +21,40 @@ from infra.storage.fsio import Location
 from infra.storage.readers import decode_rgb, encoded_image, iter_image_samples
 from infra.storage.tables import column_to_numpy, decode_metadata
 from tasks.layout import DIFFUSION_POOLS
-from tasks.train.row_cache import (FlatRows, ShardPair, SplitCache, is_validation, materialize, pairs_fingerprint,
-                             read_columns, shard_pairs)
+from tasks.train.row_cache import (
+    FlatRows,
+    ShardPair,
+    SplitCache,
+    is_validation,
+    materialize,
+    pairs_fingerprint,
+    read_columns,
+    shard_pairs,
+)
 
-POOLS = DIFFUSION_POOLS         # (images stage, codes stage) per pool
+POOLS = DIFFUSION_POOLS  # (images stage, codes stage) per pool
 ROWS, SPLIT, STATS = "rows.bin", "val.npy", "style_stats.npy"
 
 
-def build_image_cache(root: Location, cache_dir: str | Path, *, pools: Sequence[str] = tuple(DIFFUSION_POOLS),
-                      shards: Sequence[str] | None = None, val_fraction: float = 0.01) -> "ImageCache":
+def build_image_cache(
+    root: Location,
+    cache_dir: str | Path,
+    *,
+    pools: Sequence[str] = tuple(DIFFUSION_POOLS),
+    shards: Sequence[str] | None = None,
+    val_fraction: float = 0.01,
+) -> "ImageCache":
     """Join the pools' images and codes into a flat row file under ``cache_dir`` (reused if current)."""
     pairs = shard_pairs(root, pools, POOLS, shards)
     if not pairs:
-        raise FileNotFoundError(f"no finished images+codes shard pairs under {root.uri} (pools {list(pools)})")
-    folder = materialize(cache_dir, pairs_fingerprint(pairs, "diffusion", val_fraction),
-                         lambda tmp: _write_rows(pairs, tmp, val_fraction))
+        raise FileNotFoundError(
+            f"no finished images+codes shard pairs under {root.uri} (pools {list(pools)})"
+        )
+    folder = materialize(
+        cache_dir,
+        pairs_fingerprint(pairs, "diffusion", val_fraction),
+        lambda tmp: _write_rows(pairs, tmp, val_fraction),
+    )
     return ImageCache(folder)
 
 
@@ -51,11 +71,18 @@ def _shard_rows(images: Any, codes: Any, sid: str) -> tuple[list[str], np.ndarra
             s.append(s_all[pos[key]])
             pixels.append(decode_rgb(encoded_image(sample)).transpose(2, 0, 1))
     if not keys:
-        return [], np.zeros((0, s_all.shape[1]), np.float32), np.zeros((0, 3, 0, 0), np.uint8), table
+        return (
+            [],
+            np.zeros((0, s_all.shape[1]), np.float32),
+            np.zeros((0, 3, 0, 0), np.uint8),
+            table,
+        )
     shapes = {p.shape for p in pixels}
     if len(shapes) > 1:
-        raise ValueError(f"{images.stage}/{sid}: images of several sizes {sorted(shapes)}; the diffusion "
-                         "decoder trains on one size (set ingest.image_size)")
+        raise ValueError(
+            f"{images.stage}/{sid}: images of several sizes {sorted(shapes)}; the diffusion "
+            "decoder trains on one size (set ingest.image_size)"
+        )
     return keys, np.stack(s).astype(np.float32), np.stack(pixels), table
 
 
@@ -72,12 +99,19 @@ def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[
             if not keys:
                 continue
             if shape is None:
-                shape, layout = (s.shape[1], *pixels.shape[1:]), decode_metadata(table).get("layout")
+                shape, layout = (
+                    (s.shape[1], *pixels.shape[1:]),
+                    decode_metadata(table).get("layout"),
+                )
                 total, total_sq = np.zeros(s.shape[1]), np.zeros(s.shape[1])
             elif (s.shape[1], *pixels.shape[1:]) != shape:
-                raise ValueError(f"{images.stage}/{sid}: (style dim, image shape) "
-                                 f"{(s.shape[1], *pixels.shape[1:])} differs from {shape}")
-            rows = np.concatenate([s.view(np.uint8).reshape(len(keys), -1), pixels.reshape(len(keys), -1)], 1)
+                raise ValueError(
+                    f"{images.stage}/{sid}: (style dim, image shape) "
+                    f"{(s.shape[1], *pixels.shape[1:])} differs from {shape}"
+                )
+            rows = np.concatenate(
+                [s.view(np.uint8).reshape(len(keys), -1), pixels.reshape(len(keys), -1)], 1
+            )
             f.write(np.ascontiguousarray(rows).tobytes())
             held = np.asarray([is_validation(k, val_fraction) for k in keys])
             total += s[~held].sum(0, dtype=np.float64)
@@ -85,14 +119,22 @@ def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[
             val += held.tolist()
             counts[codes.stage] = counts.get(codes.stage, 0) + len(keys)
     if shape is None:
-        raise FileNotFoundError(f"no image has a style code in {[f'{a.stage}+{b.stage}' for a, b, _ in pairs]}")
+        raise FileNotFoundError(
+            f"no image has a style code in {[f'{a.stage}+{b.stage}' for a, b, _ in pairs]}"
+        )
     n_train = len(val) - int(sum(val))
     mean = total / max(n_train, 1)
-    std = np.sqrt(np.maximum(total_sq / max(n_train, 1) - mean ** 2, 0.0))
+    std = np.sqrt(np.maximum(total_sq / max(n_train, 1) - mean**2, 0.0))
     np.save(out / SPLIT, np.asarray(val, dtype=bool))
     np.save(out / STATS, np.stack([mean, std]).astype(np.float32))
-    return {"rows": len(val), "style_dim": shape[0], "image_shape": list(shape[1:]), "layout": layout,
-            "counts": counts, "validation": int(sum(val))}
+    return {
+        "rows": len(val),
+        "style_dim": shape[0],
+        "image_shape": list(shape[1:]),
+        "layout": layout,
+        "counts": counts,
+        "validation": int(sum(val)),
+    }
 
 
 class ImageCache(SplitCache):
@@ -101,7 +143,9 @@ class ImageCache(SplitCache):
     def __init__(self, folder: str | Path) -> None:
         super().__init__(folder, SPLIT)
         self.style_dim, self.image_shape = self.meta["style_dim"], tuple(self.meta["image_shape"])
-        self.rows = FlatRows(self.folder / ROWS, 4 * self.style_dim + int(np.prod(self.image_shape)))
+        self.rows = FlatRows(
+            self.folder / ROWS, 4 * self.style_dim + int(np.prod(self.image_shape))
+        )
 
     def style_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (mean, std) of s over the training rows."""
@@ -113,5 +157,8 @@ class ImageCache(SplitCache):
         raw = self.rows.fetch(rows)
         cut = 4 * self.style_dim
         s = torch.from_numpy(np.ascontiguousarray(raw[:, :cut]).view(np.float32))
-        x = torch.from_numpy(raw[:, cut:].reshape(len(rows), *self.image_shape)).float() / 127.5 - 1.0
+        x = (
+            torch.from_numpy(raw[:, cut:].reshape(len(rows), *self.image_shape)).float() / 127.5
+            - 1.0
+        )
         return s, x

@@ -7,6 +7,7 @@
 3. ``PairSampler``: primaries are an epoch permutation of the worker's slice of the training rows, each
    partner is uniform over the WHOLE training pool (as the official code); a pure function of the step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -22,33 +23,56 @@ from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from infra.storage.tables import column_to_numpy, decode_metadata
 from tasks.layout import MAPPER_POOLS
-from tasks.train.row_cache import (EpochSampler, FlatRows, ShardPair, SplitCache, is_validation, materialize,
-                             pairs_fingerprint, read_columns, shard_pairs)
+from tasks.train.row_cache import (
+    EpochSampler,
+    FlatRows,
+    ShardPair,
+    SplitCache,
+    is_validation,
+    materialize,
+    pairs_fingerprint,
+    read_columns,
+    shard_pairs,
+)
 
-POOLS = MAPPER_POOLS            # (codes stage, CLIP stage) per pool: inverted real images and generator samples
+POOLS = (
+    MAPPER_POOLS  # (codes stage, CLIP stage) per pool: inverted real images and generator samples
+)
 ROWS = "rows.f32"
 SPLIT = "val.npy"
 
 
-def build_row_cache(root: Location, cache_dir: str | Path, *, pools: Sequence[str] = tuple(MAPPER_POOLS),
-                    shards: Sequence[str] | None = None, val_fraction: float = 0.01) -> "RowCache":
+def build_row_cache(
+    root: Location,
+    cache_dir: str | Path,
+    *,
+    pools: Sequence[str] = tuple(MAPPER_POOLS),
+    shards: Sequence[str] | None = None,
+    val_fraction: float = 0.01,
+) -> "RowCache":
     """Join the pools' codes and CLIP shards into a flat row file under ``cache_dir`` (reused if current)."""
     pairs = shard_pairs(root, pools, POOLS, shards)
     if not pairs:
-        raise FileNotFoundError(f"no finished codes+CLIP shard pairs under {root.uri} (pools {list(pools)})")
-    folder = materialize(cache_dir, pairs_fingerprint(pairs, val_fraction),
-                         lambda tmp: _write_rows(pairs, tmp, val_fraction))
+        raise FileNotFoundError(
+            f"no finished codes+CLIP shard pairs under {root.uri} (pools {list(pools)})"
+        )
+    folder = materialize(
+        cache_dir,
+        pairs_fingerprint(pairs, val_fraction),
+        lambda tmp: _write_rows(pairs, tmp, val_fraction),
+    )
     return RowCache(folder)
 
 
 @dataclass
 class JoinedShard:
     """One shard pair's codes and CLIP embeddings, joined on key (rows in the codes shard's order)."""
+
     codes: StageStore
     shard_id: str
     keys: list[str]
-    s: np.ndarray           # (n, S) conv styles
-    embedding: np.ndarray   # (n, D) CLIP image embeddings
+    s: np.ndarray  # (n, S) conv styles
+    embedding: np.ndarray  # (n, D) CLIP image embeddings
     layout: dict[str, Any] | None
 
 
@@ -67,7 +91,9 @@ def joined_shards(pairs: Sequence[ShardPair]) -> Iterator[JoinedShard]:
         if dims is None:
             dims = (s.shape[1], e.shape[1])
         elif dims != (s.shape[1], e.shape[1]):
-            raise ValueError(f"{codes.stage}/{sid}: widths {(s.shape[1], e.shape[1])} differ from {dims}")
+            raise ValueError(
+                f"{codes.stage}/{sid}: widths {(s.shape[1], e.shape[1])} differ from {dims}"
+            )
         yield JoinedShard(codes, sid, keys, s, e, decode_metadata(s_tab).get("layout"))
 
 
@@ -86,8 +112,14 @@ def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[
             val += [is_validation(k, val_fraction) for k in keys]
             counts[codes.stage] = counts.get(codes.stage, 0) + len(keys)
     np.save(out / SPLIT, np.asarray(val, dtype=bool))
-    return {"rows": len(val), "style_dim": dims[0], "clip_dim": dims[1], "layout": layout,
-            "counts": counts, "validation": int(sum(val))}
+    return {
+        "rows": len(val),
+        "style_dim": dims[0],
+        "clip_dim": dims[1],
+        "layout": layout,
+        "counts": counts,
+        "validation": int(sum(val)),
+    }
 
 
 class RowCache(SplitCache):
@@ -105,7 +137,7 @@ class RowCache(SplitCache):
     def fetch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(s (B, S), embedding (B, D)) of the given row numbers."""
         t = torch.from_numpy(self.rows.fetch(rows).view(np.float32))
-        return t[:, :self.style_dim], t[:, self.style_dim:]
+        return t[:, : self.style_dim], t[:, self.style_dim :]
 
 
 @dataclass
@@ -113,18 +145,22 @@ class PairSampler(EpochSampler):
     """(primary, partner) row numbers for any step: partners are uniform over the whole training pool
     (as the official code), except a ``local_fraction`` of them drawn from the primary's ``neighbours``."""
 
-    neighbours: np.ndarray | None = None   # (N_train, k) positions in train_rows of each row's nearest
+    neighbours: np.ndarray | None = (
+        None  # (N_train, k) positions in train_rows of each row's nearest
+    )
     local_fraction: float = 0.0
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:   # type: ignore[override]
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
         primary = self.primaries(step)
         epoch, pos = divmod(step, self.steps_per_epoch)
         rng = np.random.default_rng([self.seed, self.rank, epoch, pos, 1])
         partner = self.train_rows[rng.integers(0, len(self.train_rows), self.batch_size)]
         if self.neighbours is None or not self.local_fraction:
             return primary, partner
-        at = np.searchsorted(self.train_rows, primary)                 # train_rows is sorted
-        local = self.train_rows[self.neighbours[at, rng.integers(0, self.neighbours.shape[1], len(at))]]
+        at = np.searchsorted(self.train_rows, primary)  # train_rows is sorted
+        local = self.train_rows[
+            self.neighbours[at, rng.integers(0, self.neighbours.shape[1], len(at))]
+        ]
         return primary, np.where(rng.random(len(at)) < self.local_fraction, local, partner)
 
 
@@ -137,12 +173,17 @@ def nearest_rows(cache: RowCache, k: int, chunk: int = 4096) -> np.ndarray:
     rows = cache.train_rows
     if len(rows) <= k:
         raise ValueError(f"{len(rows)} training rows: too few for {k} neighbours each")
-    emb = torch.cat([F.normalize(cache.fetch(rows[i:i + chunk])[1], dim=1) for i in range(0, len(rows), chunk)])
+    emb = torch.cat(
+        [
+            F.normalize(cache.fetch(rows[i : i + chunk])[1], dim=1)
+            for i in range(0, len(rows), chunk)
+        ]
+    )
     out = np.empty((len(rows), k), dtype=np.int64)
     for start in range(0, len(rows), chunk):
-        sim = emb[start:start + chunk] @ emb.T
-        sim[torch.arange(len(sim)), torch.arange(start, start + len(sim))] = -2.0    # not itself
-        out[start:start + len(sim)] = sim.topk(k, dim=1).indices.numpy()
+        sim = emb[start : start + chunk] @ emb.T
+        sim[torch.arange(len(sim)), torch.arange(start, start + len(sim))] = -2.0  # not itself
+        out[start : start + len(sim)] = sim.topk(k, dim=1).indices.numpy()
     return out
 
 

@@ -15,6 +15,7 @@ joins its stores once, shard by shard, into ONE flat local file of fixed-width b
 
 The validation split is by key hash (deterministic, independent of sharding and order).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -43,7 +44,7 @@ ShardPair = tuple[StageStore, StageStore, str]
 def is_validation(key: str, fraction: float) -> bool:
     """Deterministic split: the key's hash as a number in [0, 1) below ``fraction``."""
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return h / 2.0 ** 64 < fraction
+    return h / 2.0**64 < fraction
 
 
 def read_columns(store: StageStore, shard_id: str, columns: list[str]) -> Any:
@@ -52,8 +53,12 @@ def read_columns(store: StageStore, shard_id: str, columns: list[str]) -> Any:
         return pq.read_table(f, columns=columns)
 
 
-def shard_pairs(root: Location, pools: Sequence[str], stages: dict[str, tuple[str, str]],
-                shards: Sequence[str] | None = None) -> list[ShardPair]:
+def shard_pairs(
+    root: Location,
+    pools: Sequence[str],
+    stages: dict[str, tuple[str, str]],
+    shards: Sequence[str] | None = None,
+) -> list[ShardPair]:
     """The shards finished in both stages of each pool (``stages[pool]``), optionally only ``shards``."""
     pairs = []
     for pool in pools:
@@ -67,14 +72,24 @@ def pairs_fingerprint(pairs: list[ShardPair], *extra: Any) -> str:
     """Changes when any source shard is rewritten (its marker changes) or when ``extra`` does."""
     parts: list[Any] = list(extra)
     for a, b, sid in pairs:
-        for store in {s.stage: s for s in (a, b)}.values():     # a pool may be one stage
+        for store in {s.stage: s for s in (a, b)}.values():  # a pool may be one stage
             m = store.marker(sid) or {}
-            parts.append([store.stage, sid, m.get("counts"), m.get("input_fingerprint"),
-                          m.get("code_fingerprint"), m.get("finished_at")])
+            parts.append(
+                [
+                    store.stage,
+                    sid,
+                    m.get("counts"),
+                    m.get("input_fingerprint"),
+                    m.get("code_fingerprint"),
+                    m.get("finished_at"),
+                ]
+            )
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def materialize(cache_dir: str | Path, fingerprint: str, write: Callable[[Path], dict[str, Any]]) -> Path:
+def materialize(
+    cache_dir: str | Path, fingerprint: str, write: Callable[[Path], dict[str, Any]]
+) -> Path:
     """Reuse ``cache_dir`` if its meta records ``fingerprint``; else ``write(tmp_folder) → meta``, then rename."""
     cache_dir = Path(cache_dir)
     meta_file = cache_dir / META
@@ -111,8 +126,9 @@ def publish(folder: str | Path, target: Location) -> None:
     target.write_bytes(META, meta)
 
 
-def localize(uri: str, storage_options: dict[str, Any] | None = None,
-             scratch: str | Path | None = None) -> Path:
+def localize(
+    uri: str, storage_options: dict[str, Any] | None = None, scratch: str | Path | None = None
+) -> Path:
     """A local folder with the cache at ``uri``: the path itself when it is local (or shared),
     else a copy under ``scratch`` (the temp dir), downloaded again only when the fingerprint
     changed. Workers of one node share the copy (a lock file serialises them)."""
@@ -171,18 +187,18 @@ class FlatRows:
 
     def __init__(self, path: str | Path, row_bytes: int) -> None:
         self.path, self.row_bytes = Path(path), row_bytes
-        self.rows_read = 0                                             # for tests: rows fetched so far
-        self._fd: int | None = os.open(self.path, os.O_RDONLY)         # preadv is thread-safe
+        self.rows_read = 0  # for tests: rows fetched so far
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)  # preadv is thread-safe
 
     def fetch(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), row_bytes) uint8 array of the given row numbers, read one row at a time."""
-        if self._fd is None:                                           # unpickled in another process
+        if self._fd is None:  # unpickled in another process
             self._fd = os.open(self.path, os.O_RDONLY)
         n = self.row_bytes
         out = np.empty((len(rows), n), dtype=np.uint8)
         view = memoryview(out).cast("B")
         for i, r in enumerate(rows):
-            if os.preadv(self._fd, [view[i * n:(i + 1) * n]], int(r) * n) != n:
+            if os.preadv(self._fd, [view[i * n : (i + 1) * n]], int(r) * n) != n:
                 raise IOError(f"{self.path}: short read at row {r}")
         self.rows_read += len(rows)
         return out
@@ -195,7 +211,7 @@ class FlatRows:
     def __del__(self) -> None:
         self.close()
 
-    def __getstate__(self) -> dict[str, Any]:          # picklable for Ray workers: reopen there
+    def __getstate__(self) -> dict[str, Any]:  # picklable for Ray workers: reopen there
         return {**self.__dict__, "_fd": None}
 
 
@@ -206,17 +222,20 @@ class EpochSampler:
     Each worker (``rank`` of ``world``) owns a slice of the training rows and walks a fresh permutation
     of it every epoch.
     """
-    train_rows: np.ndarray     # (N_train,) rows of the cache usable for training
+
+    train_rows: np.ndarray  # (N_train,) rows of the cache usable for training
     batch_size: int
     seed: int
     rank: int = 0
     world: int = 1
 
     def __post_init__(self) -> None:
-        self.mine = self.train_rows[self.rank::self.world]
+        self.mine = self.train_rows[self.rank :: self.world]
         if len(self.mine) < self.batch_size:
-            raise ValueError(f"{len(self.mine)} training rows for worker {self.rank}, fewer than one batch "
-                             f"of {self.batch_size}")
+            raise ValueError(
+                f"{len(self.mine)} training rows for worker {self.rank}, fewer than one batch "
+                f"of {self.batch_size}"
+            )
         self.steps_per_epoch = len(self.mine) // self.batch_size
         self._epoch, self._perm = -1, self.mine
 
@@ -225,7 +244,7 @@ class EpochSampler:
         if epoch != self._epoch:
             self._epoch = epoch
             self._perm = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.mine)
-        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
 
     def batch(self, step: int) -> np.ndarray:
         return self.primaries(step)
