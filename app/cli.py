@@ -34,6 +34,7 @@ EPILOG = """examples:
   deltaedit toy render 1000 --out runs/toy/catalog
   deltaedit zoo list
   deltaedit relevance compare --config configs/toy.yaml relevance.n_images=16
+  deltaedit relevance import fs3.npy --config configs/ffhq.yaml
   deltaedit analyze deltaspace --images i.npy --texts t.npy --out runs/deltaspace
   deltaedit analyze edits -c configs/toy.yaml --images 32
   deltaedit demo
@@ -122,14 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rel = sub.add_parser(
         "relevance",
-        help="check the fast relevance matrix against the exact one",
+        help="check the fast relevance matrix against the exact one, or import a published one",
         description="`relevance compare`: compute Rs rows both ways (StyleCLIP's exact "
         "definition and the fast Jacobian) on a subset of channels, in this "
         "process, and print the mean row cosine, the top-k channel overlap per "
         "prompt and the speed ratio. Compute the whole matrix with "
-        "`deltaedit run relevance`.",
+        "`deltaedit run relevance`. "
+        "`relevance import FILE`: StyleCLIP's published fs3.npy (one row per conv-style channel "
+        "of the generator, in layer order: 6048 x 512 for FFHQ 1024) as the run's relevance_imported "
+        "blocks, checked against the run's generator and CLIP (default FILE: relevance.source); "
+        "bulk-edit reads it with relevance.mode: imported.",
     )
-    rel.add_argument("action", choices=["compare"])
+    rel.add_argument("action", choices=["compare", "import"])
     rel.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
     rel.add_argument("overrides", nargs="*", metavar="key.path=value")
     rel.add_argument(
@@ -272,9 +277,25 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     from flows.relevance import (  # deferred: loaded only by the command that needs it
         compare_relevance,
         format_comparison,
+        import_relevance,
     )
 
-    cfg = load_config(args.config, args.overrides)
+    files = [a for a in args.overrides if "=" not in a]
+    cfg = load_config(args.config, [a for a in args.overrides if "=" in a])
+    if args.action == "import":
+        if len(files) > 1:
+            raise ConfigError(f"relevance import takes one file, got {files}")
+        result = import_relevance(cfg, files[0] if files else None, args.config)
+        print(
+            json.dumps(result, indent=1)
+            if args.json
+            else f"imported {result['source']}: {result['rows']} x {result['embed_dim']} into "
+            f"{result['uri']} ({result['ran']} blocks written, {result['skipped']} already there); "
+            f"bulk-edit reads it with relevance.mode=imported"
+        )
+        return 0
+    if files:
+        raise ConfigError(f"relevance compare: expected key.path=value overrides, got {files}")
     result = compare_relevance(cfg, args.channels, args.top_k, args.prompt)
     print(json.dumps(result, indent=1) if args.json else format_comparison(result))
     return 0

@@ -4,7 +4,9 @@
 
 Each block of ``relevance.block_size`` channels is a shard with a done-marker, run on the Ray actor pool
 through per-shard Prefect tasks, so a crashed run resumes block by block. ``load_relevance`` assembles
-the matrix; ``compare_relevance`` (``deltaedit relevance compare``) checks the fast mode against exact.
+the matrix; ``compare_relevance`` (``deltaedit relevance compare``) checks the fast mode against exact;
+``import_relevance`` (``deltaedit relevance import fs3.npy``) writes a published matrix as the blocks of
+``relevance_imported`` instead of computing one.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from flows.common import flow_config, worker_pool
 from infra.config import ConfigError, RunConfig
 from infra.runtime.orchestrate import run_stage
 from infra.runtime.shards import ShardSpec, plan_shards, select
+from infra.runtime.stage import execute_shard
+from infra.storage.fsio import Location
+from infra.storage.store import StageStore
 from models import zoo
 from models.device import pick_device
+from models.errors import CheckpointError
 from models.relevance import compare_rows, freeze, style_statistics, subset_channels
 from tasks.relevance import RelevanceBuilder, channel_items
 
@@ -35,6 +41,11 @@ def relevance_flow(
     """Compute the missing blocks of Rₛ (``relevance.mode``); finished blocks are skipped."""
     cfg = flow_config(config_path, overrides)
     _require_models(cfg, config_path)
+    if cfg.relevance.mode == "imported" and not cfg.relevance.source:
+        raise ConfigError(
+            f"{config_path or '<defaults>'}: relevance.mode imported needs relevance.source "
+            "(StyleCLIP's fs3.npy); or run `deltaedit relevance import FILE`"
+        )
     builder = RelevanceBuilder.from_config(cfg)
     specs = select(relevance_shards(cfg), shards)
     with worker_pool(cfg) as pool:
@@ -49,6 +60,50 @@ def relevance_shards(cfg: RunConfig) -> list[ShardSpec]:
     """Blocks of channels of the generator's conv layout (its checkpoint is read on the driver)."""
     gen = zoo.build(cfg.models.generator, device="cpu", storage_options=cfg.storage_options)
     return plan_shards(channel_items(gen.layout.conv_total), cfg.relevance.block_size)
+
+
+def import_relevance(
+    cfg: RunConfig, source: str | None = None, where: str | None = None
+) -> dict[str, Any]:
+    """A published Rₛ (StyleCLIP's fs3.npy: one row per conv-style channel in layer order) as this run's
+    ``relevance_imported`` blocks, so bulk-edit with ``relevance.mode: imported`` reads it instead of a
+    computed matrix. ``source`` (default: ``relevance.source``) is checked against the run's generator
+    layout and CLIP dimension, and its rows normalised as StyleCLIP's GetFs does (models/relevance.py).
+
+    Runs in this process (reading a file needs no actor pool) through the stage's own shard writer: the
+    blocks, done-markers and fingerprint (the file's sha256, G and CLIP) are those ``deltaedit run
+    relevance`` writes with ``relevance.mode: imported``, so importing the same file again skips every
+    block and another file replaces them.
+    """
+    where = where or "<defaults>"
+    source = source or cfg.relevance.source
+    if not source:
+        raise ConfigError(
+            f"{where}: relevance import needs a file: `deltaedit relevance import fs3.npy` "
+            "or relevance.source"
+        )
+    _require_models(cfg, where)
+    r = cfg.relevance.model_copy(update={"mode": "imported", "source": source})
+    cfg = cfg.model_copy(update={"relevance": r})
+    builder = RelevanceBuilder.from_config(cfg)
+    try:
+        processor = builder.build()
+    except CheckpointError as exc:
+        raise ConfigError(f"{where}: relevance import: {exc}") from None
+    store = StageStore(Location(cfg.root, cfg.storage_options), builder.stage)
+    n = processor.generator.layout.conv_total
+    fingerprint, outcomes = builder.fingerprint(), {"ran": 0, "skipped": 0}
+    for spec in plan_shards(channel_items(n), r.block_size):
+        report = execute_shard(processor, spec, store, fingerprint)
+        outcomes["ran" if report.outcome == "ran" else "skipped"] += 1
+    return {
+        "stage": builder.stage,
+        "uri": store.loc.uri,
+        "source": source,
+        "rows": n,
+        "embed_dim": processor.clip.embed_dim,
+        **outcomes,
+    }
 
 
 def compare_relevance(

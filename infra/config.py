@@ -168,11 +168,13 @@ class TrainDiffusionConfig(Strict):
 class RelevanceConfig(Strict):
     """Rₛ (StyleCLIP's fs3) for the run's generator and CLIP; stage `relevance_<mode>`, sharded by channel blocks."""
 
-    mode: Literal["exact", "fast", "covariance"] = (
+    mode: Literal["exact", "fast", "covariance", "imported"] = (
         "exact"  # exact: StyleCLIP's ±kσ renders; fast: Jacobian,
     )
     # check it first with `deltaedit relevance compare`; covariance:
-    # from the run's samples (tasks/relevance_covariance.py)
+    # from the run's samples (tasks/relevance_covariance.py); imported:
+    # a published fs3.npy (`deltaedit relevance import`, from `source`)
+    source: str | None = None  # imported: StyleCLIP's fs3.npy (a path or URI)
     pools: list[Literal["codes", "samples"]] = [
         "samples"
     ]  # covariance: the codes + CLIP stores it reads

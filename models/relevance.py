@@ -26,6 +26,8 @@ batch's Jacobians are differentiated (k backward passes instead of D) and J ≈ 
 
 from __future__ import annotations
 
+import io
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.checkpoint import read_bytes
+from models.errors import CheckpointError
 from models.stylegan2 import StyleCode
 
 _STATS_STREAM, _IMAGES_STREAM = 101, 202  # seed tags: statistics codes vs base images
@@ -258,3 +262,73 @@ def compare_rows(
         "seconds_fast_all": round(t_fast, 3),
         "speed_ratio": exact_all / t_fast,
     }
+
+
+# StyleCLIP's published Rₛ, as read in orpatashnik/StyleCLIP (global_directions/MapTS.py: GetFs and SplitS;
+# global_torch/StyleCLIP.py: np.load of the published fs3.npy, used as is with SplitS). GetFs loads
+# single_channel.npy (channels × images × 2 × D:
+# the unit CLIP embeddings of the −kσ and +kσ renders), normalises each embedding, takes their difference
+# (+kσ minus −kσ) and normalises it, averages over the images, and normalises each row again:
+#     fs3 = mean_i normalise(e₊ − e₋);  fs3 = fs3 / ||fs3||  (per row)
+# so the published fs3.npy has unit rows. Its rows follow the generator's style layers minus the toRGB ones
+# (its ``M.mindexs``; SplitS walks ``M.s_names`` skipping names with "RGB"), in synthesis order: the 4×4
+# conv, then per resolution Conv0_up (as many channels as its input) and Conv1. That is rosinality's
+# conv1, convs.0, convs.1, … (StyleLayout.conv), 6048 × 512 for FFHQ 1024 and CLIP ViT-B/32.
+FS3_FFHQ_1024 = (6048, 512)
+
+
+def published_rows(matrix: Any, layout: Any, embed_dim: int, source: str) -> Tensor:
+    """A published Rₛ in StyleCLIP's fs3 layout as (C, D) float32 rows, checked against the run's
+    generator ``layout`` (a StyleLayout) and CLIP ``embed_dim``, each row normalised to unit length.
+
+    Normalising is GetFs' last step: a no-op on StyleCLIP's own file, and it makes any other matrix follow
+    the same definition (a zero row stays zero, where GetFs would give NaN). Raises CheckpointError naming
+    both counts when the file does not fit the run (another resolution, toRGB rows included, another CLIP).
+    """
+    rows = torch.as_tensor(matrix)
+    if rows.ndim != 2:
+        raise CheckpointError(
+            f"{source}: expected a 2-d matrix (channels × CLIP dim) as StyleCLIP's fs3.npy, "
+            f"got shape {tuple(rows.shape)}"
+        )
+    n, dim = rows.shape
+    if n != layout.conv_total:
+        hint = ""
+        if n == layout.conv_total + layout.rgb_total:
+            hint = "; it has a row per toRGB channel too, fs3 has conv channels only"
+        elif n == FS3_FFHQ_1024[0]:
+            hint = "; that is StyleCLIP's FFHQ 1024 file, for a 1024 px generator"
+        elif n in (prefix := list(itertools.accumulate(c.channels for c in layout.conv))):
+            hint = (  # StyleCLIP's SingleChannel script stops at 11 of FFHQ 1024's 17 conv layers
+                f"; that is the first {prefix.index(n) + 1} of the {len(layout.conv)} conv layers "
+                "only, DeltaEdit needs them all"
+            )
+        raise CheckpointError(
+            f"{source} has {n} rows, but the run's generator has {layout.conv_total} conv-style "
+            f"channels ({len(layout.conv)} conv layers of "
+            f"{', '.join(str(c.channels) for c in layout.conv)} channels, in that order){hint}; "
+            "fs3.npy needs one row per conv-style channel in layer order"
+        )
+    if dim != embed_dim:
+        raise CheckpointError(
+            f"{source} has {dim} columns, but the run's CLIP embeds in {embed_dim} dimensions "
+            f"(StyleCLIP's file is for ViT-B/32: {FS3_FFHQ_1024[1]})"
+        )
+    rows = rows.double()
+    bad = (~torch.isfinite(rows).all(1)).nonzero().flatten()
+    if len(bad):
+        raise CheckpointError(
+            f"{source}: {len(bad)} rows are not finite (first channels {bad[:5].tolist()})"
+        )
+    return F.normalize(rows, dim=1).float()
+
+
+def read_published(uri: str, **storage_options: Any) -> Any:
+    """The array of a ``.npy`` file (path or URI) such as StyleCLIP's fs3.npy; pickled objects refused."""
+    import numpy as np
+
+    data = read_bytes(uri, **storage_options)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{uri}: not a .npy array ({exc})") from exc

@@ -11,8 +11,11 @@ The stage is sharded by *blocks of channels*: items are channels (key ``ch000042
 ``channel:42``), one vector ``direction`` (D,) per channel, so a crashed run resumes per block. Every
 worker recomputes the statistics (per-channel mean/std over ``n_stat_samples`` codes, ``n_images`` base
 codes) from the run seed: cheap, deterministic, and no arrays travel between processes.
-Modes: ``exact`` (the definition above, many renders per forward), ``fast`` (models/relevance.py) and
-``covariance`` (from the run's samples, no rendering: tasks.relevance_covariance).
+Modes: ``exact`` (the definition above, many renders per forward), ``fast`` (models/relevance.py),
+``covariance`` (from the run's samples, no rendering: tasks.relevance_covariance) and ``imported``
+(a published matrix in StyleCLIP's fs3 layout, ``relevance.source``, checked against the run's generator
+and CLIP: ``deltaedit relevance import fs3.npy``; written as the same blocks, with the file's sha256 in
+the fingerprint and its URI in the metadata).
 """
 
 from __future__ import annotations
@@ -34,20 +37,30 @@ from infra.storage.store import StageStore
 from infra.storage.tables import decode_metadata
 from models import zoo
 from models.device import DeviceChoice
-from models.relevance import StyleStats, exact_rows, fast_rows, freeze, style_statistics
+from models.relevance import (
+    StyleStats,
+    exact_rows,
+    fast_rows,
+    freeze,
+    published_rows,
+    read_published,
+    style_statistics,
+)
 from models.zoo import ModelSpec
 from tasks.actor import ActorModels
 from tasks.layout import SAMPLES, relevance_stage
 from tasks.relevance_covariance import covariance_pairs, covariance_rows
 from tasks.train.row_cache import pairs_fingerprint
 
-Mode = Literal["exact", "fast", "covariance"]
+Mode = Literal["exact", "fast", "covariance", "imported"]
 COLUMN = "direction"
 DEFINITIONS = {
     "exact": "StyleCLIP fs3: normalise(mean_i normalise(e(m+kσ) - e(m-kσ)))",
     "fast": "fs3 by its derivative: normalise(mean_i normalise(∂e/∂s_c)) (models/relevance.py)",
     "covariance": "normalise(Σ_n (s_nc - mean s_c)(i_n - mean i)) over the pools' samples "
     "(tasks/relevance_covariance.py)",
+    "imported": "a published fs3 (StyleCLIP's GetFs: normalise(mean_i normalise(e(m+kσ) - e(m-kσ)))), "
+    "rows renormalised to unit length (models/relevance.published_rows)",
 }
 
 
@@ -64,13 +77,14 @@ def channel_of(item: Item) -> int:
 class RelevanceProcessor:
     generator: Any  # models.stylegan2.Generator
     clip: Any  # models.clip.ClipEncoder
-    stats: StyleStats | None  # None in covariance mode (it renders nothing)
+    stats: StyleStats | None  # None in covariance and imported modes (they render nothing)
     mode: Mode
     sigma_scale: float
     batch_size: int
     jacobian_batch: int = 8
     fast_rank: int = 0
     pairs: Sequence[Any] = ()  # covariance: the (codes, CLIP) shard pairs it reads
+    published: Tensor | None = None  # imported: the whole matrix, read and checked by the builder
     output_metadata: dict[str, Any] = field(default_factory=dict)
     _all_rows: Tensor | None = None  # fast / covariance: the whole matrix, computed once per worker
 
@@ -85,6 +99,10 @@ class RelevanceProcessor:
         return self._all_rows[torch.as_tensor(list(channels), dtype=torch.long)]
 
     def _whole_matrix(self) -> Tensor:
+        if self.mode == "imported":
+            if self.published is None:
+                raise ValueError("imported relevance: the builder gives the matrix (published)")
+            return self.published
         if self.mode == "covariance":
             return covariance_rows(self.pairs)
         return fast_rows(self.generator, self.clip, self.stats, self.jacobian_batch, self.fast_rank)
@@ -120,6 +138,7 @@ class RelevanceBuilder:
     fast_rank: int = 0  # fast: 0 = full Jacobian, k = k leading CLIP directions (after batch 1)
     root: str | None = None  # covariance: the run whose pools it reads
     pools: tuple[str, ...] = (SAMPLES,)
+    source: str | None = None  # imported: the published matrix (path or URI of an fs3.npy)
     seed: int = 0
     device: DeviceChoice = "auto"
     cpus: float = 1.0
@@ -140,6 +159,7 @@ class RelevanceBuilder:
             fast_rank=r.fast_rank,
             root=cfg.root,
             pools=tuple(r.pools),
+            source=r.source,
             seed=cfg.seed,
             device=cfg.device,
             cpus=cfg.ray.cpus_per_actor,
@@ -151,6 +171,13 @@ class RelevanceBuilder:
 
     def settings(self) -> dict[str, Any]:
         """What determines the numbers (not how fast they come): part of the fingerprint and metadata."""
+        if self.mode == "imported":  # the file's content (not its path), checked against G and CLIP
+            return {
+                "mode": self.mode,
+                "source_sha256": zoo.sha256_of(self._source(), **self.storage_options),
+                "generator": zoo.identity(self.generator, self.storage_options),
+                "clip": zoo.identity(self.clip, self.storage_options),
+            }
         return {
             "mode": self.mode,
             "n_images": self.n_images,
@@ -162,6 +189,14 @@ class RelevanceBuilder:
             "generator": zoo.identity(self.generator, self.storage_options),
             "clip": zoo.identity(self.clip, self.storage_options),
         }
+
+    def _source(self) -> str:
+        if not self.source:
+            raise ValueError(
+                "imported relevance needs relevance.source (an fs3.npy path or URI); "
+                "see `deltaedit relevance import`"
+            )
+        return self.source
 
     def _pairs(self) -> list[Any]:
         if self.root is None:
@@ -176,12 +211,17 @@ class RelevanceBuilder:
         models = ActorModels.start(self)
         gen, clip = models.load(self.generator), models.load(self.clip)
         freeze(gen, clip.model)
-        covariance = self.mode == "covariance"
+        covariance, imported = self.mode == "covariance", self.mode == "imported"
         stats = (
             None
-            if covariance
+            if covariance or imported
             else style_statistics(gen, self.n_stat_samples, self.n_images, self.seed)
         )
+        published = None
+        if imported:
+            source = self._source()
+            matrix = read_published(source, **self.storage_options)
+            published = published_rows(matrix, gen.layout, clip.embed_dim, source)
         meta = {
             **self.settings(),
             "clip_model": clip.describe(),
@@ -193,6 +233,7 @@ class RelevanceBuilder:
             "noise_mode": "const",
             "std": "population",
             "definition": DEFINITIONS[self.mode],
+            **({"source": self.source} if imported else {}),
         }
         return RelevanceProcessor(
             gen,
@@ -204,6 +245,7 @@ class RelevanceBuilder:
             self.jacobian_batch,
             self.fast_rank,
             self._pairs() if covariance else (),
+            published,
             meta,
         )
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,3 +216,98 @@ def test_flow_resumes_by_block_and_matches_one_process(tmp_path, zoo_overrides):
     reference = RelevanceBuilder.from_config(load_config(None, overrides)).build().rows(range(n))
     assert matrix.shape == reference.shape and torch.allclose(matrix, reference, atol=1e-5)
     assert torch.allclose(F.normalize(matrix, dim=1), matrix, atol=1e-5)
+
+
+# --- importing StyleCLIP's published matrix ------------------------------------------------------------
+
+
+def _published(
+    path: Path, rows: int, dim: int = 32, scale: float = 1.0, seed: int = 0
+) -> np.ndarray:
+    """An fs3.npy for the tiny generator: unit rows as StyleCLIP's GetFs leaves them (× ``scale``)."""
+    fs3 = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
+    fs3 /= np.linalg.norm(fs3, axis=1, keepdims=True)
+    np.save(path, fs3 * scale)
+    return fs3
+
+
+def test_an_imported_matrix_round_trips_where_bulk_edit_reads_it(tmp_path, zoo_overrides):
+    from flows.relevance import import_relevance
+    from infra.storage.readers import read_vectors
+    from infra.storage.tables import decode_metadata
+    from tasks.layout import relevance_stage
+
+    layout = Generator(**TINY_G).layout
+    fs3 = _published(tmp_path / "fs3.npy", layout.conv_total)
+    run = tmp_path / "run"
+    overrides = zoo_overrides + [
+        f"root={run}",
+        "device=cpu",
+        "relevance.block_size=128",
+        "relevance.mode=imported",  # what bulk-edit's config says, so it reads relevance_imported
+    ]
+    cfg = load_config(None, overrides)
+    result = import_relevance(cfg, str(tmp_path / "fs3.npy"))
+    assert result["stage"] == relevance_stage(cfg.relevance.mode) == "relevance_imported"
+    assert (result["rows"], result["embed_dim"], result["ran"], result["skipped"]) == (
+        304,
+        32,
+        3,
+        0,
+    )
+    matrix = load_relevance(str(run), "relevance_imported")
+    assert matrix.shape == fs3.shape and torch.allclose(matrix, torch.from_numpy(fs3), atol=1e-6)
+    store = StageStore(Location(str(run)), "relevance_imported")
+    meta = decode_metadata(read_vectors(store))
+    assert meta["source"] == str(tmp_path / "fs3.npy") and meta["mode"] == "imported"
+    assert store.manifest("00000").to_pylist()[0]["layer"] == "conv1"
+    # the same file again: every block is done; the fingerprint follows the file's content
+    again = import_relevance(
+        load_config(None, overrides + [f"relevance.source={tmp_path}/fs3.npy"])
+    )
+    assert (again["ran"], again["skipped"]) == (0, 3)
+    # rows not of unit length are normalised as GetFs does, and another file replaces the blocks
+    _published(tmp_path / "scaled.npy", layout.conv_total, scale=3.0)
+    assert import_relevance(cfg, str(tmp_path / "scaled.npy"))["ran"] == 3
+    assert torch.allclose(
+        load_relevance(str(run), "relevance_imported"), torch.from_numpy(fs3), atol=1e-6
+    )
+
+
+def test_a_file_that_does_not_fit_the_run_names_both_counts(tmp_path, zoo_overrides):
+    from flows.relevance import import_relevance
+    from infra.config import ConfigError
+
+    layout = Generator(**TINY_G).layout
+    cfg = load_config(None, zoo_overrides + [f"root={tmp_path / 'run'}", "device=cpu"])
+    _published(tmp_path / "with_rgb.npy", layout.conv_total + layout.rgb_total)
+    with pytest.raises(ConfigError, match=r"has 464 rows, but .* 304 conv-style channels.*toRGB"):
+        import_relevance(cfg, str(tmp_path / "with_rgb.npy"))
+    _published(tmp_path / "ffhq.npy", 6048, dim=512)
+    with pytest.raises(ConfigError, match=r"6048 rows, but .* 304 .*FFHQ 1024"):
+        import_relevance(cfg, str(tmp_path / "ffhq.npy"))
+    _published(tmp_path / "other_clip.npy", layout.conv_total, dim=512)
+    with pytest.raises(ConfigError, match="512 columns, but the run's CLIP embeds in 32"):
+        import_relevance(cfg, str(tmp_path / "other_clip.npy"))
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    with pytest.raises(ConfigError, match="not a .npy array"):
+        import_relevance(cfg, str(tmp_path / "junk.npy"))
+    with pytest.raises(ConfigError, match="needs a file"):
+        import_relevance(cfg)
+    assert not (tmp_path / "run" / "relevance_imported").exists()
+
+
+def test_cli_imports_a_published_matrix(tmp_path, zoo_overrides):
+    _published(tmp_path / "fs3.npy", Generator(**TINY_G).layout.conv_total)
+    cli = str(Path(sys.executable).with_name("deltaedit"))
+    args = [cli, "relevance", "import", str(tmp_path / "fs3.npy"), *zoo_overrides]
+    out = subprocess.run(
+        [*args, f"root={tmp_path / 'run'}", "device=cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "304 x 32" in out.stdout and "relevance.mode=imported" in out.stdout
+    assert load_relevance(str(tmp_path / "run"), "relevance_imported").shape == (304, 32)
