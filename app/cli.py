@@ -31,6 +31,7 @@ EPILOG = """examples:
   deltaedit run ingest --config configs/toy.yaml --redo-failed
   deltaedit config show configs/toy.yaml ray.actors=4
   deltaedit store ls runs/toy
+  deltaedit store prune runs/toy --dry-run
   deltaedit toy render 1000 --out runs/toy/catalog
   deltaedit zoo list
   deltaedit relevance compare --config configs/toy.yaml relevance.n_images=16
@@ -92,10 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     store = sub.add_parser(
         "store",
         help="inspect a run's stores",
-        description="List the stages of a run root and their finished shards.",
+        description="`store ls`: the stages of a run root, their current finished shards and sample "
+        "counts, and their stale shards (outputs of inputs no longer planned: removed from the "
+        "catalog, or upstream shards no longer current; never read by later stages). "
+        "`store prune`: delete the stale shards (--dry-run: only list them).",
     )
-    store.add_argument("action", choices=["ls"])
+    store.add_argument("action", choices=["ls", "prune"])
     store.add_argument("root", help="run root (local path or URI such as s3://bucket/run)")
+    store.add_argument(
+        "--dry-run", action="store_true", help="prune: list what would be deleted, delete nothing"
+    )
 
     zoo = sub.add_parser(
         "zoo",
@@ -237,15 +244,37 @@ def cmd_store(args: argparse.Namespace) -> int:
     others = []
     for stage in root.listdir():
         store = StageStore(root, stage)
+        stale = store.stale()
         markers = [store.marker(s) for s in store.finished()]
-        if not markers:  # a model folder, a report, a catalog: not a stage store
+        if not markers and not stale:  # a model folder, a report, a catalog: not a stage store
             others.append(stage)
             continue
-        totals = {k: sum(m["counts"][k] for m in markers) for k in ("seen", "ok", "failed")}
-        print(f"{stage:16s} {len(markers)} finished shards; {totals}")
-    if others:
+        if args.action == "prune":
+            pruned = store.prune(dry_run=args.dry_run)
+            verb = "would delete" if args.dry_run else "deleted"
+            print(f"{stage:16s} {verb} {len(pruned)} stale shards" + _ids(pruned))
+            continue
+        totals = {
+            k: sum(m["counts"].get(k, 0) for m in markers)
+            for k in ("seen", "ok", "failed", "reused")
+        }
+        if not totals["reused"]:
+            del totals["reused"]
+        line = f"{stage:16s} {len(markers)} finished shards; {totals}"
+        if stale:
+            samples = sum(store.marker(s)["counts"]["ok"] for s in stale)
+            line += f"; stale: {len(stale)} shards, {samples} ok samples" + _ids(stale)
+        print(line)
+    if others and args.action == "ls":
         print("other folders: " + ", ".join(others))
     return 0
+
+
+def _ids(shards: list[str], shown: int = 8) -> str:
+    if not shards:
+        return ""
+    more = f", … {len(shards) - shown} more" if len(shards) > shown else ""
+    return " (" + ", ".join(shards[:shown]) + more + ")"
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -45,13 +45,13 @@ def bulk_edit_flow(
             summaries += catalog_stages(
                 cfg, cfg.bulk_edit.catalog, None, {**opts, "pool": pool}, stages
             )
-        planned = planned_edits(cfg, variants)
+        planned = planned_edits(cfg, variants, builder)
         specs = select(planned, shards)
         print(
             f"bulk-edit: {len(variants)} prompt variants × {len(cfg.bulk_edit.methods)} methods × decoders "
             f"{cfg.bulk_edit.decoder}, {len(specs)} shards"
         )
-        summaries.append(run_stage(builder, specs, cfg, pool=pool, **opts))
+        summaries.append(run_stage(builder, specs, cfg, pool=pool, plan=planned, **opts))
     write_plan(cfg, planned, variants)  # after the run: overwrite empties the store first
     for s in summaries:
         print(s.line())

@@ -41,7 +41,8 @@ def evaluate_flow(
     stages = input_stages(cfg)
     edits = StageStore(Location(cfg.root, cfg.storage_options), stages.edits)
     plan = read_plan(edits)
-    specs = select(plan_downstream(edits, plan.shards), shards)
+    planned = plan_downstream(edits, plan.shards)
+    specs = select(planned, shards)
     if not specs:
         raise ConfigError(
             f"{where}: none of the {len(plan.shards)} edits shards bulk-edit planned is finished "
@@ -50,7 +51,13 @@ def evaluate_flow(
     builder = metrics_builder(cfg, where)
     with worker_pool(cfg) as pool:
         summary = run_stage(
-            builder, specs, cfg, redo_failed=redo_failed, overwrite=overwrite, pool=pool
+            builder,
+            specs,
+            cfg,
+            redo_failed=redo_failed,
+            overwrite=overwrite,
+            pool=pool,
+            plan=planned,
         )
     print(summary.line())
     uri = write_report(cfg, plan, summary, [s.shard_id for s in specs])

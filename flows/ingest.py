@@ -7,10 +7,10 @@ from typing import Any
 from prefect import flow
 
 from flows.common import flow_config, worker_pool
+from flows.stages import catalog_plan
 from infra.config import ConfigError
 from infra.runtime.orchestrate import run_stage
-from infra.runtime.shards import plan_shards, select
-from infra.storage.catalog import list_catalog
+from infra.runtime.shards import select
 from tasks.ingest import IngestBuilder
 from tasks.layout import IMAGES
 
@@ -29,18 +29,16 @@ def ingest_flow(
         raise ConfigError(
             f"{config_path or '<defaults>'}: field 'ingest.source' is required for ingest"
         )
-    specs = select(
-        plan_shards(list_catalog(cfg.ingest.source, cfg.storage_options), cfg.ingest.shard_size),
-        shards,
-    )
+    plan = catalog_plan(cfg, cfg.ingest.source, IMAGES, overwrite)
     with worker_pool(cfg) as pool:
         summary = run_stage(
             IngestBuilder.from_config(cfg),
-            specs,
+            select(plan, shards),
             cfg,
             redo_failed=redo_failed,
             overwrite=overwrite,
             pool=pool,
+            plan=plan,
         )
     print(summary.line())
     return {IMAGES: summary.to_dict()}

@@ -48,10 +48,10 @@ def _run_stages(
     if cfg.ingest.source:
         summaries += catalog_stages(cfg, cfg.ingest.source, shards, opts)
     if cfg.sample.n:
-        specs = select(
-            plan_shards(sample_items(cfg.sample.n, cfg.seed), cfg.sample.shard_size), shards
+        plan = plan_shards(sample_items(cfg.sample.n, cfg.seed), cfg.sample.shard_size)
+        summaries.append(
+            run_stage(SampleBuilder.from_config(cfg), select(plan, shards), cfg, plan=plan, **opts)
         )
-        summaries.append(run_stage(SampleBuilder.from_config(cfg), specs, cfg, **opts))
         summaries.append(
             downstream(EmbedBuilder.from_config(cfg, SAMPLES), SAMPLES, cfg, shards, opts)
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 from infra.config import RunConfig
 from infra.runtime.orchestrate import StageSummary, run_stage
-from infra.runtime.shards import plan_shards, select
+from infra.runtime.shards import ShardSpec, plan_shards, select
 from infra.runtime.stage import StageBuilder
 from infra.runtime.upstream import plan_downstream
 from infra.storage.catalog import list_catalog
@@ -27,13 +27,11 @@ def catalog_stages(
     stages: Stages = Stages.of(),
 ) -> list[StageSummary]:
     """Ingest ``source`` into ``stages.images``, invert it into ``stages.codes`` and CLIP-embed it into
-    ``stages.clip``."""
-    items = list_catalog(source, cfg.storage_options)
+    ``stages.clip``. Files already ingested keep their shard; new ones go to new shards
+    (``catalog_plan``), so a grown catalog costs only its new files in every stage."""
+    plan = catalog_plan(cfg, source, stages.images, opts.get("overwrite", False))
     ingest = run_stage(
-        IngestBuilder.from_config(cfg, stages.images),
-        select(plan_shards(items, cfg.ingest.shard_size), shards),
-        cfg,
-        **opts,
+        IngestBuilder.from_config(cfg, stages.images), select(plan, shards), cfg, plan=plan, **opts
     )
     return [
         ingest,
@@ -55,6 +53,18 @@ def downstream(
     shards: list[str] | None,
     opts: dict[str, Any],
 ) -> StageSummary:
-    """Run ``builder`` over the finished shards of ``upstream`` (or those of them in ``shards``)."""
+    """Run ``builder`` over the current finished shards of ``upstream`` (or those of them in
+    ``shards``)."""
     store = StageStore(Location(cfg.root, cfg.storage_options), upstream)
-    return run_stage(builder, plan_downstream(store, shards), cfg, **opts)
+    plan = plan_downstream(store)
+    wanted = set(shards or [])
+    specs = [s for s in plan if s.shard_id in wanted] if shards else plan
+    return run_stage(builder, specs, cfg, plan=plan, **opts)
+
+
+def catalog_plan(cfg: RunConfig, source: str, stage: str, overwrite: bool) -> list[ShardSpec]:
+    """The ingest shards of a catalog: each file already in a finished shard of ``stage`` stays there,
+    new files are cut into new shards (``plan_shards(previous=...)``); ``overwrite``: from scratch."""
+    store = StageStore(Location(cfg.root, cfg.storage_options), stage)
+    previous = None if overwrite else store.assignment()
+    return plan_shards(list_catalog(source, cfg.storage_options), cfg.ingest.shard_size, previous)

@@ -25,6 +25,7 @@ class EmbedProcessor:
     upstream: StageStore
     batch_size: int
     output_metadata: dict[str, Any] = field(default_factory=dict)
+    reuse_items = True  # records depend only on their own item (infra.runtime.stage)
 
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:
         sources = {i.key: i.source for i in spec.items}

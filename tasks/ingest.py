@@ -97,6 +97,7 @@ class IngestProcessor:
     cfg: IngestConfig
     storage_options: dict[str, Any] = field(default_factory=dict)
     output_metadata: dict[str, Any] = field(default_factory=dict)
+    reuse_items = True  # records depend only on their own item (infra.runtime.stage)
 
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:
         for item in spec.items:

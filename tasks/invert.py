@@ -32,6 +32,7 @@ class InvertProcessor:
     keep_wplus: bool
     device: str
     output_metadata: dict[str, Any] = field(default_factory=dict)
+    reuse_items = True  # records depend only on their own item (infra.runtime.stage)
 
     @torch.no_grad()
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:

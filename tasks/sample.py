@@ -42,6 +42,7 @@ class SampleProcessor:
     image_format: str
     device: str
     output_metadata: dict[str, Any] = field(default_factory=dict)
+    reuse_items = True  # records depend only on their own item (infra.runtime.stage)
 
     @torch.no_grad()
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:

@@ -1,5 +1,9 @@
 """Run one stage over many shards: skip finished shards, drive the rest through per-shard Prefect tasks
-on a Ray actor pool, show progress, and sum up (seen = ok + failed, per shard outcome)."""
+on a Ray actor pool, show progress, and sum up (seen + reused = ok + failed, per shard outcome).
+
+Counts come from the done-markers of every shard of the run (skipped ones too): ``seen`` samples went
+through the processor when their shard was written, ``reused`` were copied unchanged from the shard's
+previous outputs; ``processed`` counts the samples this call ran (what a rerun cost)."""
 
 from __future__ import annotations
 
@@ -37,11 +41,13 @@ class StageSummary:
     seen: int = 0
     ok: int = 0
     failed: int = 0
+    reused: int = 0
+    processed: int = 0
     seconds: float = 0.0
 
     @property
     def samples_per_s(self) -> float:
-        return self.seen / self.seconds if self.seconds else 0.0
+        return self.processed / self.seconds if self.seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "samples_per_s": round(self.samples_per_s, 3)}
@@ -49,8 +55,10 @@ class StageSummary:
     def line(self) -> str:
         return (
             f"{self.stage}: {self.shards} shards (ran {self.ran}, redone {self.redone}, skipped "
-            f"{self.skipped}, failed {len(self.failed_shards)}); samples seen {self.seen} = ok {self.ok}"
-            f" + failed {self.failed}; {self.samples_per_s:.1f} samples/s"
+            f"{self.skipped}, failed {len(self.failed_shards)}); samples seen {self.seen}"
+            + (f" + reused {self.reused}" if self.reused else "")
+            + f" = ok {self.ok} + failed {self.failed}; processed now {self.processed}, "
+            f"{self.samples_per_s:.1f} samples/s"
         )
 
 
@@ -63,10 +71,14 @@ def run_stage(
     overwrite: bool = False,
     progress: bool = True,
     pool: ActorPool | None = None,
+    plan: Sequence[ShardSpec] | None = None,
 ) -> StageSummary:
     """Process every shard of ``shards`` that is not finished (or has failed samples, with redo_failed).
 
     ``pool``: actors to reuse (a flow running several stages passes one); else one is made here.
+    ``plan``: the stage's whole plan (``shards`` may be a selection of it), recorded as the stage's
+    current shards; finished shards it does not list are stale (``StageStore.stale``). None: nothing
+    is recorded.
     """
     start = time.perf_counter()
     store = StageStore(Location(cfg.root, cfg.storage_options), builder.stage)
@@ -74,6 +86,8 @@ def run_stage(
         store.overwrite()
     store.loc.clean_stale_temporaries()
     code_fp = builder.fingerprint()
+    if plan is not None:
+        store.set_current(plan, code_fp)
     todo = [s for s in shards if redo_failed or not store.is_done(s, code_fp)]
     summary = StageSummary(builder.stage, shards=len(shards), skipped=len(shards) - len(todo))
     if todo:
@@ -155,6 +169,7 @@ def _log_shard(stage: str, shard_id: str, report: dict[str, Any]) -> None:
 
 def _count_outcome(summary: StageSummary, report: dict[str, Any]) -> None:
     outcome = report["outcome"]
+    summary.processed += report.get("processed", 0)
     if outcome == "ran":
         summary.ran += 1
     elif outcome == "redone":
@@ -168,5 +183,5 @@ def _add_counts(summary: StageSummary, store: StageStore, shards: Sequence[Shard
     for spec in shards:
         marker = store.marker(spec.shard_id)
         if marker:
-            for k in ("seen", "ok", "failed"):
-                setattr(summary, k, getattr(summary, k) + marker["counts"][k])
+            for k in ("seen", "ok", "failed", "reused"):
+                setattr(summary, k, getattr(summary, k) + marker["counts"].get(k, 0))

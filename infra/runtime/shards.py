@@ -7,11 +7,18 @@ Shard ids (``00000``, ``00001``, ...) come from the sorted listing, not from wri
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+
+
+def _digest(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,12 @@ class Item:
         default_factory=dict, hash=False, compare=False
     )  # e.g. size/etag for fingerprints
 
+    @property
+    def fingerprint(self) -> str:
+        """Hash of this item's inputs (key, source, metadata): recorded per sample in the manifest, so a
+        rewritten shard can reuse the outputs of the items that did not change."""
+        return _digest([self.key, self.source, self.meta])
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -35,10 +48,7 @@ class ShardSpec:
     @property
     def fingerprint(self) -> str:
         """Hash of the shard's inputs: keys, sources and their metadata (sizes, etags)."""
-        payload = [[i.key, i.source, i.meta] for i in self.items]
-        return hashlib.sha256(
-            json.dumps(payload, sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
+        return _digest([[i.key, i.source, i.meta] for i in self.items])
 
     def to_dict(self) -> dict:
         return {"shard_id": self.shard_id, "items": [asdict(i) for i in self.items]}
@@ -48,18 +58,49 @@ class ShardSpec:
         return cls(data["shard_id"], tuple(Item(**i) for i in data["items"]))
 
 
-def plan_shards(items: Iterable[Item], shard_size: int) -> list[ShardSpec]:
-    """Sort items by key and cut them into shards of ``shard_size``; keys must be unique."""
+def plan_shards(
+    items: Iterable[Item], shard_size: int, previous: Mapping[str, str] | None = None
+) -> list[ShardSpec]:
+    """Sort items by key and cut them into shards of ``shard_size``; keys must be unique.
+
+    ``previous``: where a stage put each key before (key → shard id, from its finished shards'
+    manifests, ``StageStore.assignment``). A key found there stays in its shard; the keys that are not
+    (sorted) are cut into new shards of ``shard_size``, numbered from the lowest ids no finished shard
+    holds. So new inputs never move old ones, and a rerun after a crash plans the same shards (the
+    remaining new keys are whole chunks of the same cut). Without ``previous``: contiguous ranges.
+    """
     ordered = sorted(items, key=lambda i: i.key)
     seen: set[str] = set()
     for item in ordered:
         if item.key in seen:
             raise ValueError(f"duplicate sample key '{item.key}' (source {item.source})")
         seen.add(item.key)
-    return [
-        ShardSpec(f"{n:05d}", tuple(ordered[start : start + shard_size]))
-        for n, start in enumerate(range(0, len(ordered), shard_size))
-    ]
+    by_key = {i.key: i for i in ordered}
+    groups = assign([i.key for i in ordered], shard_size, previous or {})
+    return [ShardSpec(sid, tuple(by_key[k] for k in keys)) for sid, keys in sorted(groups.items())]
+
+
+def assign(
+    keys: Sequence[str],
+    size: int,
+    previous: Mapping[str, str],
+    shard_id: Callable[[int], str] = "{:05d}".format,
+) -> dict[str, list[str]]:
+    """Group ``keys`` (in their order) into shards: a key of ``previous`` stays in its shard, the
+    others are cut into chunks of ``size`` given the lowest ids ``shard_id(0), shard_id(1), ...`` that
+    no previous shard holds (see ``plan_shards``)."""
+    groups: dict[str, list[str]] = {}
+    new = []
+    for key in keys:
+        if key in previous:
+            groups.setdefault(previous[key], []).append(key)
+        else:
+            new.append(key)
+    taken = set(previous.values())
+    free = (sid for sid in map(shard_id, itertools.count()) if sid not in taken)
+    for start in range(0, len(new), size):
+        groups[next(free)] = new[start : start + size]
+    return groups
 
 
 def key_for(source: str, root: str = "") -> str:

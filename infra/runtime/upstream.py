@@ -1,7 +1,10 @@
-"""Shards of a stage that reads another stage's shards: one downstream shard per finished upstream shard.
+"""Shards of a stage that reads another stage's shards: one downstream shard per current upstream shard.
 
-A downstream shard keeps its upstream shard's id and lists its ok samples; its input fingerprint
-covers the upstream shard's fingerprints, so redoing an upstream shard re-runs the downstream one.
+A downstream shard keeps its upstream shard's id and lists its ok samples. Each item's lineage is its
+upstream sample's item fingerprint and the upstream code fingerprint, so a rewritten upstream shard
+changes only the downstream items whose inputs changed (the others are reused, ``infra.runtime.stage``).
+Only upstream shards that are finished for the upstream stage's current plan are planned: outputs of
+removed inputs (stale shards) and shards not yet rewritten for the current plan are never fed on.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 from infra.runtime.prefetch import prefetch
 from infra.runtime.shards import Item, ShardSpec
 from infra.storage.readers import encoded_batches, iter_image_samples
-from infra.storage.store import StageStore
+from infra.storage.store import ITEM_FP, StageStore
 from infra.storage.tables import STATUS_OK
 
 
@@ -22,16 +25,22 @@ def plan_downstream(
 ) -> list[ShardSpec]:
     specs = []
     for shard_id in sorted(shard_ids if shard_ids is not None else upstream.finished()):
-        marker = upstream.marker(shard_id)
-        if marker is None:
+        if not upstream.is_current(shard_id):
             continue
-        lineage = {
-            "upstream": f"{upstream.stage}/{marker['input_fingerprint']}/{marker['code_fingerprint']}"
-        }
-        rows = upstream.manifest(shard_id).select(["key", "status"]).to_pylist()
+        marker = upstream.marker(shard_id)
+        table = upstream.manifest(shard_id)
+        columns = ["key", "status"] + ([ITEM_FP] if ITEM_FP in table.column_names else [])
+        code_fp = marker["code_fingerprint"]
         items = tuple(
-            Item(r["key"], f"{upstream.stage}/{shard_id}", lineage)
-            for r in rows
+            Item(
+                r["key"],
+                f"{upstream.stage}/{shard_id}",
+                {
+                    "upstream": f"{upstream.stage}/"
+                    f"{r.get(ITEM_FP) or marker['input_fingerprint']}/{code_fp}"
+                },
+            )
+            for r in table.select(columns).to_pylist()
             if r["status"] == STATUS_OK
         )
         specs.append(ShardSpec(shard_id, items))

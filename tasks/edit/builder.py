@@ -52,6 +52,10 @@ class EditBuilder:
     images_stage: str = IMAGES  # the photos the codes were inverted from
     stage: str = EDITS
     memory_stages: tuple[str, ...] = ()  # CLIP stages searched by condition=retrieved (else none)
+    # the mappers' and the diffusion decoder's identities go into each edit's item (``item_models``,
+    # set by bulk-edit's plan) instead of the stage's fingerprint: a new method or decoder then
+    # computes only its own edits
+    models_per_item: bool = False
 
     def build(self) -> EditProcessor:
         models = ActorModels.start(self)
@@ -92,22 +96,29 @@ class EditBuilder:
         )
 
     def fingerprint(self) -> str:
-        """Code + settings + the identity of every input the edits depend on (model files, Rₛ blocks)."""
-        settings = self.cfg.model_dump(
-            mode="json",
-            exclude={
-                "prompts": True,
-                "catalog": True,
-                "max_images": True,
-                "images_per_shard": True,
-                "batch_size": True,
-                "compile": True,
-                "diffusion": {"max_images"},
-            },
-        )
-        specs = {"generator": self.generator, "clip": self.clip, **dict(self.mappers)}
-        if self.diffusion is not None:
-            specs["diffusion"] = self.diffusion
+        """Code + settings + the identity of every input the edits depend on (model files, Rₛ blocks).
+
+        With ``models_per_item``, which methods and decoders run and their models are left to the items
+        (``item_models``): they say which edits exist, not how any one edit comes out."""
+        exclude: dict[str, Any] = {
+            "prompts": True,
+            "catalog": True,
+            "max_images": True,
+            "images_per_shard": True,
+            "batch_size": True,
+            "compile": True,
+            "diffusion": {"max_images"},
+        }
+        if self.models_per_item:
+            exclude.update(
+                {"methods": True, "decoder": True, "diffusion": {"max_images", "methods"}}
+            )
+        settings = self.cfg.model_dump(mode="json", exclude=exclude)
+        specs = {"generator": self.generator, "clip": self.clip}
+        if not self.models_per_item:
+            specs.update(dict(self.mappers))
+            if self.diffusion is not None:
+                specs["diffusion"] = self.diffusion
         models = {name: zoo.identity(spec, self.storage_options) for name, spec in specs.items()}
         relevance = None
         if self.relevance_stage is not None:
@@ -135,6 +146,14 @@ class EditBuilder:
             memory_identity,
             config=config,
         )
+
+
+def item_models(builder: EditBuilder) -> dict[str, Any]:
+    """The identity of each method's mapper and of the diffusion decoder (``models_per_item``)."""
+    specs = dict(builder.mappers)
+    if builder.diffusion is not None:
+        specs["diffusion"] = builder.diffusion
+    return {name: zoo.identity(spec, builder.storage_options) for name, spec in specs.items()}
 
 
 def compiled_synthesis(generator: Any, batch_size: int) -> FixedBatchCompiled:

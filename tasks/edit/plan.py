@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.config import ConfigError, RunConfig
-from infra.runtime.shards import ShardSpec
+from infra.runtime.shards import Item, ShardSpec, assign
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from models.zoo import ModelSpec
-from tasks.edit.builder import EditBuilder
+from tasks.edit.builder import EditBuilder, item_models
 from tasks.edit.memory import memory_shards
-from tasks.edit.processor import plan_edits
+from tasks.edit.processor import GENERATOR, plan_edits
 from tasks.layout import DIFFUSION_DIR, EDIT_PLAN, MAPPER_POOLS, Stages, mapper_dir, relevance_stage
 from tasks.prompts import EditVariant, load_prompts, resolve_tau
 from tasks.relevance import load_relevance
@@ -45,10 +45,71 @@ def edit_variants(cfg: RunConfig, where: str) -> list[EditVariant]:
     return resolve_tau(load_prompts(cfg.bulk_edit.prompts, cfg.storage_options), cfg.bulk_edit.tau)
 
 
-def planned_edits(cfg: RunConfig, variants: Sequence[EditVariant]) -> list[ShardSpec]:
-    """The edits shards of this config (prompts × methods × the ok codes)."""
-    codes = StageStore(Location(cfg.root, cfg.storage_options), input_stages(cfg).codes)
-    return plan_edits(codes, variants, cfg.bulk_edit.methods, cfg.bulk_edit)
+def planned_edits(
+    cfg: RunConfig, variants: Sequence[EditVariant], builder: EditBuilder | None = None
+) -> list[ShardSpec]:
+    """The edits shards of this config (prompts × methods × the ok codes).
+
+    With a ``builder`` whose ``models_per_item`` is set, every edit's item also names the models it
+    depends on (its method's mapper, the diffusion decoder), and a plain diffusion edit whether its
+    mask-guided twin is planned (that twin's mask scores it): each edit's item fingerprint then covers
+    everything that edit depends on beyond the stage's fingerprint, so a new prompt, method or decoder
+    computes only its own edits (the others are copied, ``infra.runtime.stage``)."""
+    root = Location(cfg.root, cfg.storage_options)
+    codes = StageStore(root, input_stages(cfg).codes)
+    specs = plan_edits(codes, variants, cfg.bulk_edit.methods, cfg.bulk_edit)
+    if builder is None or not builder.models_per_item:
+        return specs
+    if cfg.bulk_edit.diffusion.max_images is None:  # else an image's decoders depend on its group
+        specs = _stable_groups(specs, StageStore(root, input_stages(cfg).edits), cfg)
+    models = item_models(builder)
+    return [ShardSpec(s.shard_id, _with_models(s.items, models)) for s in specs]
+
+
+def _stable_groups(specs: list[ShardSpec], edits: StageStore, cfg: RunConfig) -> list[ShardSpec]:
+    """Each image keeps the edits shard a finished shard put it in; new images go to new groups of
+    ``images_per_shard`` (``infra.runtime.shards.assign``), so removing an image rewrites only its own
+    group and adding one touches no old group."""
+    previous: dict[str, str] = {}
+    for shard_id in sorted(edits.all_finished()):
+        table = edits.manifest(shard_id)
+        if "image_key" in table.column_names:
+            for key in table.column("image_key").to_pylist():
+                previous.setdefault(key, shard_id)
+    if not previous:
+        return specs
+    by_codes: dict[str, dict[str, list[Item]]] = {}
+    for spec in specs:
+        for item in spec.items:
+            shard = item.meta["codes_shard"]
+            by_codes.setdefault(shard, {}).setdefault(item.meta["image"], []).append(item)
+    out = []
+    for shard, images in by_codes.items():
+        mine = {k: v for k, v in previous.items() if v.startswith(f"{shard}-")}
+        groups = assign(
+            list(images), cfg.bulk_edit.images_per_shard, mine, f"{shard}-{{:03d}}".format
+        )
+        out += [
+            ShardSpec(sid, tuple(i for k in keys for i in images[k]))
+            for sid, keys in groups.items()
+        ]
+    return sorted(out, key=lambda s: s.shard_id)
+
+
+def _with_models(items: Sequence[Item], models: dict[str, Any]) -> tuple[Item, ...]:
+    keys = {i.key for i in items}
+    out = []
+    for item in items:
+        method, decoder = item.meta["method"], item.meta["decoder"]
+        meta = dict(item.meta)
+        if method in models:
+            meta["mapper"] = models[method]
+        if decoder != GENERATOR:
+            meta["diffusion"] = models.get("diffusion")
+        if decoder == "diffusion" and f"{item.key}_masked" in keys:
+            meta["masked_twin"] = True
+        out.append(Item(item.key, item.source, meta))
+    return tuple(out)
 
 
 def edit_builder(cfg: RunConfig, where: str, variants: Sequence[EditVariant] = ()) -> EditBuilder:
@@ -81,6 +142,7 @@ def edit_builder(cfg: RunConfig, where: str, variants: Sequence[EditVariant] = (
         memory_stages=memory_stages(cfg, where)
         if be.condition == "retrieved" and "deltaedit" in be.methods
         else (),
+        models_per_item=True,
         n_stat_samples=cfg.relevance.n_stat_samples,
         seed=cfg.seed,
         storage_options=cfg.storage_options,

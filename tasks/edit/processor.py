@@ -178,6 +178,7 @@ class EditProcessor:
     cfg: BulkEditConfig
     images: StageStore | None = None  # the input photos (the diffusion decoder encodes them)
     output_metadata: dict[str, Any] = field(default_factory=dict)
+    reuse_items = True  # an edit depends only on its own item (infra.runtime.stage)
     _texts: dict[Any, Any] = field(default_factory=dict)
     _subspaces: dict[Any, Tensor] = field(default_factory=dict)
 
