@@ -73,8 +73,8 @@ def metrics_builder(cfg: RunConfig, where: str) -> MetricsBuilder:
         )
     if ev.features == "inception" and not ev.inception_weights:
         raise ConfigError(
-            f"{where}: evaluate.features=inception needs evaluate.inception_weights (a local "
-            "file: nothing is downloaded); or use features: clip"
+            f"{where}: evaluate.features=inception needs evaluate.inception_weights (torch-fidelity's "
+            "weights-inception-2015-12-05-6726825d.pth: nothing is downloaded); or use features: clip"
         )
     return MetricsBuilder.from_config(cfg, input_stages(cfg))
 
@@ -94,7 +94,10 @@ def write_report(cfg: RunConfig, plan: EditPlan, metrics: StageSummary, shards: 
     )
     summary = _summary(cfg, plan, StageStore(root, stages.edits), shards, metrics)
     notes = _notes(cfg, plan) + ([EA.REPORT_NOTE] if analysis else [])
-    return ER.write(root.child(cfg.evaluate.report_dir), tabs, grid, summary, notes)
+    ev = cfg.evaluate
+    identity = ev.identity_format if ev.identity_model else None
+    comparable = ER.tab1_columns(ev.feature_extractor, identity)
+    return ER.write(root.child(ev.report_dir), tabs, grid, summary, notes, comparable)
 
 
 def _summary(
@@ -114,7 +117,8 @@ def _summary(
         "decoders": ", ".join(plan.decoders),
         "tau": ", ".join(str(t) for t in sorted({v.tau for v in plan.variants})),
         "StyleCLIP-GD": f"alpha {cfg.bulk_edit.gd_alpha}, beta {cfg.bulk_edit.gd_beta}",
-        "FID/KID features": ev.features,
+        "FID/KID features": ev.feature_extractor,
+        "identity": f"{ev.identity_format} ({ev.identity_model})" if ev.identity_model else "-",
         "metrics": metrics.line(),
     }
 
@@ -122,9 +126,11 @@ def _summary(
 def _notes(cfg: RunConfig, plan: EditPlan) -> list[str]:
     ev = cfg.evaluate
     notes = [
-        "preservation and edit accuracy compare the edit with the reconstruction by the same decoder (G(s), "
-        "or DDIM encode → decode under s for +diffusion), so reconstruction errors are not charged to the "
-        "edit; the reconstruction table shows those."
+        ER.tab1_note(ev.feature_extractor, ev.identity_format if ev.identity_model else None),
+        "vs recon: against the reconstruction by the same decoder (G(s), or DDIM encode → decode under "
+        "s for +diffusion), so the inversion's errors are not charged to the edit; vs input: against the "
+        "input photo (resized to the edit's size), inversion and edit together. Preservation and edit "
+        "accuracy are measured vs recon too; the reconstruction table shows the inversion's errors.",
     ]
     if "diffusion_masked" in plan.decoders:
         notes.append(
@@ -139,10 +145,10 @@ def _notes(cfg: RunConfig, plan: EditPlan) -> list[str]:
         notes.append("LPIPS: not computed (set evaluate.lpips_weights to a local backbone file).")
     if not ev.identity_model:
         notes.append(
-            "identity similarity: not computed (set evaluate.identity_model to a TorchScript face-ID "
-            "network)."
+            "identity similarity: not computed (set evaluate.identity_model to e4e's "
+            "model_ir_se50.pth, ArcFace IR-SE-50)."
         )
-    if ev.features == "clip":
+    if ev.feature_extractor == "clip":
         notes.append(
             "FID/KID are computed on the run's CLIP image features, not Inception: compare them "
             "only within this report."

@@ -311,24 +311,29 @@ class BulkEditConfig(Strict):
 class EvaluateConfig(Strict):
     """Metrics of the edits store and the HTML report. Learned metrics run only on weights the user gives."""
 
-    features: Literal["clip", "inception"] = (
-        "clip"  # FID/KID feature extractor: the run's CLIP, or Inception
-    )
-    inception_weights: str | None = (
-        None  # FID Inception weights file (needs torch-fidelity installed)
-    )
+    features: Literal["auto", "clip", "inception"] = "auto"  # FID/KID features; auto: Inception
+    # when inception_weights is set, else the run's CLIP (not comparable with the paper)
+    inception_weights: str | None = None  # torch-fidelity's FID Inception: the file
+    # weights-inception-2015-12-05-6726825d.pth (path or URI; never downloaded)
     lpips_weights: str | None = (
         None  # torchvision backbone state dict (e.g. alexnet-owt-7be5be79.pth)
     )
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
-    identity_model: str | None = (
-        None  # TorchScript face-ID network: images in [-1, 1] -> embeddings
-    )
-    identity_input_size: int = Field(112, ge=8)
+    identity_model: str | None = None  # face-ID weights (path or URI): e4e's model_ir_se50.pth
+    identity_format: Literal["arcface_ir_se50", "torchscript"] = "arcface_ir_se50"  # or a
+    # TorchScript network: images in [-1, 1] at identity_input_size -> embeddings
+    identity_input_size: int = Field(112, ge=8)  # torchscript only (ArcFace crops as e4e does)
     oracle: str | None = None  # toy attribute oracle (edit accuracy, preservation)
     batch_size: int = Field(64, ge=1)
     grid_images: int = Field(8, ge=1)  # rows of the report's image grids
     report_dir: str = "report"  # under the run root
+
+    @property
+    def feature_extractor(self) -> Literal["clip", "inception"]:
+        """The FID/KID features ``features`` resolves to."""
+        if self.features == "auto":
+            return "inception" if self.inception_weights else "clip"
+        return self.features
 
 
 class ModelsConfig(Strict):

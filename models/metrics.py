@@ -2,6 +2,11 @@
 
 Images are float (B, 3, H, W) in [-1, 1]. Nothing here downloads weights: every learned backbone
 (Inception, LPIPS' AlexNet/VGG, a face-ID network, CLIP) comes from a file or object the caller gives.
+
+Where the field's libraries define a metric, they compute it: PSNR/SSIM, LPIPS and FID (on any feature
+rows) are torchmetrics'; the FID Inception is torch-fidelity's TF-exact port (through torchmetrics);
+identity is the cosine of ArcFace IR-SE-50 embeddings (models/arcface.py, e4e's model_ir_se50.pth). KID
+is ours (kernel_distance says why) and checked against torchmetrics' on equal-size sets.
 """
 
 from __future__ import annotations
@@ -75,20 +80,29 @@ def _pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
     return real.detach().to("cpu", torch.float64), fake.detach().to("cpu", torch.float64)
 
 
-def frechet_distance(real: Tensor, fake: Tensor) -> float:
-    """FID formula ||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½) on feature matrices (N, D).
+class GivenFeatures(torch.nn.Module):
+    """Features in, features out: lets torchmetrics' FID/KID (which run a network on what they are given)
+    take precomputed feature rows. ``num_features`` is what torchmetrics sizes its states by."""
 
-    Tr((S1 S2)^½) = Tr((S1^½ S2 S1^½)^½), whose argument is symmetric PSD, so two float64 ``eigh`` give
-    it stably (no complex eigenvalues, no scipy). Works for N < D (rank-deficient covariances).
-    """
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """FID ||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½) of two feature matrices (N, D), in float64, by
+    torchmetrics' ``FrechetInceptionDistance`` fed the rows themselves (``GivenFeatures``): the library's
+    moments and matrix square root (eigenvalues of S1 S2), whatever network made the features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # slow import: only when used
+
     a, b = _pair(real, fake)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
-    w, v = torch.linalg.eigh(cov_a)
-    root_a = (v * w.clamp(min=0).sqrt()) @ v.T
-    middle = root_a @ cov_b @ root_a
-    tr_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_root)
+    fid = FrechetInceptionDistance(feature=GivenFeatures(a.shape[1]))
+    fid.update(a, real=True)
+    fid.update(b, real=False)
+    return float(fid.compute())
 
 
 def _mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
@@ -110,6 +124,12 @@ def kernel_distance(
     samples per prompt we have (≈ 0 for two samples of one distribution, and it can be negative). With
     ``subset_size`` it is averaged over ``subsets`` random subsets of that size (seeded), as torchmetrics
     and the KID paper do for large sets; by default all rows are used once.
+
+    Ours, not torchmetrics' ``KernelInceptionDistance``: that one takes precomputed features
+    (``GivenFeatures``) but always draws its subsets from the global RNG and its MMD estimator assumes
+    both sets have the same size m (cross term / m²), while we compare one input per image with every
+    edit of it (sizes differ). On equal-size sets with one subset of all rows the two agree
+    (tests/test_metrics.py).
     """
     a, b = _pair(real, fake)
     if subset_size is None:
@@ -127,43 +147,75 @@ def kernel_distance(
     return float(torch.stack(values).mean())
 
 
-def inception_extractor(weights_path: str, device: str | torch.device = "cpu") -> FeatureExtractor:
-    """Inception-v3 pool features (B, 2048) as FID/KID use them, from a local weights file.
+INCEPTION_FILE = (
+    "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception weights
+)
 
-    Needs the ``torch-fidelity`` package (not a dependency of this project: ``pip install torch-fidelity``)
-    and its FID Inception weights ``weights-inception-2015-12-05-6726825d.pth`` (the TF-ported network,
-    as in pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``). Without a path torchmetrics would
-    download them, which is never done here.
+
+def inception_extractor(
+    uri: str | None, device: str | torch.device = "cpu", **storage_options: object
+) -> FeatureExtractor:
+    """Inception-v3 pool3 features (B, 2048) as the TF FID/KID code computes them, from a weights file.
+
+    The network is torchmetrics' ``NoTrainInceptionV3`` (torch-fidelity's TF-ported Inception of the
+    2015-12-05 graph; its file ``weights-inception-2015-12-05-6726825d.pth`` is given by path or URI and
+    never downloaded), with ``antialias=False``: torch-fidelity's bit-exact port of TF1's bilinear resize
+    to 299 px, where torchmetrics' default would resize with antialiasing and leave the TF definition.
+    Images are quantised to uint8 first, as the reference implementations read PNGs.
     """
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
+    if not uri:
+        raise MetricUnavailable(
+            f"Inception features need torch-fidelity's weights file {INCEPTION_FILE} "
+            "(evaluate.inception_weights); it is never downloaded"
+        )
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+    except ImportError as exc:  # pragma: no cover - both are dependencies
+        raise MetricUnavailable(f"Inception features need torchmetrics: {exc}") from exc
     if not _TORCH_FIDELITY_AVAILABLE:
+        raise MetricUnavailable("Inception features need the torch-fidelity package")
+    try:
+        data = read_bytes(uri, **storage_options)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointError as exc:
+        raise MetricUnavailable(f"Inception weights ({INCEPTION_FILE}): {exc}") from exc
+    except (
+        Exception
+    ) as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise MetricUnavailable(f"{uri}: not a tensors-only state dict ({exc})") from exc
+    if not isinstance(state, dict):
+        raise MetricUnavailable(f"{uri}: expected a state dict ({INCEPTION_FILE} format)")
+    try:
+        # torch-fidelity torch.load()s what it is given, with weights_only=False: it gets the same bytes,
+        # which just loaded with weights_only=True, so unpickling them runs nothing else.
+        net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048"],
+            feature_extractor_weights_path=io.BytesIO(data),  # type: ignore[arg-type]
+            antialias=False,
+        ).to(device)
+    except (
+        RuntimeError
+    ) as exc:  # load_state_dict(strict=True): names the missing/unexpected/misshapen
         raise MetricUnavailable(
-            "Inception features need the torch-fidelity package (pip install torch-fidelity) "
-            "and a local weights file weights-inception-2015-12-05-6726825d.pth; "
-            "use clip_extractor(...) for FID/KID in CLIP space instead"
-        )
-    if not weights_path or not os.path.isfile(weights_path):
-        raise MetricUnavailable(
-            f"Inception weights file not found: {weights_path!r} "
-            "(expected weights-inception-2015-12-05-6726825d.pth)"
-        )
-    from torchmetrics.image.fid import NoTrainInceptionV3
+            f"{uri}: not torch-fidelity's Inception-v3 weights ({INCEPTION_FILE} format): {exc}"
+        ) from exc
 
-    net = NoTrainInceptionV3(
-        name="inception-v3-compat",
-        features_list=["2048"],
-        feature_extractor_weights_path=weights_path,
-    ).to(device)
+    return InceptionFeatures(net, device)
+
+
+class InceptionFeatures:
+    """``InceptionFeatures(net)(images in [-1, 1])`` → (B, 2048) float32 pool3 features on the CPU; built
+    by ``inception_extractor`` (``net``: torchmetrics' NoTrainInceptionV3 with its weights)."""
+
+    def __init__(self, net: torch.nn.Module, device: str | torch.device = "cpu"):
+        self.net, self.device = net, device
 
     @torch.no_grad()
-    def extract(images: Tensor) -> Tensor:
-        as_bytes = (
-            ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        )  # what it was trained on
-        return net(as_bytes.to(device)).float().cpu()
-
-    return extract
+    def __call__(self, images: Tensor) -> Tensor:
+        as_bytes = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return self.net(as_bytes.to(self.device)).float().cpu()
 
 
 def clip_extractor(clip: object) -> FeatureExtractor:

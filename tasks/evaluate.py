@@ -6,15 +6,19 @@ and its input (images store), and records:
 
 - psnr / ssim / mse of the edit against the reconstruction (how much the edit changed; for the
   reconstruction row: against the input, i.e. the inversion's fidelity);
+- psnr_input / ssim_input of the edit against the input x (resized to the edit's size), as the paper's
+  Tab. 1 measures PSNR: inversion error and edit together;
 - clip_direction: cos(E(edit) − E(recon), Δt) with the run's CLIP and prompt templates;
 - edit_accuracy / preservation from the attribute oracle when one is configured (the toy domain):
   the attributes the target text names (minus the source's) must be read from the edit, the others must
   read as on the reconstruction, so inversion errors are not charged to the edit; for the reconstruction
   row, preservation = agreement with the input; unedited_accuracy = how often the reconstruction already
   shows the target (the chance level an edit must beat);
-- lpips (edit vs recon) and identity (edit vs input) when their networks are supplied;
-- vectors ``features`` (the FID-family extractor on this image) and ``input_features`` (on its input),
-  from which the flow computes FID and KID per prompt.
+- lpips (edit vs recon; the reconstruction row: vs the input) and identity (edit vs input: the cosine of
+  ArcFace IR-SE-50 embeddings, e4e's model_ir_se50.pth, or of a TorchScript network's) when their
+  networks are supplied;
+- vectors ``features`` (the FID-family extractor on this image: torch-fidelity's TF Inception, or the
+  run's CLIP) and ``input_features`` (on its input), from which the flow computes FID and KID per prompt.
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ COPIED = (
 @dataclass
 class MetricsModels:
     clip: Any  # models.clip.ClipEncoder (clip_direction)
-    features: M.FeatureExtractor  # FID-family features (Inception or the domain's CLIP)
+    features: (
+        M.FeatureExtractor
+    )  # FID-family features (torch-fidelity's Inception or the run's CLIP)
     oracle: Any | None = None  # models.toy.oracle.Oracle
     lpips: Callable[[Tensor, Tensor], Tensor] | None = None
     identity: M.FeatureExtractor | None = None
@@ -120,10 +126,11 @@ class MetricsProcessor:
         self, chunk: list, meta: list[dict[str, Any]], edit: Tensor, recon: Tensor, source: Tensor
     ) -> list[tuple[Any, dict[str, float], dict[str, Tensor]]]:
         is_recon = torch.tensor([m["method"] == RECON for m in meta])
-        ref = torch.where(
-            is_recon[:, None, None, None], _resize(source, edit), recon
-        )  # recon: vs input
+        source_at_edit = _resize(source, edit)
+        ref = torch.where(is_recon[:, None, None, None], source_at_edit, recon)  # recon: vs input
         values = {k: v.tolist() for k, v in M.pixel_metrics(edit, ref).items()}
+        vs_input = M.pixel_metrics(edit, source_at_edit)  # the paper's Tab. 1 PSNR
+        values.update(psnr_input=vs_input["psnr"].tolist(), ssim_input=vs_input["ssim"].tolist())
         e_edit, e_recon = (
             self.models.clip.encode_images(x).cpu() for x in (edit, recon)
         )  # one copy each
@@ -135,7 +142,7 @@ class MetricsProcessor:
         ]
         values.update(self._oracle(meta, edit, recon, source))
         values["lpips"] = (
-            self.models.lpips(edit, recon).tolist() if self.models.lpips else [NAN] * len(meta)
+            self.models.lpips(edit, ref).tolist() if self.models.lpips else [NAN] * len(meta)
         )
         values["identity"] = (
             M.identity_similarity(self.models.identity, edit, source).tolist()
@@ -252,21 +259,28 @@ class MetricsBuilder:
         device, opts, c = models.device, self.storage_options, self.cfg
         clip = models.load(self.clip)
         features = (
-            M.inception_extractor(c.inception_weights, device)
-            if c.features == "inception"
+            M.inception_extractor(c.inception_weights, device, **opts)
+            if c.feature_extractor == "inception"
             else M.clip_extractor(clip)
         )
         oracle = None
         if c.oracle:
             oracle = Oracle.load(c.oracle, device=device)
         lpips = M.lpips_metric(c.lpips_weights, c.lpips_net, device) if c.lpips_weights else None
-        identity = (
-            M.torchscript_extractor(c.identity_model, c.identity_input_size, device, **opts)
-            if c.identity_model
-            else None
-        )
+        identity = None
+        if c.identity_model and c.identity_format == "torchscript":
+            identity = M.torchscript_extractor(
+                c.identity_model, c.identity_input_size, device, **opts
+            )
+        elif c.identity_model:
+            identity = M.arcface_extractor(c.identity_model, device, **opts)
         root = Location(self.root, opts)
-        meta = {"clip": clip.describe(), "features": c.features, "templates": self.templates}
+        meta = {
+            "clip": clip.describe(),
+            "features": c.feature_extractor,
+            "identity": c.identity_format if c.identity_model else None,
+            "templates": self.templates,
+        }
         models = MetricsModels(clip, features, oracle, lpips, identity)
         return MetricsProcessor(
             models,
@@ -292,6 +306,7 @@ class MetricsBuilder:
                 "settings": self.cfg.model_dump(
                     mode="json", exclude={"grid_images", "report_dir", "batch_size", *_FILES}
                 ),
+                "features": self.cfg.feature_extractor,
                 "clip": zoo.identity(self.clip, self.storage_options),
                 "files": [zoo.sha256_of(f, **self.storage_options) if f else None for f in files],
                 "templates": self.templates,

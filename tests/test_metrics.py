@@ -78,6 +78,49 @@ def test_frechet_distance():
     assert math.isfinite(few) and few > 0
 
 
+def symmetric_fid(a, b):
+    """Reference for N < D: Tr((S1 S2)^½) = Tr((S1^½ S2 S1^½)^½), a symmetric PSD argument (two eigh)."""
+    a, b = a.double(), b.double()
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(ca)
+    root = (v * w.clamp(min=0).sqrt()) @ v.T
+    middle = root @ cb @ root
+    tr = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * tr)
+
+
+def test_frechet_distance_is_torchmetrics_fid_on_the_rows_and_holds_with_few_rows():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from models.metrics import GivenFeatures
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g) * 1.3 + 0.2
+    fid = FrechetInceptionDistance(feature=GivenFeatures(8))
+    fid.update(a.double(), real=True)
+    fid.update(b.double(), real=False)
+    assert frechet_distance(a, b) == pytest.approx(float(fid.compute()), rel=1e-12)
+    # a few dozen rows of 512-d CLIP or 2048-d Inception features: rank-deficient covariances
+    few_a, few_b = torch.randn(24, 256, generator=g), torch.randn(32, 256, generator=g) + 0.1
+    assert frechet_distance(few_a, few_b) == pytest.approx(symmetric_fid(few_a, few_b), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
+def test_kernel_distance_agrees_with_torchmetrics_kid_on_equal_sets():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from models.metrics import GivenFeatures
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(40, 16, generator=g), torch.randn(40, 16, generator=g) + 0.3
+    kid = KernelInceptionDistance(feature=GivenFeatures(16), subsets=1, subset_size=40)
+    kid.update(a.double(), real=True)
+    kid.update(b.double(), real=False)
+    mean, _ = kid.compute()  # one subset of all rows: a permutation of each set, nothing drawn away
+    assert kernel_distance(a, b) == pytest.approx(float(mean), rel=1e-9)
+    assert kernel_distance(a, b) > 0.05
+
+
 def test_frechet_distance_rejects_too_few_rows():
     with pytest.raises(ValueError, match="N >= 2"):
         frechet_distance(torch.randn(1, 4), torch.randn(5, 4))

@@ -8,6 +8,10 @@ Tables (also written as Parquet next to the report):
 - ``by_prompt``: the same per (method, prompt variant);
 - ``reconstruction``: per decoder, the reconstruction's fidelity against the input x — G(E(x)) for
   DeltaEdit-G, the DDIM encode → decode under s for DeltaEdit-D (the paper's Table 3).
+
+The HTML headers say what each number is measured against (``vs recon``: the reconstruction by the same
+decoder; ``vs input``: the input photo) and mark with † the columns measured as the paper's Tab. 1
+measures them (``tab1_columns``); the Parquet tables keep the plain column names.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ HEADLINE = [
     "clip_direction",
     "psnr",
     "ssim",
+    "psnr_input",
+    "ssim_input",
     "lpips",
     "identity",
     "fid",
@@ -42,6 +48,63 @@ HEADLINE = [
     "psnr_outside_mask",
     "mask_fraction",
 ]
+
+
+# What each column of by_method / by_prompt is measured against, and of the reconstruction table.
+EDIT_LABELS = {
+    "psnr": "psnr vs recon",
+    "ssim": "ssim vs recon",
+    "psnr_input": "psnr vs input",
+    "ssim_input": "ssim vs input",
+    "lpips": "lpips vs recon",
+    "identity": "identity vs input",
+    "fid": "fid vs inputs",
+    "kid": "kid vs inputs",
+}
+RECON_LABELS = {
+    "psnr": "psnr vs input",
+    "ssim": "ssim vs input",
+    "mse": "mse vs input",
+    "lpips": "lpips vs input",
+}
+TAB1_MARK = " †"
+# docs/paper-setting.md, "Reported in the paper"
+TAB1_REFERENCE = (
+    "DeltaEdit-G FID 10.29 / PSNR 22.92 / IDS 0.90; DeltaEdit-D FID 9.36 / PSNR 23.51 / IDS 0.93"
+)
+
+
+def tab1_columns(features: str, identity: str | None) -> list[str]:
+    """The columns measured as DeltaEdit's Tab. 1 (FID, PSNR, IDS) measures them: PSNR of the edit
+    against the input; FID on the TF Inception's pool3 features (``features == "inception"``); IDS the
+    cosine of ArcFace IR-SE-50 embeddings (``identity == "arcface_ir_se50"``)."""
+    return (
+        ["psnr_input"]
+        + (["fid"] if features == "inception" else [])
+        + (["identity"] if identity == "arcface_ir_se50" else [])
+    )
+
+
+def tab1_note(features: str, identity: str | None) -> str:
+    """The report's footnote to the † columns, with why the others are not comparable here."""
+    marked = ", ".join(EDIT_LABELS[c] for c in tab1_columns(features, identity))
+    off = []
+    if features != "inception":
+        off.append(
+            "FID/KID use the run's CLIP features, not Inception (evaluate.inception_weights)"
+        )
+    if identity is None:
+        off.append("no identity network (evaluate.identity_model: e4e's model_ir_se50.pth)")
+    elif identity != "arcface_ir_se50":
+        off.append(f"identity uses a {identity} network, not ArcFace IR-SE-50")
+    return (
+        f"† measured as the paper's Tab. 1 (FID, PSNR, IDS against the input images): {marked}. "
+        f"The paper reports {TAB1_REFERENCE}; the numbers compare when the test images, their "
+        "resolution and the models are the paper's too (docs/paper-setting.md). "
+        "Not comparable here: " + ("; ".join(off) if off else "none") + ". "
+        "ssim vs input is measured the same way, but Tab. 1 has no SSIM; the vs recon columns "
+        "measure the edit alone (without the inversion's error)."
+    )
 
 
 def method_label(method: str, decoder: str) -> str:
@@ -194,21 +257,32 @@ def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
     return out
 
 
+def labelled(
+    tabs: dict[str, pd.DataFrame], comparable: Sequence[str] = ()
+) -> dict[str, pd.DataFrame]:
+    """The tables with headers saying what each metric is measured against, † on ``comparable``."""
+    edits = {c: label + (TAB1_MARK if c in comparable else "") for c, label in EDIT_LABELS.items()}
+    labels = {"by_method": edits, "by_prompt": edits, "reconstruction": RECON_LABELS}
+    return {name: df.rename(columns=labels.get(name, {})) for name, df in tabs.items()}
+
+
 def write(
     out: Location,
     tabs: dict[str, pd.DataFrame],
     grid: dict[str, R.Grid],
     summary: dict[str, str],
     notes: list[str],
+    comparable: Sequence[str] = (),
 ) -> str:
-    """Parquet tables + index.html + grid PNGs under ``out``; returns the report's URI."""
+    """Parquet tables (plain column names) + index.html (``labelled`` headers) + grid PNGs under
+    ``out``; returns the report's URI."""
     for name, df in tabs.items():
         out.write_bytes(f"{name}.parquet", _parquet(df))
     return R.write_report(
         out,
         title="DeltaEdit evaluation",
         summary=summary,
-        tables=tabs,
+        tables=labelled(tabs, comparable),
         grids=grid,
         plots=plots(tabs),
         notes=notes,
