@@ -25,5 +25,7 @@ train_diffusion_flow = training_flow(
         open_cache=ImageCache,
         trainer=DiffusionTrainer,
         out_dir=lambda _: DIFFUSION_DIR,
+        cache_options=lambda cfg: {"image_size": cfg.train_diffusion.image_size},  # None: the
+        # generator samples at the ingested photos' size (1024-px FFHQ samples → 256 px)
     )
 )

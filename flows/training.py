@@ -37,7 +37,12 @@ class CacheBuilder(Protocol):
         pools: Sequence[str],
         shards: Sequence[str] | None,
         val_fraction: float,
+        eval_fraction: float,
     ) -> SplitCache: ...
+
+
+def no_cache_options(cfg: RunConfig) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class TrainingFlow:
     open_cache: Callable[[Path], SplitCache]  # a built cache folder → the cache ``fit`` reads
     trainer: type[Trainer]  # its ``fit`` trains (a class: Ray pickles it by reference)
     out_dir: Callable[[Any], str]  # the section's settings → its folder under the run root
+    cache_options: Callable[[RunConfig], dict[str, Any]] = no_cache_options  # more cache arguments
 
 
 def training_flow(spec: TrainingFlow) -> Flow:
@@ -98,7 +104,13 @@ def prepare_rows(spec: TrainingFlow, cfg: RunConfig, shards: list[str] | None) -
         settings.cache_dir,
         f"{spec.tag}_cache",
         lambda folder: spec.build_cache(
-            root, folder, pools=settings.pools, shards=shards, val_fraction=settings.val_fraction
+            root,
+            folder,
+            pools=settings.pools,
+            shards=shards,
+            val_fraction=settings.val_fraction,
+            eval_fraction=cfg.split.eval_fraction,  # the catalog's eval part never trains
+            **spec.cache_options(cfg),
         ),
     )
     print(

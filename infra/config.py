@@ -69,6 +69,15 @@ class IngestConfig(Strict):
     min_side: int = Field(8, ge=1)  # smaller images are rejected
 
 
+class SplitConfig(Strict):
+    """The catalog's train/eval split by a stable key hash (``tasks.split``): an image is in the eval part
+    when blake2b-64("split:" + key) / 2⁶⁴ < eval_fraction. Training (train-mapper, train-diffusion) reads
+    only the train part of the catalog's images (generator samples are all training); bulk-edit edits only
+    the eval part (evaluate measures what was edited). 0: no split."""
+
+    eval_fraction: float = Field(0.0, ge=0, lt=1)  # FFHQ in the paper: 12 000 of 70 000 (0.1714…)
+
+
 class SampleConfig(Strict):
     n: int = Field(0, ge=0)  # generator samples z → w → s (0: none)
     shard_size: int = Field(256, ge=1)
@@ -141,6 +150,10 @@ class TrainDiffusionConfig(Strict):
         "samples",
     ]  # inverted images and/or generator samples
     model: DiffusionModelConfig = DiffusionModelConfig()
+    # the decoder's side length: every image resized to it before caching; None: generator samples brought
+    # to the ingested photos' size by block means (e4e's face_pool: FFHQ's 1024-px samples → 256 px), the
+    # photos as ingested (bulk-edit DDIM-encodes them)
+    image_size: int | None = Field(None, ge=8)
     steps: int = Field(100_000, ge=1)
     batch_size: int = Field(32, ge=1)  # per worker
     lr: float = Field(1e-4, gt=0)
@@ -369,6 +382,7 @@ class RunConfig(Strict):
     prefect: PrefectConfig = PrefectConfig()
     models: ModelsConfig = ModelsConfig()
     ingest: IngestConfig = IngestConfig()
+    split: SplitConfig = SplitConfig()
     sample: SampleConfig = SampleConfig()
     invert: InvertConfig = InvertConfig()
     embed: EmbedConfig = EmbedConfig()

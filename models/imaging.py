@@ -43,6 +43,16 @@ def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
+def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Square images to ``size`` px as e4e and DeltaEdit shrink G's 1024-px output to 256 px (``face_pool``,
+    ``AdaptiveAvgPool2d``: the mean of each 4×4 block); larger only by bilinear interpolation."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    if images.shape[-1] > size and images.shape[-2] > size:
+        return F.adaptive_avg_pool2d(images, (size, size))
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of two (B, 3, H, W) batches in [-1, 1] (peak-to-peak range 2)."""
     mse = ((a.float() - b.float()) ** 2).flatten(1).mean(dim=1).clamp_min(1e-12)

@@ -17,6 +17,7 @@ from infra.config import IngestConfig, RunConfig
 from infra.runtime.shards import Item, ShardSpec
 from infra.runtime.stage import code_fingerprint
 from infra.storage.fsio import open_uri
+from infra.storage.lmdb_catalog import LmdbReader, lmdb_entry
 from infra.storage.records import Sink
 from models.imaging import encode_image
 from tasks.layout import IMAGES
@@ -27,7 +28,15 @@ class BadImage(ValueError):
 
 
 def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
-    """Bytes of a file/URI, or of one member of a tar (``<tar>#<member>``)."""
+    """Bytes of a file/URI, of one member of a tar (``<tar>#<member>``), or of one entry of a local LMDB
+    (``<folder>#<id>``, ``infra.storage.lmdb_catalog``)."""
+    entry = lmdb_entry(source)
+    if entry is not None:
+        reader = LmdbReader()
+        try:
+            return reader.read(*entry)
+        finally:
+            reader.close()
     if "#" in source and source.split("#", 1)[0].endswith(".tar"):
         tar_uri, member = source.split("#", 1)
         with (

@@ -2,7 +2,9 @@
 
 - a local folder or glob, or an fsspec prefix (``s3://bucket/photos/``): every image file under it;
 - WebDataset tars (``shards/*.tar`` or one ``.tar``): every image member, source ``<tar>#<member>``;
-- a Parquet list (``list.parquet``) with a ``uri``/``url``/``path`` column of image locations.
+- a Parquet list (``list.parquet``) with a ``uri``/``url``/``path`` column of image locations;
+- an LMDB folder (LSUN's release: ``data.mdb``, keys image ids, values encoded images), local only:
+  every entry, source ``<folder>#<id>`` (``infra.storage.lmdb_catalog``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from infra.runtime.shards import Item, key_for
+from infra.storage.lmdb_catalog import is_lmdb, list_lmdb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -28,6 +31,8 @@ def list_catalog(source: str, storage_options: dict[str, Any] | None = None) -> 
         return list_parquet(source, opts)
     if source.endswith(".tar"):
         return list_tars(source, opts)
+    if is_lmdb(source, opts):
+        return list_lmdb(source, opts)
     return list_images(source, opts)
 
 

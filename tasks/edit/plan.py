@@ -27,6 +27,7 @@ from tasks.edit.processor import GENERATOR, plan_edits
 from tasks.layout import DIFFUSION_DIR, EDIT_PLAN, MAPPER_POOLS, Stages, mapper_dir, relevance_stage
 from tasks.prompts import EditVariant, load_prompts, resolve_tau
 from tasks.relevance import load_relevance
+from tasks.split import eval_keys
 from tasks.train.diffusion import FINAL as DIFFUSION_FILE
 from tasks.train.mapper import FINAL as MAPPER_FILE
 
@@ -48,7 +49,8 @@ def edit_variants(cfg: RunConfig, where: str) -> list[EditVariant]:
 def planned_edits(
     cfg: RunConfig, variants: Sequence[EditVariant], builder: EditBuilder | None = None
 ) -> list[ShardSpec]:
-    """The edits shards of this config (prompts × methods × the ok codes).
+    """The edits shards of this config (prompts × methods × the ok codes; of the run's own catalog, only
+    its eval part, ``tasks.split``).
 
     With a ``builder`` whose ``models_per_item`` is set, every edit's item also names the models it
     depends on (its method's mapper, the diffusion decoder), and a plain diffusion edit whether its
@@ -57,7 +59,9 @@ def planned_edits(
     computes only its own edits (the others are copied, ``infra.runtime.stage``)."""
     root = Location(cfg.root, cfg.storage_options)
     codes = StageStore(root, input_stages(cfg).codes)
-    specs = plan_edits(codes, variants, cfg.bulk_edit.methods, cfg.bulk_edit)
+    # the run's catalog: only its eval part is edited (split.eval_fraction); a bulk_edit.catalog: all
+    keep = None if cfg.bulk_edit.catalog else eval_keys(cfg.split.eval_fraction)
+    specs = plan_edits(codes, variants, cfg.bulk_edit.methods, cfg.bulk_edit, keep)
     if builder is None or not builder.models_per_item:
         return specs
     if cfg.bulk_edit.diffusion.max_images is None:  # else an image's decoders depend on its group

@@ -67,9 +67,14 @@ def decoder_suffix(decoder: str) -> str:
 
 
 def plan_edits(
-    codes: StageStore, variants: Sequence[EditVariant], methods: Sequence[str], cfg: BulkEditConfig
+    codes: StageStore,
+    variants: Sequence[EditVariant],
+    methods: Sequence[str],
+    cfg: BulkEditConfig,
+    keep: Callable[[str], bool] | None = None,
 ) -> list[ShardSpec]:
-    """Shards ``<codes shard>-<k>`` of ``images_per_shard`` images each, over the ok codes (sorted).
+    """Shards ``<codes shard>-<k>`` of ``images_per_shard`` images each, over the ok codes (sorted) whose
+    key ``keep`` accepts (None: all; ``tasks.split.eval_keys``: the catalog's eval part).
     Each variant's τ is resolved already (``tasks.prompts.resolve_tau``): items record the τ they use."""
     if any(v.tau is None for v in variants):
         raise ValueError(
@@ -77,7 +82,8 @@ def plan_edits(
         )
     specs, budget = [], cfg.max_images
     for upstream in plan_downstream(codes):
-        items = upstream.items if budget is None else upstream.items[: max(budget, 0)]
+        items = [i for i in upstream.items if keep is None or keep(i.key)]
+        items = items if budget is None else items[: max(budget, 0)]
         budget = None if budget is None else budget - len(items)
         for k, start in enumerate(range(0, len(items), cfg.images_per_shard)):
             group = items[start : start + cfg.images_per_shard]

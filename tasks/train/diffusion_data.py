@@ -6,6 +6,13 @@ Two pools, joined on key shard by shard (``tasks.train.row_cache``):
   samples — generator samples (``samples`` stage: images and their exact codes).
 Each row is ``[s (float32 × S) | pixels (uint8 × 3·H·W)]`` in one flat local file; the per-channel mean and
 std of s over the training rows (the U-Net standardises s with them) are computed in the same pass.
+
+Images are brought to one side length before they are cached, as e4e and DeltaEdit shrink G's output
+(the mean of each block, ``models.imaging.pool_to``): the paper's setting mixes 1024-px generator samples
+with 256-px photos. ``image_size`` (``train_diffusion.image_size``) resizes every image; None resizes the
+generator samples to the ingested photos' size (``ingest.image_size``, which bulk-edit's DDIM encoding
+takes) and leaves the photos as they are. The catalog's eval part (``split.eval_fraction``,
+``tasks.split``) is left out.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import torch
 from infra.storage.fsio import Location
 from infra.storage.readers import decode_rgb, encoded_image, iter_image_samples
 from infra.storage.tables import column_to_numpy, decode_metadata
-from tasks.layout import DIFFUSION_POOLS
+from models.imaging import pool_to
+from tasks.layout import CODES, DIFFUSION_POOLS
+from tasks.split import in_eval
 from tasks.train.row_cache import (
     FlatRows,
     ShardPair,
@@ -43,8 +52,11 @@ def build_image_cache(
     pools: Sequence[str] = tuple(DIFFUSION_POOLS),
     shards: Sequence[str] | None = None,
     val_fraction: float = 0.01,
+    eval_fraction: float = 0.0,
+    image_size: int | None = None,
 ) -> "ImageCache":
-    """Join the pools' images and codes into a flat row file under ``cache_dir`` (reused if current)."""
+    """Join the pools' images and codes into a flat row file under ``cache_dir`` (reused if current),
+    every image at ``image_size`` px (None: the generator samples at the photos' size)."""
     pairs = shard_pairs(root, pools, POOLS, shards)
     if not pairs:
         raise FileNotFoundError(
@@ -52,24 +64,35 @@ def build_image_cache(
         )
     folder = materialize(
         cache_dir,
-        pairs_fingerprint(pairs, "diffusion", val_fraction),
-        lambda tmp: _write_rows(pairs, tmp, val_fraction),
+        pairs_fingerprint(
+            pairs,
+            "diffusion",
+            val_fraction,
+            *([["eval", eval_fraction]] if eval_fraction else []),
+            *([["size", image_size]] if image_size else []),
+        ),
+        lambda tmp: _write_rows(pairs, tmp, val_fraction, eval_fraction, image_size),
     )
     return ImageCache(folder)
 
 
-def _shard_rows(images: Any, codes: Any, sid: str) -> tuple[list[str], np.ndarray, np.ndarray, Any]:
+def _shard_rows(
+    images: Any, codes: Any, sid: str, eval_fraction: float = 0.0, image_size: int | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray, Any]:
     """(keys, s (n, S), pixels (n, 3, H, W) uint8, codes table) of one shard, joined on key."""
     table = read_columns(codes, sid, ["key", "s"])
     pos = {k: i for i, k in enumerate(table.column("key").to_pylist())}
     s_all = column_to_numpy(table, "s")
+    held_out = eval_fraction if codes.stage == CODES else 0.0
     keys, s, pixels = [], [], []
     for sample in iter_image_samples(images, [sid]):
         key = sample["__key__"]
-        if key in pos:
+        if key in pos and not in_eval(key, held_out):
             keys.append(key)
             s.append(s_all[pos[key]])
-            pixels.append(decode_rgb(encoded_image(sample)).transpose(2, 0, 1))
+            pixels.append(
+                _at_size(decode_rgb(encoded_image(sample)), image_size, f"{images.stage}/{key}")
+            )
     if not keys:
         return (
             [],
@@ -86,16 +109,47 @@ def _shard_rows(images: Any, codes: Any, sid: str) -> tuple[list[str], np.ndarra
     return keys, np.stack(s).astype(np.float32), np.stack(pixels), table
 
 
-def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[str, Any]:
+def _at_size(rgb: np.ndarray, size: int | None, where: str) -> np.ndarray:
+    """(H, W, 3) uint8 → (3, size, size) uint8 (``models.imaging.pool_to``); None: as it is."""
+    chw = rgb.transpose(2, 0, 1)
+    if size is None or chw.shape[1:] == (size, size):
+        return chw
+    if chw.shape[1] != chw.shape[2]:
+        raise ValueError(
+            f"{where}: a {chw.shape[2]}×{chw.shape[1]} image; the diffusion decoder trains on square "
+            "images (ingest.resize: fit or center_crop)"
+        )
+    x = pool_to(torch.from_numpy(np.ascontiguousarray(chw)).float()[None], size)[0]
+    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _photo_size(pairs: list[ShardPair]) -> int | None:
+    """The side length of the catalog's ingested photos (the first one found); None without any."""
+    for images, codes, sid in pairs:
+        if codes.stage == CODES:
+            for sample in iter_image_samples(images, [sid]):
+                return decode_rgb(encoded_image(sample)).shape[0]
+    return None
+
+
+def _write_rows(
+    pairs: list[ShardPair],
+    out: Path,
+    val_fraction: float,
+    eval_fraction: float = 0.0,
+    image_size: int | None = None,
+) -> dict[str, Any]:
     """Stream shard by shard: never more than one shard's images in memory."""
     val: list[bool] = []
     counts: dict[str, int] = {}
     shape: tuple[int, ...] | None = None
     layout = None
     total = total_sq = None
+    photo_size = None if image_size else _photo_size(pairs)
     with open(out / ROWS, "wb") as f:
         for images, codes, sid in pairs:
-            keys, s, pixels, table = _shard_rows(images, codes, sid)
+            size = image_size or (None if codes.stage == CODES else photo_size)
+            keys, s, pixels, table = _shard_rows(images, codes, sid, eval_fraction, size)
             if not keys:
                 continue
             if shape is None:
@@ -108,6 +162,11 @@ def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[
                 raise ValueError(
                     f"{images.stage}/{sid}: (style dim, image shape) "
                     f"{(s.shape[1], *pixels.shape[1:])} differs from {shape}"
+                    + (
+                        ""
+                        if image_size
+                        else " (train_diffusion.image_size brings images to one size)"
+                    )
                 )
             rows = np.concatenate(
                 [s.view(np.uint8).reshape(len(keys), -1), pixels.reshape(len(keys), -1)], 1

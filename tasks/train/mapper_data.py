@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from infra.storage.tables import column_to_numpy, decode_metadata
-from tasks.layout import MAPPER_POOLS
+from tasks.layout import CODES, MAPPER_POOLS
+from tasks.split import in_eval
 from tasks.train.row_cache import (
     EpochSampler,
     FlatRows,
@@ -49,8 +50,10 @@ def build_row_cache(
     pools: Sequence[str] = tuple(MAPPER_POOLS),
     shards: Sequence[str] | None = None,
     val_fraction: float = 0.01,
+    eval_fraction: float = 0.0,
 ) -> "RowCache":
-    """Join the pools' codes and CLIP shards into a flat row file under ``cache_dir`` (reused if current)."""
+    """Join the pools' codes and CLIP shards into a flat row file under ``cache_dir`` (reused if current);
+    the catalog's eval part (``split.eval_fraction``, ``tasks.split``) is left out."""
     pairs = shard_pairs(root, pools, POOLS, shards)
     if not pairs:
         raise FileNotFoundError(
@@ -58,8 +61,10 @@ def build_row_cache(
         )
     folder = materialize(
         cache_dir,
-        pairs_fingerprint(pairs, val_fraction),
-        lambda tmp: _write_rows(pairs, tmp, val_fraction),
+        pairs_fingerprint(
+            pairs, val_fraction, *([["eval", eval_fraction]] if eval_fraction else [])
+        ),
+        lambda tmp: _write_rows(pairs, tmp, val_fraction, eval_fraction),
     )
     return RowCache(folder)
 
@@ -76,15 +81,19 @@ class JoinedShard:
     layout: dict[str, Any] | None
 
 
-def joined_shards(pairs: Sequence[ShardPair]) -> Iterator[JoinedShard]:
+def joined_shards(pairs: Sequence[ShardPair], eval_fraction: float = 0.0) -> Iterator[JoinedShard]:
     """Stream the pairs shard by shard (only the key/s/embedding columns): one shard in memory at a time;
-    every shard must have the first one's widths."""
+    every shard must have the first one's widths. ``eval_fraction``: the catalog's (``codes``) eval part
+    is left out (``tasks.split``)."""
     dims: tuple[int, int] | None = None
     for codes, clip, sid in pairs:
         s_tab = read_columns(codes, sid, ["key", "s"])
         e_tab = read_columns(clip, sid, ["key", "embedding"])
         e_row = {k: i for i, k in enumerate(e_tab.column("key").to_pylist())}
-        keys = [k for k in s_tab.column("key").to_pylist() if k in e_row]
+        held_out = eval_fraction if codes.stage == CODES else 0.0
+        keys = [
+            k for k in s_tab.column("key").to_pylist() if k in e_row and not in_eval(k, held_out)
+        ]
         s_pos = {k: i for i, k in enumerate(s_tab.column("key").to_pylist())}
         s = column_to_numpy(s_tab, "s")[[s_pos[k] for k in keys]]
         e = column_to_numpy(e_tab, "embedding")[[e_row[k] for k in keys]]
@@ -97,14 +106,16 @@ def joined_shards(pairs: Sequence[ShardPair]) -> Iterator[JoinedShard]:
         yield JoinedShard(codes, sid, keys, s, e, decode_metadata(s_tab).get("layout"))
 
 
-def _write_rows(pairs: list[ShardPair], out: Path, val_fraction: float) -> dict[str, Any]:
+def _write_rows(
+    pairs: list[ShardPair], out: Path, val_fraction: float, eval_fraction: float = 0.0
+) -> dict[str, Any]:
     """Stream shard by shard: never more than one shard's columns in memory."""
     val: list[bool] = []
     counts: dict[str, int] = {}
     dims: tuple[int, int] | None = None
     layout = None
     with open(out / ROWS, "wb") as f:
-        for shard in joined_shards(pairs):
+        for shard in joined_shards(pairs, eval_fraction):
             codes, keys, s, e = shard.codes, shard.keys, shard.s, shard.embedding
             if dims is None:
                 dims, layout = (s.shape[1], e.shape[1]), shard.layout
