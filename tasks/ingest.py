@@ -6,10 +6,9 @@ Every failure is caught per sample and recorded with a readable reason; the shar
 from __future__ import annotations
 
 import io
-import tarfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from PIL import Image, ImageOps
 
@@ -19,6 +18,7 @@ from infra.runtime.stage import code_fingerprint
 from infra.storage.fsio import open_uri
 from infra.storage.lmdb_catalog import LmdbReader, lmdb_entry
 from infra.storage.records import Sink
+from infra.storage.tarstream import tar_members
 from models.imaging import encode_image
 from tasks.layout import IMAGES
 
@@ -27,25 +27,68 @@ class BadImage(ValueError):
     """An input that cannot become a training image; the message says why."""
 
 
-def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
-    """Bytes of a file/URI, of one member of a tar (``<tar>#<member>``), or of one entry of a local LMDB
-    (``<folder>#<id>``, ``infra.storage.lmdb_catalog``)."""
-    entry = lmdb_entry(source)
-    if entry is not None:
-        reader = LmdbReader()
-        try:
-            return reader.read(*entry)
-        finally:
-            reader.close()
+def tar_member(source: str) -> tuple[str, str] | None:
+    """(tar URI, member name) of a ``<tar>#<member>`` source; None for a plain file or URI."""
     if "#" in source and source.split("#", 1)[0].endswith(".tar"):
         tar_uri, member = source.split("#", 1)
-        with (
-            open_uri(tar_uri, "rb", storage_options) as f,
-            tarfile.open(fileobj=f, mode="r:") as tar,
-        ):
-            return tar.extractfile(member).read()
-    with open_uri(source, "rb", storage_options) as f:
-        return f.read()
+        return tar_uri, member
+    return None
+
+
+def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
+    """Bytes of a file/URI, or of one member of a tar (``<tar>#<member>``: the tar read up to it)."""
+    with SourceReader(storage_options) as reader:
+        return reader.read(Item(source, source))
+
+
+class SourceReader:
+    """Reads the sources of a shard: a file whole; a tar member (``<tar>#<member>``, listed with its data
+    offset and size by ``infra.storage.catalog.list_tars``) with one seek and one read from a handle opened
+    once per tar, so a tar of N members costs one open and N reads, not a scan of the tar per member
+    (sequential in the listing's order, which a shard keeps). A member listed without an offset is found by
+    reading the tar from its start (``tarstream``)."""
+
+    def __init__(self, storage_options: dict[str, Any]):
+        self.storage_options = storage_options
+        self._tars: dict[str, IO[bytes]] = {}
+        self._lmdb = LmdbReader()  # <lmdb folder>#<id> sources (infra.storage.lmdb_catalog)
+
+    def __enter__(self) -> SourceReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, item: Item) -> bytes:
+        entry = lmdb_entry(item.source)
+        if entry is not None:
+            return self._lmdb.read(*entry)
+        where = tar_member(item.source)
+        if where is None:
+            with open_uri(item.source, "rb", self.storage_options) as f:
+                return f.read()
+        tar_uri, member = where
+        f = self._tars.get(tar_uri)
+        if f is None:
+            f = self._tars[tar_uri] = open_uri(tar_uri, "rb", self.storage_options)
+        offset, size = item.meta.get("offset"), item.meta.get("size")
+        if offset is None or size is None:
+            f.seek(0)
+            found = next((data for name, data in tar_members(f) if name == member), None)
+            if found is None:
+                raise FileNotFoundError(f"no member {member!r} in {tar_uri}")
+            return found
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{tar_uri} ends inside member {member!r} (changed since it was listed?)")
+        return data
+
+    def close(self) -> None:
+        for f in self._tars.values():
+            f.close()
+        self._tars.clear()
+        self._lmdb.close()
 
 
 def decode(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, dict[str, Any]]:
@@ -109,12 +152,13 @@ class IngestProcessor:
     reuse_items = True  # records depend only on their own item (infra.runtime.stage)
 
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:
-        for item in spec.items:
-            self.one(item, sink)
+        with SourceReader(self.storage_options) as reader:
+            for item in spec.items:
+                self.one(item, sink, reader)
 
-    def one(self, item: Item, sink: Sink) -> None:
+    def one(self, item: Item, sink: Sink, reader: SourceReader) -> None:
         try:
-            img, info = decode(read_source(item.source, self.storage_options), self.cfg)
+            img, info = decode(reader.read(item), self.cfg)
             out = resize(img, self.cfg.image_size, self.cfg.resize)
             data = encode_image(out, self.cfg.image_format)
         except BadImage as exc:

@@ -1,7 +1,8 @@
 """Listing a catalog of images into Items, from any of the sources users keep catalogs in:
 
 - a local folder or glob, or an fsspec prefix (``s3://bucket/photos/``): every image file under it;
-- WebDataset tars (``shards/*.tar`` or one ``.tar``): every image member, source ``<tar>#<member>``;
+- WebDataset tars (``shards/*.tar`` or one ``.tar``): every image member, source ``<tar>#<member>``, its
+  size and the offset of its data in the tar in the Item's metadata (ingest reads it with one seek);
 - a Parquet list (``list.parquet``) with a ``uri``/``url``/``path`` column of image locations;
 - an LMDB folder (LSUN's release: ``data.mdb``, keys image ids, values encoded images), local only:
   every entry, source ``<folder>#<id>`` (``infra.storage.lmdb_catalog``).
@@ -50,7 +51,8 @@ def list_parquet(source: str, storage_options: dict[str, Any]) -> list[Item]:
 
 
 def list_tars(source: str, storage_options: dict[str, Any]) -> list[Item]:
-    """One Item per image member of each WebDataset tar matched by ``source`` (a path or glob)."""
+    """One Item per image member of each WebDataset tar matched by ``source`` (a path or glob), with the
+    member's size and data offset (one pass over each tar's headers; the data is skipped)."""
     fs, path = fsspec.core.url_to_fs(source, **storage_options)
     protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
     tars = sorted(fs.glob(path)) if any(ch in path for ch in "*?[") else [path]
@@ -60,7 +62,9 @@ def list_tars(source: str, storage_options: dict[str, Any]) -> list[Item]:
             for member in tar.getmembers():
                 if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
                     uri = f"{protocol}{tar_path}#{member.name}"
-                    items.append(Item(key_for(uri), uri, {"size": member.size}))
+                    items.append(
+                        Item(key_for(uri), uri, {"size": member.size, "offset": member.offset_data})
+                    )
     return items
 
 

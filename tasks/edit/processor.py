@@ -189,37 +189,38 @@ class EditProcessor:
     _subspaces: dict[Any, Tensor] = field(default_factory=dict)
 
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:
+        """Edit the shard's items and stream each finished edit into ``sink`` in the shard's item order:
+        only a batch of renders (and one image's diffusion edits) is held, whatever the shard's size."""
         inputs = self._inputs(spec)
-        outcomes: dict[str, tuple[str, Any, dict[str, Any]]] = {}
-        pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]] = []
-        for (method, variant), items in _groups(spec).items():
-            try:
-                conv, changed = self._edit(
-                    method, variant, [inputs[i.meta["image"]] for i in items]
-                )
-            except ed.PromptError as exc:
-                outcomes.update({i.key: ("failed", str(exc), _fields(i, variant)) for i in items})
-                continue
-            rgb = torch.stack([inputs[i.meta["image"]][1] for i in items])
-            counts = changed.tolist()  # one copy to the host per batch
-            pending += [
-                (
-                    item,
-                    conv[n],
-                    rgb[n],
-                    {**_fields(item, variant), "channels_changed": int(counts[n])},
-                )
-                for n, item in enumerate(items)
-            ]
-        self._render([p for p in pending if p[0].meta["decoder"] == GENERATOR], outcomes)
-        self._render_diffusion(
-            [p for p in pending if p[0].meta["decoder"] != GENERATOR],
-            inputs,
-            outcomes,
-            spec.items[0].meta["codes_shard"],
-        )
+        codes = self._codes(spec, inputs)
+        out = _InOrder(spec.items, self._writer(sink))
+        batch: list[tuple[Item, Tensor, dict[str, Any]]] = []
+        photos: dict[str, bytes] | None = None
         for item in spec.items:
-            status, payload, fields = outcomes[item.key]
+            if item.key not in codes:  # decoded with its image's first diffusion item
+                continue
+            status, code, fields = codes.pop(item.key)
+            if status != "ok":
+                out.put(item.key, (status, code, fields))
+            elif item.meta["decoder"] == GENERATOR:
+                batch.append((item, code, fields))
+                if len(batch) == self.cfg.batch_size:
+                    self._render(batch, inputs, out)
+                    batch = []
+            else:  # an image's first diffusion item: decode all of that image's diffusion items
+                self._render(batch, inputs, out)
+                batch = []
+                if photos is None:
+                    photos = self._photos(
+                        spec.items[0].meta["codes_shard"], _diffusion_images(spec)
+                    )
+                self._render_diffusion((item, code, fields), codes, spec, inputs, photos, out)
+        self._render(batch, inputs, out)
+        out.close()
+
+    def _writer(self, sink: Sink) -> Callable[[Item, tuple[str, Any, dict[str, Any]]], None]:
+        def write(item: Item, outcome: tuple[str, Any, dict[str, Any]]) -> None:
+            status, payload, fields = outcome
             fields = {"image_key": item.meta["image"], **fields}
             if status == "ok":
                 sink.add(
@@ -227,6 +228,36 @@ class EditProcessor:
                 )
             else:
                 sink.add_failure(item.key, item.source, payload, **fields)
+
+        return write
+
+    def _codes(
+        self, spec: ShardSpec, inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]]
+    ) -> dict[str, tuple[str, Any, dict[str, Any]]]:
+        """item key -> ("ok", edited conv code (C,), fields) or ("failed", why, fields): the mapper and the
+        threshold in batches of the items that share a (method, variant), over the whole shard (codes are
+        small; the images they render are not)."""
+        codes: dict[str, tuple[str, Any, dict[str, Any]]] = {}
+        for (method, variant), items in _groups(spec).items():
+            try:
+                conv, changed = self._edit(
+                    method, variant, [inputs[i.meta["image"]] for i in items]
+                )
+            except ed.PromptError as exc:
+                codes.update({i.key: ("failed", str(exc), _fields(i, variant)) for i in items})
+                continue
+            counts = changed.tolist()  # one copy to the host per batch
+            codes.update(
+                {
+                    item.key: (
+                        "ok",
+                        conv[n],
+                        {**_fields(item, variant), "channels_changed": int(counts[n])},
+                    )
+                    for n, item in enumerate(items)
+                }
+            )
+        return codes
 
     def _inputs(self, spec: ShardSpec) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
         """image key -> (s, s_rgb, CLIP embedding or None) from the codes and clip_images shards."""
@@ -312,104 +343,134 @@ class EditProcessor:
     @torch.no_grad()
     def _render(
         self,
-        pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
-        outcomes: dict[str, tuple[str, Any, dict[str, Any]]],
+        batch: list[tuple[Item, Tensor, dict[str, Any]]],
+        inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]],
+        out: _InOrder,
     ) -> None:
+        """G(ŝ) of a batch of generator items, each encoded and handed on at once."""
+        if not batch:
+            return
         device = self.models.device
-        for start in range(0, len(pending), self.cfg.batch_size):
-            chunk = pending[start : start + self.cfg.batch_size]
-            conv, rgb = (torch.stack([c[n] for c in chunk]).to(device) for n in (1, 2))
-            images = self.models.render(conv, rgb)
-            finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
-            pixels = to_uint8(images)
-            for n, (item, _, _, fields) in enumerate(chunk):
-                outcomes[item.key] = (
-                    ("ok", self._encode(pixels[n]), fields)
-                    if finite[n]
-                    else ("failed", "the edited code renders non-finite pixels", fields)
-                )
+        conv = torch.stack([c for _, c, _ in batch]).to(device)
+        rgb = torch.stack([inputs[i.meta["image"]][1] for i, _, _ in batch]).to(device)
+        images = self.models.render(conv, rgb)
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        pixels = to_uint8(images)
+        for n, (item, _, fields) in enumerate(batch):
+            out.put(
+                item.key,
+                ("ok", self._encode(pixels[n]), fields)
+                if finite[n]
+                else ("failed", "the edited code renders non-finite pixels", fields),
+            )
 
     @torch.no_grad()
     def _render_diffusion(
         self,
-        pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
+        first: tuple[Item, Tensor, dict[str, Any]],
+        codes: dict[str, tuple[str, Any, dict[str, Any]]],
+        spec: ShardSpec,
         inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]],
-        outcomes: dict[str, tuple[str, Any, dict[str, Any]]],
-        shard: str,
+        photos: dict[str, bytes],
+        out: _InOrder,
     ) -> None:
-        """DDIM-encode each photo once, then decode its reconstruction and every edit (plain / mask-guided)."""
-        if not pending:
-            return
-        photos = self._photos(shard, {p[0].meta["image"] for p in pending})
-        missing = [p for p in pending if p[0].meta["image"] not in photos]
-        for item, _, _, fields in missing:
-            outcomes[item.key] = (
-                "failed",
-                f"no input image for {item.meta['image']} in "
-                f"{self.images.stage}/{shard} (the diffusion decoder encodes it)",
-                fields,
-            )
-        pending = [p for p in pending if p[0].meta["image"] in photos]
-        if not pending:
+        """DDIM-encode the photo of ``first`` (an image's first diffusion item) once, then decode its
+        reconstruction and every diffusion edit of that image (plain / mask-guided), taken out of ``codes``."""
+        image, shard = first[0].meta["image"], first[0].meta["codes_shard"]
+        pending = [first] + [
+            (i, *codes.pop(i.key)[1:])
+            for i in spec.items
+            if i.meta["image"] == image
+            and i.meta["decoder"] != GENERATOR
+            and codes.get(i.key, ("",))[0] == "ok"
+        ]
+        if image not in photos:
+            for item, _, fields in pending:
+                out.put(
+                    item.key,
+                    (
+                        "failed",
+                        f"no input image for {image} in {self.images.stage}/{shard} "
+                        "(the diffusion decoder encodes it)",
+                        fields,
+                    ),
+                )
             return
         dec = self.models.diffusion
-        keys = sorted({p[0].meta["image"] for p in pending})
-        s0 = torch.stack([inputs[k][0] for k in keys])
-        x_t = dict(zip(keys, dec.encode(torch.stack([photos[k] for k in keys]), s0)))
-        recon = dict(zip(keys, dec.decode(torch.stack([x_t[k] for k in keys]), s0)))
+        s0 = inputs[image][0][None]
+        x_t = dec.encode(decode_image(photos[image])[None], s0)
+        recon = dec.decode(x_t, s0)[0]
         images: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
-        plain = [
-            p
-            for p in pending
-            if p[0].meta["decoder"] == "diffusion" and p[0].meta["method"] != RECON
-        ]
-        if plain:
-            out = dec.decode(*_sources(plain, inputs, x_t), torch.stack([p[1] for p in plain]))
-            images.update({p[0].key: out[n] for n, p in enumerate(plain)})
-        masked = [p for p in pending if p[0].meta["decoder"] == "diffusion_masked"]
-        if masked:
-            out, mask = dec.decode_masked(
-                *_sources(masked, inputs, x_t), torch.stack([p[1] for p in masked])
-            )
-            images.update({p[0].key: out[n] for n, p in enumerate(masked)})
-            masks.update({_twin(p[0].key): mask[n] for n, p in enumerate(masked)})
-        for item, _, _, fields in pending:
-            image = recon[item.meta["image"]] if item.meta["method"] == RECON else images[item.key]
+        for decoder in ("diffusion", "diffusion_masked"):
+            group = [
+                p
+                for p in pending
+                if p[0].meta["decoder"] == decoder and p[0].meta["method"] != RECON
+            ]
+            if not group:
+                continue
+            n = len(group)
+            args = (x_t.repeat(n, 1, 1, 1), s0.repeat(n, 1), torch.stack([p[1] for p in group]))
+            if decoder == "diffusion":
+                decoded = dec.decode(*args)
+            else:
+                decoded, mask = dec.decode_masked(*args)
+                masks.update({_twin(p[0].key): mask[k] for k, p in enumerate(group)})
+            images.update({p[0].key: decoded[k] for k, p in enumerate(group)})
+        for item, _, fields in pending:
+            edited = recon if item.meta["method"] == RECON else images.pop(item.key)
             mask = masks.get(_twin(item.key))
             if mask is not None:  # the plain edit is scored outside its masked twin's mask
                 fields = {
                     **fields,
                     "mask_fraction": float(mask.mean()),
                     "psnr_outside_mask": float(
-                        psnr_where(image[None], recon[item.meta["image"]][None], 1 - mask[None])[0]
+                        psnr_where(edited[None], recon[None], 1 - mask[None])[0]
                     ),
                 }
-            outcomes[item.key] = (
-                ("ok", self._encode(to_uint8(image[None])[0]), fields)
-                if torch.isfinite(image).all()
-                else ("failed", "the edited code decodes to non-finite pixels", fields)
+            out.put(
+                item.key,
+                ("ok", self._encode(to_uint8(edited[None])[0]), fields)
+                if torch.isfinite(edited).all()
+                else ("failed", "the edited code decodes to non-finite pixels", fields),
             )
 
-    def _photos(self, shard: str, wanted: set[str]) -> dict[str, Tensor]:
-        """The input photos (3, H, W) in [-1, 1] of ``wanted`` keys from the images shard, if it exists."""
-        if self.images is None or shard not in self.images.finished():
+    def _photos(self, shard: str, wanted: set[str]) -> dict[str, bytes]:
+        """The encoded input photos of ``wanted`` keys from the images shard, if it exists (read once per
+        shard, decoded one image at a time)."""
+        if not wanted or self.images is None or shard not in self.images.finished():
             return {}
         return {
-            sample["__key__"]: decode_image(encoded_image(sample))
+            sample["__key__"]: encoded_image(sample)
             for sample in iter_image_samples(self.images, [shard])
             if sample["__key__"] in wanted
         }
 
 
-def _sources(
-    pending: list[tuple[Item, Tensor, Tensor, dict[str, Any]]],
-    inputs: dict[str, tuple[Tensor, Tensor, Tensor | None]],
-    x_t: dict[str, Tensor],
-) -> tuple[Tensor, Tensor]:
-    """(x_t, s) of the source image of each pending diffusion edit."""
-    images = [p[0].meta["image"] for p in pending]
-    return torch.stack([x_t[k] for k in images]), torch.stack([inputs[k][0] for k in images])
+class _InOrder:
+    """Hands outcomes on in the shard's item order, holding only those that arrive ahead of their turn."""
+
+    def __init__(self, items: Sequence[Item], write: Callable[[Item, Any], None]):
+        self.items, self.write, self.next = items, write, 0
+        self.ready: dict[str, Any] = {}
+
+    def put(self, key: str, outcome: Any) -> None:
+        self.ready[key] = outcome
+        while self.next < len(self.items) and self.items[self.next].key in self.ready:
+            item = self.items[self.next]
+            self.write(item, self.ready.pop(item.key))
+            self.next += 1
+
+    def close(self) -> None:
+        if self.next != len(self.items):
+            raise RuntimeError(
+                f"edit stage: {len(self.items) - self.next} items were never written"
+            )
+
+
+def _diffusion_images(spec: ShardSpec) -> set[str]:
+    return {i.meta["image"] for i in spec.items if i.meta["decoder"] != GENERATOR}
 
 
 def _twin(key: str) -> str:
