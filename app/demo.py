@@ -1,11 +1,12 @@
 """`deltaedit demo` / `make demo`: the pipeline on the embedded toy domain, offline, in minutes.
 
-It renders a small toy catalog (as a user's own image folder would be), then runs the pipeline with the
-committed toy models — preprocess (ingest, invert, sample, embed), relevance, train-mapper (the Delta
+It renders a small toy catalog (as a user's own image folder would be), then runs the pipeline flow
+(``flows.pipeline``) with the committed toy models — preprocess (ingest, invert, sample, embed), relevance, train-mapper (the Delta
 Mapper and the straightforward baseline), bulk-edit (configs/prompts/toy.yaml with DeltaEdit and both
 baselines, decoded by the generator and, for DeltaEdit on a quarter of the images, by the committed
 diffusion decoder, plain and mask-guided), `analyze edits` (where an edit is lost: generator, mapper or
-threshold) and evaluate — and ends with the path of the HTML report.
+threshold) and evaluate, then writes runs/toy/manifest.json — and ends with the path of the HTML report.
+A second `make demo` finds everything finished and does no work.
 The diffusion decoder is not retrained here (~30 min): `deltaedit run train-diffusion` does that.
 """
 
@@ -14,58 +15,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.edit_analysis import analyze_edits
-from flows.registry import load_flow
+from flows.pipeline import pipeline_flow
 from infra.config import load_config
 from infra.runtime.prefect_runtime import ensure_prefect_api
-from infra.storage.fsio import Location
 from models.toy.catalog import render_catalog
-from tasks.analysis import edits as EA
-from tasks.layout import ANALYSIS_DIR
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 CATALOG_SIZE = 256
 ANALYSIS_IMAGES = (
     64  # inverted images the demo's `analyze edits` step edits (of the 64 bulk-edited)
 )
-DEMO_STEPS: tuple[tuple[str, str, list[str]], ...] = (  # (label, flow, overrides)
-    ("preprocess", "preprocess", []),
-    ("relevance", "relevance", []),
-    ("mapper", "train-mapper", []),
-    ("straightforward", "train-mapper", ["train_mapper.model=straightforward"]),
-    ("bulk-edit", "bulk-edit", []),
-    ("evaluate", "evaluate", []),
-)
 
 
 def run_demo(config: Path = CONFIG) -> int:
+    """The toy catalog (rendered once), then the pipeline flow (flows/pipeline.py) with `analyze edits`."""
     cfg = load_config(config)
     catalog = Path(cfg.ingest.source)
     if not (catalog / "attributes.jsonl").exists():
         print(f"rendering {CATALOG_SIZE} toy images into {catalog}")
         render_catalog(str(catalog), CATALOG_SIZE, seed=cfg.seed)
     ensure_prefect_api()
-    results: dict[str, Any] = {}
-    for label, name, overrides in DEMO_STEPS:
-        if name == "evaluate":  # the report includes the analysis when it exists
-            print(f"analysis: {analyze_run(cfg, str(config))}")
-        for stage, summary in load_flow(name)(str(config), overrides).items():
-            results[label if stage == "train_mapper" else stage] = summary
+    out = pipeline_flow(str(config), [], analyze_images=ANALYSIS_IMAGES)
+    results = out["steps"]
     print()
     for stage, s in results.items():
-        if stage != "report":
+        if stage not in ("report", "analysis"):
             print(f"{stage:16s} {_line(s)}")
-    print(f"outputs under {cfg.root}/")
-    print(f"report: {results['report']['uri']}")
+    if "analysis" in results:
+        print(f"analysis: {results['analysis']['uri']}")
+    if out["skipped"]:
+        print(f"unchanged since the last run: {', '.join(out['skipped'])}")
+    print(f"outputs under {cfg.root}/ (manifest: {out['manifest']})")
+    print(f"report: {out['report']}")
     return 1 if any(s.get("failed_shards") for s in results.values()) else 0
-
-
-def analyze_run(cfg: Any, config: str) -> str:
-    """`deltaedit analyze edits` on the run (where an edit is lost); returns where it wrote it."""
-    result = analyze_edits(cfg, config, n_images=ANALYSIS_IMAGES)
-    return EA.write_outputs(Location(cfg.root, cfg.storage_options).child(ANALYSIS_DIR), result)[
-        EA.JSON_FILE
-    ]
 
 
 def _line(summary: dict[str, Any]) -> str:

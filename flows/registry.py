@@ -57,6 +57,11 @@ FLOWS: dict[str, FlowEntry] = {
             "edit every image with every prompt (DeltaEdit, baselines, sweeps) into the edits store",
         ),
         FlowEntry(
+            "pipeline",
+            "flows/pipeline.py:pipeline_flow",
+            "every step the config needs, preprocess to evaluate, skipping finished work; writes <root>/manifest.json",
+        ),
+        FlowEntry(
             "evaluate",
             "flows/evaluate.py:evaluate_flow",
             "metrics of every edit (oracle, CLIP direction, PSNR/SSIM, FID/KID, ...) and the HTML report",
