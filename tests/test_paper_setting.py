@@ -245,6 +245,7 @@ def _ffhq_overrides(base: Path, spec: dict, zoo: list[str]) -> list[str]:
         "evaluate.identity_model=null",
         "evaluate.lpips_weights=null",
         "evaluate.grid_images=2",
+        "evaluate.batch_size=8",  # 1024-px edits: 64 of them are 0.8 GB a tensor, on a small CPU host
         *zoo,
     ]
 
