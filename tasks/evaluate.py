@@ -24,7 +24,7 @@ and its input (images store), and records:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from infra.config import EvaluateConfig, RunConfig
-from infra.runtime.shards import ShardSpec
+from infra.runtime.shards import Item, ShardSpec
 from infra.runtime.stage import code_fingerprint
 from infra.storage.fsio import Location
 from infra.storage.readers import decode_image, encoded_image, iter_image_samples
@@ -103,9 +103,7 @@ class MetricsProcessor:
             for s in iter_image_samples(self.images, [_images_shard(spec)])
             if s["__key__"] in wanted
         }
-        items = list(spec.items)
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
+        for chunk in _batches(spec.items, lambda i: tuple(edited[i.key].shape), self.batch_size):
             meta = [rows[i.key] for i in chunk]
             edit = torch.stack([edited[i.key] for i in chunk])
             recon = torch.stack([edited[recon_key(m["image_key"], m["decoder"])] for m in meta])
@@ -313,3 +311,14 @@ class MetricsBuilder:
                 "inputs": [self.images_stage, self.edits_stage],
             },
         )
+
+
+def _batches(
+    items: Sequence[Item], size_of: Callable[[Item], tuple], batch_size: int
+) -> list[list[Item]]:
+    """Batches of at most ``batch_size`` items whose edits have one image size (the generator's and a
+    diffusion decoder's can differ), in the shard's order within each size."""
+    groups: dict[tuple, list[Item]] = {}
+    for item in items:
+        groups.setdefault(size_of(item), []).append(item)
+    return [g[n : n + batch_size] for g in groups.values() for n in range(0, len(g), batch_size)]

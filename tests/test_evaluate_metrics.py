@@ -135,3 +135,19 @@ def test_the_report_labels_what_each_number_is_measured_against(tmp_path):
     assert list(pd.read_parquet(tmp_path / "report" / "by_method.parquet").columns) == list(
         by_method.columns
     )
+
+
+def test_edits_of_different_sizes_are_measured_in_separate_batches():
+    """A 1024-px generator edit and a 256-px diffusion edit of one image cannot share a stacked batch."""
+    from infra.runtime.shards import Item
+    from tasks.evaluate import _batches
+
+    items = [Item(f"k{n}", "s") for n in range(7)]
+    size = {"k0": 1024, "k1": 256, "k2": 1024, "k3": 1024, "k4": 256, "k5": 1024, "k6": 256}
+    batches = _batches(items, lambda i: (size[i.key],), batch_size=3)
+    assert [[i.key for i in b] for b in batches] == [
+        ["k0", "k2", "k3"], ["k5"], ["k1", "k4", "k6"]
+    ]  # fmt: skip
+    assert all(len({size[i.key] for i in b}) == 1 for b in batches)
+    same = _batches(items, lambda i: (64,), batch_size=3)  # one size: the shard's order, as before
+    assert [i.key for b in same for i in b] == [i.key for i in items]
