@@ -4,6 +4,9 @@ VENV    ?= .venv
 UV_VER  := 0.13.8
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+BROWSER := $(VENV)/.chromium
+CHROMIUM ?= /usr/bin/chromium
+export CHROMIUM
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
@@ -13,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test lint format test-slow bench lock clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(BROWSER)
 
 # The venv is rebuilt whenever the lock file changes; `uv pip sync` installs exactly the locked set.
 # --compile-bytecode: every process (each Ray worker, each CLI call) then imports torch, pandas and
@@ -25,6 +28,19 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/uv pip sync --compile-bytecode --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
+
+# The report's browser test (tests/helpers_browser.py) drives Debian's headless Chromium over its
+# DevTools protocol: installed here when $(CHROMIUM) is missing (apt, with sudo unless root); nothing
+# is downloaded when the tests run. Where that fails it says so, and the browser tests fail naming the fix.
+$(BROWSER): | $(STAMP)
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends chromium; } || \
+	  echo "could not install chromium: the report's browser test needs $(CHROMIUM)"; \
+	else echo "$(CHROMIUM) missing and no apt-get: install Chromium for the report's browser test"; fi
+	@if [ -x $(CHROMIUM) ]; then touch $@; fi
 
 demo: setup
 	$(BIN)/deltaedit demo

@@ -612,6 +612,30 @@ def test_evaluate_measures_every_edit_and_writes_the_report(prepared):
         )
 
 
+def test_the_evaluate_report_reads_in_a_real_browser(prepared, tmp_path):
+    """The report of a real run on tiny models as a person sees it, in headless Chromium at 1440 and
+    1024 px: what a reader asks first (headline, then the grids, then per prompt), every image
+    decoded, nothing wider than the window; screenshots under tmp_path."""
+    from helpers_browser import check_report
+
+    from flows.bulk_edit import bulk_edit_flow
+    from flows.evaluate import evaluate_flow
+
+    root, overrides = prepared
+    overrides = overrides + [f"evaluate.oracle={ORACLE}", "evaluate.grid_images=3"]
+    bulk_edit_flow(None, overrides)  # nothing to do after the test above: its shards are finished
+    evaluate_flow(None, overrides)
+    html = (root / "report" / "index.html").read_text()
+    order = ["Did the edits land?", "<h2>Which method is best", "<h2>What the edits look like"]
+    order += ["<h3>edit accuracy per prompt", "<h2>All numbers", "<details>", "<h2>Notes"]
+    assert [html.index(s) for s in order] == sorted(html.index(s) for s in order)
+    assert "unedited level" in html and html.count('<td class="best"') >= 3
+    seen = check_report(root / "report" / "index.html", tmp_path)
+    for page in seen.values():  # input and reconstruction of 3 images per method, then the edits
+        assert len(page["images"]) > 2 * 3 * len(METHODS) and page["svgs"] == 2
+    assert (tmp_path / "report_1440.png").exists() and (tmp_path / "report_1024_full.png").exists()
+
+
 @pytest.mark.usefixtures("prefect_harness", "ray_cluster")
 def test_diffusion_decoders_edit_next_to_the_generator_and_are_evaluated(prepared, tmp_path):
     """train-diffusion on the run's stores → bulk-edit with G, DeltaEdit-D and its mask-guided decode →

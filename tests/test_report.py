@@ -6,6 +6,7 @@ import io
 import re
 
 import pandas as pd
+from helpers_browser import check_report
 from PIL import Image
 
 from infra.storage.fsio import Location
@@ -109,3 +110,80 @@ def test_write_report(tmp_path):
     grid = Image.open(tmp_path / "report" / "grid_edits_toy.png")
     assert grid.size == Image.open(io.BytesIO(grid_png(make_grid()))).size
     assert 'href="grid_edits_toy.png"' in page
+
+
+def test_numbers_are_rounded_per_column_never_in_exponent_notation():
+    from tasks.reporting.html import number_formatter
+
+    kid = number_formatter([3.085e-05, -2.3e-05, 0.000658])
+    assert [kid(v) for v in (3.085e-05, -2.3e-05, float("nan"))] == ["0.000031", "-0.000023", "–"]
+    assert number_formatter([1.0, 2.0])(2.0) == "2" and number_formatter([64, 16])(16) == "16"
+    assert number_formatter([23.456789, 0.5])(0.5) == "0.50"  # one format for the column
+
+
+def test_headline_marks_the_best_of_each_ranked_row():
+    from tasks.reporting.html import Headline, Metric, headline_html
+
+    table = pd.DataFrame({"method": ["a", "b"], "acc": [0.9, 0.5], "fid": [3.5, 2.25], "n": [4, 4]})
+    page = headline_html(
+        Headline(
+            table,
+            "method",
+            [
+                Metric("acc", "accuracy", "share right", "higher", lambda v: f"{100 * v:.0f} %"),
+                Metric("fid", "fid", "distance", "lower"),
+                Metric("n", "edits", "count"),
+            ],
+            title="Which <one>",
+        )
+    )
+    assert '<td class="best" title="best">90 %</td><td>50 %</td>' in page
+    assert '<td>3.50</td><td class="best" title="best">2.25</td>' in page
+    assert "best" not in page.split("edits")[1]  # an unranked row is not marked
+    assert "Which &lt;one&gt;" in page and "share right" in page
+
+
+def test_a_report_reads_in_a_real_browser(tmp_path):
+    """A report with a wide grid, a long table with long prompts and a plot, in headless Chromium at
+    a laptop's widths: every image decodes, nothing is wider than the window (screenshots kept)."""
+    from tasks.reporting.html import Headline, Metric, hbar_plot_svg
+
+    prompts = pd.DataFrame(
+        {
+            "method": ["deltaedit", "styleclip_gd"] * 30,
+            "variant": [f"prompt_{i // 2}" for i in range(60)],
+            "prompt": [f"a shape → a shape that is {'very ' * (i % 7)}red" for i in range(60)],
+            "edit_accuracy": [(i % 10) / 10 for i in range(60)],
+            "unedited_accuracy": [0.2] * 60,
+            "kid": [3.085e-05 * (i - 30) for i in range(60)],
+        }
+    )
+    grid = Grid(
+        ["input", "reconstruction", *(f"prompt_{i}" for i in range(16))],
+        [(f"image {r}", [GridCell(png("red", 64))] * 18) for r in range(3)],
+    )
+    head = Headline(
+        prompts.groupby("method", as_index=False)[["edit_accuracy", "kid"]].mean(),
+        "method",
+        [Metric("edit_accuracy", "edit accuracy", "share of edits that land", "higher")],
+    )
+    out = Location(str(tmp_path / "report"))
+    write_report(
+        out,
+        title="browser",
+        summary={"run": "s3://bucket/" + "long-name-" * 20},
+        tables={"by_prompt": prompts},
+        grids={"deltaedit": grid},
+        plots={
+            "per prompt": hbar_plot_svg(
+                prompts, "variant", "edit_accuracy", "method", reference="unedited_accuracy"
+            )
+        },
+        notes=["x" * 300],
+        lead=[("Did the edits land?", "yes")],
+        headline=head,
+    )
+    seen = check_report(tmp_path / "report" / "index.html", tmp_path)
+    assert all(len(page["images"]) == 3 * 18 and page["svgs"] == 1 for page in seen.values())
+    assert Image.open(tmp_path / "report_1440.png").size == (1440, 900)
+    assert Image.open(tmp_path / "report_1024_full.png").height > 768

@@ -12,6 +12,11 @@ Tables (also written as Parquet next to the report):
 The HTML headers say what each number is measured against (``vs recon``: the reconstruction by the same
 decoder; ``vs input``: the input photo) and mark with † the columns measured as the paper's Tab. 1
 measures them (``tab1_columns``); the Parquet tables keep the plain column names.
+
+The page answers what a reader asks, in that order: did the edits land and which method is best
+(``lead``; ``headline``: by_method on its side, rounded, the best of each row in bold, each metric
+explained in a line, ``METRICS``), what the edits look like (the grids), per prompt (``plots``: edit
+accuracy against its unedited level, accuracy against preservation), then every table folded.
 """
 
 from __future__ import annotations
@@ -72,6 +77,94 @@ TAB1_MARK = " †"
 TAB1_REFERENCE = (
     "DeltaEdit-G FID 10.29 / PSNR 22.92 / IDS 0.90; DeltaEdit-D FID 9.36 / PSNR 23.51 / IDS 0.93"
 )
+
+
+def _pct(v: float) -> str:
+    return f"{100 * float(v):.1f} %"
+
+
+def _fixed(decimals: int):
+    return lambda v: f"{float(v):.{decimals}f}"
+
+
+# The headline's rows, in order: column, label (EDIT_LABELS where it says what the number is measured
+# against), one line on what it is, which way is better (None: not ranked), how it is shown.
+METRICS = [
+    ("n", "edits", "edits measured (a +diffusion method decodes only some images)", None, None),
+    (
+        "edit_accuracy",
+        "edit accuracy",
+        "share of edits in which the attribute oracle reads every attribute the prompt asks for",
+        "higher",
+        _pct,
+    ),
+    (
+        "unedited_accuracy",
+        "unedited level",
+        "the same read on the unedited reconstruction: what edit accuracy must beat",
+        None,
+        _pct,
+    ),
+    (
+        "preservation",
+        "preservation",
+        "share of the other attributes the oracle reads as before the edit",
+        "higher",
+        _pct,
+    ),
+    (
+        "clip_direction",
+        "CLIP direction",
+        "cosine between the image's change and the text's change in CLIP space",
+        "higher",
+        _fixed(3),
+    ),
+    ("psnr", None, "PSNR in dB: how little else the edit changed", "higher", _fixed(2)),
+    ("ssim", None, "structural similarity (1: identical)", "higher", _fixed(3)),
+    ("psnr_input", None, "PSNR in dB: inversion and edit together", "higher", _fixed(2)),
+    ("ssim_input", None, "structural similarity, inversion and edit together", "higher", _fixed(3)),
+    ("lpips", None, "perceptual distance (0: identical)", "lower", _fixed(3)),
+    ("identity", None, "cosine of face-identity embeddings of edit and input", "higher", _fixed(3)),
+    (
+        "fid",
+        None,
+        "Fréchet distance between the edits' and the inputs' feature statistics",
+        "lower",
+        None,
+    ),
+    ("kid", None, "kernel distance, the same comparison, unbiased on small sets", "lower", None),
+    (
+        "channels_changed",
+        "channels changed",
+        "style channels the edit moves (fewer: a more local edit)",
+        None,
+        _fixed(1),
+    ),
+    (
+        "psnr_outside_mask",
+        "psnr outside mask",
+        "PSNR in dB against the diffusion reconstruction outside the edit mask",
+        "higher",
+        _fixed(2),
+    ),
+    ("mask_fraction", "mask fraction", "share of the image inside the edit mask", None, _pct),
+]
+# Plain names for the other columns of by_method / by_prompt in the HTML.
+PLAIN_LABELS = {c: label for c, label, *_ in METRICS if label and c not in EDIT_LABELS}
+TABLE_CAPTIONS = {
+    "by_method": "every metric per method, unrounded (the headline's numbers)",
+    "by_prompt": "every metric per method and prompt",
+    "reconstruction": "the inversion alone: each decoder's reconstruction against the input",
+}
+PLOT_CAPTIONS = {
+    "edit accuracy per prompt": "Bars: the share of edits in which the oracle reads the prompt's "
+    "target; black tick: the same on the unedited images, the level an edit must beat. "
+    "Interpolations have no target and are left out.",
+    "accuracy vs preservation": "One point per prompt and method: up is a stronger edit, right "
+    "keeps more of the rest; the top right corner is best.",
+    "CLIP direction per prompt": "The cosine between the image's change and the text's change in "
+    "CLIP space, per prompt and method (no attribute oracle configured: no edit accuracy).",
+}
 
 
 def tab1_columns(features: str, identity: str | None) -> list[str]:
@@ -228,7 +321,18 @@ def grids(
                 for v in variants
             ]
             grid_rows.append((key[:18], cells))
-        out[method] = R.Grid(["input", "reconstruction", *variants], grid_rows)
+        texts = dict(
+            zip(
+                mine["variant"],
+                mine["source_text"].astype(str) + " → " + mine["target_text"].astype(str),
+            )
+        )
+        out[method] = R.Grid(
+            ["input", "reconstruction", *variants],
+            grid_rows,
+            titles=["the input image", f"its reconstruction ({decoder})"]
+            + [texts[v] for v in variants],
+        )
     return out
 
 
@@ -242,17 +346,125 @@ def _pngs(store: StageStore, shards: list[str], wanted: set[str]) -> dict[str, b
 
 
 def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
-    by_method, by_prompt = tabs["by_method"], tabs["by_prompt"]
+    """Per prompt: edit accuracy against its unedited level (or CLIP direction without an oracle),
+    and accuracy against preservation."""
+    by_prompt = tabs["by_prompt"]
+    texts = by_prompt["prompt"] if "prompt" in by_prompt.columns else by_prompt["variant"]
+    names = {
+        v: f"{v}: {p}" if isinstance(p, str) and p != v else v
+        for v, p in zip(by_prompt["variant"].astype(str), texts)
+    }
     out = {}
-    for metric in ("edit_accuracy", "preservation", "clip_direction"):
-        if metric in by_method.columns:
-            out[f"{metric} per method"] = R.bar_plot_svg(by_method, "method", metric, title=metric)
-            out[f"{metric} per prompt"] = R.bar_plot_svg(
-                by_prompt, "variant", metric, hue="method", title=f"{metric} per prompt"
+    if "edit_accuracy" in by_prompt.columns:
+        scored = by_prompt[by_prompt["edit_accuracy"].notna()]
+        out["edit accuracy per prompt"] = R.hbar_plot_svg(
+            scored,
+            "variant",
+            "edit_accuracy",
+            hue="method",
+            reference="unedited_accuracy" if "unedited_accuracy" in scored.columns else None,
+            reference_label="unedited level",
+            labels=names,
+            xlabel="edit accuracy",
+            percent=True,
+        )
+        if "preservation" in by_prompt.columns:
+            out["accuracy vs preservation"] = R.scatter_plot_svg(
+                scored,
+                "preservation",
+                "edit_accuracy",
+                hue="method",
+                xlabel="preservation (other attributes kept)",
+                ylabel="edit accuracy",
             )
-    if {"edit_accuracy", "preservation"} <= set(by_prompt.columns):
-        out["accuracy vs preservation"] = R.scatter_plot_svg(
-            by_prompt, "preservation", "edit_accuracy", hue="method", title="per prompt"
+    elif "clip_direction" in by_prompt.columns:
+        out["CLIP direction per prompt"] = R.hbar_plot_svg(
+            by_prompt,
+            "variant",
+            "clip_direction",
+            hue="method",
+            labels=names,
+            xlabel="CLIP direction",
+        )
+    return out
+
+
+def _label(column: str, comparable: Sequence[str]) -> str:
+    label = EDIT_LABELS.get(column) or PLAIN_LABELS.get(column) or column
+    return label + (TAB1_MARK if column in comparable else "")
+
+
+def headline(by_method: pd.DataFrame, comparable: Sequence[str] = ()) -> R.Headline:
+    """by_method turned on its side: one column per method, one row per metric with a line on what it
+    is, rounded, the best of each ranked row in bold."""
+    rows = [
+        R.Metric(c, _label(c, comparable), explain, better, fmt)
+        for c, _, explain, better, fmt in METRICS
+        if c in by_method.columns and by_method[c].notna().any()
+    ]
+    marked = [c for c in comparable if c in by_method.columns]
+    return R.Headline(
+        by_method,
+        "method",
+        rows,
+        title="Which method is best",
+        caption="Means over each method's edits (FID and KID: over all of them at once); "
+        "vs recon: against the reconstruction by the same decoder, the edit alone; vs input: "
+        "against the input photo, inversion and edit together. ↑ higher is better, ↓ lower is "
+        "better; the best of each such row in bold.",
+        footnote="† measured as the paper's Tab. 1 (see Notes)." if marked else "",
+    )
+
+
+def lead(
+    tabs: dict[str, pd.DataFrame], n_images: int, comparable: Sequence[str] = ()
+) -> list[tuple[str, str]]:
+    """The report's first lines: did the edits land, which method is best, what they look like."""
+    by_method = tabs["by_method"].set_index("method")
+    out = []
+
+    def span(column: str, fmt) -> str:
+        values = by_method[column].dropna()
+        lo, hi = fmt(values.min()), fmt(values.max())
+        return lo if lo == hi else f"{lo}–{hi}".replace(" %–", "–")
+
+    if "edit_accuracy" in by_method.columns and by_method["edit_accuracy"].notna().any():
+        text = f"The attribute oracle reads the prompt's target in {span('edit_accuracy', _pct)}"
+        text += " of the edits" + (" (by method)" if len(by_method) > 1 else "")
+        if "unedited_accuracy" in by_method.columns:
+            text += f", against {span('unedited_accuracy', _pct)} on the unedited images"
+        if "preservation" in by_method.columns:
+            text += f"; the other attributes stay as they were in {span('preservation', _pct)}"
+        out.append(("Did the edits land?", text + "."))
+    elif "clip_direction" in by_method.columns:
+        out.append(
+            (
+                "Did the edits land?",
+                f"CLIP direction (0: no change along the text, 1: all of it) is "
+                f"{span('clip_direction', _fixed(3))}; no attribute oracle is configured, so edit "
+                "accuracy is not measured.",
+            )
+        )
+    if len(by_method) > 1:
+        best = []
+        for c, _, _, better, fmt in METRICS:
+            if better and c in by_method.columns and by_method[c].notna().any():
+                if c in ("psnr", "ssim", "ssim_input", "kid", "psnr_outside_mask"):
+                    continue  # the headline has them; the lead names the ones a reader asks about
+                pick = by_method[c].idxmax() if better == "higher" else by_method[c].idxmin()
+                word = "highest" if better == "higher" else "lowest"
+                word = word if best else word.capitalize()
+                shown = (fmt or R.number_formatter(by_method[c].tolist(), 3))(by_method.at[pick, c])
+                best.append(f"{word} {_label(c, comparable)}: {pick} ({shown})")
+        if best:
+            out.append(("Which method is best?", "; ".join(best) + "."))
+    if n_images:
+        out.append(
+            (
+                "What do they look like?",
+                f"The grids below show {n_images} images per method: the input, its "
+                "reconstruction, then one column per prompt.",
+            )
         )
     return out
 
@@ -260,8 +472,10 @@ def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
 def labelled(
     tabs: dict[str, pd.DataFrame], comparable: Sequence[str] = ()
 ) -> dict[str, pd.DataFrame]:
-    """The tables with headers saying what each metric is measured against, † on ``comparable``."""
+    """The tables with headers saying what each metric is measured against, † on ``comparable``;
+    by_method / by_prompt's other metric columns in plain words (``PLAIN_LABELS``)."""
     edits = {c: label + (TAB1_MARK if c in comparable else "") for c, label in EDIT_LABELS.items()}
+    edits.update(PLAIN_LABELS)
     labels = {"by_method": edits, "by_prompt": edits, "reconstruction": RECON_LABELS}
     return {name: df.rename(columns=labels.get(name, {})) for name, df in tabs.items()}
 
@@ -274,18 +488,56 @@ def write(
     notes: list[str],
     comparable: Sequence[str] = (),
 ) -> str:
-    """Parquet tables (plain column names) + index.html (``labelled`` headers) + grid PNGs under
-    ``out``; returns the report's URI."""
+    """Parquet tables (plain column names) + index.html + grid PNGs under ``out``; returns the
+    report's URI. The page leads with what a reader asks (``lead``), the ``headline`` per method and
+    the grids, then the per-prompt plots; every table (``labelled`` headers) folded below."""
     for name, df in tabs.items():
         out.write_bytes(f"{name}.parquet", _parquet(df))
+    shown = labelled(tabs, comparable)
+    tips = {
+        _label(c, comparable): f"{c}: {explain}" for c, _, explain, *_ in METRICS if c not in ("n",)
+    }
+    n_images = max((len(g.rows) for g in grid.values()), default=0)
+    has_methods = "by_method" in tabs and "method" in tabs["by_method"].columns
+    subtitle = " · ".join(
+        f"{k} {summary[k]}" for k in ("run", "edits", "methods") if summary.get(k)
+    )
     return R.write_report(
         out,
         title="DeltaEdit evaluation",
+        subtitle=subtitle,
+        lead=lead(tabs, n_images, comparable) if has_methods else [],
+        headline=headline(tabs["by_method"], comparable) if has_methods else None,
         summary=summary,
-        tables=labelled(tabs, comparable),
+        tables=shown,
         grids=grid,
-        plots=plots(tabs),
+        plots=plots(tabs) if "by_prompt" in tabs and "variant" in tabs["by_prompt"] else {},
         notes=notes,
+        captions={
+            **TABLE_CAPTIONS,
+            **PLOT_CAPTIONS,
+            **{name: _grid_caption(g) for name, g in grid.items()},
+            **{
+                n: "from `deltaedit analyze edits` (Notes)"
+                for n in tabs
+                if n.startswith("analysis")
+            },
+        },
+        headings={
+            "grids": "What the edits look like",
+            "plots": "Per prompt",
+            "tables": "All numbers",
+            "summary": "Run",
+        },
+        titles=tips,
+    )
+
+
+def _grid_caption(grid: R.Grid) -> str:
+    return (
+        f"{len(grid.rows)} images; the input, its reconstruction by the method's decoder, then one "
+        f"column per prompt ({len(grid.columns) - 2}; a header shows its prompt on hover"
+        + ("; the box scrolls sideways)." if len(grid.columns) > 10 else ").")
     )
 
 
