@@ -124,7 +124,9 @@ def test_numbers_are_rounded_per_column_never_in_exponent_notation():
 def test_headline_marks_the_best_of_each_ranked_row():
     from tasks.reporting.html import Headline, Metric, headline_html
 
-    table = pd.DataFrame({"method": ["a", "b"], "acc": [0.9, 0.5], "fid": [3.5, 2.25], "n": [4, 4]})
+    table = pd.DataFrame(
+        {"method": ["a", "b"], "acc": [0.9, 0.5], "fid": [3.5, 2.25], "n": [4, 4], "s": [-1e-4, 0]}
+    )
     page = headline_html(
         Headline(
             table,
@@ -133,13 +135,15 @@ def test_headline_marks_the_best_of_each_ranked_row():
                 Metric("acc", "accuracy", "share right", "higher", lambda v: f"{100 * v:.0f} %"),
                 Metric("fid", "fid", "distance", "lower"),
                 Metric("n", "edits", "count"),
+                Metric("s", "ssim", "rounds to a tie", "higher", lambda v: f"{v:.3f}"),
             ],
             title="Which <one>",
         )
     )
     assert '<td class="best" title="best">90 %</td><td>50 %</td>' in page
     assert '<td>3.50</td><td class="best" title="best">2.25</td>' in page
-    assert "best" not in page.split("edits")[1]  # an unranked row is not marked
+    assert "best" not in page.split("edits")[1]  # an unranked row, a tie as shown: not marked
+    assert "<td>0.000</td><td>0.000</td>" in page
     assert "Which &lt;one&gt;" in page and "share right" in page
 
 
@@ -187,3 +191,25 @@ def test_a_report_reads_in_a_real_browser(tmp_path):
     assert all(len(page["images"]) == 3 * 18 and page["svgs"] == 1 for page in seen.values())
     assert Image.open(tmp_path / "report_1440.png").size == (1440, 900)
     assert Image.open(tmp_path / "report_1024_full.png").height > 768
+
+
+def test_the_lead_names_the_best_method_and_no_winner_of_a_tie():
+    from tasks.reporting.evaluation import lead
+
+    by_method = pd.DataFrame(
+        {
+            "method": ["a", "b", "c"],
+            "edit_accuracy": [0.6, 0.6, 0.6],
+            "unedited_accuracy": [0.2, 0.2, 0.25],
+            "preservation": [0.9, 0.95, 0.95],
+            "fid": [1.5, 2.5, 3.5],
+        }
+    )
+    lines = dict(lead({"by_method": by_method}, 3))
+    assert "60.0 % of the edits" in lines["Did the edits land?"]
+    assert "20.0–25.0 % on the unedited images" in lines["Did the edits land?"]
+    best = lines["Which method is best?"]
+    assert "edit accuracy" not in best and "preservation: b, c (95.0 %)" in best
+    assert (
+        "lowest fid vs inputs: a (1.50)" in best and "3 images" in lines["What do they look like?"]
+    )

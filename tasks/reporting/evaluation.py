@@ -451,11 +451,15 @@ def lead(
             if better and c in by_method.columns and by_method[c].notna().any():
                 if c in ("psnr", "ssim", "ssim_input", "kid", "psnr_outside_mask"):
                     continue  # the headline has them; the lead names the ones a reader asks about
-                pick = by_method[c].idxmax() if better == "higher" else by_method[c].idxmin()
+                values = by_method[c].dropna()
+                show = fmt or R.number_formatter(values.tolist(), 3)
+                top = show(values.max() if better == "higher" else values.min())
+                leaders = [m for m, v in values.items() if show(v) == top]
+                if len(leaders) == len(values):
+                    continue  # all alike as shown: nobody is best at it
                 word = "highest" if better == "higher" else "lowest"
                 word = word if best else word.capitalize()
-                shown = (fmt or R.number_formatter(by_method[c].tolist(), 3))(by_method.at[pick, c])
-                best.append(f"{word} {_label(c, comparable)}: {pick} ({shown})")
+                best.append(f"{word} {_label(c, comparable)}: {', '.join(leaders)} ({top})")
         if best:
             out.append(("Which method is best?", "; ".join(best) + "."))
     if n_images:

@@ -433,6 +433,11 @@ def _breakable(text: str) -> str:
     return re.sub(r"(\+|__)", r"\1<wbr>", html.escape(text))
 
 
+def _unsigned_zero(text: str) -> str:
+    """ "-0.000" (a small negative rounded away) as "0.000": it ties with "0.000"."""
+    return text[1:] if re.fullmatch(r"-0(\.0*)?(\s*%)?", text) else text
+
+
 def headline_html(head: Headline) -> str:
     """The headline table (items as columns, metrics as rows, "what it measures" last)."""
     e = html.escape
@@ -444,7 +449,7 @@ def headline_html(head: Headline) -> str:
             continue
         values = head.table[m.column].tolist()
         fmt = m.fmt or number_formatter(values, 3)
-        shown = [("–" if v is None or v != v else fmt(v)) for v in values]
+        shown = [("–" if v is None or v != v else _unsigned_zero(fmt(v))) for v in values]
         best = set()
         finite = [(float(v), s) for v, s in zip(values, shown) if v is not None and v == v]
         if m.better in ("higher", "lower") and len({s for _, s in finite}) > 1:
