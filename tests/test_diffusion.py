@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_models import TINY_G
 from torch import nn
 
 from models.checkpoint import CheckpointError, load_safetensors, save_safetensors
@@ -21,7 +22,6 @@ from models.diffusion import (
     simple_loss,
 )
 from models.layout import StyleLayout
-from tests.helpers_models import TINY_G
 
 torch.set_num_threads(1)
 TINY = dict(image_size=16, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.checkpoint import CheckpointError
-from models.e4e import Encoder
-from models.stylegan2 import Generator
-from tests.helpers_models import (
+from helpers_models import (
     DEVICES,
     TINY_E,
     exact_float32,
@@ -18,6 +14,10 @@ from tests.helpers_models import (
     tiny_encoder,
     tiny_generator,
 )
+
+from models.checkpoint import CheckpointError
+from models.e4e import Encoder
+from models.stylegan2 import Generator
 
 E4E = "e4e_ffhq_encode_1024"
 

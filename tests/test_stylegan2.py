@@ -8,13 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-
-from models.checkpoint import CheckpointError
-from models.layout import StyleLayout
-from models.stylegan2 import Generator, StyleCode
-from models.stylegan2_layers import Upsample, upfirdn2d
-from models.stylegan2_pkl import convert_nvidia_pkl, nvidia_to_rosinality
-from tests.helpers_models import (
+from helpers_models import (
     DEVICES,
     TINY_G,
     exact_float32,
@@ -23,6 +17,12 @@ from tests.helpers_models import (
     synthetic_state,
     tiny_generator,
 )
+
+from models.checkpoint import CheckpointError
+from models.layout import StyleLayout
+from models.stylegan2 import Generator, StyleCode
+from models.stylegan2_layers import Upsample, upfirdn2d
+from models.stylegan2_pkl import convert_nvidia_pkl, nvidia_to_rosinality
 
 
 # --- public layouts -------------------------------------------------------------------------------
