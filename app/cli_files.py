@@ -83,6 +83,12 @@ def add_edit(sub: argparse._SubParsersAction) -> None:
         default=str(TOY_CONFIG),
         help="YAML config of the run whose models edit (default: configs/toy.yaml)",
     )
+    edit.add_argument(
+        "--align",
+        metavar="LANDMARKS",
+        help="align each face as FFHQ's were before editing, with this TorchScript landmark "
+        "model (path or URI; same as ingest.align.landmarks=LANDMARKS; docs/alignment.md)",
+    )
     edit.add_argument("--seed", type=int, default=0, help="seed of the call (default: 0)")
     edit.add_argument(
         "--reconstruction",
@@ -144,6 +150,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image PATH given", file=sys.stderr)
         return 2
+    if args.align:
+        args.overrides.append(f"ingest.align.landmarks={args.align}")
     methods, decoders = args.method or ["deltaedit"], args.decoder or ["generator"]
     editor = Editor.from_config(
         args.config,

@@ -6,8 +6,8 @@
 
 Every step is the pipeline's own stage code, run in this process on a temporary run root (no
 Prefect, no Ray): the ingest stage reads, validates and resizes each input (``ingest.resize`` into
-``ingest.image_size``), the invert stage inverts it with e4e, the embed stage takes its CLIP image
-embedding, and the edit stage (``tasks.edit.processor.EditProcessor``) turns each prompt into Δt, runs the
+``ingest.image_size``; with ``ingest.align``, a face is first aligned as FFHQ's were), the invert
+stage inverts it with e4e, the embed stage takes its CLIP image embedding, and the edit stage (``tasks.edit.processor.EditProcessor``) turns each prompt into Δt, runs the
 mapper, applies the relevance mask and the strength, and decodes — with the shards, batches and
 item order of the bulk-edit flow. So an edit here equals the flow's edit of the same file under the
 same config, pixel for pixel (tests/test_editor.py). The models are located as the bulk-edit stage
@@ -42,7 +42,7 @@ from flows.editor_inputs import (
     describe_source,
     is_prompt_pair_batch,
     pil_image,
-    what_was_done,
+    what_ingest_did,
 )
 from flows.editor_results import Edit, EditResult, InputReport
 from infra.config import ConfigError, RunConfig, load_config
@@ -91,9 +91,12 @@ class Editor:
         encoder: Any,
         where: str,
         neutral_source: str | None = None,
+        ingester: IngestProcessor | None = None,
     ) -> None:
         self.cfg, self.models, self.encoder, self.where = cfg, models, encoder, where
         self.neutral_source = neutral_source  # the source of a prompt given as a target alone
+        # the ingest stage's processor, kept across calls (ingest.align's landmark model loaded once)
+        self.ingester = ingester or IngestProcessor(cfg.ingest, cfg.storage_options)
         self._texts: dict[Any, Any] = {}  # Δt per prompt, kept across calls (stage's cache)
 
     @classmethod
@@ -124,6 +127,7 @@ class Editor:
                 raise ConfigError(f"unknown {name} {unknown}: one of {', '.join(known)}")
         if cfg.models.encoder is None:
             raise ConfigError(f"{where}: editing images needs models.encoder (e4e) to invert them")
+        ingester = IngestProcessor(cfg.ingest, cfg.storage_options)  # ingest.align: checked first
         be = cfg.bulk_edit
         be = be.model_copy(
             update={
@@ -148,7 +152,7 @@ class Editor:
         encoder = zoo.build(cfg.models.encoder, device=models.device, storage_options=opts).eval()
         if neutral_source is None:
             neutral_source = _neutral_source(cfg)
-        return cls(cfg, models, encoder, where, neutral_source)
+        return cls(cfg, models, encoder, where, neutral_source, ingester)
 
     @property
     def methods(self) -> list[str]:
@@ -166,6 +170,9 @@ class Editor:
             "center_crop": "center-cropped to a square",
             "none": "kept as it is (the encoder squashes it to a square)",
         }[ing.resize]
+        if ing.align is not None:
+            side = ing.align.output_size or ing.image_size
+            how = f"face-aligned as FFHQ's faces (ingest.align) to {side}x{side}, then {how}"
         return (
             f"the generator makes {size}x{size} RGB images; each input (any size, at least "
             f"{ing.min_side} px a side) is {how} at {ing.image_size}x{ing.image_size} "
@@ -272,7 +279,7 @@ class Editor:
             reports.append(report)
             items.append(Item(key, source))
         store = StageStore(root, RUN.images)
-        processor = IngestProcessor(self.cfg.ingest, self.cfg.storage_options)
+        processor = self.ingester
         good = [i for i, r in zip(items, reports) if r.ok]
         specs = plan_shards(good, self.cfg.ingest.shard_size)
         _grow(bar, 3 * len(specs))  # ingest, invert and embed each shard
@@ -286,8 +293,8 @@ class Editor:
                     continue
                 report.original_size = (row["orig_width"], row["orig_height"])
                 report.size = (row["width"], row["height"])
-                report.done, report.content_box = what_was_done(
-                    report.original_size, self.cfg.ingest.image_size, self.cfg.ingest.resize
+                report.done, report.content_box = what_ingest_did(
+                    row, self.cfg.ingest.image_size, self.cfg.ingest.resize
                 )
         timings["ingest"] = round(time.perf_counter() - t0, 4)
         return reports, items

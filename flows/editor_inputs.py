@@ -81,6 +81,20 @@ def what_was_done(
     ), box
 
 
+def what_ingest_did(
+    row: dict[str, Any], side: int, policy: str
+) -> tuple[str, tuple[float, float, float, float]]:
+    """``what_was_done`` for a row of the ingest stage's manifest, face alignment included (an
+    ``aligned_size`` column: ingest.align made a square of that side before resizing)."""
+    size, aligned = (row["orig_width"], row["orig_height"]), row.get("aligned_size")
+    if not aligned:
+        return what_was_done(size, side, policy)
+    _, box = what_was_done((aligned, aligned), side, policy)
+    w, h = row["width"], row["height"]
+    resized = "" if (w, h) == (aligned, aligned) else f", resized to {w}x{h}"
+    return f"{size[0]}x{size[1]}: face aligned (ingest.align) to {aligned}x{aligned}{resized}", box
+
+
 def pil_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()

@@ -29,10 +29,11 @@ def ingest_flow(
         raise ConfigError(
             f"{config_path or '<defaults>'}: field 'ingest.source' is required for ingest"
         )
+    builder = IngestBuilder.from_config(cfg)  # checks ingest.align's landmark model first
     plan = catalog_plan(cfg, cfg.ingest.source, IMAGES, overwrite)
     with worker_pool(cfg) as pool:
         summary = run_stage(
-            IngestBuilder.from_config(cfg),
+            builder,
             select(plan, shards),
             cfg,
             redo_failed=redo_failed,

@@ -17,6 +17,7 @@ from infra.config import ConfigError, RunConfig
 from infra.runtime.orchestrate import StageSummary, run_stage
 from infra.runtime.shards import plan_shards, select
 from tasks.embed import EmbedBuilder
+from tasks.ingest import load_aligner
 from tasks.layout import SAMPLES
 from tasks.sample import SampleBuilder, sample_items
 
@@ -68,3 +69,5 @@ def _require_models(cfg: RunConfig, where: str | None) -> None:
         missing.append("models.generator (to sample)")
     if missing:
         raise ConfigError(f"{where or '<defaults>'}: preprocess needs " + ", ".join(missing))
+    if cfg.ingest.source:
+        load_aligner(cfg.ingest, cfg.storage_options)  # ingest.align's model, before Ray starts

@@ -29,10 +29,9 @@ def catalog_stages(
     """Ingest ``source`` into ``stages.images``, invert it into ``stages.codes`` and CLIP-embed it into
     ``stages.clip``. Files already ingested keep their shard; new ones go to new shards
     (``catalog_plan``), so a grown catalog costs only its new files in every stage."""
+    builder = IngestBuilder.from_config(cfg, stages.images)  # checks ingest.align's model first
     plan = catalog_plan(cfg, source, stages.images, opts.get("overwrite", False))
-    ingest = run_stage(
-        IngestBuilder.from_config(cfg, stages.images), select(plan, shards), cfg, plan=plan, **opts
-    )
+    ingest = run_stage(builder, select(plan, shards), cfg, plan=plan, **opts)
     return [
         ingest,
         downstream(

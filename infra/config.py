@@ -57,6 +57,16 @@ class PrefectConfig(Strict):
     cache: bool = True  # cross-run caching of per-shard results (INPUTS + TASK_SOURCE)
 
 
+class AlignConfig(Strict):
+    """FFHQ face alignment before resizing, for face generators (models/face_align.py,
+    docs/alignment.md)."""
+
+    landmarks: str  # TorchScript landmark model (path or URI; yours, never downloaded):
+    # (1, 3, H, W) float in [0, 1] -> 68 (x, y) pixels in iBUG-68 order (dlib's shape_predictor_68)
+    output_size: int | None = Field(None, ge=8)  # side of the aligned square (None: image_size)
+    pad: bool = True  # fill what lies outside the picture as FFHQ does (false: black)
+
+
 class IngestConfig(Strict):
     source: str | None = None  # dir, glob, s3:// prefix, *.tar (WebDataset) or *.parquet list
     shard_size: int = Field(1000, ge=1)  # samples per shard
@@ -67,6 +77,7 @@ class IngestConfig(Strict):
     image_format: Literal["png", "jpg", "webp"] = "png"
     max_pixels: int = Field(178_956_970, ge=1)  # decompression-bomb guard (PIL's default limit)
     min_side: int = Field(8, ge=1)  # smaller images are rejected
+    align: AlignConfig | None = None  # face alignment before resizing (None: off)
 
 
 class SplitConfig(Strict):

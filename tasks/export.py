@@ -11,7 +11,8 @@ Each ok edit goes to::
 (the name is the edit key after the image key, so sweep points keep their suffix), optionally resized
 back to the source's size by undoing what ingest did (``fit``: the black padding is cut off and the
 content scaled back; ``center_crop``: the edited central square, scaled to the source's shorter side;
-``none``: scaled to the source's size). The manifest (``manifest.csv`` or ``manifest.parquet`` in DEST)
+``none``: scaled to the source's size; a face aligned by ``ingest.align``: its aligned square, as
+the alignment is not undone). The manifest (``manifest.csv`` or ``manifest.parquet`` in DEST)
 has one row per exported file.
 """
 
@@ -200,7 +201,11 @@ def encode(
     """The stored edit re-encoded as ``fmt`` (at the source's size when ``original`` is given)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     done = ""
-    if original is not None and original.get("orig_width") and original.get("orig_height"):
+    if original is not None and original.get("aligned_size"):  # ingest.align cut a face square
+        side = int(original["aligned_size"])
+        image, done = restore_size(image, side, side, policy)
+        done += " (the face-aligned square of ingest.align; not pasted back into the source)"
+    elif original is not None and original.get("orig_width") and original.get("orig_height"):
         image, done = restore_size(
             image, int(original["orig_width"]), int(original["orig_height"]), policy
         )

@@ -1,10 +1,14 @@
 """Ingest stage: read each catalog file, validate and normalise it to RGB at a fixed size, store as PNG.
 
-Every failure is caught per sample and recorded with a readable reason; the shard always completes.
+With ``ingest.align`` set, each face is first aligned as FFHQ's were (models/face_align.py) by the
+user's landmark model, loaded once per processor; its file is checked before any work
+(``IngestBuilder.from_config``). Every failure is caught per sample and recorded with a readable
+reason; the shard always completes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -12,13 +16,14 @@ from typing import IO, Any
 
 from PIL import Image, ImageOps
 
-from infra.config import IngestConfig, RunConfig
+from infra.config import ConfigError, IngestConfig, RunConfig
 from infra.runtime.shards import Item, ShardSpec
 from infra.runtime.stage import code_fingerprint
 from infra.storage.fsio import open_uri
 from infra.storage.lmdb_catalog import LmdbReader, lmdb_entry
 from infra.storage.records import Sink
 from infra.storage.tarstream import tar_members
+from models.face_align import LandmarkError, LandmarkModel, align_face
 from models.imaging import encode_image
 from tasks.layout import IMAGES
 
@@ -144,12 +149,73 @@ def resize(img: Image.Image, size: int, policy: str) -> Image.Image:
     return canvas
 
 
+ALIGN_KEY = "ingest.align.landmarks"
+
+
+@dataclass(frozen=True)
+class FaceAligner:
+    """``ingest.align`` loaded: the landmark model and what ``align_face`` is asked for."""
+
+    model: LandmarkModel
+    size: int
+    pad: bool
+    digest: str  # of the model file's bytes: a new model re-ingests (IngestBuilder.fingerprint)
+
+    def __call__(self, img: Image.Image) -> tuple[Image.Image, dict[str, Any]]:
+        """The aligned face and its record; BadImage (this sample fails) when it cannot be aligned."""
+        try:
+            landmarks = self.model(img)
+            out, done = align_face(img, landmarks, self.size, self.pad)
+        except LandmarkError as exc:
+            raise BadImage(f"face alignment ({ALIGN_KEY}): {exc}") from None
+        except Exception as exc:  # the user's network failed on this image
+            raise BadImage(
+                f"face alignment ({ALIGN_KEY}): the landmark model failed on this image "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        return out, done.to_dict()
+
+
+def load_aligner(cfg: IngestConfig, storage_options: dict[str, Any]) -> FaceAligner | None:
+    """``cfg.align``'s landmark model, or None when alignment is off; a ConfigError naming the key
+    and the path when the file is missing, unreadable or not TorchScript."""
+    if cfg.align is None:
+        return None
+    uri = cfg.align.landmarks
+    try:
+        with open_uri(uri, "rb", storage_options) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{ALIGN_KEY}: landmark model file not found: {uri} (face alignment needs your "
+            "TorchScript landmark network; docs/alignment.md)"
+        ) from None
+    except Exception as exc:
+        raise ConfigError(
+            f"{ALIGN_KEY}: cannot read the landmark model {uri} ({type(exc).__name__}: {exc})"
+        ) from None
+    try:
+        model = LandmarkModel.load(io.BytesIO(data))
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"{ALIGN_KEY}: {uri} is not a TorchScript file (save one with torch.jit.save; "
+            f"{type(exc).__name__}: {first_line})"
+        ) from None
+    digest = hashlib.blake2b(data, digest_size=8).hexdigest()
+    return FaceAligner(model, cfg.align.output_size or cfg.image_size, cfg.align.pad, digest)
+
+
 @dataclass
 class IngestProcessor:
     cfg: IngestConfig
     storage_options: dict[str, Any] = field(default_factory=dict)
     output_metadata: dict[str, Any] = field(default_factory=dict)
+    aligner: FaceAligner | None = field(init=False, default=None)  # ingest.align, loaded once
     reuse_items = True  # records depend only on their own item (infra.runtime.stage)
+
+    def __post_init__(self) -> None:
+        self.aligner = load_aligner(self.cfg, self.storage_options)
 
     def __call__(self, spec: ShardSpec, sink: Sink) -> None:
         with SourceReader(self.storage_options) as reader:
@@ -159,6 +225,10 @@ class IngestProcessor:
     def one(self, item: Item, sink: Sink, reader: SourceReader) -> None:
         try:
             img, info = decode(reader.read(item), self.cfg)
+            meta = dict(info)
+            if self.aligner is not None:
+                img, meta["align"] = self.aligner(img)
+                info["aligned_size"] = img.width
             out = resize(img, self.cfg.image_size, self.cfg.resize)
             data = encode_image(out, self.cfg.image_format)
         except BadImage as exc:
@@ -173,7 +243,7 @@ class IngestProcessor:
                 item.source,
                 image=data,
                 image_ext=self.cfg.image_format,
-                sample_meta=info,
+                sample_meta=meta,
                 width=out.width,
                 height=out.height,
                 **info,
@@ -185,15 +255,21 @@ class IngestBuilder:
     cfg: IngestConfig
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
     stage: str = IMAGES
+    align_digest: str | None = None  # of ingest.align's landmark model file, when checked
 
     @classmethod
     def from_config(cls, cfg: RunConfig, stage: str = IMAGES) -> IngestBuilder:
-        return cls(cfg=cfg.ingest, storage_options=cfg.storage_options, stage=stage)
+        """The builder, with ``ingest.align``'s landmark model checked here, before any work."""
+        aligner = load_aligner(cfg.ingest, cfg.storage_options)
+        digest = aligner.digest if aligner is not None else None
+        return cls(cfg.ingest, cfg.storage_options, stage, digest)
 
     def build(self) -> IngestProcessor:
         return IngestProcessor(self.cfg, self.storage_options)
 
     def fingerprint(self) -> str:
-        return code_fingerprint(
-            IngestProcessor, encode_image, config=self.cfg.model_dump(exclude={"source"})
-        )
+        config = self.cfg.model_dump(exclude={"source"})
+        if self.cfg.align is None:
+            return code_fingerprint(IngestProcessor, encode_image, config=config)
+        config["align"]["model_digest"] = self.align_digest
+        return code_fingerprint(IngestProcessor, encode_image, align_face, config=config)

@@ -1,9 +1,12 @@
-"""Helpers for the StyleGAN2 / e4e tests: public format listings, synthetic checkpoints, tiny seeded models."""
+"""Helpers for the model tests: public format listings, synthetic checkpoints, tiny seeded StyleGAN2 /
+e4e models, and a synthetic face-landmark network (TorchScript) with marker faces it finds."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import warnings
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from models.e4e import Encoder
 from models.stylegan2 import Generator
@@ -108,3 +112,66 @@ def tiny_encoder(seed: int = 0, generator: Generator | None = None, **overrides:
                 m.bias.normal_(0, 0.1)
     enc.latent_avg = torch.randn(enc.n_styles, enc.style_dim)
     return enc.eval()
+
+
+# --- face alignment (ingest.align) --------------------------------------------------------------
+
+RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)  # left eye, right eye, mouth centre
+EYES = 40.0  # eye distance in source pixels; the mouth lies as far below the eye line
+
+
+class MarkerLandmarks(torch.nn.Module):
+    """68 iBUG points from markers: the red disc's centre is the left eye (points 36-41), the blue one
+    the right eye (42-47), the green one the mouth centre with its corners (48, 54) ± 0.35 × the eye
+    line. No marker: NaN points, as a detector that finds no face might give."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, g, b = x[0, 0], x[0, 1], x[0, 2]
+        eye_l = marker_centroid((r > 0.6) & (g < 0.4) & (b < 0.4))
+        eye_r = marker_centroid((b > 0.6) & (r < 0.4) & (g < 0.4))
+        mouth = marker_centroid((g > 0.6) & (r < 0.4) & (b < 0.4))
+        across = (eye_r - eye_l) * 0.35
+        lm = ((eye_l + eye_r) / 2).expand(68, 2).clone()
+        lm[36:42] = eye_l
+        lm[42:48] = eye_r
+        lm[48] = mouth - across
+        lm[54] = mouth + across
+        return lm
+
+
+def marker_centroid(mask: torch.Tensor) -> torch.Tensor:
+    m = mask.float()
+    n = m.sum()  # 0: NaN (0 / 0)
+    xs = torch.arange(m.shape[1], dtype=torch.float32)
+    ys = torch.arange(m.shape[0], dtype=torch.float32)
+    return torch.stack([(m.sum(0) * xs).sum() / n, (m.sum(1) * ys).sum() / n])
+
+
+class FivePoints(torch.nn.Module):
+    """A model of the wrong kind: 5 points, not 68."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(5, 2)
+
+
+def save_torchscript(module: torch.nn.Module, path: Path) -> str:
+    with warnings.catch_warnings():  # torch 2.14 calls TorchScript deprecated; it still works
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(module), str(path))
+    return str(path)
+
+
+def marker_face(
+    tilt_deg: float = 0.0, size: tuple[int, int] = (200, 200), at=(100.0, 90.0), markers=True
+) -> Image.Image:
+    """A grey picture with a marker face: eyes EYES apart, the mouth EYES below, tilted by tilt_deg
+    (clockwise on screen) about the eye midpoint ``at``."""
+    img = Image.new("RGB", size, (128, 128, 128))
+    if not markers:
+        return img
+    draw, t = ImageDraw.Draw(img), math.radians(tilt_deg)
+    for (dx, dy), colour in (((-EYES / 2, 0), RED), ((EYES / 2, 0), BLUE), ((0, EYES), GREEN)):
+        x = at[0] + dx * math.cos(t) - dy * math.sin(t)
+        y = at[1] + dx * math.sin(t) + dy * math.cos(t)
+        draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+    return img

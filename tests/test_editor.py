@@ -233,6 +233,25 @@ def test_crop_and_none_policies_are_described():
     assert "kept as it is" in what_was_done((120, 72), 64, "none")[0]
 
 
+def test_faces_are_aligned_first_with_ingest_align(tiny_run, tmp_path):
+    """``ingest.align``: the Editor goes through the ingest stage's alignment (one implementation), says
+    so, and an input whose face the landmark model cannot place fails alone."""
+    from helpers_models import MarkerLandmarks, marker_face, save_torchscript
+
+    from flows.editor import Editor
+
+    _, overrides, _ = tiny_run
+    landmarks = save_torchscript(MarkerLandmarks(), tmp_path / "landmarks.pt")
+    editor = Editor.from_config(CONFIG, [*overrides, f"ingest.align.landmarks={landmarks}"])
+    tilted = marker_face(30.0, size=(240, 180), at=(120.0, 70.0))
+    result = editor.edit([tilted, marker_face(markers=False)], "a red shape")
+    face, blank = result.inputs
+    assert face.ok and face.done == "240x180: face aligned (ingest.align) to 64x64"
+    assert face.size == (64, 64) and "face-aligned" in result.requirements
+    assert "ingest.align.landmarks" in blank.error and "not finite" in blank.error
+    assert [e.ok for e in result.edits] == [True, False]
+
+
 # --- bad input: a clear error for its own edits, the rest edited ----------------------------------
 
 
