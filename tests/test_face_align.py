@@ -193,3 +193,14 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_export_gives_an_aligned_edit_back_at_its_aligned_square():
+    from tasks.export import encode
+
+    edit = _png(Image.new("RGB", (32, 32), (90, 90, 90)))
+    row = {"orig_width": 240, "orig_height": 180, "aligned_size": 64}
+    _, width, height, done = encode(edit, "png", row, "fit")
+    assert (width, height) == (64, 64) and "face-aligned square of ingest.align" in done
+    _, width, height, _ = encode(edit, "png", {"orig_width": 240, "orig_height": 180}, "fit")
+    assert (width, height) == (240, 180)  # without alignment: the source's own size
