@@ -151,6 +151,8 @@ class DiffusionModelConfig(Strict):
     emb_dim: int = Field(0, ge=0)  # 0: 4 × base_channels
     schedule: Literal["linear", "cosine"] = "linear"
     timesteps: int = Field(1000, ge=1)
+    prediction: Literal["eps", "v"] = "eps"  # v: learns x₀ at high noise, where G(s) helps
+    render_condition: bool = False  # the U-Net also sees G(s), rendered by models.generator
 
 
 class TrainDiffusionConfig(Strict):

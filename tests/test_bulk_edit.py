@@ -667,6 +667,8 @@ def test_diffusion_decoders_edit_next_to_the_generator_and_are_evaluated(prepare
         "model.num_res_blocks": 1,
         "model.norm_groups": 4,
         "model.timesteps": 100,
+        "model.render_condition": "true",  # the toy config's decoder: G(s) in, v out
+        "model.prediction": "v",
     }
     train_diffusion_flow(None, base + [f"train_diffusion.{k}={v}" for k, v in tiny.items()])
     overrides = base + [

@@ -268,3 +268,77 @@ def test_edit_guidance_extrapolates_the_edit_and_keeps_the_reconstruction():
     image, _ = mask_guided_decode(model, x_T, s, s_edit, 20, threshold=0.3, guidance=2.0)
     inside = region.expand_as(image)
     assert torch.allclose(image[inside], (base + 0.6 * region)[inside], atol=1e-3)
+
+
+def test_v_prediction_returns_the_eps_its_v_implies_and_trains_on_the_v_distance():
+    """A v-model's forward is ε = √(1−ᾱ)·x_t + √ᾱ·v̂, so the samplers are unchanged; its loss is |v − v̂|."""
+    model = tiny_unet(prediction="v")
+    x0, t, s = inputs(model, batch=4)
+    t = torch.tensor([0, 250, 600, 999])
+    noise = torch.randn_like(x0)
+    x_t = q_sample(x0, t, noise, model.schedule)
+    a = model.schedule.alpha_bar_like(t, x0)
+    raw = model._net(x_t, t, s)
+    assert torch.allclose(model(x_t, t, s), (1 - a).sqrt() * x_t + a.sqrt() * raw, atol=1e-6)
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    loss = simple_loss(model, x0, s, t, noise, prediction="v")
+    assert torch.allclose(loss, (v - raw).abs().mean(), rtol=1e-3)
+    assert not torch.allclose(loss, simple_loss(model, x0, s, t, noise))  # ε distance differs
+    with pytest.raises(ValueError, match="prediction"):
+        simple_loss(model, x0, s, t, noise, prediction="x0")
+
+
+def test_render_conditioned_unet_sees_g_of_s_and_asks_for_it():
+    model = tiny_unet(render_condition=True, prediction="v")
+    x, t, s = inputs(model)
+    r1, r2 = torch.rand(2, 2, 3, 16, 16) * 2 - 1
+    out = model(x, t, model.condition(s, r1))
+    assert torch.equal(out, model(x, t, model.condition(s, r1)))
+    assert not torch.allclose(out, model(x, t, model.condition(s, r2)))
+    with pytest.raises(ValueError, match="conditioned on G"):
+        model.condition(s)
+    with pytest.raises(ValueError, match=r"condition\(s, G\(s\)\)"):
+        model(x, t, s)  # s alone is not this model's condition
+    plain = tiny_unet()
+    assert plain.condition(s, r1) is s and plain.condition_dim == plain.style_dim
+    x_T = ddim_encode(model, x, model.condition(s, r1), 3, refine=1)
+    assert torch.isfinite(ddim_decode(model, x_T, model.condition(s, r1), 3)).all()
+
+
+def test_old_checkpoints_load_as_eps_models_without_the_rendering(tmp_path):
+    model = tiny_unet()
+    data = model.config.to_dict()
+    for key in ("prediction", "render_condition"):  # a checkpoint written before these options
+        data.pop(key)
+    config = DiffusionConfig.from_dict(data)
+    assert config.prediction == "eps" and config.render_condition is False
+    model.save(str(tmp_path / "d.safetensors"))
+    loaded = StyleUNet.from_checkpoint(str(tmp_path / "d.safetensors"))
+    assert loaded.config == model.config
+
+
+def test_the_edit_decoder_conditions_each_code_on_its_own_rendering():
+    """DeltaEdit-D with G(s): the photo is encoded under (s, G(s)) and the edit decoded under (ŝ, G(ŝ)),
+    with the source's toRGB styles; without the generator it says what is missing."""
+    from infra.config import DiffusionEditConfig
+    from models.imaging import pool_to
+    from tasks.edit.diffusion import DiffusionDecoder
+
+    model = tiny_unet(render_condition=True, prediction="v")
+    x0, _, s = inputs(model)
+    s_edit, rgb = s + 1.0, torch.randn(2, 5)
+
+    def render(conv: torch.Tensor, col: torch.Tensor) -> torch.Tensor:  # 32 px, pooled to 16
+        return torch.tanh(conv[:, :3, None, None] + col[:, :3, None, None]).expand(-1, 3, 32, 32)
+
+    cfg = DiffusionEditConfig(steps=3, refine=1, encode_depth=1.0, guidance=1.0)
+    dec = DiffusionDecoder(model, cfg, batch_size=1, render=render)
+    x_t = dec.encode(x0, s, rgb)
+    cond = model.condition(s, pool_to(render(s, rgb), 16))
+    assert torch.allclose(x_t, ddim_encode(model, x0, cond, 3, refine=1), atol=1e-5)
+    edit = model.condition(s_edit, pool_to(render(s_edit, rgb), 16))
+    assert torch.allclose(
+        dec.decode(x_t, s, s_edit, rgb), ddim_decode(model, x_t, edit, 3), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="generator"):
+        DiffusionDecoder(model, cfg, batch_size=1).encode(x0, s, rgb)

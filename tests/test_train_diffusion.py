@@ -10,19 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_models import TINY_G
+from helpers_models import TINY_G, tiny_generator
 from helpers_pipeline import training_overrides
 from PIL import Image
 
-from infra.config import load_config
+from infra.config import ConfigError, load_config
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
 from models import zoo
 from models.checkpoint import load_safetensors
 from models.diffusion import StyleUNet
+from models.imaging import pool_to
 from models.layout import StyleLayout
+from models.stylegan2 import StyleCode
 from tasks.train.diffusion import build_model, fit, model_config, validation_loss
-from tasks.train.diffusion_data import build_image_cache
+from tasks.train.diffusion_data import GeneratorRender, build_image_cache
 from tasks.train.row_cache import is_validation
 
 torch.set_num_threads(1)
@@ -58,8 +60,10 @@ def write_stores(
     shard_size: int = 16,
     seed: int = 0,
     sizes: tuple[int, ...] = (SIZE,),
+    rgb: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """images+codes (every 7th code without an image: a failed ingest) and samples; returns key → (s, img)."""
+    """images+codes (every 7th code without an image: a failed ingest) and samples, with toRGB styles
+    ``s_rgb`` when ``rgb``; returns key → (s, img)."""
     rng = np.random.default_rng(seed)
     truth = {}
     for pool, n in (("codes", n_real), ("samples", n_samples)):
@@ -78,6 +82,9 @@ def write_stores(
             )
             for i in range(lo, min(n, lo + shard_size)):
                 key, s = f"{pool}_{i:05d}", rng.normal(size=LAYOUT.conv_total).astype(np.float32)
+                vectors = {"s": s}
+                if rgb:
+                    vectors["s_rgb"] = rng.normal(size=LAYOUT.rgb_total).astype(np.float32)
                 img = picture(s)
                 if len(sizes) > 1 and i == lo + 1:
                     img = np.zeros((3, sizes[1], sizes[1]), np.uint8)
@@ -87,9 +94,9 @@ def write_stores(
                     else:
                         images.add(key, key, image=_png(img), image_ext="png")
                         truth[key] = (s, img)
-                    codes.add(key, key, vectors={"s": s})
+                    codes.add(key, key, vectors=vectors)
                 else:
-                    images.add(key, key, image=_png(img), image_ext="png", vectors={"s": s})
+                    images.add(key, key, image=_png(img), image_ext="png", vectors=vectors)
                     truth[key] = (s, img)
             for writer in dict.fromkeys((images, codes)):
                 writer.commit(input_fingerprint=sid, code_fingerprint="synthetic")
@@ -155,6 +162,49 @@ def test_cache_joins_images_and_codes_exactly(tmp_path):
         std.numpy(), train.std(0), atol=1e-4
     )
     assert _cache(tmp_path / "run").meta == cache.meta  # reused, not rebuilt
+
+
+def _tiny_generator_spec(folder: Path) -> zoo.ModelSpec:
+    gen = tiny_generator()
+    gen.save(str(folder / "g.safetensors"))
+    return zoo.ModelSpec(name="stylegan2", checkpoint=str(folder / "g.safetensors"))
+
+
+def test_rendered_cache_holds_g_of_each_code_beside_its_image(tmp_path):
+    """A decoder conditioned on G(s) trains on rows that carry G(s) (the codes' conv and toRGB styles
+    rendered, brought to the images' size, 8-bit) after s; the images themselves are unchanged."""
+    truth = write_stores(tmp_path / "run", rgb=True)
+    render = GeneratorRender(_tiny_generator_spec(tmp_path), {})
+    cache = _cache(tmp_path / "run", render=render)
+    plain = build_image_cache(Location(str(tmp_path / "run")), tmp_path / "plain", val_fraction=0.2)
+    assert cache.rendered and not plain.rendered and cache.image_shape == plain.image_shape
+    rows = np.arange(len(truth))
+    (cond, x), (s, x_plain) = cache.fetch(rows), plain.fetch(rows)
+    assert torch.equal(x, x_plain) and torch.equal(cond[:, : LAYOUT.conv_total], s)
+    table = StageStore(Location(str(tmp_path / "run")), "codes").vectors("00000")
+    key_row = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    first = sorted(k for k in truth if k.startswith("codes"))[0]
+    s_rgb = np.asarray(table.column("s_rgb")[key_row[first]].as_py(), np.float32)[None]
+    with torch.no_grad():
+        expected = pool_to(
+            tiny_generator()
+            .synthesize(StyleCode(torch.from_numpy(truth[first][0][None]), torch.from_numpy(s_rgb)))
+            .clamp(-1, 1),  # as the edit stage renders it (tasks.edit.diffusion)
+            SIZE,
+        )
+    got = cond[0, LAYOUT.conv_total :].reshape(1, 3, SIZE, SIZE)
+    assert (got - expected).abs().max() <= 1.5 / 127.5  # 8-bit rounding (twice)
+    assert cache.meta["fingerprint"] != plain.meta["fingerprint"]
+
+
+def test_render_condition_needs_the_rendered_cache_and_a_generator(stores):
+    cfg = settings(**{"model.render_condition": "true"})
+    with pytest.raises(ValueError, match="render_condition needs G"):
+        model_config(cfg, _cache(stores))
+    from flows.train_diffusion import generator_render
+
+    with pytest.raises(ConfigError, match="models.generator"):
+        generator_render(load_config(None, ["train_diffusion.model.render_condition=true"]))
 
 
 def test_cache_refuses_images_of_several_sizes(tmp_path):

@@ -79,11 +79,20 @@ def simple_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     schedule: NoiseSchedule | None = None,
+    prediction: str = "eps",
 ) -> torch.Tensor:
-    """The "simple" ε objective with an L1 distance, as Diffusion Autoencoders-style decoders train:
-    mean |ε − ε_θ(x_t, t, s)|. The caller draws t and noise so training stays reproducible."""
-    x_t = q_sample(x0, t, noise, _schedule(model, schedule))
-    return (noise - model(x_t, t, s)).abs().mean()
+    """The "simple" objective with an L1 distance, as Diffusion Autoencoders-style decoders train: mean
+    |ε − ε_θ(x_t, t, s)|, or for a v-predicting model (``prediction="v"``) mean |v − v_θ|, computed from the
+    ε the model returns as |ε − ε_θ| / √ᾱ_t (the two differ by exactly that factor). The caller draws t and
+    noise so training stays reproducible."""
+    sched = _schedule(model, schedule)
+    x_t = q_sample(x0, t, noise, sched)
+    err = (noise - model(x_t, t, s)).abs()
+    if prediction == "v":
+        err = err / sched.alpha_bar_like(t, x0).sqrt()
+    elif prediction != "eps":
+        raise ValueError(f"unknown prediction '{prediction}' (eps or v)")
+    return err.mean()
 
 
 def ddim_timesteps(timesteps: int, steps: int, t_max: int | None = None) -> list[int]:

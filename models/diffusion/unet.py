@@ -10,6 +10,19 @@ and the parts follow StyleGAN2's own hierarchy (``models.delta_mapper.plan_group
 styles (4–8 px) drive the lowest U-Net resolutions and the bottleneck, the medium ones (16–32 px) the
 middle levels, the fine ones the highest levels. Layouts without a fine group (a 32 px generator)
 spread the groups they have over the levels in the same order.
+
+Two options, both off by default (the paper's decoder):
+
+- ``render_condition``: the U-Net also sees G(s), the generator's rendering of the code, as extra input
+  channels. AdaGN gives every pixel the same scale and shift, so a decoder conditioned on s alone must
+  learn to lay out a shape (where, how large, which outline) from a vector, which takes far more training
+  than a CPU affords: the toy decoder trained 3000 steps on s alone turns noise into images that show the
+  code's attributes at chance level. With G(s) in its input it learns in a few hundred steps to keep what
+  the code says and to add what the photo has beyond it. The condition a model is called with is then
+  ``condition(s, render)``: s followed by the rendering's pixels, so the samplers pass it through as any s.
+- ``prediction: v`` (Salimans & Ho 2022): the network predicts v = √ᾱ·ε − √(1 − ᾱ)·x₀ and ``forward``
+  returns the ε it implies, so the samplers are unchanged. At high noise the ε target is nearly x_t itself and
+  says nothing about x₀, so an ε-model never needs the rendering there; v makes it predict x₀.
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ class DiffusionConfig:
     emb_dim: int = 0  # timestep/style embedding width; 0 → 4·base_channels
     schedule: Literal["linear", "cosine"] = "linear"  # β schedule the model is trained with
     timesteps: int = 1000  # training diffusion steps T
+    prediction: Literal["eps", "v"] = "eps"  # what the network predicts (forward always returns ε)
+    render_condition: bool = False  # G(s) as extra input channels (``StyleUNet.condition``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +113,8 @@ class StyleUNet(nn.Module):
     """ε(x_t, t, s): x_t (B, C, H, W), t (B,) integer steps in [0, T), s (B, layout.conv_total) → (B, C, H, W).
 
     s is standardised with the ``style_mean`` / ``style_std`` buffers (identity until a training flow sets
-    them from the codes store with ``set_style_stats``) before each group's projection.
+    them from the codes store with ``set_style_stats``) before each group's projection. With
+    ``render_condition`` the third argument is ``condition(s, render)`` instead of s.
     """
 
     KIND: ClassVar[str] = "style_diffusion"
@@ -123,7 +139,9 @@ class StyleUNet(nn.Module):
         self.style_proj = nn.ModuleDict(
             {g.name: nn.Linear(g.stop - g.start, emb) for g in self.groups}
         )
-        self.conv_in = nn.Conv2d(config.in_channels, base, 3, padding=1)
+        self.schedule = NoiseSchedule(config.schedule, config.timesteps)
+        rendered = config.in_channels if config.render_condition else 0
+        self.conv_in = nn.Conv2d(config.in_channels + rendered, base, 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         c = base
         for i, ch in enumerate(chans):
@@ -160,9 +178,24 @@ class StyleUNet(nn.Module):
         return self.layout.conv_total
 
     @property
-    def schedule(self) -> NoiseSchedule:
-        """The β schedule this model is trained with (the DDIM functions read it from here)."""
-        return NoiseSchedule(self.config.schedule, self.config.timesteps)
+    def condition_dim(self) -> int:
+        """Width of the condition ``forward`` takes: s, then G(s)'s pixels with ``render_condition``."""
+        c, size = self.config.in_channels, self.config.image_size
+        return self.style_dim + (c * size * size if self.config.render_condition else 0)
+
+    def condition(self, s: torch.Tensor, render: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition of codes s (B, S) and their renderings G(s) (B, C, H, W) in [-1, 1]: s itself for a
+        model without ``render_condition``, else s followed by the flattened rendering."""
+        if not self.config.render_condition:
+            return s
+        c, size = self.config.in_channels, self.config.image_size
+        if render is None or render.shape != (s.shape[0], c, size, size):
+            got = None if render is None else tuple(render.shape)
+            raise ValueError(
+                f"this decoder is conditioned on G(s) too: pass renderings of shape "
+                f"({s.shape[0]}, {c}, {size}, {size}), got {got}"
+            )
+        return torch.cat([s, render.flatten(1).to(s.dtype)], dim=1)
 
     def set_style_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-channel statistics of real style codes, used to standardise s (their std spans ~4–23)."""
@@ -176,7 +209,18 @@ class StyleUNet(nn.Module):
         return {g.name: temb + self.style_proj[g.name](z[:, g.start : g.stop]) for g in self.groups}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """ε predicted for x_t at steps t under condition s (``condition``)."""
         self._check(x, t, s)
+        out = self._net(x, t, s)
+        if self.config.prediction == "eps":
+            return out
+        a = self.schedule.alpha_bar_like(t, x)
+        return (1 - a).sqrt() * x + a.sqrt() * out  # ε from v: x_t = √ᾱ·x₀ + √(1 − ᾱ)·ε
+
+    def _net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        s = cond[:, : self.style_dim]
+        if self.config.render_condition:
+            x = torch.cat([x, cond[:, self.style_dim :].reshape(x.shape).to(x.dtype)], dim=1)
         embs = self.embeddings(t, s)
         h, skips = self.conv_in(x), []
         for i, blocks in enumerate(self.down):
@@ -200,8 +244,11 @@ class StyleUNet(nn.Module):
             raise ValueError(f"x must be (B, {c}, {size}, {size}), got {tuple(x.shape)}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must be ({x.shape[0]},), got {tuple(t.shape)}")
-        if s.shape != (x.shape[0], self.style_dim):
-            raise ValueError(f"s must be ({x.shape[0]}, {self.style_dim}), got {tuple(s.shape)}")
+        if s.shape != (x.shape[0], self.condition_dim):
+            what = "condition(s, G(s))" if self.config.render_condition else "s"
+            raise ValueError(
+                f"{what} must be ({x.shape[0]}, {self.condition_dim}), got {tuple(s.shape)}"
+            )
 
     def save(self, uri: str, lineage: dict[str, Any] | None = None) -> None:
         """Safetensors with the config in the header, so ``from_checkpoint`` rebuilds this exact model."""

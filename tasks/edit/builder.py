@@ -71,7 +71,10 @@ class EditBuilder:
         diffusion = None
         if self.diffusion is not None:
             diffusion = DiffusionDecoder(
-                models.load(self.diffusion).eval(), self.cfg.diffusion, self.cfg.batch_size
+                models.load(self.diffusion).eval(),
+                self.cfg.diffusion,
+                self.cfg.batch_size,
+                lambda conv, rgb: gen.synthesize(StyleCode(conv, rgb)),
             )
         root = Location(self.root, opts)
         memory = None

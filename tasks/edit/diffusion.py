@@ -6,12 +6,13 @@ what s does not describe (the details GAN inversion loses), so decoding x_T unde
 and decoding it under ŝ changes what the edit asks for. ``encode_depth`` < 1 stops the encoding part-way
 (x at step t_max instead of pure noise): more of the photo is kept and less can change. ``guidance`` w > 1
 decodes with ε(s) + w·(ε(ŝ) − ε(s)) (``models.diffusion.EditGuidance``), for a decoder that follows its
-code weakly.
+code weakly. A decoder conditioned on G(s) too (``render_condition``) gets the generator's rendering of
+each code, the source's toRGB styles kept (DeltaEdit edits conv styles only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,9 @@ from torch import Tensor
 
 from infra.config import DiffusionEditConfig
 from models.diffusion import EditGuidance, StyleUNet, ddim_decode, ddim_encode, mask_guided_decode
+from models.imaging import pool_to
+
+Render = Callable[[Tensor, Tensor], Tensor]  # (conv, toRGB styles) → G(s) in [-1, 1]
 
 
 @dataclass
@@ -26,6 +30,7 @@ class DiffusionDecoder:
     model: StyleUNet
     cfg: DiffusionEditConfig
     batch_size: int
+    render: Render | None = None  # G(s), for a decoder with ``render_condition``
 
     @property
     def t_max(self) -> int:
@@ -46,23 +51,32 @@ class DiffusionDecoder:
             )
 
     @torch.no_grad()
-    def encode(self, x0: Tensor, s: Tensor) -> Tensor:
-        """x at step ``t_max`` of each photo (B, 3, H, W) under its code (B, S), in batches."""
+    def encode(self, x0: Tensor, s: Tensor, rgb: Tensor | None = None) -> Tensor:
+        """x at step ``t_max`` of each photo (B, 3, H, W) under its code (B, S) (and toRGB styles ``rgb``
+        for a decoder conditioned on G(s)), in batches."""
         self.check(x0, s)
         return torch.cat(
             [
                 ddim_encode(
-                    self.model, x, src, self.cfg.steps, refine=self.cfg.refine, t_max=self.t_max
+                    self.model,
+                    x,
+                    self._condition(src, col),
+                    self.cfg.steps,
+                    refine=self.cfg.refine,
+                    t_max=self.t_max,
                 ).cpu()
-                for x, src in self._batches(x0, s)
+                for x, src, col in self._batches(x0, s, rgb)
             ]
         )
 
     @torch.no_grad()
-    def decode(self, x_t: Tensor, s: Tensor, s_edit: Tensor | None = None) -> Tensor:
+    def decode(
+        self, x_t: Tensor, s: Tensor, s_edit: Tensor | None = None, rgb: Tensor | None = None
+    ) -> Tensor:
         """Decode under ``s_edit`` (with guidance from the source codes ``s``), or reconstruct under ``s``."""
         images = []
-        for x, src, edit in self._batches(x_t, s, s if s_edit is None else s_edit):
+        for x, src, edit, col in self._batches(x_t, s, s if s_edit is None else s_edit, rgb):
+            src, edit = self._condition(src, col), self._condition(edit, col)
             eps = (
                 EditGuidance(self.model, src, self.cfg.guidance)
                 if self.cfg.guidance != 1
@@ -72,15 +86,17 @@ class DiffusionDecoder:
         return torch.cat(images)
 
     @torch.no_grad()
-    def decode_masked(self, x_t: Tensor, s: Tensor, s_edit: Tensor) -> tuple[Tensor, Tensor]:
+    def decode_masked(
+        self, x_t: Tensor, s: Tensor, s_edit: Tensor, rgb: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(images, masks (B, 1, H, W)): ŝ inside the edit mask, s outside (``mask_guided_decode``)."""
         images, masks = [], []
-        for x, src, edit in self._batches(x_t, s, s_edit):
+        for x, src, edit, col in self._batches(x_t, s, s_edit, rgb):
             image, mask = mask_guided_decode(
                 self.model,
                 x,
-                src,
-                edit,
+                self._condition(src, col),
+                self._condition(edit, col),
                 self.cfg.steps,
                 self.cfg.mask_threshold,
                 self.cfg.mask_smooth,
@@ -91,8 +107,23 @@ class DiffusionDecoder:
             masks.append(mask.cpu())
         return torch.cat(images), torch.cat(masks)
 
-    def _batches(self, *tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
-        """Row slices of ``batch_size`` of every tensor, on the model's device."""
+    def _condition(self, s: Tensor, rgb: Tensor | None) -> Tensor:
+        """What the model is called with: s, or s with G(s) at the decoder's size (``StyleUNet.condition``)."""
+        if not self.model.config.render_condition:
+            return s
+        if self.render is None or rgb is None:
+            raise ValueError(
+                "this diffusion decoder is conditioned on G(s): it needs the generator and the "
+                "codes' toRGB styles"
+            )
+        rendered = pool_to(self.render(s, rgb).clamp(-1, 1), self.model.config.image_size)
+        return self.model.condition(s, rendered)
+
+    def _batches(self, *tensors: Tensor | None) -> Iterator[tuple[Tensor | None, ...]]:
+        """Row slices of ``batch_size`` of every tensor (None stays None), on the model's device."""
         device = next(self.model.parameters()).device
-        for lo in range(0, len(tensors[0]), self.batch_size):
-            yield tuple(t[lo : lo + self.batch_size].to(device) for t in tensors)
+        n = len(next(t for t in tensors if t is not None))
+        for lo in range(0, n, self.batch_size):
+            yield tuple(
+                None if t is None else t[lo : lo + self.batch_size].to(device) for t in tensors
+            )

@@ -397,9 +397,9 @@ class EditProcessor:
                 )
             return
         dec = self.models.diffusion
-        s0 = inputs[image][0][None]
-        x_t = dec.encode(decode_image(photos[image])[None], s0)
-        recon = dec.decode(x_t, s0)[0]
+        s0, rgb0 = inputs[image][0][None], inputs[image][1][None]
+        x_t = dec.encode(decode_image(photos[image])[None], s0, rgb0)
+        recon = dec.decode(x_t, s0, rgb=rgb0)[0]
         images: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
         for decoder in ("diffusion", "diffusion_masked"):
@@ -413,9 +413,9 @@ class EditProcessor:
             n = len(group)
             args = (x_t.repeat(n, 1, 1, 1), s0.repeat(n, 1), torch.stack([p[1] for p in group]))
             if decoder == "diffusion":
-                decoded = dec.decode(*args)
+                decoded = dec.decode(*args, rgb=rgb0.repeat(n, 1))
             else:
-                decoded, mask = dec.decode_masked(*args)
+                decoded, mask = dec.decode_masked(*args, rgb=rgb0.repeat(n, 1))
                 masks.update({_twin(p[0].key): mask[k] for k, p in enumerate(group)})
             images.update({p[0].key: decoded[k] for k, p in enumerate(group)})
         for item, _, fields in pending:

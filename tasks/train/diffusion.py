@@ -1,4 +1,5 @@
-"""DeltaEdit-D training loop: ε-prediction conditioned on the style code, EMA, checkpoints, exact resume.
+"""DeltaEdit-D training loop: ε- (or v-) prediction conditioned on the style code, EMA, checkpoints, exact
+resume.
 
 DeltaSpace (TPAMI, §4.2): the U-Net ε_θ(x_t, t, s) learns to denoise images x₀ given their StyleGAN2 style
 code s, with the "simple" objective |ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, s)| (L1), AdamW (lr 1e-4, weight
@@ -34,6 +35,11 @@ def model_config(dc: TrainDiffusionConfig, cache: ImageCache) -> DiffusionConfig
     """The U-Net for the cached images and the generator that produced their codes."""
     if not cache.meta.get("layout"):
         raise ValueError(f"{cache.folder}: the codes store records no generator layout")
+    if dc.model.render_condition and not cache.rendered:
+        raise ValueError(
+            f"{cache.folder}: train_diffusion.model.render_condition needs G(s) in the row cache "
+            "(the train-diffusion flow renders it with models.generator)"
+        )
     channels, height, width = cache.image_shape
     if height != width:
         raise ValueError(
@@ -88,7 +94,14 @@ def validation_loss(
     for lo in range(0, len(rows), batch_size):
         s, x0 = cache.fetch(rows[lo : lo + batch_size])
         t, noise = step_noise(seed, 0, lo, x0, model.config.timesteps, VALIDATION_STREAM)
-        loss = simple_loss(model, x0.to(device), s.to(device), t.to(device), noise.to(device))
+        loss = simple_loss(
+            model,
+            x0.to(device),
+            s.to(device),
+            t.to(device),
+            noise.to(device),
+            prediction=model.config.prediction,
+        )
         total += float(loss) * len(s)
     return total / max(len(rows), 1)
 
@@ -160,7 +173,12 @@ class DiffusionTrainer(trainer.Trainer[TrainDiffusionConfig, ImageCache]):
         s, x0 = batch
         t, noise = step_noise(self.seed, self.rank, step, x0, self.config.timesteps)
         loss = simple_loss(
-            net, x0, s, *(v.to(self.device) for v in (t, noise)), schedule=self.model.schedule
+            net,
+            x0,
+            s,
+            *(v.to(self.device) for v in (t, noise)),
+            schedule=self.model.schedule,
+            prediction=self.config.prediction,
         )
         return loss, {}
 
