@@ -21,6 +21,7 @@ from typing import Any
 from infra.config import RunConfig
 from infra.storage.fsio import Location
 from infra.storage.store import StageStore
+from models import zoo
 from models.device import pick_device
 from models.toy.captions import expected_values
 from models.toy.counterfactual import ToyCounterfactuals, channel_owners
@@ -28,6 +29,7 @@ from models.toy.domain import ATTRIBUTES
 from models.toy.oracle import Oracle
 from tasks.analysis import edits as EA
 from tasks.analysis.edits_condition import condition_rows
+from tasks.edit.diffusion import DiffusionDecoder
 from tasks.edit.plan import edit_builder, edit_variants, input_stages
 
 TOY = "toy"
@@ -128,7 +130,12 @@ def analyze_edits(
             else load_factory(cf, "counterfactuals")(gen, n_samples, seed)
         )
         result["ceiling"] = EA.ceiling(
-            processor.models.render, classify, provider, owners, acfg.bulk_edit.batch_size
+            processor.models.render,
+            classify,
+            provider,
+            owners,
+            acfg.bulk_edit.batch_size,
+            diffusion_decode(cfg, processor.models.render, device),
         )
         result["condition_kind"] = acfg.bulk_edit.condition
         result["condition"] = condition_rows(
@@ -140,13 +147,28 @@ def analyze_edits(
     return result
 
 
+def diffusion_decode(cfg: RunConfig, render: EA.Render, device: str) -> EA.Decode | None:
+    """DeltaEdit-D's reach for the ceiling, when the run decodes with it (``bulk_edit.decoder``)."""
+    if cfg.models.diffusion is None or set(cfg.bulk_edit.decoder) == {"generator"}:
+        return None
+    model = zoo.build(cfg.models.diffusion, device, cfg.storage_options).eval()
+    decoder = DiffusionDecoder(model, cfg.bulk_edit.diffusion, cfg.bulk_edit.batch_size, render)
+    return EA.diffusion_decode(decoder, render)
+
+
 def notes(result: dict[str, Any], labelled: bool) -> list[str]:
     """What to keep in mind when reading the tables."""
     out = [
         "conv_only = the counterfactual's conv styles with the sample's toRGB styles: the most "
         "an edit of the conv channels (DeltaEdit's) can show; rgb_only the converse; "
-        "full_swap = s'."
+        "full_swap = s'.",
     ]
+    if any("diffusion" in r for r in result.get("ceiling", {}).values()):
+        out.append(
+            "diffusion = DeltaEdit-D's reach: G(s) DDIM-encoded under s, decoded under the "
+            "conv_only code with the run's bulk_edit.diffusion settings; below conv_only, the "
+            "decoder loses edits the generator lands."
+        )
     if labelled:
         out.append(
             "channel labels: models.toy.train_generator.channel_attributes; "

@@ -104,6 +104,23 @@ def test_ceiling_mixes_conv_and_torgb_styles_the_right_way_round():
     assert rgb["per_value"]["rgb_only"] == [1.0, 1.0]
 
 
+def test_the_diffusion_column_reads_what_the_decoder_makes_of_the_conv_edit():
+    def faithful(base: StyleCode, conv: torch.Tensor) -> torch.Tensor:
+        return _split_render(conv, base.rgb)
+
+    def ignores_the_edit(base: StyleCode, conv: torch.Tensor) -> torch.Tensor:
+        return _split_render(base.conv, base.rgb)
+
+    out = EA.ceiling(_split_render, _split_classifier, SplitProvider(), decode=faithful)
+    assert all(r["diffusion"] == r["conv_only"] for r in out.values())
+    out = EA.ceiling(_split_render, _split_classifier, SplitProvider(), decode=ignores_the_edit)
+    assert out["in_conv"]["diffusion"] == out["in_conv"]["unedited"] < 1.0
+    assert "diffusion" in EA.tables({"ceiling": out})["analysis_ceiling"].columns
+    assert (
+        "diffusion" not in EA.ceiling(_split_render, _split_classifier, SplitProvider())["in_rgb"]
+    )
+
+
 def test_own_channel_share_tells_whether_channel_labels_fit():
     owners = ["in_conv", "x", "y"]
     out = EA.ceiling(_split_render, _split_classifier, SplitProvider(), owners=owners)

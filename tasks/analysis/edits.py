@@ -13,6 +13,9 @@ An edit "a shape" → "a red shape" can fail in three places, each with its own 
    the run's τ. A drop between the two is the threshold's; the kept channels counted per attribute
    (where the generator says which attribute a channel carries) show which channels went.
 3. **the mapper**: a low τ = 0 accuracy under a high ``conv_only`` ceiling is the mapper's.
+4. **the diffusion decoder** (``ceiling``'s ``diffusion`` column, when the run decodes with DeltaEdit-D):
+   G(s), DDIM-encoded under s as the edit stage encodes a photo, decoded under the ``conv_only`` code.
+   Below ``conv_only``, DeltaEdit-D loses edits that DeltaEdit-G lands with the same code.
 
 Every edit goes through the bulk-edit stage's own ``EditProcessor._edit`` and is decoded and read as
 the edit and evaluate stages do (8-bit pixels, ``models.metrics.oracle_scores``), so the numbers are
@@ -41,8 +44,9 @@ from infra.storage.readers import read_vectors, vectors_tensor
 from infra.storage.store import StageStore
 from models import edit_directions as ed
 from models import metrics as M
-from models.imaging import to_uint8
+from models.imaging import pool_to, to_uint8
 from models.stylegan2 import StyleCode
+from tasks.edit.diffusion import DiffusionDecoder
 from tasks.edit.processor import EditProcessor
 from tasks.layout import ANALYSIS_DIR
 from tasks.prompts import EditVariant
@@ -53,6 +57,7 @@ Classifier = Callable[[Tensor], Mapping[str, Tensor]]  # images (B, 3, H, W) in 
 Expected = Callable[[str, str], dict[str, int]]  # (source, target text) → {attribute: label}
 Row = tuple[Tensor, Tensor, Tensor]  # (s conv, s toRGB, CLIP image embedding)
 Render = Callable[[Tensor, Tensor], Tensor]  # (conv, toRGB styles) → images
+Decode = Callable[[StyleCode, Tensor], Tensor]  # (source codes, edited conv styles) → images
 
 
 class AnalysisError(ConfigError):
@@ -105,14 +110,18 @@ def ceiling(
     provider: CounterfactualProvider,
     owners: Sequence[str] | None = None,
     batch_size: int = 64,
+    decode: Decode | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per attribute: chance, ``unedited`` and each mix's accuracy (mean over values and samples;
-    also per value). With ``owners`` (the attribute of each conv channel), ``own_channel_share``:
-    the part of ‖s'.conv − s.conv‖² in the channels labelled with the attribute (≈ 1 when the
-    labels fit the generator, ≈ ``labelled_fraction``, their share of the channels, if not)."""
+    also per value); with ``decode`` (a diffusion decoder's edit of G(s)), the ``diffusion``
+    accuracy of the ``conv_only`` code. With ``owners`` (the attribute of each conv channel),
+    ``own_channel_share``: the part of ‖s'.conv − s.conv‖² in the channels labelled with the
+    attribute (≈ 1 when the labels fit the generator, ≈ ``labelled_fraction``, their share of the
+    channels, if not)."""
     out: dict[str, dict[str, Any]] = {}
     for attribute, n_values in provider.attributes().items():
-        hits: dict[str, list[float]] = {k: [] for k in ("unedited", *MIXES)}
+        kinds = ("unedited", *MIXES, *(["diffusion"] if decode else []))
+        hits: dict[str, list[float]] = {k: [] for k in kinds}
         energy = own = 0.0
         for value in range(n_values):
             base, cf = provider(attribute, value)
@@ -123,6 +132,10 @@ def ceiling(
                 code = mix(base, cf, kind)
                 labels = read(render, classifier, code.conv, code.rgb, batch_size)[attribute]
                 hits[kind].append(float((labels == value).float().mean()))
+            if decode is not None:
+                images = decode(base, mix(base, cf, "conv_only").conv)
+                labels = {k: v.cpu() for k, v in classifier(as_stored(images)).items()}[attribute]
+                hits["diffusion"].append(float((labels == value).float().mean()))
             if owners is not None:
                 change = (cf.conv - base.conv).float().pow(2).sum(0).cpu()
                 mine = torch.tensor([o == attribute for o in owners])
@@ -138,6 +151,22 @@ def ceiling(
             row["labelled_fraction"] = sum(o == attribute for o in owners) / len(owners)
         out[attribute] = row
     return out
+
+
+def diffusion_decode(decoder: DiffusionDecoder, render: Render) -> Decode:
+    """``ceiling``'s ``decode`` for DeltaEdit-D: G(s), stored as 8-bit like a photo, DDIM-encoded under
+    s as the edit stage encodes photos (once per batch of source codes), decoded under the edited conv
+    styles."""
+    encoded: list[tuple[StyleCode, Tensor]] = []  # the last source batch (kept, so `is` is safe)
+
+    def decode(base: StyleCode, conv: Tensor) -> Tensor:
+        if not encoded or encoded[0][0] is not base:
+            size = decoder.model.config.image_size
+            photo = as_stored(pool_to(render(base.conv, base.rgb).clamp(-1, 1), size))
+            encoded[:] = [(base, decoder.encode(photo, base.conv, base.rgb))]
+        return decoder.decode(encoded[0][1], base.conv.cpu(), conv.cpu(), base.rgb.cpu())
+
+    return decode
 
 
 # --- 2. DeltaEdit per prompt, τ = 0 and the run's τ -----------------------------------------------
@@ -265,7 +294,15 @@ CONDITION_COLUMNS = (
     "condition",
     "condition_pres",
 )
-CEILING_COLUMNS = ("values", "chance", "unedited", *MIXES, "labelled_fraction", "own_channel_share")
+CEILING_COLUMNS = (
+    "values",
+    "chance",
+    "unedited",
+    *MIXES,
+    "diffusion",
+    "labelled_fraction",
+    "own_channel_share",
+)
 
 
 def tables(result: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
