@@ -23,7 +23,9 @@ EDITS_DESCRIPTION = (
     "ceiling of the generator: for sample codes and each attribute value, a counterfactual code "
     "that differs only in that attribute; its conv styles with the sample's toRGB styles "
     "(conv_only: what DeltaEdit can reach), its toRGB styles alone (rgb_only) and the whole code "
-    "(full_swap) are decoded and read by the attribute classifier. (2) Per prompt of "
+    "(full_swap) are decoded and read by the attribute classifier; when bulk_edit.decoder "
+    "includes DeltaEdit-D, the diffusion column is its decoding of the conv_only code (G(s) "
+    "DDIM-encoded under s, decoded with the run's bulk_edit.diffusion settings). (2) Per prompt of "
     "bulk_edit.prompts: the channels the run's relevance threshold keeps, and DeltaEdit's edit "
     "accuracy and preservation on the run's inverted images at tau = 0 (mask off) and at the run's "
     "tau, computed by the bulk-edit stage's code and scored as the evaluate stage scores. Prints "
@@ -114,7 +116,7 @@ def add_edits(actions: argparse._SubParsersAction) -> None:
             "relevance_<mode> when tau > 0 (relevance), and an attribute classifier.",
             "reading the tables: a low conv_only is the generator's limit; a high acc at "
             "tau 0 and a low one at the run's tau is the mask's; low at both under a high "
-            "conv_only is the mapper's.",
+            "conv_only is the mapper's; diffusion below conv_only is DeltaEdit-D's decoder's.",
             "example: deltaedit analyze edits -c configs/toy.yaml --images 32",
         ),
     )
