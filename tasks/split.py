@@ -7,8 +7,8 @@ prefix makes it independent of the trainers' validation hold-out (``tasks.train.
 hashes the bare key), so the validation rows are a fraction of the train part, not of the eval part.
 
 Who reads which part: train-mapper and train-diffusion read only the train part of the catalog's pool
-(``codes``); generator samples are all training. (bulk-edit's retrieval memory, ``condition: retrieved``,
-still searches every image's embedding.) bulk-edit edits only the eval part of the run's catalog (a ``bulk_edit.catalog`` is edited
+(``codes``), and so does bulk-edit's retrieval memory (``condition: retrieved``); generator samples are
+all training. bulk-edit edits only the eval part of the run's catalog (a ``bulk_edit.catalog`` is edited
 whole), and evaluate measures the edits bulk-edit planned.
 """
 

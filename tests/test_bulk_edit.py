@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers_models import TINY_G
@@ -409,6 +410,35 @@ def test_retrieved_condition_searches_the_mappers_training_embeddings(prepared, 
             ),
             "test.yaml",
         )
+
+
+def test_retrieval_memory_leaves_out_the_catalogs_eval_part(prepared):
+    """The images bulk-edit edits and evaluate measures (the split's eval part) are not in the memory the
+    mapper's condition is retrieved from, as they are not in the mapper's training rows."""
+    from infra.config import load_config
+    from tasks.edit.memory import load_memory
+    from tasks.edit.plan import edit_builder
+    from tasks.split import in_eval
+
+    root, overrides = prepared
+    keys = [
+        k
+        for sid in sorted(StageStore(Location(str(root)), "clip_images").finished())
+        for k in pq.read_table(root / "clip_images" / f"{sid}.parquet", columns=["key"])
+        .column("key")
+        .to_pylist()
+    ]
+    train = [k for k in keys if not in_eval(k, 0.5)]
+    assert 2 < len(train) < len(keys)  # the split cuts this catalog
+    retrieved = ["bulk_edit.methods=[deltaedit]", "bulk_edit.condition=retrieved"]
+    split = load_config(None, overrides + retrieved + ["split.eval_fraction=0.5"])
+    builder = edit_builder(split, "test.yaml")
+    assert builder.eval_fraction == 0.5
+    memory = load_memory(Location(str(root)), builder.memory_stages, 2, 1000, 0, 0.5)
+    everything = load_memory(Location(str(root)), builder.memory_stages, 2, 1000, 0)
+    assert (len(memory), len(everything)) == (len(train), len(keys))
+    whole = edit_builder(load_config(None, overrides + retrieved), "test.yaml")
+    assert builder.fingerprint() != whole.fingerprint()
 
 
 def _edit_specs(cfg):

@@ -52,6 +52,7 @@ class EditBuilder:
     images_stage: str = IMAGES  # the photos the codes were inverted from
     stage: str = EDITS
     memory_stages: tuple[str, ...] = ()  # CLIP stages searched by condition=retrieved (else none)
+    eval_fraction: float = 0.0  # split.eval_fraction: the catalog's eval part is not in the memory
     # the mappers' and the diffusion decoder's identities go into each edit's item (``item_models``,
     # set by bulk-edit's plan) instead of the stage's fingerprint: a new method or decoder then
     # computes only its own edits
@@ -80,7 +81,12 @@ class EditBuilder:
         memory = None
         if self.memory_stages:
             memory = load_memory(
-                root, self.memory_stages, self.cfg.retrieve_k, self.cfg.memory_rows, self.seed
+                root,
+                self.memory_stages,
+                self.cfg.retrieve_k,
+                self.cfg.memory_rows,
+                self.seed,
+                self.eval_fraction,
             ).to(device)
         meta = {
             "generator": self.generator.model_dump(mode="json"),
@@ -137,6 +143,7 @@ class EditBuilder:
             "models": models,
             "relevance": relevance,
             "memory": memory,
+            **({"memory_eval_fraction": self.eval_fraction} if self.eval_fraction else {}),
             "inputs": [self.codes_stage, self.clip_stage, self.images_stage],
             "n_stat_samples": self.n_stat_samples,
             "seed": self.seed,

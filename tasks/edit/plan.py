@@ -146,6 +146,7 @@ def edit_builder(cfg: RunConfig, where: str, variants: Sequence[EditVariant] = (
         memory_stages=memory_stages(cfg, where)
         if be.condition == "retrieved" and "deltaedit" in be.methods
         else (),
+        eval_fraction=cfg.split.eval_fraction,
         models_per_item=True,
         n_stat_samples=cfg.relevance.n_stat_samples,
         seed=cfg.seed,
