@@ -228,7 +228,7 @@ def _ffhq_overrides(base: Path, spec: dict, zoo: list[str]) -> list[str]:
         "train_mapper.checkpoint_every=2",
         "train_mapper.threads=1",
         "train_diffusion.model={base_channels: 8, channel_mult: [1, 2], num_res_blocks: 1, "
-        "norm_groups: 4, timesteps: 50}",
+        "norm_groups: 4, timesteps: 50, render_condition: true, prediction: v}",
         "train_diffusion.steps=2",
         "train_diffusion.batch_size=4",
         "train_diffusion.val_fraction=0.2",
@@ -237,8 +237,8 @@ def _ffhq_overrides(base: Path, spec: dict, zoo: list[str]) -> list[str]:
         "train_diffusion.checkpoint_every=2",
         "train_diffusion.threads=1",
         "bulk_edit.methods=[deltaedit, styleclip_gd]",
-        "bulk_edit.decoder=[generator]",  # as ffhq.yaml (evaluate batches G's and D's edits together,
-        # which fails where their sizes differ: 1024-px G beside 256-px D)
+        "bulk_edit.decoder=[generator, diffusion]",  # G's edits at G's size beside D's at the photos'
+        "bulk_edit.diffusion={steps: 2, max_images: 1, methods: [deltaedit]}",
         "bulk_edit.images_per_shard=4",
         "bulk_edit.batch_size=8",
         "evaluate.inception_weights=null",
@@ -305,6 +305,8 @@ def _run_ffhq(base: Path, spec: dict) -> None:
     assert set(table.column("image_key").to_pylist()) == eval_part  # only the eval part is edited
     n_prompts = 8  # configs/prompts/ffhq.yaml
     assert edits["ok"] >= len(eval_part) * (1 + 2 * n_prompts)
+    decoded = [k for k in table.column("key").to_pylist() if k.endswith("__diffusion")]
+    assert len(decoded) >= n_prompts + 1  # DeltaEdit-D's edits and reconstruction of one image
     metrics = evaluate_flow(str(FFHQ), overrides)["metrics"]
     assert metrics["ok"] == metrics["seen"] == edits["ok"]
     assert (root / "report" / "index.html").exists()
