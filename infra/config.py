@@ -240,6 +240,9 @@ class DiffusionEditConfig(Strict):
     guidance: float = Field(
         1.0, ge=0
     )  # ε(s) + w·(ε(ŝ) − ε(s)); 1: the plain ε(ŝ), > 1: stronger edits
+    eta: float = Field(
+        0.0, ge=0, le=1
+    )  # DDIM η of the decode: 0 deterministic (the paper); > 0 fresh noise, seeded per image
     mask_threshold: float = Field(
         0.5, gt=0, lt=1
     )  # diffusion_masked: |ε(ŝ) − ε(s)| above this × its max

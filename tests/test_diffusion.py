@@ -270,6 +270,36 @@ def test_edit_guidance_extrapolates_the_edit_and_keeps_the_reconstruction():
     assert torch.allclose(image[inside], (base + 0.6 * region)[inside], atol=1e-3)
 
 
+def test_stochastic_decoding_forgets_what_the_code_does_not_explain_and_is_seeded_per_call():
+    """η > 0 replaces part of x_T's memory of the photo by fresh noise: for data N(μ(s), σ²), a detail d
+    of the photo that μ does not explain survives a DDIM edit at η = 0 (where a moved object leaves its
+    outline) and mostly fades at η = 1; the noise is a function of the seed alone, the same for every row."""
+    sigma = 0.3
+    region = torch.zeros(1, 1, 16, 16)
+    region[..., 3:7, 8:13] = 1.0
+    model = GaussianEps(lambda s: s[:, :1, None, None] * region, sigma)
+    detail = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * sigma
+    s, s_edit = torch.zeros(1, 2), torch.ones(1, 2)
+    x_T = ddim_encode(model, detail, s, 20, refine=3)
+
+    def kept(eta: float) -> float:
+        left = ddim_decode(model, x_T, s_edit, 20, eta=eta, seed=0) - region  # minus μ(ŝ)
+        return float(torch.cosine_similarity(left.flatten(), detail.flatten(), dim=0))
+
+    assert kept(0.0) > 0.99 and kept(1.0) < 0.5
+    assert torch.equal(  # η = 0 is the deterministic sampler whatever the seed
+        ddim_decode(model, x_T, s_edit, 20, eta=0.0, seed=5), ddim_decode(model, x_T, s_edit, 20)
+    )
+    one = ddim_decode(model, x_T, s_edit, 20, eta=1.0, seed=7)
+    two = ddim_decode(model, x_T.repeat(2, 1, 1, 1), s_edit.repeat(2, 1), 20, eta=1.0, seed=7)
+    assert torch.allclose(two[0], one[0], atol=1e-6) and torch.allclose(two[1], one[0], atol=1e-6)
+    assert not torch.allclose(ddim_decode(model, x_T, s_edit, 20, eta=1.0, seed=8), one, atol=1e-3)
+    image, _ = mask_guided_decode(model, x_T, s, s, 20, eta=1.0, seed=7)
+    assert torch.equal(
+        image, ddim_decode(model, x_T, s, 20, eta=1.0, seed=7)
+    )  # ŝ = s: the plain decode
+
+
 def test_v_prediction_returns_the_eps_its_v_implies_and_trains_on_the_v_distance():
     """A v-model's forward is ε = √(1−ᾱ)·x_t + √ᾱ·v̂, so the samplers are unchanged; its loss is |v − v̂|."""
     model = tiny_unet(prediction="v")

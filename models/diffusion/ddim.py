@@ -1,4 +1,4 @@
-"""Noise schedules, the training loss and deterministic DDIM sampling for DeltaEdit-D.
+"""Noise schedules, the training loss and DDIM sampling (deterministic, or with η) for DeltaEdit-D.
 
 Why DDIM (Song et al., "Denoising Diffusion Implicit Models", ICLR 2021): with η = 0 the sampler is a
 deterministic map x_T ↔ x₀ (a discretised probability-flow ODE), so running it forwards *encodes* a real
@@ -121,6 +121,28 @@ def _step(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> tor
     return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
 
 
+class StepNoise:
+    """The fresh noise of stochastic DDIM decoding (η > 0; Song et al. eq. 12, η = 1 is DDPM's ancestral
+    sampler): σ = η·√((1 − ᾱ_to)/(1 − ᾱ_from))·√(1 − ᾱ_from/ᾱ_to), drawn from a CPU generator seeded with
+    ``seed`` as one (C, H, W) image per step shared by every row of the batch, so a decode is the same on
+    any device and in any batch, and every edit of one photo sees the same noise as its reconstruction."""
+
+    def __init__(self, eta: float, seed: int) -> None:
+        if eta < 0:
+            raise ValueError(f"eta must be ≥ 0, got {eta}")
+        self.eta = eta
+        self.generator = torch.Generator().manual_seed(seed) if eta > 0 else None
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:
+        """``_step`` with part of the re-noising ε replaced by fresh noise (exactly ``_step`` at η = 0)."""
+        sigma = self.eta * math.sqrt((1 - a_to) / (1 - a_from) * (1 - a_from / a_to))
+        if self.generator is None or sigma == 0:
+            return _step(x, eps, a_from, a_to)
+        x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
+        z = torch.randn(x.shape[1:], generator=self.generator, dtype=x.dtype).to(x.device)
+        return math.sqrt(a_to) * x0 + math.sqrt(max(1 - a_to - sigma**2, 0.0)) * eps + sigma * z
+
+
 @torch.no_grad()
 def ddim_encode(
     model: EpsModel,
@@ -180,14 +202,17 @@ def ddim_decode(
     steps: int,
     schedule: NoiseSchedule | None = None,
     t_max: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """Deterministic DDIM sampling (η = 0) x_T → x₀ under style code s, over ``steps`` steps from ``t_max``."""
+    """DDIM sampling x_T → x₀ under style code s, over ``steps`` steps from ``t_max``: deterministic at
+    η = 0; ``eta`` > 0 adds fresh noise each step (``StepNoise``, seeded with ``seed``)."""
     sched = _schedule(model, schedule)
-    seq, x = ddim_timesteps(sched.timesteps, steps, t_max), x_T
+    seq, x, noise = ddim_timesteps(sched.timesteps, steps, t_max), x_T, StepNoise(eta, seed)
     for k in reversed(range(len(seq))):
         prev = seq[k - 1] if k else -1
         eps = _eps(model, x, seq[k], s)
-        x = _step(x, eps, sched.alpha_bar(seq[k]), sched.alpha_bar(prev))
+        x = noise.step(x, eps, sched.alpha_bar(seq[k]), sched.alpha_bar(prev))
     return x
 
 
@@ -218,6 +243,8 @@ def mask_guided_decode(
     schedule: NoiseSchedule | None = None,
     t_max: int | None = None,
     guidance: float = 1.0,
+    eta: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM decoding with ŝ = ``s_edit`` inside the edit mask and s outside; returns (x₀, mask).
 
@@ -225,10 +252,11 @@ def mask_guided_decode(
     is accumulated (a pixel once edited stays edited) and ε is taken from ŝ inside it, from s outside.
     Outside the mask each step is bit-for-bit the plain ``ddim_decode(model, x_T, s, steps)`` step, so the
     unedited part of a DDIM-encoded photo is reconstructed as faithfully as without editing. ``guidance``
-    scales ε(ŝ) − ε(s) as ``EditGuidance`` does (the mask, relative to its peak, does not change).
+    scales ε(ŝ) − ε(s) as ``EditGuidance`` does (the mask, relative to its peak, does not change);
+    ``eta`` and ``seed`` as in ``ddim_decode``.
     """
     sched = _schedule(model, schedule)
-    seq, x = ddim_timesteps(sched.timesteps, steps, t_max), x_T
+    seq, x, noise = ddim_timesteps(sched.timesteps, steps, t_max), x_T, StepNoise(eta, seed)
     mask = torch.zeros_like(x_T[:, :1])
     for k in reversed(range(len(seq))):
         prev = seq[k - 1] if k else -1
@@ -236,5 +264,5 @@ def mask_guided_decode(
         eps_edit = eps_src + guidance * (eps_edit - eps_src)
         mask = torch.maximum(mask, edit_mask(eps_src, eps_edit, threshold, smooth))
         eps = torch.where(mask.bool(), eps_edit, eps_src)
-        x = _step(x, eps, sched.alpha_bar(seq[k]), sched.alpha_bar(prev))
+        x = noise.step(x, eps, sched.alpha_bar(seq[k]), sched.alpha_bar(prev))
     return x, mask

@@ -6,12 +6,15 @@ what s does not describe (the details GAN inversion loses), so decoding x_T unde
 and decoding it under ŝ changes what the edit asks for. ``encode_depth`` < 1 stops the encoding part-way
 (x at step t_max instead of pure noise): more of the photo is kept and less can change. ``guidance`` w > 1
 decodes with ε(s) + w·(ε(ŝ) − ε(s)) (``models.diffusion.EditGuidance``), for a decoder that follows its
-code weakly. A decoder conditioned on G(s) too (``render_condition``) gets the generator's rendering of
+code weakly. ``eta`` > 0 decodes with fresh noise each step: the part of a photo the code does not explain
+(kept in x_T at its place) fades, so a moved or reshaped object leaves no outline behind, at the cost of
+some of the photo's detail. A decoder conditioned on G(s) too (``render_condition``) gets the generator's rendering of
 each code, the source's toRGB styles kept (DeltaEdit edits conv styles only).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,6 +26,12 @@ from models.diffusion import EditGuidance, StyleUNet, ddim_decode, ddim_encode, 
 from models.imaging import pool_to
 
 Render = Callable[[Tensor, Tensor], Tensor]  # (conv, toRGB styles) → G(s) in [-1, 1]
+
+
+def noise_seed(image_key: str) -> int:
+    """The seed of an image's decoding noise (``eta`` > 0): a hash of its key alone, so an edit is the
+    same in any run, shard or batch, and all edits of an image share their reconstruction's noise."""
+    return int.from_bytes(hashlib.blake2b(b"noise:" + image_key.encode(), digest_size=7).digest())
 
 
 @dataclass
@@ -71,9 +80,15 @@ class DiffusionDecoder:
 
     @torch.no_grad()
     def decode(
-        self, x_t: Tensor, s: Tensor, s_edit: Tensor | None = None, rgb: Tensor | None = None
+        self,
+        x_t: Tensor,
+        s: Tensor,
+        s_edit: Tensor | None = None,
+        rgb: Tensor | None = None,
+        seed: int = 0,
     ) -> Tensor:
-        """Decode under ``s_edit`` (with guidance from the source codes ``s``), or reconstruct under ``s``."""
+        """Decode under ``s_edit`` (with guidance from the source codes ``s``), or reconstruct under ``s``;
+        ``seed``: the noise of a decode with ``eta`` > 0 (each batch draws the same)."""
         images = []
         for x, src, edit, col in self._batches(x_t, s, s if s_edit is None else s_edit, rgb):
             src, edit = self._condition(src, col), self._condition(edit, col)
@@ -82,12 +97,16 @@ class DiffusionDecoder:
                 if self.cfg.guidance != 1
                 else self.model
             )
-            images.append(ddim_decode(eps, x, edit, self.cfg.steps, t_max=self.t_max).cpu())
+            images.append(
+                ddim_decode(
+                    eps, x, edit, self.cfg.steps, t_max=self.t_max, eta=self.cfg.eta, seed=seed
+                ).cpu()
+            )
         return torch.cat(images)
 
     @torch.no_grad()
     def decode_masked(
-        self, x_t: Tensor, s: Tensor, s_edit: Tensor, rgb: Tensor | None = None
+        self, x_t: Tensor, s: Tensor, s_edit: Tensor, rgb: Tensor | None = None, seed: int = 0
     ) -> tuple[Tensor, Tensor]:
         """(images, masks (B, 1, H, W)): ŝ inside the edit mask, s outside (``mask_guided_decode``)."""
         images, masks = [], []
@@ -102,6 +121,8 @@ class DiffusionDecoder:
                 self.cfg.mask_smooth,
                 t_max=self.t_max,
                 guidance=self.cfg.guidance,
+                eta=self.cfg.eta,
+                seed=seed,
             )
             images.append(image.cpu())
             masks.append(mask.cpu())

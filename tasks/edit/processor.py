@@ -41,7 +41,7 @@ from models import edit_directions as ed
 from models.device import module_device
 from models.imaging import encode_image, psnr_where, to_uint8
 from models.stylegan2 import StyleCode
-from tasks.edit.diffusion import DiffusionDecoder
+from tasks.edit.diffusion import DiffusionDecoder, noise_seed
 from tasks.prompts import EditVariant
 
 RECON = "reconstruction"
@@ -399,7 +399,8 @@ class EditProcessor:
         dec = self.models.diffusion
         s0, rgb0 = inputs[image][0][None], inputs[image][1][None]
         x_t = dec.encode(decode_image(photos[image])[None], s0, rgb0)
-        recon = dec.decode(x_t, s0, rgb=rgb0)[0]
+        seed = noise_seed(image)
+        recon = dec.decode(x_t, s0, rgb=rgb0, seed=seed)[0]
         images: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
         for decoder in ("diffusion", "diffusion_masked"):
@@ -413,9 +414,9 @@ class EditProcessor:
             n = len(group)
             args = (x_t.repeat(n, 1, 1, 1), s0.repeat(n, 1), torch.stack([p[1] for p in group]))
             if decoder == "diffusion":
-                decoded = dec.decode(*args, rgb=rgb0.repeat(n, 1))
+                decoded = dec.decode(*args, rgb=rgb0.repeat(n, 1), seed=seed)
             else:
-                decoded, mask = dec.decode_masked(*args, rgb=rgb0.repeat(n, 1))
+                decoded, mask = dec.decode_masked(*args, rgb=rgb0.repeat(n, 1), seed=seed)
                 masks.update({_twin(p[0].key): mask[k] for k, p in enumerate(group)})
             images.update({p[0].key: decoded[k] for k, p in enumerate(group)})
         for item, _, fields in pending:
