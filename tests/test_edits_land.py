@@ -76,6 +76,7 @@ def analysis(tmp_path_factory) -> dict:
             "train_mapper.val_every=1000",
             "train_mapper.checkpoint_every=2000",
             f"bulk_edit.prompts={base / 'prompts.yaml'}",
+            "bulk_edit.decoder=[generator]",  # DeltaEdit-G's edits (D's: test_edit_analysis.py)
         ],
     )
     stores = Location(root)
