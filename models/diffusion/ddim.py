@@ -115,10 +115,14 @@ def _eps(model: EpsModel, x: torch.Tensor, t: int, s: torch.Tensor) -> torch.Ten
     return model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), s)
 
 
+def _x0(x: torch.Tensor, eps: torch.Tensor, a: float) -> torch.Tensor:
+    """The clean image that x at ᾱ = a and its predicted ε imply."""
+    return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+
 def _step(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:
     """One η = 0 DDIM move from ᾱ = a_from to ᾱ = a_to: predict x₀, then re-noise it with the same ε."""
-    x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
-    return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
+    return math.sqrt(a_to) * _x0(x, eps, a_from) + math.sqrt(1 - a_to) * eps
 
 
 class StepNoise:
@@ -138,9 +142,9 @@ class StepNoise:
         sigma = self.eta * math.sqrt((1 - a_to) / (1 - a_from) * (1 - a_from / a_to))
         if self.generator is None or sigma == 0:
             return _step(x, eps, a_from, a_to)
-        x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
         z = torch.randn(x.shape[1:], generator=self.generator, dtype=x.dtype).to(x.device)
-        return math.sqrt(a_to) * x0 + math.sqrt(max(1 - a_to - sigma**2, 0.0)) * eps + sigma * z
+        kept = math.sqrt(max(1 - a_to - sigma**2, 0.0))
+        return math.sqrt(a_to) * _x0(x, eps, a_from) + kept * eps + sigma * z
 
 
 @torch.no_grad()

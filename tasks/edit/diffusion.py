@@ -7,8 +7,9 @@ and decoding it under ŝ changes what the edit asks for. ``encode_depth`` < 1 st
 (x at step t_max instead of pure noise): more of the photo is kept and less can change. ``guidance`` w > 1
 decodes with ε(s) + w·(ε(ŝ) − ε(s)) (``models.diffusion.EditGuidance``), for a decoder that follows its
 code weakly. ``eta`` > 0 decodes with fresh noise each step: the part of a photo the code does not explain
-(kept in x_T at its place) fades, at the cost of some of the photo's detail. A decoder conditioned on G(s) too (``render_condition``) gets the generator's rendering of
-each code, the source's toRGB styles kept (DeltaEdit edits conv styles only).
+(kept in x_T at its place) fades, at the cost of some of the photo's detail. A decoder conditioned on
+G(s) too (``render_condition``) gets the generator's rendering of each code, the source's toRGB styles
+kept (DeltaEdit edits conv styles only).
 """
 
 from __future__ import annotations
