@@ -123,6 +123,26 @@ def test_writer_killed_before_commit_leaves_nothing_visible(run_root):
     assert store.loc.fs.ls(store.loc.path, detail=False) == [] if store.loc.is_local else True
 
 
+def test_an_aborted_writer_leaves_nothing_and_no_stray_traceback(run_root):
+    """A processor that raises mid-shard aborts its writer: no file stays, and the half-written tar is
+    closed before its temporary file goes (its finaliser used to print "write to closed file")."""
+    import gc
+
+    store = _store(run_root)
+    writer = store.writer("00000")
+    writer.add("k000", "src/k000", image=png_bytes(0), image_ext="png")
+    stray: list = []
+    hook, sys.unraisablehook = sys.unraisablehook, stray.append
+    try:
+        writer.abort()
+        del writer
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert stray == []
+    assert store.finished() == [] and store.loc.listdir() == []
+
+
 def test_shards_are_deterministic_and_keys_safe():
     listing = items(10)
     a = plan_shards(listing, 4)

@@ -303,7 +303,12 @@ class ShardWriter(Sink):
         return marker
 
     def abort(self) -> None:
-        """Drop everything written so far (temporary files are removed)."""
+        """Drop everything written so far (temporary files are removed). The tar writer is closed
+        first: left open, its finaliser later writes to the closed temporary file (a spurious
+        "write to closed file" traceback in the worker's log after a failed shard)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
     def _tar_writer(self) -> wds.TarWriter:
