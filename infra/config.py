@@ -243,6 +243,15 @@ class DiffusionEditConfig(Strict):
     eta: float = Field(
         0.0, ge=0, le=1
     )  # DDIM η of the decode: 0 deterministic (the paper); > 0 fresh noise, seeded per image
+    edit_region: Literal["photo", "generator"] = (
+        "photo"  # what each edit DDIM-encodes: the photo (the paper),
+    )
+    # or the photo with G(s) where the edit changes G's rendering, so the photo's detail there (a
+    # moved shape's outline) is not carried over; one more encoding per edit (tasks/edit/diffusion.py)
+    region_threshold: float = Field(
+        0.15, gt=0
+    )  # generator: pixels where |G(ŝ) − G(s)| (channel mean, [-1, 1] scale) is above this,
+    region_dilate: int = Field(2, ge=0)  # ... grown by this many pixels
     mask_threshold: float = Field(
         0.5, gt=0, lt=1
     )  # diffusion_masked: |ε(ŝ) − ε(s)| above this × its max

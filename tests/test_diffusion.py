@@ -372,3 +372,50 @@ def test_the_edit_decoder_conditions_each_code_on_its_own_rendering():
     )
     with pytest.raises(ValueError, match="generator"):
         DiffusionDecoder(model, cfg, batch_size=1).encode(x0, s, rgb)
+
+
+def test_region_mask_marks_where_the_renderings_differ_grown_and_feathered():
+    from tasks.edit.diffusion import region_mask
+
+    source = torch.zeros(1, 3, 16, 16)
+    edited = source.repeat(2, 1, 1, 1)
+    edited[0, :, 6:8, 6:8] = 1.0  # a 2×2 change
+    edited[1] += 0.1  # below the threshold everywhere
+    mask = region_mask(source, edited, threshold=0.15, dilate=2)
+    assert mask.shape == (2, 1, 16, 16) and mask[1].sum() == 0
+    assert (mask[0, 0, 4:10, 4:10] > 0.4).all() and (mask[0, 0, 5:9, 5:9] == 1).all()  # grown 2 px
+    assert mask[0, 0, :3].sum() == 0 and mask[0, 0, 11:].sum() == 0  # and feathered 1 px more
+    assert 0 < mask[0, 0, 3, 6] < 1
+
+
+def test_edit_region_generator_encodes_the_photo_with_g_s_where_each_edit_acts():
+    """``edit_region: generator``: each edit encodes the photo with G(s) inside its region mask (the
+    photo's own detail there would be decoded in place whatever ŝ says); an edit that changes nothing
+    encodes the photo itself."""
+    from infra.config import DiffusionEditConfig
+    from models.imaging import pool_to
+    from tasks.edit.diffusion import DiffusionDecoder, region_mask
+
+    model = tiny_unet()
+    x0, _, s = inputs(model, batch=1)
+    rgb = torch.zeros(1, 5)
+
+    def render(
+        conv: torch.Tensor, col: torch.Tensor
+    ) -> torch.Tensor:  # a shape whose place is conv[0]
+        image = -torch.ones(len(conv), 3, 32, 32)
+        for row, c in enumerate(conv[:, 0].round().long().clamp(0, 24).tolist()):
+            image[row, :, c : c + 8, c : c + 8] = 1.0
+        return image
+
+    s = torch.cat([torch.full((1, 1), 4.0), s[:, 1:]], 1)
+    moved = torch.cat([torch.full((1, 1), 20.0), s[:, 1:]], 1)
+    cfg = DiffusionEditConfig(steps=3, refine=1, edit_region="generator")
+    dec = DiffusionDecoder(model, cfg, batch_size=1, render=render)
+    starts = dec.encode_edits(x0, s, torch.cat([moved, s]), rgb)
+    source, edited = pool_to(render(s, rgb), 16), pool_to(render(moved, rgb), 16)
+    mask = region_mask(source, edited, cfg.region_threshold, cfg.region_dilate)
+    assert 0 < mask.mean() < 0.6
+    expected = dec.encode(mask * source + (1 - mask) * x0, s, rgb)
+    assert torch.allclose(starts[:1], expected, atol=1e-5)
+    assert torch.allclose(starts[1:], dec.encode(x0, s, rgb), atol=1e-5)  # ŝ = s: the photo

@@ -7,9 +7,11 @@ and decoding it under ŝ changes what the edit asks for. ``encode_depth`` < 1 st
 (x at step t_max instead of pure noise): more of the photo is kept and less can change. ``guidance`` w > 1
 decodes with ε(s) + w·(ε(ŝ) − ε(s)) (``models.diffusion.EditGuidance``), for a decoder that follows its
 code weakly. ``eta`` > 0 decodes with fresh noise each step: the part of a photo the code does not explain
-(kept in x_T at its place) fades, at the cost of some of the photo's detail. A decoder conditioned on
-G(s) too (``render_condition``) gets the generator's rendering of each code, the source's toRGB styles
-kept (DeltaEdit edits conv styles only).
+(kept in x_T at its place) fades, at the cost of some of the photo's detail. ``edit_region: generator``
+encodes, for each edit, the photo with G(s) where the edit changes G's rendering (``encode_edits``), so
+a moved or reshaped shape leaves no outline. A decoder conditioned on G(s) too (``render_condition``)
+gets the generator's rendering of each code, the source's toRGB styles kept (DeltaEdit edits conv
+styles only).
 """
 
 from __future__ import annotations
@@ -20,12 +22,23 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from infra.config import DiffusionEditConfig
 from models.diffusion import EditGuidance, StyleUNet, ddim_decode, ddim_encode, mask_guided_decode
 from models.imaging import pool_to
 
 Render = Callable[[Tensor, Tensor], Tensor]  # (conv, toRGB styles) → G(s) in [-1, 1]
+
+
+def region_mask(source: Tensor, edited: Tensor, threshold: float, dilate: int) -> Tensor:
+    """(B, 1, H, W) in [0, 1]: where the renderings ``edited`` (B, 3, H, W) differ from ``source``
+    (1, 3, H, W) by more than ``threshold`` (channel mean of |·|), grown by ``dilate`` pixels and
+    feathered over 3 px so the photo and G(s) meet without a seam."""
+    changed = ((edited - source).abs().mean(1, keepdim=True) > threshold).to(edited.dtype)
+    if dilate:
+        changed = F.max_pool2d(changed, 2 * dilate + 1, stride=1, padding=dilate)
+    return F.avg_pool2d(changed, 3, stride=1, padding=1, count_include_pad=False)
 
 
 def noise_seed(image_key: str) -> int:
@@ -39,7 +52,7 @@ class DiffusionDecoder:
     model: StyleUNet
     cfg: DiffusionEditConfig
     batch_size: int
-    render: Render | None = None  # G(s), for a decoder with ``render_condition``
+    render: Render | None = None  # G(s) (``render_condition``; ``edit_region: generator``)
 
     @property
     def t_max(self) -> int:
@@ -77,6 +90,23 @@ class DiffusionDecoder:
                 for x, src, col in self._batches(x0, s, rgb)
             ]
         )
+
+    @torch.no_grad()
+    def encode_edits(self, x0: Tensor, s: Tensor, s_edit: Tensor, rgb: Tensor) -> Tensor:
+        """x at step ``t_max`` for each edit ``s_edit`` (B, S) of one photo x0 (1, 3, H, W) with code s
+        (1, S) (``edit_region: generator``): the photo with G(s) where the edit changes G's rendering
+        (``region_mask``), encoded under s. Inside that region the decoder then starts from what s
+        explains (decoded under ŝ it draws G(ŝ)'s content there), not from the photo's own detail, which
+        the exact inversion would carry to the same place whatever ŝ says: a moved or reshaped shape left
+        its outline. (Masking x_T instead does not work: the inversion spreads an edge over all of x_T.)"""
+        n = len(s_edit)
+        source = self._rendered(s, rgb)
+        edited = torch.cat(
+            [self._rendered(e, r) for _, e, r in self._batches(None, s_edit, rgb.expand(n, -1))]
+        )
+        mask = region_mask(source, edited, self.cfg.region_threshold, self.cfg.region_dilate)
+        photos = mask * source + (1 - mask) * x0.to(mask)
+        return self.encode(photos, s.expand(n, -1), rgb.expand(n, -1))
 
     @torch.no_grad()
     def decode(
@@ -132,13 +162,19 @@ class DiffusionDecoder:
         """What the model is called with: s, or s with G(s) at the decoder's size (``StyleUNet.condition``)."""
         if not self.model.config.render_condition:
             return s
+        return self.model.condition(s, self._rendered(s, rgb))
+
+    def _rendered(self, s: Tensor, rgb: Tensor | None) -> Tensor:
+        """G(s) in [-1, 1] at the decoder's size (the source's toRGB styles ``rgb``)."""
         if self.render is None or rgb is None:
             raise ValueError(
-                "this diffusion decoder is conditioned on G(s): it needs the generator and the "
-                "codes' toRGB styles"
+                "this diffusion decoder needs the generator and the codes' toRGB styles (it is "
+                "conditioned on G(s), or edit_region is generator)"
             )
-        rendered = pool_to(self.render(s, rgb).clamp(-1, 1), self.model.config.image_size)
-        return self.model.condition(s, rendered)
+        device = next(self.model.parameters()).device
+        return pool_to(
+            self.render(s.to(device), rgb.to(device)).clamp(-1, 1), self.model.config.image_size
+        )
 
     def _batches(self, *tensors: Tensor | None) -> Iterator[tuple[Tensor | None, ...]]:
         """Row slices of ``batch_size`` of every tensor (None stays None), on the model's device."""

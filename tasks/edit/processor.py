@@ -398,9 +398,11 @@ class EditProcessor:
             return
         dec = self.models.diffusion
         s0, rgb0 = inputs[image][0][None], inputs[image][1][None]
-        x_t = dec.encode(decode_image(photos[image])[None], s0, rgb0)
+        photo = decode_image(photos[image])[None]
+        x_t = dec.encode(photo, s0, rgb0)
         seed = noise_seed(image)
         recon = dec.decode(x_t, s0, rgb=rgb0, seed=seed)[0]
+        starts = self._diffusion_starts(photo, x_t, s0, rgb0, pending)
         images: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
         for decoder in ("diffusion", "diffusion_masked"):
@@ -412,7 +414,11 @@ class EditProcessor:
             if not group:
                 continue
             n = len(group)
-            args = (x_t.repeat(n, 1, 1, 1), s0.repeat(n, 1), torch.stack([p[1] for p in group]))
+            args = (
+                torch.stack([starts[_twin(p[0].key)] for p in group]),
+                s0.repeat(n, 1),
+                torch.stack([p[1] for p in group]),
+            )
             if decoder == "diffusion":
                 decoded = dec.decode(*args, rgb=rgb0.repeat(n, 1), seed=seed)
             else:
@@ -436,6 +442,24 @@ class EditProcessor:
                 if torch.isfinite(edited).all()
                 else ("failed", "the edited code decodes to non-finite pixels", fields),
             )
+
+    def _diffusion_starts(
+        self,
+        photo: Tensor,
+        x_t: Tensor,
+        s0: Tensor,
+        rgb0: Tensor,
+        pending: list[tuple[Item, Tensor, dict[str, Any]]],
+    ) -> dict[str, Tensor]:
+        """Each edit's DDIM start, shared by its plain and mask-guided decodes: the photo's x_t, or with
+        ``edit_region: generator`` its own encoding (``DiffusionDecoder.encode_edits``)."""
+        codes = {_twin(p[0].key): p[1] for p in pending if p[0].meta["method"] != RECON}
+        dec = self.models.diffusion
+        if dec.cfg.edit_region == "photo" or not codes:
+            return dict.fromkeys(codes, x_t[0])
+        return dict(
+            zip(codes, dec.encode_edits(photo, s0, torch.stack(list(codes.values())), rgb0))
+        )
 
     def _photos(self, shard: str, wanted: set[str]) -> dict[str, bytes]:
         """The encoded input photos of ``wanted`` keys from the images shard, if it exists (read once per
