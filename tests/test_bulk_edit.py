@@ -707,6 +707,7 @@ def test_diffusion_decoders_edit_next_to_the_generator_and_are_evaluated(prepare
         "bulk_edit.diffusion.max_images=1",
         "bulk_edit.diffusion.steps=3",
         "bulk_edit.diffusion.refine=1",
+        "bulk_edit.diffusion.edit_region=generator",  # the toy config's (the photo: the ffhq chain)
         f"evaluate.oracle={ORACLE}",
         "evaluate.grid_images=2",
     ]
