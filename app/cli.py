@@ -159,10 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit(sub)
     add_export(sub)
 
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo",
         help="run the end-to-end demo on the embedded default",
-        description="Set up a small catalog and run every pipeline stage that exists.",
+        description="Set up a small catalog and run every pipeline stage that exists; a rerun skips "
+        "finished work.",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: recompute every stage of the demo run (runs/toy), e.g. when a rerun after "
+        "an update stops at a model that 'holds a run with other settings'",
     )
     return parser
 
@@ -333,7 +340,7 @@ def cmd_relevance(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo import run_demo  # deferred: loaded only by the command that needs it
 
-    return run_demo()
+    return run_demo(overwrite=args.overwrite)
 
 
 COMMANDS = {

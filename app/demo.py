@@ -6,7 +6,7 @@ Mapper and the straightforward baseline), bulk-edit (configs/prompts/toy.yaml wi
 baselines, decoded by the generator and, for DeltaEdit on a quarter of the images, by the committed
 diffusion decoder, plain and mask-guided), `analyze edits` (where an edit is lost: generator, mapper or
 threshold) and evaluate, then writes runs/toy/manifest.json — and ends with the path of the HTML report.
-A second `make demo` finds everything finished and does no work.
+A second `make demo` finds everything finished and does no work; `deltaedit demo --overwrite` starts over.
 The diffusion decoder is not retrained here (~30 min): `deltaedit run train-diffusion` does that.
 """
 
@@ -27,15 +27,16 @@ ANALYSIS_IMAGES = (
 )
 
 
-def run_demo(config: Path = CONFIG) -> int:
-    """The toy catalog (rendered once), then the pipeline flow (flows/pipeline.py) with `analyze edits`."""
+def run_demo(config: Path = CONFIG, overwrite: bool = False) -> int:
+    """The toy catalog (rendered once), then the pipeline flow (flows/pipeline.py) with `analyze edits`;
+    ``overwrite`` recomputes every stage (the pipeline's ``overwrite``)."""
     cfg = load_config(config)
     catalog = Path(cfg.ingest.source)
     if not (catalog / "attributes.jsonl").exists():
         print(f"rendering {CATALOG_SIZE} toy images into {catalog}")
         render_catalog(str(catalog), CATALOG_SIZE, seed=cfg.seed)
     ensure_prefect_api()
-    out = pipeline_flow(str(config), [], analyze_images=ANALYSIS_IMAGES)
+    out = pipeline_flow(str(config), [], overwrite=overwrite, analyze_images=ANALYSIS_IMAGES)
     results = out["steps"]
     print()
     for stage, s in results.items():

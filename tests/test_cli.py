@@ -83,3 +83,22 @@ def test_store_ls_counts_stages_and_names_other_folders(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:2] == ["codes", "1"] and "'seen': 2, 'ok': 1, 'failed': 1" in out[0]
     assert out[1] == "other folders: mapper"
+
+
+def test_demo_overwrite_starts_the_pipeline_over(monkeypatch):
+    """`deltaedit demo --overwrite` hands ``overwrite`` to the pipeline flow (for a demo run whose models
+    hold other settings after an update); plain `deltaedit demo` resumes."""
+    import app.demo as demo
+    from app.cli import main
+
+    calls: list[dict] = []
+
+    def pipeline(*args, **kwargs):
+        calls.append(kwargs)
+        return {"steps": {}, "skipped": [], "manifest": "m", "report": "r"}
+
+    monkeypatch.setattr(demo, "pipeline_flow", pipeline)
+    monkeypatch.setattr(demo, "ensure_prefect_api", lambda: None)
+    monkeypatch.setattr(demo, "render_catalog", lambda *args, **kwargs: None)
+    assert main(["demo", "--overwrite"]) == 0 and main(["demo"]) == 0
+    assert [c["overwrite"] for c in calls] == [True, False]

@@ -222,7 +222,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(stores):
     assert resumed["val"] == clean["val"]
     again = fit(tm, 0, cache, out, log=lambda _: None)  # finished: nothing to do
     assert again["ran"] == 0 and again["done"]
-    with pytest.raises(ValueError, match="overwrite"):
+    with pytest.raises(ValueError, match="other settings.*deltaedit demo --overwrite"):
         fit(settings(lr=0.1), 0, cache, out, log=lambda _: None)
 
 

@@ -244,7 +244,8 @@ def _start(trainer: Trainer, ckpt: Checkpointer) -> tuple[int, list[dict[str, fl
     if state["fingerprint"] != trainer.fingerprint:
         raise ValueError(
             f"{ckpt.out.uri} holds a run with other settings or data (fingerprint "
-            f"{state['fingerprint']} ≠ {trainer.fingerprint}); rerun with overwrite to start over"
+            f"{state['fingerprint']} ≠ {trainer.fingerprint}); rerun with --overwrite to start over "
+            "(deltaedit run <flow> --overwrite; for the demo: deltaedit demo --overwrite)"
         )
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.restore(state)
