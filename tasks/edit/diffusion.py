@@ -47,6 +47,17 @@ def noise_seed(image_key: str) -> int:
     return int.from_bytes(hashlib.blake2b(b"noise:" + image_key.encode(), digest_size=7).digest())
 
 
+@dataclass(frozen=True)
+class DiffusionEdit:
+    """One diffusion edit of a photo: its record key, the key it shares with its plain / mask-guided twin,
+    the edited code ŝ (S,) and whether it is mask-guided."""
+
+    key: str
+    twin: str
+    code: Tensor
+    masked: bool
+
+
 @dataclass
 class DiffusionDecoder:
     model: StyleUNet
@@ -90,6 +101,40 @@ class DiffusionDecoder:
                 for x, src, col in self._batches(x0, s, rgb)
             ]
         )
+
+    @torch.no_grad()
+    def edit_image(
+        self, photo: Tensor, s: Tensor, rgb: Tensor, edits: list[DiffusionEdit], seed: int
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """One photo (1, 3, H, W) with code s (1, S) and toRGB styles (1, R): (its reconstruction, each
+        edit's image by key, each mask-guided edit's mask by twin key). The photo is DDIM-encoded once;
+        each edit starts from that x_T, or with ``edit_region: generator`` from its own encoding
+        (``encode_edits``), shared by both twins; ``seed``: the noise at ``eta`` > 0."""
+        x_t = self.encode(photo, s, rgb)
+        recon = self.decode(x_t, s, rgb=rgb, seed=seed)[0]
+        codes = {e.twin: e.code for e in edits}
+        if self.cfg.edit_region == "generator" and codes:
+            starts = dict(
+                zip(codes, self.encode_edits(photo, s, torch.stack(list(codes.values())), rgb))
+            )
+        else:
+            starts = dict.fromkeys(codes, x_t[0])
+        images: dict[str, Tensor] = {}
+        masks: dict[str, Tensor] = {}
+        for masked in (False, True):
+            group = [e for e in edits if e.masked == masked]
+            if not group:
+                continue
+            n = len(group)
+            args = (torch.stack([starts[e.twin] for e in group]), s.repeat(n, 1))
+            codes_n, rgb_n = torch.stack([e.code for e in group]), rgb.repeat(n, 1)
+            if masked:
+                decoded, mask = self.decode_masked(*args, codes_n, rgb=rgb_n, seed=seed)
+                masks.update({e.twin: mask[k] for k, e in enumerate(group)})
+            else:
+                decoded = self.decode(*args, codes_n, rgb=rgb_n, seed=seed)
+            images.update({e.key: decoded[k] for k, e in enumerate(group)})
+        return recon, images, masks
 
     @torch.no_grad()
     def encode_edits(self, x0: Tensor, s: Tensor, s_edit: Tensor, rgb: Tensor) -> Tensor:

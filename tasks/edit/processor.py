@@ -41,7 +41,7 @@ from models import edit_directions as ed
 from models.device import module_device
 from models.imaging import encode_image, psnr_where, to_uint8
 from models.stylegan2 import StyleCode
-from tasks.edit.diffusion import DiffusionDecoder, noise_seed
+from tasks.edit.diffusion import DiffusionDecoder, DiffusionEdit, noise_seed
 from tasks.prompts import EditVariant
 
 RECON = "reconstruction"
@@ -374,8 +374,8 @@ class EditProcessor:
         photos: dict[str, bytes],
         out: _InOrder,
     ) -> None:
-        """DDIM-encode the photo of ``first`` (an image's first diffusion item) once, then decode its
-        reconstruction and every diffusion edit of that image (plain / mask-guided), taken out of ``codes``."""
+        """The reconstruction and every diffusion edit (plain / mask-guided) of the image of ``first`` (its
+        first diffusion item; the others are taken out of ``codes``), by ``DiffusionDecoder.edit_image``."""
         image, shard = first[0].meta["image"], first[0].meta["codes_shard"]
         pending = [first] + [
             (i, *codes.pop(i.key)[1:])
@@ -396,35 +396,15 @@ class EditProcessor:
                     ),
                 )
             return
-        dec = self.models.diffusion
         s0, rgb0 = inputs[image][0][None], inputs[image][1][None]
-        photo = decode_image(photos[image])[None]
-        x_t = dec.encode(photo, s0, rgb0)
-        seed = noise_seed(image)
-        recon = dec.decode(x_t, s0, rgb=rgb0, seed=seed)[0]
-        starts = self._diffusion_starts(photo, x_t, s0, rgb0, pending)
-        images: dict[str, Tensor] = {}
-        masks: dict[str, Tensor] = {}
-        for decoder in ("diffusion", "diffusion_masked"):
-            group = [
-                p
-                for p in pending
-                if p[0].meta["decoder"] == decoder and p[0].meta["method"] != RECON
-            ]
-            if not group:
-                continue
-            n = len(group)
-            args = (
-                torch.stack([starts[_twin(p[0].key)] for p in group]),
-                s0.repeat(n, 1),
-                torch.stack([p[1] for p in group]),
-            )
-            if decoder == "diffusion":
-                decoded = dec.decode(*args, rgb=rgb0.repeat(n, 1), seed=seed)
-            else:
-                decoded, mask = dec.decode_masked(*args, rgb=rgb0.repeat(n, 1), seed=seed)
-                masks.update({_twin(p[0].key): mask[k] for k, p in enumerate(group)})
-            images.update({p[0].key: decoded[k] for k, p in enumerate(group)})
+        edits = [
+            DiffusionEdit(i.key, _twin(i.key), code, i.meta["decoder"] == "diffusion_masked")
+            for i, code, _ in pending
+            if i.meta["method"] != RECON
+        ]
+        recon, images, masks = self.models.diffusion.edit_image(
+            decode_image(photos[image])[None], s0, rgb0, edits, noise_seed(image)
+        )
         for item, _, fields in pending:
             edited = recon if item.meta["method"] == RECON else images.pop(item.key)
             mask = masks.get(_twin(item.key))
@@ -442,24 +422,6 @@ class EditProcessor:
                 if torch.isfinite(edited).all()
                 else ("failed", "the edited code decodes to non-finite pixels", fields),
             )
-
-    def _diffusion_starts(
-        self,
-        photo: Tensor,
-        x_t: Tensor,
-        s0: Tensor,
-        rgb0: Tensor,
-        pending: list[tuple[Item, Tensor, dict[str, Any]]],
-    ) -> dict[str, Tensor]:
-        """Each edit's DDIM start, shared by its plain and mask-guided decodes: the photo's x_t, or with
-        ``edit_region: generator`` its own encoding (``DiffusionDecoder.encode_edits``)."""
-        codes = {_twin(p[0].key): p[1] for p in pending if p[0].meta["method"] != RECON}
-        dec = self.models.diffusion
-        if dec.cfg.edit_region == "photo" or not codes:
-            return dict.fromkeys(codes, x_t[0])
-        return dict(
-            zip(codes, dec.encode_edits(photo, s0, torch.stack(list(codes.values())), rgb0))
-        )
 
     def _photos(self, shard: str, wanted: set[str]) -> dict[str, bytes]:
         """The encoded input photos of ``wanted`` keys from the images shard, if it exists (read once per
