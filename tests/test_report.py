@@ -10,15 +10,9 @@ from helpers_browser import check_report
 from PIL import Image
 
 from infra.storage.fsio import Location
-from tasks.reporting.html import (
-    PAD,
-    Grid,
-    GridCell,
-    bar_plot_svg,
-    grid_png,
-    scatter_plot_svg,
-    write_report,
-)
+from tasks.reporting.grid_image import PAD, Grid, GridCell, grid_png
+from tasks.reporting.html import write_report
+from tasks.reporting.plots import bar_plot_svg, scatter_plot_svg
 
 
 def png(color, size=16) -> bytes:
@@ -150,7 +144,8 @@ def test_headline_marks_the_best_of_each_ranked_row():
 def test_a_report_reads_in_a_real_browser(tmp_path):
     """A report with a wide grid, a long table with long prompts and a plot, in headless Chromium at
     a laptop's widths: every image decodes, nothing is wider than the window (screenshots kept)."""
-    from tasks.reporting.html import Headline, Metric, hbar_plot_svg
+    from tasks.reporting.html import Headline, Metric
+    from tasks.reporting.plots import hbar_plot_svg
 
     prompts = pd.DataFrame(
         {

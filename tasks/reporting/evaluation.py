@@ -34,6 +34,8 @@ from infra.storage.tables import column_to_numpy
 from models import metrics as M
 from tasks.edit.processor import GENERATOR, RECON, recon_key
 from tasks.reporting import html as R
+from tasks.reporting.grid_image import Grid, GridCell
+from tasks.reporting.plots import hbar_plot_svg, scatter_plot_svg
 
 HEADLINE = [
     "n",
@@ -294,7 +296,7 @@ def _columns(df: pd.DataFrame) -> pd.DataFrame:
 
 def grids(
     rows: pd.DataFrame, edits: StageStore, images: StageStore, n_images: int
-) -> dict[str, R.Grid]:
+) -> dict[str, Grid]:
     """One grid per method: input | reconstruction | one column per prompt variant, for the first
     ``n_images`` images the method edited (a decoder may edit only some of them)."""
     methods = [m for m in rows["method"].unique() if m != RECON]
@@ -312,9 +314,9 @@ def grids(
         edit_of = dict(zip(zip(mine["image_key"], mine["variant"]), mine["key"]))
         grid_rows = []
         for key in keys[method]:
-            cells = [R.GridCell(inputs.get(key)), R.GridCell(pictures.get(recon_key(key, decoder)))]
+            cells = [GridCell(inputs.get(key)), GridCell(pictures.get(recon_key(key, decoder)))]
             cells += [
-                R.GridCell(
+                GridCell(
                     pictures.get(edit_of.get((key, v))),
                     error=None if edit_of.get((key, v)) in pictures else "failed",
                 )
@@ -327,7 +329,7 @@ def grids(
                 mine["source_text"].astype(str) + " → " + mine["target_text"].astype(str),
             )
         )
-        out[method] = R.Grid(
+        out[method] = Grid(
             ["input", "reconstruction", *variants],
             grid_rows,
             titles=["the input image", f"its reconstruction ({decoder})"]
@@ -357,7 +359,7 @@ def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
     out = {}
     if "edit_accuracy" in by_prompt.columns:
         scored = by_prompt[by_prompt["edit_accuracy"].notna()]
-        out["edit accuracy per prompt"] = R.hbar_plot_svg(
+        out["edit accuracy per prompt"] = hbar_plot_svg(
             scored,
             "variant",
             "edit_accuracy",
@@ -369,7 +371,7 @@ def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
             percent=True,
         )
         if "preservation" in by_prompt.columns:
-            out["accuracy vs preservation"] = R.scatter_plot_svg(
+            out["accuracy vs preservation"] = scatter_plot_svg(
                 scored,
                 "preservation",
                 "edit_accuracy",
@@ -378,7 +380,7 @@ def plots(tabs: dict[str, pd.DataFrame]) -> dict[str, str]:
                 ylabel="edit accuracy",
             )
     elif "clip_direction" in by_prompt.columns:
-        out["CLIP direction per prompt"] = R.hbar_plot_svg(
+        out["CLIP direction per prompt"] = hbar_plot_svg(
             by_prompt,
             "variant",
             "clip_direction",
@@ -487,7 +489,7 @@ def labelled(
 def write(
     out: Location,
     tabs: dict[str, pd.DataFrame],
-    grid: dict[str, R.Grid],
+    grid: dict[str, Grid],
     summary: dict[str, str],
     notes: list[str],
     comparable: Sequence[str] = (),
@@ -537,7 +539,7 @@ def write(
     )
 
 
-def _grid_caption(grid: R.Grid) -> str:
+def _grid_caption(grid: Grid) -> str:
     return (
         f"{len(grid.rows)} images; the input, its reconstruction by the method's decoder, then one "
         f"column per prompt ({len(grid.columns) - 2}; a header shows its prompt on hover"
